@@ -1,0 +1,74 @@
+"""Model registry: DiMSUM sizes of upstream's `DiM_models` and the DiT/SiT baselines.
+
+`create_model(config.model)` builds a Flax module from a model ConfigDict; see
+`default_model_config()` for every field.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from dimsum_jax.models.dimsum import DiMSUM
+from dimsum_jax.models.dit import DiT
+
+# name -> (depth, hidden, patch)
+DIMSUM_SIZES = {
+    "DiMSUM-B/2": (12, 768, 2),
+    "DiMSUM-L/2": (16, 1024, 2),
+    "DiMSUM-L/2-v1": (20, 1024, 2),
+    "DiMSUM-XL/2": (24, 1152, 2),
+    "DiMSUM-L/4": (16, 1024, 4),
+    "DiMSUM-L/4-v1": (20, 1024, 4),
+}
+# name -> (depth, hidden, heads); patch from the suffix.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_NAMES = tuple(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
+MODEL_NAMES = tuple(DIMSUM_SIZES) + DIT_NAMES
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Every model field with its default (DiMSUM-L/2, ImageNet 256 latents)."""
+  return ml_collections.ConfigDict({
+      "name": "DiMSUM-L/2",
+      "input_size": 32,          # spatial size of x (latent size = image size / 8)
+      "in_channels": 4,
+      "num_classes": 1000,       # 0 = unconditional; the null (CFG) label is num_classes
+      "label_dropout": 0.1,
+      "drop_path": 0.0,
+      "cond_mamba": "none",      # "none" (as released) or "h0" (condition sets the initial state)
+      "scan_type": "none",       # published orders; or sweep_4, sweep_8, zigma_8, jpeg_8, jpeg_2
+      "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
+      "dtype": "float32",        # compute dtype; parameters are always float32
+      "depth": -1,               # -1: the size's own; set to build smaller test models
+      "hidden_size": -1,
+      "attn_every": 4,           # shared transformer after every k DiMSUM blocks (0 = never)
+  })
+
+
+def create_model(config):
+  """Build the Flax module described by a model ConfigDict (or dict)."""
+  cfg = default_model_config()
+  unknown = set(dict(config)) - set(cfg)
+  if unknown:
+    raise ValueError(f"Unknown model config keys {sorted(unknown)}; valid keys: {sorted(cfg)}.")
+  cfg.update(dict(config))
+  if cfg.name not in MODEL_NAMES:
+    raise ValueError(f"Unknown model {cfg.name!r}; choose one of {MODEL_NAMES}.")
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {tuple(DTYPES)}.")
+  dtype = DTYPES[cfg.dtype]
+  if cfg.name in DIMSUM_SIZES:
+    depth, hidden, patch = DIMSUM_SIZES[cfg.name]
+    return DiMSUM(
+        input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=patch,
+        hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
+        depth=depth if cfg.depth < 0 else cfg.depth, num_classes=cfg.num_classes,
+        label_dropout=cfg.label_dropout, drop_path=cfg.drop_path, attn_every=cfg.attn_every,
+        cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, scan_impl=cfg.scan_impl, dtype=dtype)
+  size, patch = cfg.name[len("DiT-"):].split("/")
+  depth, hidden, heads = DIT_SIZES[size]
+  return DiT(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=int(patch),
+             hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
+             depth=depth if cfg.depth < 0 else cfg.depth, num_heads=heads,
+             num_classes=cfg.num_classes, label_dropout=cfg.label_dropout, dtype=dtype)
