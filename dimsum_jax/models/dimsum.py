@@ -267,4 +267,5 @@ class DiMSUM(nn.Module):
 
     out = FinalLayer(self.patch_size, self.in_channels, self.dtype, name="final_layer")(h, c)
     self.sow("intermediates", "final_layer_out", out)
-    return unpatchify(out, g, g, self.patch_size, self.in_channels).astype(jnp.float32)
+    return unpatchify(out, g, g, self.patch_size, self.in_channels).astype(
+        jnp.promote_types(self.dtype, jnp.float32))

@@ -71,4 +71,5 @@ class DiT(nn.Module):
                    length=self.depth, in_axes=(nn.broadcast,))
     h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, name="blocks")(h, None, c)
     out = FinalLayer(self.patch_size, self.in_channels, self.dtype, name="final_layer")(h, c)
-    return unpatchify(out, g, g, self.patch_size, self.in_channels).astype(jnp.float32)
+    return unpatchify(out, g, g, self.patch_size, self.in_channels).astype(
+        jnp.promote_types(self.dtype, jnp.float32))

@@ -128,8 +128,14 @@ def layer_norm(dtype):
 
 
 def attention(q, k, v):
-  """Softmax attention; q, k, v [b, tokens, heads, head_dim]."""
-  return jax.nn.dot_product_attention(q, k, v)
+  """Softmax attention, scale head_dim^-1/2; q, k, v [b, tokens, heads, head_dim].
+
+  float64 (parity checks) is computed by hand, since the fused op works in at most float32.
+  """
+  if q.dtype != jnp.float64:
+    return jax.nn.dot_product_attention(q, k, v)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
 
 
 class SelfAttention(nn.Module):

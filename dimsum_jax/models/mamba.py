@@ -92,7 +92,7 @@ class MambaMixer(nn.Module):
         raise ValueError("cond_mamba='h0' needs the condition embedding c.")
       cond = nn.Dense(d_inner, dtype=self.dtype, kernel_init=torch_default_kernel,
                       name="cond_proj")(c)
-      h0 = jnp.broadcast_to(cond.astype(jnp.float32)[:, :, None],
+      h0 = jnp.broadcast_to(cond.astype(jnp.promote_types(cond.dtype, jnp.float32))[:, :, None],
                             (cond.shape[0], d_inner, self.d_state))
 
     y = selective_scan(x, delta, A, B, C, D, z, dt_bias, True, h0, impl=self.scan_impl)

@@ -31,7 +31,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              return_last_state=False):
   """Selective scan through `jax.lax.associative_scan`; materialises [b, l, d, n]."""
   dtype = u.dtype
-  f32 = jnp.float32
+  f32 = jnp.promote_types(dtype, jnp.float32)   # float32 state; float64 stays float64
   u, delta, A, B, C = (v.astype(f32) for v in (u, delta, A, B, C))
   if delta_bias is not None:
     delta = delta + delta_bias.astype(f32)

@@ -1,0 +1,240 @@
+"""Orbax checkpoints: periodic async saves, resume from the workdir, preemption, export.
+
+Layout of a workdir:
+  WORKDIR/config.json          the config of the run (written by process 0 at start)
+  WORKDIR/checkpoints/<step>/  one Orbax checkpoint: item `state` (step, params, EMA, optimiser
+                               state, rng) and item `data` (each process's data-iterator state)
+  WORKDIR/checkpoints_unreadable/<step>/  checkpoints that failed to restore, moved aside (kept)
+Exported inference weights (python -m dimsum_jax.export):
+  OUT/config.json + OUT/ema_params/   the EMA parameters alone, read back with load_exported(OUT).
+"""
+import json
+import os
+import shutil
+import signal
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dimsum_jax import sharding
+
+DATA_STATE_BYTES = 8192  # Room for one process's data-iterator state as JSON.
+
+
+class CheckpointError(RuntimeError):
+  """A workdir's checkpoints cannot be used; the message says what to do."""
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def create_manager(workdir, *, keep):
+  """An async CheckpointManager keeping the last `keep` checkpoints."""
+  try:  # orbax >= 0.11.x: preservation policies; max_to_keep is deprecated.
+    from orbax.checkpoint import checkpoint_managers  # pylint: disable=g-import-not-at-top
+    keep_policy = dict(preservation_policy=checkpoint_managers.LatestN(n=keep))
+    ocp.CheckpointManagerOptions(**keep_policy)
+  except (ImportError, AttributeError, TypeError):
+    keep_policy = dict(max_to_keep=keep)
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True, **keep_policy)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('state', 'data'))
+
+
+def encode_data_state(data_state, mesh):
+  """This process's data-iterator state -> a global uint8 array (one row per device)."""
+  raw = json.dumps(data_state).encode()
+  if len(raw) > DATA_STATE_BYTES:
+    raise ValueError(f'Data-iterator state is {len(raw)} bytes; raise DATA_STATE_BYTES.')
+  row = np.zeros([DATA_STATE_BYTES], np.uint8)
+  row[:len(raw)] = np.frombuffer(raw, np.uint8)
+  return sharding.per_process_rows(row, mesh)
+
+
+def decode_data_state(array):
+  row = sharding.this_process_row(array)
+  return json.loads(bytes(row[row != 0]).decode())
+
+
+def abstract_data_state(mesh):
+  return jax.ShapeDtypeStruct((jax.device_count(), DATA_STATE_BYTES), np.uint8,
+                              sharding=sharding.batch_sharding(mesh))
+
+
+def save(manager, step, state, data_array, *, force=False):
+  """Starts an async save of (state, data); returns at once. Only finite states may come here."""
+  return manager.save(step, force=force, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.StandardSave({'data': data_array})))
+
+
+def _first_mismatch(saved, wanted):
+  """Where a saved checkpoint's tree differs from this model's ('' when it matches)."""
+  saved_leaves = {sharding.leaf_path(p): tuple(getattr(x, 'shape', ()) or ())
+                  for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+  wanted_leaves = {sharding.leaf_path(p): tuple(x.shape)
+                   for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
+  for name, shape in wanted_leaves.items():
+    if name not in saved_leaves:
+      return f'it has no {name}'
+    if saved_leaves[name] != shape:
+      return f'{name} has shape {saved_leaves[name]}, this model needs {shape}'
+  extra = sorted(set(saved_leaves) - set(wanted_leaves))
+  return f'it has {extra[0]}, which this model lacks' if extra else ''
+
+
+def _restore_one(manager, step, abstract_state, abstract_data):
+  try:
+    saved = manager.item_metadata(step)['state']
+  except Exception:  # pylint: disable=broad-except
+    saved = None
+  if saved is not None:
+    mismatch = _first_mismatch(saved, abstract_state)
+    if mismatch:
+      raise CheckpointError(f'it holds a different model ({mismatch})')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=ocp.args.StandardRestore({'data': abstract_data})))
+  return restored['state'], restored['data']['data']
+
+
+def restore_latest(manager, abstract_state, abstract_data):
+  """(state, data_array) from the newest checkpoint that restores, or None when there is none.
+
+  A checkpoint that fails (truncated, or another model's) is named in an error log and the next
+  older one is tried; failed ones newer than the one used are moved to checkpoints_unreadable/
+  (not deleted) so that new saves cannot collide with them. When none restores, CheckpointError
+  says what to do and nothing is touched.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  failures = []
+  for step in steps:
+    path = os.path.join(str(manager.directory), str(step))
+    try:
+      state, data = _restore_one(manager, step, abstract_state, abstract_data)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = str(e).split('\n')[0][:500]
+      logging.error('Checkpoint %s could not be restored: %s. Trying the next older one.',
+                    path, reason)
+      failures.append((step, path, reason))
+      continue
+    if failures:
+      _move_aside(manager, [s for s, _, _ in failures])
+    logging.info('Resumed from checkpoint %s.', path)
+    return state, data
+  if failures:
+    _, path, reason = failures[0]
+    different = 'different model' in reason
+    advice = ('this config is for another model than the one saved there' if different else
+              'they look damaged')
+    raise CheckpointError(
+        f'None of the {len(failures)} checkpoint(s) in {manager.directory} can be restored '
+        f'({advice}; newest: {path}: {reason}). They were left untouched: pass a new --workdir '
+        'to start afresh, or use the config that wrote them.')
+  return None
+
+
+def _move_aside(manager, steps):
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    target = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_unreadable')
+    os.makedirs(target, exist_ok=True)
+    for step in steps:
+      dst = os.path.join(target, str(step))
+      while os.path.exists(dst):
+        dst += '_'
+      shutil.move(os.path.join(str(manager.directory), str(step)), dst)
+      logging.warning('Moved unreadable checkpoint of step %d to %s.', step, dst)
+  multihost_utils.sync_global_devices('dimsum_jax.checkpoint.move_aside')
+  manager.reload()
+
+
+class PreemptionWatch:
+  """Notices SIGTERM (preemption). Single process: a signal handler sets a flag. Several
+  processes: JAX's preemption sync service (started by jax.distributed.initialize) makes all
+  processes agree on the step at which they stop."""
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('SIGTERM: will save a checkpoint and stop after this step.')
+    self._signalled = True
+
+  def reached(self, step, manager):
+    if jax.process_count() == 1:
+      return self._signalled
+    return manager.reached_preemption(step)
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# --- config kept next to the checkpoints ----------------------------------------------------
+
+
+def save_config(workdir, config):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir):
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# --- export for inference ---------------------------------------------------------------------
+
+
+def export_ema(workdir, out, *, abstract_state, step=None):
+  """Writes the EMA parameters of WORKDIR's newest good checkpoint (or `step`) to OUT."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+      read_only=True), item_names=('state', 'data'))
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first, or pass the '
+                          'workdir of a run that saved one.')
+  state = None
+  for s in steps:
+    try:
+      state = manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))['state']
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Checkpoint %s/%d could not be restored: %s', manager.directory, s,
+                    str(e).split('\n')[0][:500])
+  manager.close()
+  if state is None:
+    raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)} could be restored with '
+                          'its config.json; see the errors above.')
+  out = os.path.abspath(out)
+  if os.path.exists(os.path.join(out, 'ema_params')):
+    raise CheckpointError(f'{out} already holds an export: choose another --out or remove it.')
+  os.makedirs(out, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out, 'ema_params'), state.ema_params)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    shutil.copy(os.path.join(workdir, 'config.json'), os.path.join(out, 'config.json'))
+    with open(os.path.join(out, 'step.txt'), 'w', encoding='utf-8') as f:
+      f.write(f'{int(np.asarray(state.step))}\n')
+  return int(np.asarray(state.step))
+
+
+def load_exported(directory):
+  """(config, params) written by export: the run's ConfigDict and its EMA parameters (numpy)."""
+  config = load_config(directory)
+  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory),
+                                                           'ema_params'))
+  return config, jax.tree.map(np.asarray, params)

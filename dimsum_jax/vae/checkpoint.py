@@ -1,0 +1,61 @@
+"""A converted VAE on disk: `config.json` (the diffusers config) and `params/` (Orbax checkpoint).
+
+`load_vae(directory)` rebuilds the module from config.json and restores the parameters straight
+into the abstract tree of that module, placed by `sharding` (one device by default).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from dimsum_jax.vae import model
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def save_vae(directory: str, config: dict, params, overwrite: bool = False) -> None:
+  """Writes config.json and the Orbax parameter checkpoint under `directory`."""
+  directory = os.path.abspath(directory)
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if os.path.exists(params_dir) and not overwrite:
+    raise FileExistsError(f"{directory} already holds a converted VAE: choose another output "
+                          "directory or pass --overwrite.")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(params_dir, params, force=overwrite)
+  checkpointer.wait_until_finished()
+
+
+def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
+  """(module, params) of a VAE written by `python -m dimsum_jax.vae.convert`.
+
+  dtype is the compute dtype (parameters stay float32). sharding is one jax.sharding.Sharding
+  for every leaf (e.g. a replicated NamedSharding) or a tree of them shaped like the params;
+  None puts them on the first local device.
+  """
+  directory = os.path.abspath(directory)
+  config_path = os.path.join(directory, CONFIG_FILE)
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  for path in (config_path, params_dir):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} does not exist: convert the diffusers VAE first with "
+                              "`python -m dimsum_jax.vae.convert --diffusers=DIR "
+                              f"--out={directory}`.")
+  with open(config_path) as f:
+    vae = model.vae_from_config(json.load(f), dtype=dtype, precision=precision)
+  abstract = model.abstract_params(vae)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, abstract)
+  target = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                        abstract, sharding)
+  params = ocp.StandardCheckpointer().restore(params_dir, target)
+  return vae, params
