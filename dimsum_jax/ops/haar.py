@@ -1,7 +1,8 @@
 """DiMSUM's Haar wavelet-packet token layout (upstream `WaveDiMBlock._dwt_fast` / `_idwt_fast`).
 
-The wavelet branch of a DiMSUM block maps its [B, N, d] row-major tokens on an (h, w) grid to another
-[B, N, d] token tensor (same grid, same width) that the window scan then reads. With P = 2**levels:
+The wavelet branch of a DiMSUM block maps its [B, N, d] row-major tokens on an (h, w) grid to
+another [B, N, d] token tensor (same grid, same width) that the window scan then reads.
+With P = 2**levels:
 
 1. View the tokens as d channels of an h x w image.
 2. One orthonormal Haar level splits each 2x2 patch [[a, b], [e, f]] into
@@ -13,18 +14,19 @@ The wavelet branch of a DiMSUM block maps its [B, N, d] row-major tokens on an (
    the result is this first-level-major order.
 3. All bands are divided by P (so for levels=2 the LL-of-LL band is the 4x4 block mean).
 4. Stack the bands subband-major into P*P*d channels (flat index k = j*d + channel) and re-read them
-   with einops' "b (c p1 p2) H W -> b (H p1 W p2) c": the token at grid row P*Y + p1, column P*X + p2
-   holds, in channel c, the value k = P*P*c + P*p1 + p2 at low-resolution position (Y, X).
+   with einops' "b (c p1 p2) H W -> b (H p1 W p2) c": the token at grid row P*Y + p1, column
+   P*X + p2 holds, in channel c, the value k = P*P*c + P*p1 + p2 at low-resolution position (Y, X).
    Equivalently, with m = d / P**2: band j = c // m of original channel P*P*(c % m) + P*p1 + p2.
    Every token therefore carries all P*P bands for a 1/P**2 slice of the channels.
 
 The Haar levels go through jaxwt (`wavedec2` / `waverec2`, level 1, spatial axes last), whose
-(cA, (cH, cV, cD)) output is exactly upstream's (LL, LH, HL, HH) including signs. We use the exact taps
-1/sqrt(2); upstream's float32 buffers hold 0.49999997 for the 2-D taps, a 6e-8 relative difference.
+(cA, (cH, cV, cD)) output is exactly upstream's (LL, LH, HL, HH) including signs. We use the exact
+taps 1/sqrt(2); upstream's float32 buffers hold 0.49999997 for the 2-D taps, a 6e-8 relative
+difference.
 
-Inputs of a dtype narrower than float32 (bfloat16, float16) are transformed in float32 and cast back;
-float32 and float64 are transformed in their own precision. The transform is linear and orthogonal up
-to the factor 1/P: inverse_wavelet_tokens(v) = P**2 * (adjoint of wavelet_tokens)(v).
+Inputs of a dtype narrower than float32 (bfloat16, float16) are transformed in float32 and cast
+back; float32 and float64 are transformed in their own precision. The transform is linear and
+orthogonal up to the factor 1/P: inverse_wavelet_tokens(v) = P**2 * (adjoint of wavelet_tokens)(v).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ _WAVELET = "haar"
 def _check_layout(shape: Tuple[int, ...], grid: Tuple[int, int], levels: int) -> None:
   """Raises ValueError, saying what to change, when (shape, grid, levels) cannot be transformed."""
   if levels not in LEVELS:
-    raise ValueError(f"levels must be one of {LEVELS} (as upstream's num_wavelet_lv), got {levels}.")
+    raise ValueError(f"levels must be one of {LEVELS} (upstream num_wavelet_lv), got {levels}.")
   if len(shape) != 3:
     raise ValueError(f"Expected tokens of shape [batch, N, d], got shape {tuple(shape)}.")
   h, w = grid

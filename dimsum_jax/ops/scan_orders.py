@@ -17,8 +17,8 @@ sweep_4, zigma_8, jpeg_8; jpeg_2 is used by the DCT ablation): eight paths, two 
 "<type>_<k>" keeps the first k paths and block i uses path i % k. For every scan type other than
 "none", `DiM.__init__` sets reverse = transpose = False in every block, so:
   - the spatial Mamba sees exactly the path (no extra flip or transpose);
-  - the wavelet branch uses the row-first window scan in every block, and, because its mixer is built
-    from the same `CondMamba` partial (same layer_idx, same `zigzag_paths`), the mixer additionally
+  - the wavelet branch uses the row-first window scan in every block, and, because its mixer is
+    built from the same `CondMamba` partial (same layer_idx, same `zigzag_paths`), the mixer also
     gathers the window-ordered sequence with the same path (reference section 4). `wavelet_orders`
     with scan_type composes the two. (Paths reach the mixer only with `--cond-mamba`, which every
     published script sets; `create_block` passes no paths to the plain `Mamba` partial. The final
@@ -27,13 +27,13 @@ sweep_4, zigma_8, jpeg_8; jpeg_2 is used by the DCT ablation): eight paths, two 
 "v2" (bidirectional Vim): `DiM.__init__` gives reverse = transpose = False to every block (the flags
 are set only when scan_type == "none"), so both branches see a fixed order in every block: spatial
 row-major forward, wavelet row-first windows. The second direction is inside the mixer: a second
-set of conv1d / x_proj / dt_proj / A_log / D weights scans the flipped sequence, its output is flipped
-back and summed with the forward output before the shared out_proj. That flip belongs to the model's
-mixer, not to these orders.
+set of conv1d / x_proj / dt_proj / A_log / D weights scans the flipped sequence, its output is
+flipped back and summed with the forward output before the shared out_proj. That flip belongs to
+the model's mixer, not to these orders.
 
-Upstream's paths and window scans assume a square grid; here they are written for any h x w grid and
-agree with upstream on square grids (upstream's jpeg "lr" path is truncated for odd side lengths, see
-`jpeg_paths`).
+Upstream's paths and window scans assume a square grid; here they are written for any h x w grid
+and agree with upstream on square grids (upstream's jpeg "lr" path is truncated for odd side
+lengths, see `jpeg_paths`).
 """
 from __future__ import annotations
 
