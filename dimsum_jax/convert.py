@@ -52,14 +52,15 @@ def _target(key: str):
   if key == "pos_embed":
     return ("pos_embed",), None, lambda a: a.reshape(a.shape[-2], a.shape[-1])
   if mods and mods[-1] == "mixer":
-    if leaf in ("A_log", "D"):
+    if leaf in ("A_log", "D", "A_b_log", "D_b"):
       return tuple(_module_path(mods)) + (leaf,), block, lambda a: a
-  if mods and mods[-1] in ("conv1d", "dt_proj") and len(mods) >= 2 and mods[-2] == "mixer":
+  if mods and mods[-1] in ("conv1d", "dt_proj", "conv1d_b", "dt_proj_b") and len(mods) >= 2 \
+      and mods[-2] == "mixer":
     base = tuple(_module_path(mods[:-1]))
     name = f"{mods[-1]}_{'kernel' if leaf == 'weight' else 'bias'}"
     if leaf == "bias":
       return base + (name,), block, lambda a: a
-    if mods[-1] == "conv1d":          # [d, 1, w] -> [w, d]
+    if mods[-1].startswith("conv1d"):          # [d, 1, w] -> [w, d]
       return base + (name,), block, lambda a: a[:, 0, :].T
     return base + (name,), block, lambda a: a.T
   path = tuple(_module_path(mods))
@@ -170,6 +171,52 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
                "against the checkpoint's training arguments.")
     raise ValueError("\n".join(msg))
   return _unflatten(out)
+
+
+def _upstream_name(path):
+  """Our module path + leaf -> (upstream dotted key, array transform); inverse of `_target`."""
+  *mods, leaf = path
+  names = []
+  for m in mods:
+    if m == "linear" and names and names[-1] == "adaLN_modulation":
+      names.append("1")
+    elif m in ("mlp_0", "mlp_2"):
+      names += ["mlp", m[-1]]
+    else:
+      names.append(m)
+  if re.fullmatch(r"(conv1d|dt_proj)(_b)?_(kernel|bias)", leaf):
+    layer, kind = leaf.rsplit("_", 1)
+    key = ".".join(names + [layer, "weight" if kind == "kernel" else "bias"])
+    if leaf.startswith("conv1d") and kind == "kernel":
+      return key, lambda a: a.T[:, None, :]
+    return key, (lambda a: a.T) if kind == "kernel" else (lambda a: a)
+  if path == ("pos_embed",):
+    return "pos_embed", lambda a: a[None]
+  if leaf == "kernel":
+    if names[:2] == ["x_embedder", "proj"]:
+      return ".".join(names + ["weight"]), lambda a: a.transpose(3, 2, 0, 1)
+    return ".".join(names + ["weight"]), lambda a: a.T
+  if leaf == "embedding":
+    return ".".join(names + ["weight"]), lambda a: a
+  return ".".join(names + [leaf]), lambda a: a
+
+
+def to_upstream(params, model) -> dict[str, np.ndarray]:
+  """Our parameter tree -> upstream state dict (NumPy, upstream key names and layouts)."""
+  collection, size = block_layout(model)
+  out = {}
+  for path, value in _flatten(jax.device_get(params)).items():
+    value = np.asarray(value)
+    if path[0] == collection:
+      inner = path[2:]
+      key, fn = _upstream_name(inner)
+      for n in range(value.shape[0]):
+        block = n * size + int(path[1].split("_")[-1]) if collection == "groups" else n
+        out[f"blocks.{block}.{key}"] = fn(value[n])
+    else:
+      key, fn = _upstream_name(path)
+      out[key] = fn(value)
+  return out
 
 
 def model_config_from_upstream(cfg: dict, state_dict=None) -> ml_collections.ConfigDict:

@@ -42,14 +42,15 @@ class GatedMambaBranch(nn.Module):
   scan_impl: str
   dtype: Dtype
   tag: str
+  bidirectional: bool = False
 
   @nn.compact
   def __call__(self, x, c):
     shift, scale, gate = AdaLN(3, self.d_model, dtype=self.dtype, name="adaLN_modulation")(c)
     mixer_in = modulate(x, shift, scale)
     mixer_out = MambaMixer(self.d_model, out_proj_scale=self.depth ** -0.5,
-                           cond_mamba=self.cond_mamba, scan_impl=self.scan_impl, dtype=self.dtype,
-                           name="mixer")(mixer_in, c)
+                           cond_mamba=self.cond_mamba, bidirectional=self.bidirectional,
+                           scan_impl=self.scan_impl, dtype=self.dtype, name="mixer")(mixer_in, c)
     self.sow("intermediates", f"{self.tag}_mixer_in", mixer_in)
     self.sow("intermediates", f"{self.tag}_mixer_out", mixer_out)
     return x + gate[:, None, :] * mixer_out
@@ -86,13 +87,14 @@ class DiMSUMBlock(nn.Module):
   cond_mamba: str
   scan_impl: str
   dtype: Dtype
+  bidirectional: bool = False
 
   @nn.compact
   def __call__(self, h, r, c, orders, drop_rate, train: bool):
     s_perm, s_inv, w_perm, w_inv = orders
     d = self.hidden_size // 2
     branch = lambda name, tag: GatedMambaBranch(d, self.depth, self.cond_mamba, self.scan_impl,
-                                                self.dtype, tag, name=name)
+                                                self.dtype, tag, self.bidirectional, name=name)
     rng = self.make_rng("dropout") if train else None
     r = r + drop_path(h, drop_rate, not train, rng).astype(r.dtype)
     u = RMSNorm(1e-5, self.dtype, name="norm")(r)
@@ -211,7 +213,7 @@ class DiMSUM(nn.Module):
 
   def _orders(self, g):
     spatial = scan_orders.spatial_orders(self.scan_type, self.depth, g, g)
-    wavelet = scan_orders.wavelet_orders(self.depth, g, g, self.wavelet_levels)
+    wavelet = scan_orders.wavelet_orders(self.depth, g, g, self.wavelet_levels, self.scan_type)
     inv = lambda p: np.stack([scan_orders.inverse_permutation(q) for q in p])
     return [np.asarray(a, np.int32) for a in (spatial, inv(spatial), wavelet, inv(wavelet))]
 
@@ -242,7 +244,7 @@ class DiMSUM(nn.Module):
     groups = self.depth // size
     block = DiMSUMBlock(self.hidden_size, self.depth, (g, g), self.wavelet_levels,
                         self.fusion_heads, self.mlp_ratio, self.cond_mamba, self.scan_impl,
-                        self.dtype, parent=None)
+                        self.dtype, self.scan_type == "v2", parent=None)
     shared, shared_params = None, None
     if self.attn_every:
       shared = SharedTransformerBlock(self.attn_heads, self.mlp_ratio, self.dtype, parent=None)

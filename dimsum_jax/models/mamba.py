@@ -54,6 +54,7 @@ class MambaMixer(nn.Module):
   dt_rank: int | None = None          # None: ceil(d_model / 16)
   out_proj_scale: float = 1.0         # upstream re-draws out_proj and divides by sqrt(depth)
   cond_mamba: str = "none"
+  bidirectional: bool = False
   scan_impl: str = "auto"
   dtype: Any = jnp.float32
 
@@ -68,24 +69,6 @@ class MambaMixer(nn.Module):
     xz = dense(2 * d_inner, "in_proj", use_bias=False, kernel_init=torch_default_kernel)(x)
     x, z = jnp.split(xz, 2, axis=-1)
 
-    bound = 1.0 / math.sqrt(self.d_conv)
-    conv_kernel = self.param("conv1d_kernel", _uniform(bound), (self.d_conv, d_inner))
-    conv_bias = self.param("conv1d_bias", torch_default_bias(self.d_conv), (d_inner,))
-    x = nn.silu(causal_depthwise_conv(x, conv_kernel, conv_bias))
-
-    x_dbl = dense(rank + 2 * self.d_state, "x_proj", use_bias=False,
-                  kernel_init=torch_default_kernel)(x)
-    dt, B, C = jnp.split(x_dbl, [rank, rank + self.d_state], axis=-1)
-    dt_std = rank ** -0.5
-    dt_kernel = self.param("dt_proj_kernel", _uniform(dt_std), (rank, d_inner))
-    dt_bias = self.param("dt_proj_bias", dt_bias_init(), (d_inner,))
-    delta = jnp.einsum("blr,rd->bld", dt, dt_kernel.astype(self.dtype))
-
-    A_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(
-        jnp.arange(1, self.d_state + 1, dtype=jnp.float32), s)), (d_inner, self.d_state))
-    D = self.param("D", nn.initializers.ones, (d_inner,))
-    A = -jnp.exp(A_log.astype(jnp.promote_types(A_log.dtype, jnp.float32)))
-
     h0 = None
     if self.cond_mamba == "h0":
       if c is None:
@@ -95,9 +78,30 @@ class MambaMixer(nn.Module):
       h0 = jnp.broadcast_to(cond.astype(jnp.promote_types(cond.dtype, jnp.float32))[:, :, None],
                             (cond.shape[0], d_inner, self.d_state))
 
-    y = selective_scan(x, delta, A, B, C, D, z, dt_bias, True, h0, impl=self.scan_impl)
+    y = self._ssm("", x, z, h0, d_inner, rank)
+    if self.bidirectional:   # Vim "v2": a second SSM reads the flipped sequence
+      y = y + self._ssm("_b", x[:, ::-1], z[:, ::-1], h0, d_inner, rank)[:, ::-1]
     out_init = _scaled(torch_default_kernel, self.out_proj_scale)
     return dense(self.d_model, "out_proj", use_bias=False, kernel_init=out_init)(y)
+
+
+  def _ssm(self, suffix, x, z, h0, d_inner, rank):
+    """conv1d + SiLU -> x_proj -> dt_proj -> selective scan; parameter names carry `suffix`."""
+    bound = 1.0 / math.sqrt(self.d_conv)
+    conv_kernel = self.param(f"conv1d{suffix}_kernel", _uniform(bound), (self.d_conv, d_inner))
+    conv_bias = self.param(f"conv1d{suffix}_bias", torch_default_bias(self.d_conv), (d_inner,))
+    x = nn.silu(causal_depthwise_conv(x, conv_kernel, conv_bias))
+    x_dbl = nn.Dense(rank + 2 * self.d_state, use_bias=False, kernel_init=torch_default_kernel,
+                     dtype=self.dtype, name=f"x_proj{suffix}")(x)
+    dt, B, C = jnp.split(x_dbl, [rank, rank + self.d_state], axis=-1)
+    dt_kernel = self.param(f"dt_proj{suffix}_kernel", _uniform(rank ** -0.5), (rank, d_inner))
+    dt_bias = self.param(f"dt_proj{suffix}_bias", dt_bias_init(), (d_inner,))
+    delta = jnp.einsum("blr,rd->bld", dt, dt_kernel.astype(self.dtype))
+    A_log = self.param(f"A{suffix}_log", lambda k, s: jnp.log(jnp.broadcast_to(
+        jnp.arange(1, self.d_state + 1, dtype=jnp.float32), s)), (d_inner, self.d_state))
+    D = self.param(f"D{suffix}", nn.initializers.ones, (d_inner,))
+    A = -jnp.exp(A_log.astype(jnp.promote_types(A_log.dtype, jnp.float32)))
+    return selective_scan(x, delta, A, B, C, D, z, dt_bias, True, h0, impl=self.scan_impl)
 
 
 def _uniform(bound):
