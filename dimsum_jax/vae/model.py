@@ -13,8 +13,8 @@ Submodule names follow the diffusers state-dict keys with "." before an index wr
 (`encoder.down_blocks.0.resnets.1.conv1` is `encoder/down_blocks_0/resnets_1/conv1`), so the
 import in `convert.py` is a renaming plus the NCHW -> NHWC kernel transposes.
 
-Parameters are float32; `dtype` sets the compute dtype. Group norms and the attention softmax
-are computed in float32 whatever `dtype` is; `encode` and `decode` return float32.
+Parameters are float32; `dtype` sets the compute dtype. Group-norm statistics and the attention
+softmax are computed in float32 whatever `dtype` is; `encode` and `decode` return float32.
 The functions at the bottom take (module, params, ...) and are pure, so they can be jitted
 (module static) and sharded like any other function of a parameter tree.
 """
@@ -37,8 +37,10 @@ def _conv(features, name, dtype, precision, kernel=3, stride=1, padding=1):
 
 
 def _group_norm(groups, eps, name, dtype):
+  # Two-pass variance, as torch: the decoder's activations are large enough for E[x^2] - E[x]^2
+  # to lose digits.
   return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+                      use_fast_variance=False, name=name)
 
 
 class ResnetBlock(nn.Module):

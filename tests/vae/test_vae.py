@@ -1,0 +1,282 @@
+"""The Flax AutoencoderKL against diffusers, and the weight import.
+
+The parity tests need `torch` and `diffusers` (and `safetensors`); they fail, not skip, when
+these are missing. The mapping and error tests need neither.
+"""
+import importlib
+import json
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimsum_jax.vae import checkpoint, convert, model
+
+PARITY_PACKAGES = "pip install torch==2.13.0 diffusers==0.42.1 safetensors==0.8.0"
+SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4)
+
+
+def _require(name):
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    raise ImportError(f"The VAE parity tests need `{name}`: {PARITY_PACKAGES}") from e
+
+
+def _relative_error(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+
+
+# -- parity with diffusers (torch) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def diffusers_vae(tmp_path_factory):
+  """A small random diffusers AutoencoderKL, saved as safetensors; (torch module, folder)."""
+  torch = _require("torch")
+  _require("safetensors")
+  diffusers = _require("diffusers")
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, **SMALL).eval()
+  with torch.no_grad():  # group norms start at (1, 0): move them so the mapping is tested
+    for name, p in vae.named_parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn_like(p))
+  assert any("attentions.0.to_q" in name for name, _ in vae.named_parameters())
+  folder = tmp_path_factory.mktemp("diffusers_vae")
+  vae.save_pretrained(folder, safe_serialization=True)
+  return vae, folder
+
+
+@pytest.fixture(scope="module")
+def converted(diffusers_vae, tmp_path_factory):
+  """The CLI's output folder for the small diffusers VAE."""
+  _, folder = diffusers_vae
+  out = tmp_path_factory.mktemp("converted")
+  convert.main([f"--diffusers={folder}", f"--out={out}", "--overwrite"])
+  return out
+
+
+def test_encoder_moments_match_diffusers(diffusers_vae, converted):
+  torch = _require("torch")
+  torch_vae, _ = diffusers_vae
+  vae, params = checkpoint.load_vae(converted)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)
+  with torch.no_grad():
+    posterior = torch_vae.encode(torch.from_numpy(images.transpose(0, 3, 1, 2))).latent_dist
+  mean, logvar = jax.jit(model.encode, static_argnums=0)(vae, params, images)
+  assert mean.shape == (2, 8, 12, 4) and mean.dtype == jnp.float32
+  assert _relative_error(mean, posterior.mean.numpy().transpose(0, 2, 3, 1)) < 1e-4
+  assert _relative_error(logvar, posterior.logvar.numpy().transpose(0, 2, 3, 1)) < 1e-4
+
+
+def test_decoder_matches_diffusers(diffusers_vae, converted):
+  torch = _require("torch")
+  torch_vae, _ = diffusers_vae
+  vae, params = checkpoint.load_vae(converted)
+  latents = np.random.default_rng(1).standard_normal((2, 8, 12, 4)).astype(np.float32)
+  with torch.no_grad():
+    expected = torch_vae.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample
+  images = jax.jit(vae.apply, static_argnames="method")({"params": params}, latents,
+                                                        method=model.AutoencoderKL.decode)
+  assert images.shape == (2, 16, 24, 3)
+  assert _relative_error(images, expected.numpy().transpose(0, 2, 3, 1)) < 1e-4
+
+
+def test_old_attention_names_in_a_torch_bin_give_the_same_params(diffusers_vae, tmp_path):
+  torch = _require("torch")
+  torch_vae, folder = diffusers_vae
+  old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  state = {}
+  for key, value in torch_vae.state_dict().items():
+    for new, old in old_names.items():
+      if f".attentions.0.{new}." in key:
+        key = key.replace(f".{new}.", f".{old}.")
+        value = value[:, :, None, None] if value.ndim == 2 else value  # stored as 1x1 convs
+    state[key] = value.clone()
+  torch.save(state, tmp_path / convert.TORCH_FILE)
+  (tmp_path / convert.CONFIG_FILE).write_text((folder / convert.CONFIG_FILE).read_text())
+  _, from_bin = convert.convert_diffusers_vae(str(tmp_path))
+  _, from_safetensors = convert.convert_diffusers_vae(str(folder))
+  jax.tree.map(np.testing.assert_array_equal, from_bin, from_safetensors)
+
+
+# -- the mapping on a hand-built NumPy state dict (no torch) -------------------------------------
+
+TINY = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=2,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+
+
+def _tiny_state_dict(old_attention_names=False):
+  rng = np.random.default_rng(0)
+  state = {}
+
+  def add(key, *shape):
+    state[key] = rng.standard_normal(shape).astype(np.float32)
+
+  def conv(prefix, cin, cout, k=3):
+    add(f"{prefix}.weight", cout, cin, k, k)
+    add(f"{prefix}.bias", cout)
+
+  def norm(prefix, c):
+    add(f"{prefix}.weight", c)
+    add(f"{prefix}.bias", c)
+
+  def resnet(prefix, cin, cout):
+    norm(f"{prefix}.norm1", cin)
+    conv(f"{prefix}.conv1", cin, cout)
+    norm(f"{prefix}.norm2", cout)
+    conv(f"{prefix}.conv2", cout, cout)
+    if cin != cout:
+      conv(f"{prefix}.conv_shortcut", cin, cout, k=1)
+
+  def mid_block(prefix, c):
+    resnet(f"{prefix}.resnets.0", c, c)
+    resnet(f"{prefix}.resnets.1", c, c)
+    norm(f"{prefix}.attentions.0.group_norm", c)
+    names = ("query", "key", "value", "proj_attn") if old_attention_names else (
+        "to_q", "to_k", "to_v", "to_out.0")
+    for name in names:
+      shape = (c, c, 1, 1) if old_attention_names else (c, c)
+      add(f"{prefix}.attentions.0.{name}.weight", *shape)
+      add(f"{prefix}.attentions.0.{name}.bias", c)
+
+  conv("encoder.conv_in", 3, 8)
+  resnet("encoder.down_blocks.0.resnets.0", 8, 8)
+  conv("encoder.down_blocks.0.downsamplers.0.conv", 8, 8)
+  resnet("encoder.down_blocks.1.resnets.0", 8, 16)
+  mid_block("encoder.mid_block", 16)
+  norm("encoder.conv_norm_out", 16)
+  conv("encoder.conv_out", 16, 4)
+  conv("quant_conv", 4, 4, k=1)
+  conv("post_quant_conv", 2, 2, k=1)
+  conv("decoder.conv_in", 2, 16)
+  mid_block("decoder.mid_block", 16)
+  resnet("decoder.up_blocks.0.resnets.0", 16, 16)
+  resnet("decoder.up_blocks.0.resnets.1", 16, 16)
+  conv("decoder.up_blocks.0.upsamplers.0.conv", 16, 16)
+  resnet("decoder.up_blocks.1.resnets.0", 16, 8)
+  resnet("decoder.up_blocks.1.resnets.1", 8, 8)
+  norm("decoder.conv_norm_out", 8)
+  conv("decoder.conv_out", 8, 3)
+  return state
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+  return model.vae_from_config(TINY)
+
+
+def test_tiny_state_dict_maps_to_flax_layout(tiny_vae):
+  state = _tiny_state_dict()
+  params = convert.params_from_state_dict(state, tiny_vae)
+  shapes = jax.tree.map(lambda x: x.shape, model.abstract_params(tiny_vae))
+  assert jax.tree.map(np.shape, params) == shapes
+  encoder = params["encoder"]
+  np.testing.assert_array_equal(encoder["conv_in"]["kernel"],
+                                state["encoder.conv_in.weight"].transpose(2, 3, 1, 0))
+  shortcut = encoder["down_blocks_1"]["resnets_0"]["conv_shortcut"]["kernel"]
+  np.testing.assert_array_equal(
+      shortcut[0, 0], state["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"][:, :, 0, 0].T)
+  np.testing.assert_array_equal(encoder["mid_block"]["attentions_0"]["to_out_0"]["kernel"],
+                                state["encoder.mid_block.attentions.0.to_out.0.weight"].T)
+  np.testing.assert_array_equal(params["decoder"]["up_blocks_0"]["upsamplers_0"]["conv"]["bias"],
+                                state["decoder.up_blocks.0.upsamplers.0.conv.bias"])
+  np.testing.assert_array_equal(params["decoder"]["conv_norm_out"]["scale"],
+                                state["decoder.conv_norm_out.weight"])
+
+
+def test_old_attention_names_map_like_new_ones(tiny_vae):
+  old = _tiny_state_dict(old_attention_names=True)
+  new = {}
+  for key, value in convert.rename_old_attention_keys(old).items():
+    new[key] = value[:, :, 0, 0] if value.ndim == 4 and ".attentions." in key else value
+  jax.tree.map(np.testing.assert_array_equal, convert.params_from_state_dict(old, tiny_vae),
+               convert.params_from_state_dict(new, tiny_vae))
+
+
+def test_tiny_vae_helpers_are_jittable_and_consistent(tiny_vae):
+  params = convert.params_from_state_dict(_tiny_state_dict(), tiny_vae)
+  images = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  rng = jax.random.key(0)
+
+  @jax.jit  # one program: XLA shares the encoder between the three encodes
+  def helpers(params, images, rng):
+    mean, logvar = model.encode(tiny_vae, params, images)
+    latents = model.images_to_latents(tiny_vae, params, images)
+    sampled = model.images_to_latents(tiny_vae, params, images, rng)
+    return mean, logvar, latents, sampled, model.latents_to_images(tiny_vae, params, latents)
+
+  mean, logvar, latents, sampled, decoded = helpers(params, images, rng)
+  assert latents.shape == (2, 4, 4, 2) and decoded.shape == images.shape
+  assert bool(jnp.all(jnp.isfinite(decoded)))
+  assert float(logvar.min()) >= -30 and float(logvar.max()) <= 20
+  np.testing.assert_allclose(latents, mean * model.SCALING_FACTOR, rtol=1e-6)
+  noise = jax.random.normal(rng, mean.shape)
+  np.testing.assert_allclose(sampled, (mean + jnp.exp(0.5 * logvar) * noise) * model.SCALING_FACTOR,
+                             rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(sampled - latents).max()) > 0
+
+  bf16 = model.vae_from_config(TINY, dtype=jnp.bfloat16)
+  mean_bf16, _ = jax.jit(model.encode, static_argnums=0)(bf16, params, images)
+  assert mean_bf16.dtype == jnp.float32 and _relative_error(mean_bf16, mean) < 5e-2
+
+
+def test_save_and_load_round_trip(tiny_vae, tmp_path):
+  params = convert.params_from_state_dict(_tiny_state_dict(), tiny_vae)
+  checkpoint.save_vae(str(tmp_path), TINY, params)
+  vae, restored = checkpoint.load_vae(str(tmp_path), dtype="bfloat16")
+  assert vae.dtype == jnp.bfloat16 and vae.block_out_channels == (8, 16)
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  replicated = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.P())
+  _, placed = checkpoint.load_vae(str(tmp_path), sharding=replicated)
+  assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(placed))
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    checkpoint.save_vae(str(tmp_path), TINY, params)
+
+
+# -- error messages ------------------------------------------------------------------------------
+
+def test_missing_unexpected_and_misshapen_keys_are_named(tiny_vae):
+  state = _tiny_state_dict()
+  del state["decoder.conv_out.bias"]
+  state["decoder.extra.weight"] = np.zeros(3, np.float32)
+  state["encoder.conv_in.weight"] = np.zeros((8, 3, 5, 5), np.float32)
+  with pytest.raises(ValueError) as error:
+    convert.params_from_state_dict(state, tiny_vae, source="DIR")
+  message = str(error.value)
+  assert message.startswith("DIR does not match the AutoencoderKL")
+  assert "missing keys decoder.conv_out.bias" in message
+  assert "unexpected keys decoder.extra.weight" in message
+  assert "encoder.conv_in.weight (got (8, 3, 5, 5), expected (8, 3, 3, 3))" in message
+
+
+def test_another_architecture_is_refused():
+  with pytest.raises(ValueError, match="down_block_types"):
+    model.vae_from_config(dict(TINY, down_block_types=["CrossAttnDownBlock2D"] * 2))
+  with pytest.raises(ValueError, match="'UNet2DConditionModel'"):
+    model.vae_from_config(dict(TINY, _class_name="UNet2DConditionModel"))
+
+
+def test_missing_files_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    convert.find_vae_folder(str(tmp_path / "absent"))
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    convert.find_vae_folder(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps(TINY))
+  with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors or"):
+    convert.find_vae_folder(str(tmp_path))
+  with pytest.raises(SystemExit, match="has no weights"):
+    convert.main([f"--diffusers={tmp_path}", f"--out={tmp_path / 'out'}"])
+  with pytest.raises(FileNotFoundError, match="dimsum_jax.vae.convert"):
+    checkpoint.load_vae(str(tmp_path / "never_converted"))
+
+
+def test_pipeline_folder_with_vae_subfolder_is_found(tmp_path):
+  (tmp_path / "vae").mkdir()
+  (tmp_path / "vae" / "config.json").write_text(json.dumps(TINY))
+  (tmp_path / "vae" / convert.SAFETENSORS_FILE).write_bytes(b"")
+  assert convert.find_vae_folder(str(tmp_path)) == str(tmp_path / "vae")
