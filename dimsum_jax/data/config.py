@@ -45,7 +45,8 @@ def validate(c) -> None:
   if c.resize not in RESIZES:
     raise ValueError(f"config.data.resize is {c.resize!r}; choose one of {RESIZES}.")
   if c.on_bad_image not in ON_BAD_IMAGE:
-    raise ValueError(f"config.data.on_bad_image is {c.on_bad_image!r}; choose one of {ON_BAD_IMAGE}.")
+    raise ValueError(f"config.data.on_bad_image is {c.on_bad_image!r}; "
+                     f"choose one of {ON_BAD_IMAGE}.")
   if c.channels not in (1, 3) and c.name != "latents":
     raise ValueError(f"config.data.channels is {c.channels}; image sets have 1 or 3 channels.")
   if c.image_size <= 0 or c.global_batch_size <= 0:

@@ -70,7 +70,8 @@ def crop_pil(image: Image.Image, size: int, method: str) -> np.ndarray:
   elif method == "none":
     out = np.asarray(image)
     if out.shape[:2] != (size, size):
-      raise ValueError(f"crop='none' needs {size}x{size} images, got {out.shape[1]}x{out.shape[0]}.")
+      raise ValueError(f"crop='none' needs {size}x{size} images, "
+                       f"got {out.shape[1]}x{out.shape[0]}.")
   else:
     raise ValueError(f"Unknown crop {method!r}.")
   return out[..., None] if out.ndim == 2 else out

@@ -33,8 +33,9 @@ class BadImageError(ValueError):
 def list_images(root: str) -> list[str]:
   """Relative paths (with '/') of every image under root, sorted."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"Image folder {root!r} does not exist; point config.data.data_dir at a "
-                            "directory of .jpg/.png/.webp files (class subfolders if conditional).")
+    raise FileNotFoundError(f"Image folder {root!r} does not exist; point config.data.data_dir at "
+                            "a directory of .jpg/.png/.webp files (class subfolders if "
+                            "conditional).")
   found = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames.sort()
@@ -53,7 +54,8 @@ def class_labels(paths: list[str]) -> tuple[np.ndarray, list[str]]:
   loose = [p for p in paths if "/" not in p]
   if loose:
     raise ValueError(f"class_conditional needs one subfolder per class, but {loose[0]!r} (and "
-                     f"{len(loose) - 1} more) lie directly in the root; set class_conditional=False.")
+                     f"{len(loose) - 1} more) lie directly in the root; "
+                     "set class_conditional=False.")
   tops = [p.split("/", 1)[0] for p in paths]
   classes = sorted(set(tops))
   index = {c: i for i, c in enumerate(classes)}

@@ -125,7 +125,7 @@ class LatentShardWriter:
               f"Partial latent set {directory} was started with {key}={state[key]!r}, not "
               f"{self.identity[key]!r}; resume it with the same settings or use a new directory.")
       self.shards = state["shards"]
-      for k, shard in enumerate(self.shards):
+      for k in range(len(self.shards)):
         if self._locate(k)[0] is None:
           raise LatentSetError(f"Partial latent set {directory} lists shard {k} in progress.json "
                                "but its file is gone; delete the directory and encode again.")
@@ -165,7 +165,8 @@ class LatentShardWriter:
       raise LatentSetError(f"Labels of shape {labels.shape} do not match {n} latents.")
     k = self.identity["num_classes"]
     if n and (labels.min() < 0 or (k and labels.max() >= k) or (not k and labels.any())):
-      raise LatentSetError(f"Labels must lie in [0, {max(k, 1)}), got [{labels.min()}, {labels.max()}].")
+      raise LatentSetError(f"Labels must lie in [0, {max(k, 1)}), "
+                           f"got [{labels.min()}, {labels.max()}].")
     self._latents.append(latents.astype(self.identity["dtype"]))
     self._labels.append(labels)
     self._buffered += n

@@ -101,7 +101,8 @@ def _check_state(state: dict[str, Any]) -> tuple[int, int]:
   try:
     epoch, index = int(state["epoch"]), int(state["index"])
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"A data state needs integer 'epoch' and 'index' entries, got {state!r}.") from e
+    raise ValueError(
+        f"A data state needs integer 'epoch' and 'index' entries, got {state!r}.") from e
   if epoch < 0 or index < 0:
     raise ValueError(f"A data state cannot be negative, got {state!r}.")
   return epoch, index
@@ -145,8 +146,9 @@ class IndexedSource(DataSource):
   # ---- order -------------------------------------------------------------------------------
   def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(example ids, flip flags) in the order epoch `epoch` visits them on this process."""
-    if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-      return self._epoch_cache[1], self._epoch_cache[2]
+    cached = self._epoch_cache      # one read: the prefetch thread may replace it
+    if cached is not None and cached[0] == epoch:
+      return cached[1], cached[2]
     n = len(self._ids)
     rng = epoch_rng(self.seed, epoch, self.process_index)
     order = rng.permutation(n) if self.shuffle else np.arange(n)
@@ -166,6 +168,7 @@ class IndexedSource(DataSource):
   def _batches(self, epoch: int, index: int) -> Iterator[tuple[Batch, tuple[int, int]]]:
     """Yields (batch, state after it), starting from position `index` of epoch `epoch`."""
     b, n = self.local_batch_size, len(self._ids)
+    unusable_run = 0
     while True:
       images, labels, have = [], [], 0
       while have < b and not (self.num_epochs and epoch >= self.num_epochs):
@@ -176,6 +179,10 @@ class IndexedSource(DataSource):
         labels.append(y)
         have += len(y)
         index += take
+        unusable_run = 0 if len(y) else unusable_run + take
+        if unusable_run >= n:
+          raise RuntimeError(f"None of the {n} examples of process {self.process_index} can be "
+                             "loaded; see the warnings above for their paths.")
         if index == n:
           epoch, index = epoch + 1, 0
       if have == 0 or (have < b and self.drop_remainder):
@@ -239,8 +246,8 @@ class IndexedSource(DataSource):
   def set_state(self, state: dict[str, int]) -> None:
     epoch, index = _check_state(state)
     if index >= len(self._ids):
-      raise ValueError(f"Data state index {index} is past this process's {len(self._ids)} examples; "
-                       "was it saved with another dataset or process count?")
+      raise ValueError(f"Data state index {index} is past this process's {len(self._ids)} "
+                       "examples; was it saved with another dataset or process count?")
     self.close()
     self._state = (epoch, index)
 

@@ -38,8 +38,8 @@ _HOW_TO_PREPARE = {
                    "{data_dir}/downloads/manual and run `tfds build {tfds_name} "
                    "--data_dir={data_dir}` once"),
     "lsun_church": ("run `tfds build lsun/church_outdoor --data_dir={data_dir}` once (needs "
-                    "tensorflow-io; it downloads church_outdoor_train_lmdb.zip from the LSUN site), "
-                    "or export the images to a folder and use name='image_folder'"),
+                    "tensorflow-io; it downloads church_outdoor_train_lmdb.zip from the LSUN "
+                    "site), or export the images to a folder and use name='image_folder'"),
 }
 
 
@@ -78,9 +78,8 @@ class TfdsSource(DataSource):
     if not self.builder.is_prepared():
       how = _HOW_TO_PREPARE.get(config.name, "run `tfds build {tfds_name} --data_dir={data_dir}`")
       where = config.data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
-      raise FileNotFoundError(
-          f"tfds dataset {self.name} is not prepared under {where}: "
-          + how.format(data_dir=config.data_dir or "~/tensorflow_datasets", tfds_name=self.name) + ".")
+      how = how.format(data_dir=config.data_dir or "~/tensorflow_datasets", tfds_name=self.name)
+      raise FileNotFoundError(f"tfds dataset {self.name} is not prepared under {where}: {how}.")
     features = self.builder.info.features
     has_labels = "label" in features
     if config.class_conditional and not has_labels:
@@ -127,7 +126,8 @@ class TfdsSource(DataSource):
     return fn
 
   def epoch_dataset(self, epoch: int, skip: int = 0, pad: int = 0):
-    """Batches of epoch `epoch` from position `skip`, after `pad` zero rows (filled by the caller)."""
+    """Batches of epoch `epoch` from position `skip`, after `pad` zero rows (the caller fills
+    them with the previous epoch's short last batch)."""
     tf, tfds, c = self._tf, self._tfds, self.config
     file_seed, shuffle_seed, flip_seed = epoch_seeds(self.seed, epoch, self.process_index)
     options = tf.data.Options()
