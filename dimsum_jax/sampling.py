@@ -37,7 +37,9 @@ evaluation per Euler-Maruyama step (upstream calls the model twice: once for the
 score). Heun: 2 per step on n // 2 grid points, as upstream.
 
 Everything here is pure and jit-able; on sharded global arrays nothing leaves the device (CFG doubles
-the batch by interleaving, so each device's shard is doubled locally).
+the batch by interleaving, so each device's shard is doubled locally), and a jitted sampler may be
+traced and run inside jax.transfer_guard("disallow") (tested). Call the samplers under jax.jit: eager
+calls recompile diffrax's internal jit whenever velocity_fn is a new closure.
 """
 from __future__ import annotations
 
@@ -188,7 +190,19 @@ def _initial_step(vf, t0, t1, x0, f0, error_order, rtol, atol):
   return direction * jnp.minimum(100.0 * h0, h1)
 
 
+def _diffrax_constants():
+  """diffrax puts a few host constants on the device while it is traced (e.g. its RESULTS codes),
+  which a surrounding jax.transfer_guard('disallow') rejects. Allow them for the trace only: under
+  jit nothing inside runs again at execution time, so no runtime transfer is hidden."""
+  return jax.transfer_guard("allow")
+
+
 def _status(result):
+  with _diffrax_constants():
+    return _status_codes(result)
+
+
+def _status_codes(result):
   return jnp.where(result == diffrax.RESULTS.successful, STATUS_OK,
                    jnp.where(result == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS,
                              STATUS_OTHER)).astype(jnp.int32)
@@ -203,9 +217,10 @@ def _solve_batch(velocity_fn, x0, *, solver, num_steps, atol, rtol, t0, t1, max_
   if solver in ("euler", "heun"):
     ts = jnp.linspace(t0, t1, num_steps + 1)
     method = diffrax.Euler() if solver == "euler" else diffrax.Heun()
-    sol = diffrax.diffeqsolve(term, method, t0, t1, None, x0, saveat=saveat,
-                              stepsize_controller=diffrax.StepTo(ts=ts), max_steps=num_steps,
-                              throw=False)
+    with _diffrax_constants():
+      sol = diffrax.diffeqsolve(term, method, t0, t1, None, x0, saveat=saveat,
+                                stepsize_controller=diffrax.StepTo(ts=ts), max_steps=num_steps,
+                                throw=False)
     per_step = 1 if solver == "euler" else 2
     nfe = per_step * sol.stats["num_steps"]
   else:
@@ -219,9 +234,10 @@ def _solve_batch(velocity_fn, x0, *, solver, num_steps, atol, rtol, t0, t1, max_
     first_step, f_init = method.init(term, t0, t1, x0, None)
     assert jax.tree.structure(f_init) == jax.tree.structure(f0), "unexpected diffrax FSAL state"
     solver_state = (jnp.zeros_like(first_step), f0)
-    sol = diffrax.diffeqsolve(term, method, t0, t1, dt0, x0, saveat=saveat,
-                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                              max_steps=max_steps, throw=False, solver_state=solver_state)
+    with _diffrax_constants():
+      sol = diffrax.diffeqsolve(term, method, t0, t1, dt0, x0, saveat=saveat,
+                                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                                max_steps=max_steps, throw=False, solver_state=solver_state)
     nfe = extra + 6 * sol.stats["num_steps"]
   return ODEResult(
       x1=sol.ys[0],
@@ -326,9 +342,8 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
   if n < 2:
     raise ValueError("the SDE grid needs at least 2 points")
   path_type = transport.canonical_path(path_type)
-  form = diffusion_form
-  if (transport._canon(form, transport.DIFFUSION_FORMS, "diffusion_form") == "SBDM"
-      and path_type != "VP" and float(t0) <= 0.0):
+  form = transport.canonical_diffusion_form(diffusion_form)
+  if form == "SBDM" and path_type != "VP" and float(t0) <= 0.0:
     raise ValueError("the SBDM diffusion is infinite at t = 0 for GVP/Linear paths: start at "
                      "t0 > 0 (set transport.sample_eps, e.g. 1e-3) or pick another diffusion form")
 

@@ -100,6 +100,10 @@ def canonical_prediction(prediction: str) -> str:
   return _canon(prediction, PREDICTIONS, "prediction")
 
 
+def canonical_diffusion_form(form: str | None) -> str:
+  return _canon(form, DIFFUSION_FORMS, "diffusion_form")
+
+
 # ------------------------------------------------------------------------------------------------
 # Paths
 
@@ -230,7 +234,7 @@ def make_velocity_fn(model_fn, *, path_type: str, prediction: str = "velocity"):
 
 def diffusion_coefficient(form: str, t, *, path_type: str, norm: float = 1.0):
   """D(t) of dx = [v + D(t) score] dt + sqrt(2 D(t)) dW, elementwise in t (upstream's forms)."""
-  form = _canon(form, DIFFUSION_FORMS, "diffusion_form")
+  form = canonical_diffusion_form(form)
   t = jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32))
   if form == "none":
     return jnp.zeros_like(t)
@@ -284,7 +288,7 @@ def time_interval(cfg, *, eval: bool = False, sde: bool = False, diffusion_form:
   if path_type == "VP":
     t1 = end
   elif prediction != "velocity" or sde:
-    sbdm = _canon(diffusion_form, DIFFUSION_FORMS, "diffusion_form") == "SBDM"
+    sbdm = canonical_diffusion_form(diffusion_form) == "SBDM"
     t0 = eps if (sbdm and sde) or prediction != "velocity" else 0.0
     t1 = end
   return t0, t1
