@@ -146,14 +146,15 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
   missing = []
   out = {}
   for path, spec in target.items():
+    in_blocks = path[0] == collection
     if path not in filled:
-      missing.append("/".join(path))
+      missing += _upstream_keys(path, range(spec.shape[0]) if in_blocks else (), collection, size)
       continue
     v = filled[path]
     if isinstance(v, dict):
       n = spec.shape[0]
       if sorted(v) != list(range(n)):
-        missing.append(f"{'/'.join(path)} (blocks {sorted(set(range(n)) - set(v))})")
+        missing += _upstream_keys(path, sorted(set(range(n)) - set(v)), collection, size)
         continue
       v = np.stack([v[i] for i in range(n)])
     out[path] = np.asarray(v, dtype=dtype)
@@ -171,6 +172,15 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
                "against the checkpoint's training arguments.")
     raise ValueError("\n".join(msg))
   return _unflatten(out)
+
+
+def _upstream_keys(path, indices, collection, size):
+  """Upstream key names of our parameter `path` (for the blocks `indices` of a block stack)."""
+  if path[0] != collection:
+    return [_upstream_name(path)[0]]
+  key = _upstream_name(path[2:])[0]
+  j = int(path[1].split("_")[-1]) if collection == "groups" else 0
+  return [f"blocks.{n * size + j}.{key}" for n in indices]
 
 
 def _upstream_name(path):

@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from dimsum_jax.models.layers import (AdaLN, FinalLayer, LabelEmbedder, MLP, PatchEmbed,
                                       SelfAttention, TimestepEmbedder, layer_norm, modulate,
@@ -59,7 +60,11 @@ class DiT(nn.Module):
   def __call__(self, x, t, y=None, train: bool = False):
     if self.input_size % self.patch_size:
       raise ValueError(f"input_size {self.input_size} is not divisible by patch_size "
-                       f"{self.patch_size}.")
+                       f"{self.patch_size}: pick an image/latent size that is a multiple of it.")
+    if self.hidden_size % self.num_heads or self.hidden_size % 4:
+      raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_heads "
+                       f"{self.num_heads} and of 4 (sin-cos position embedding): use a multiple "
+                       f"of {np.lcm(self.num_heads, 4)}.")
     g = self.input_size // self.patch_size
     x = x.astype(self.dtype)
     c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)

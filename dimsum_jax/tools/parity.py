@@ -37,13 +37,13 @@ def split_golden(data) -> tuple[dict, dict, dict]:
   return state, inputs, refs
 
 
-def _intermediates(tree, size):
-  """Flatten sown values to golden names."""
+def _intermediates(tree, size, batch):
+  """Flatten sown values to golden names, keeping the first `batch` samples."""
   inter = tree.get("intermediates", {})
   out = {}
   for name in ("t_emb", "y_emb", "c", "tokens_in", "final_layer_out"):
     if name in inter:
-      out[name] = inter[name][0]
+      out[name] = np.asarray(inter[name][0])[:batch]
   groups = inter.get("groups", {})
   per_block = {}
   for j in range(size):
@@ -52,14 +52,14 @@ def _intermediates(tree, size):
     for sub in ("spatial_mamba", "freq_mamba"):
       flat.update(flat.pop(sub, {}))
     for name, value in flat.items():
-      per_block.setdefault(name, {})[j] = np.asarray(value[0])   # [groups, ...]
+      per_block.setdefault(name, {})[j] = np.asarray(value[0])[:, :batch]   # [groups, b, ...]
   for name, by_pos in per_block.items():
     n_groups = by_pos[0].shape[0]
     stacked = np.stack([by_pos[i % size][i // size] for i in range(n_groups * size)])
     out[f"blocks_{name}"] = stacked
-    out[f"block0_{name.replace('_mixer', '_mixer')}"] = stacked[0]
+    out[f"block0_{name}"] = stacked[0]
   if "attn_block_out" in groups:
-    out["attn_block_out"] = np.asarray(groups["attn_block_out"][0])
+    out["attn_block_out"] = np.asarray(groups["attn_block_out"][0])[:, :batch]
   return out
 
 
@@ -80,11 +80,28 @@ def _compare_names(refs: dict, ours: dict) -> dict:
   return pairs
 
 
+# One jitted forward per model config, so that repeated checks of one model compile once.
+_FORWARDS = {}
+
+
+def _forward(model, mc):
+  key = json.dumps(mc.to_dict(), sort_keys=True)
+  if key not in _FORWARDS:
+    import jax
+    _FORWARDS[key] = jax.jit(lambda params, x, t, y: model.apply(
+        {"params": params}, x, t, y, mutable=["intermediates"]))
+  return _FORWARDS[key]
+
+
 def run_parity(path: str, float64: bool = False, verbose: bool = True) -> list[tuple]:
   """Rows (name, max_abs, rel, tol, ok) for every output the golden file lets us check."""
   import jax
-  if float64:
-    jax.config.update("jax_enable_x64", True)
+  with jax.enable_x64(float64):     # scoped: float64 does not leak to later computations
+    return _run_parity(path, float64, verbose)
+
+
+def _run_parity(path, float64, verbose):
+  import jax
   import jax.numpy as jnp
 
   from dimsum_jax.convert import abstract_params, from_upstream, model_config_from_upstream
@@ -105,22 +122,31 @@ def run_parity(path: str, float64: bool = False, verbose: bool = True) -> list[t
   dtype = np.float64 if float64 else np.float32
   params = from_upstream(state, model, abstract_params(model, mc), dtype=dtype)
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  to_nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)).astype(dtype))
-  y = jnp.asarray(inputs["y"], jnp.int32) if "y" in inputs and mc.num_classes else None
-
-  @jax.jit
-  def forward(params, x, t, y):
-    return model.apply({"params": params}, x, t, y, mutable=["intermediates"])
+  to_nhwc = lambda a: np.transpose(a, (0, 2, 3, 1)).astype(dtype)
+  x, t = to_nhwc(inputs["x"]), np.asarray(inputs["t"], dtype)
+  y = np.asarray(inputs["y"], np.int32) if "y" in inputs and mc.num_classes else None
+  batch = x.shape[0]
+  cfg_half = 0
+  if "cfg_out" in refs and y is not None:
+    # upstream forward_with_cfg(x, t, y, 1.5): the first half of the CFG batch with its labels
+    # and with the null label; run in the same call as the main batch (one compilation).
+    cfg_half = inputs["cfg_x"].shape[0] // 2
+    cx, ct, cy = (inputs[k][:cfg_half] for k in ("cfg_x", "cfg_t", "cfg_y"))
+    x = np.concatenate([x, to_nhwc(cx), to_nhwc(cx)])
+    t = np.concatenate([t, ct.astype(dtype), ct.astype(dtype)])
+    y = np.concatenate([y, cy.astype(np.int32), np.full(cfg_half, mc.num_classes, np.int32)])
 
   with jax.default_matmul_precision("highest"):
-    out, tree = forward(params, to_nhwc(inputs["x"]), jnp.asarray(inputs["t"], dtype), y)
-    ours = _intermediates(jax.device_get(tree), model.attn_every or model.depth)
-    ours["out"] = np.transpose(np.asarray(out), (0, 3, 1, 2))
-    if "cfg_out" in refs:
-      ours["cfg_out"] = _cfg_forward(model, params, inputs, dtype, mc.num_classes, to_nhwc)
+    out, tree = _forward(model, mc)(params, jnp.asarray(x), jnp.asarray(t),
+                                    None if y is None else jnp.asarray(y))
+  out = np.transpose(np.asarray(out), (0, 3, 1, 2))
+  ours = _intermediates(jax.device_get(tree), model.attn_every or model.depth, batch)
+  ours["out"] = out[:batch]
   pairs = {"out": ours["out"], **_compare_names(refs, ours)}
-  if "cfg_out" in ours:
-    pairs["cfg_out"] = ours["cfg_out"]
+  if cfg_half:
+    cond, uncond = out[batch:batch + cfg_half], out[batch + cfg_half:]
+    guided = uncond + 1.5 * (cond - uncond)
+    pairs["cfg_out"] = np.concatenate([guided, guided])
   tol = TOLERANCE["float64" if float64 else "float32"]
   rows = []
   for name, a in pairs.items():
@@ -134,20 +160,6 @@ def run_parity(path: str, float64: bool = False, verbose: bool = True) -> list[t
       print(f"{name:32s} max_abs {err:.3e}  rel {rel:.3e}  tol {tol:.0e}  "
             f"{'ok' if ok else 'FAIL'}")
   return rows
-
-
-def _cfg_forward(model, params, inputs, dtype, num_classes, to_nhwc):
-  """Upstream forward_with_cfg(x, t, y, 1.5): first half with its labels and with the null label."""
-  import jax.numpy as jnp
-  x, t, y = inputs["cfg_x"], inputs["cfg_t"], inputs["cfg_y"]
-  half = x.shape[0] // 2
-  xx = to_nhwc(np.concatenate([x[:half], x[:half]]))
-  tt = jnp.asarray(np.concatenate([t[:half], t[:half]]), dtype)
-  yy = jnp.asarray(np.concatenate([y[:half], np.full(half, num_classes)]), jnp.int32)
-  v = np.asarray(model.apply({"params": params}, xx, tt, yy))
-  cond, uncond = v[:half], v[half:]
-  guided = uncond + 1.5 * (cond - uncond)
-  return np.transpose(np.concatenate([guided, guided]), (0, 3, 1, 2))
 
 
 def main(argv=None):

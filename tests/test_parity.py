@@ -1,0 +1,207 @@
+"""Golden parity with the official PyTorch DiMSUM (tiny.npz, l2.npz) and the parity tool itself.
+
+The parity tool keeps one compiled forward per model config, so the float32 tiny checks (values,
+CLI, corrupted weights) share a single compilation.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimsum_jax import convert
+from dimsum_jax.models import create_model, default_model_config
+from dimsum_jax.tools import hashfill, parity
+from tests.golden import golden_file, manifest
+
+
+def _assert_all_ok(rows):
+  bad = [r for r in rows if not r[4]]
+  assert not bad, f"outputs out of tolerance: {bad}"
+
+
+def test_tiny_float32_all_outputs():
+  rows = parity.run_parity(str(golden_file("tiny.npz")), verbose=False)
+  names = {r[0] for r in rows}
+  # Final output, every block-0 intermediate, per-block outputs, shared attention and CFG.
+  assert {"out", "t_emb", "y_emb", "c", "tokens_in", "block0_norm_out",
+          "block0_spatial_mixer_in", "block0_spatial_mixer_out", "block0_spatial_out",
+          "block0_wavelet_mixer_in", "block0_wavelet_mixer_out", "block0_wavelet_out",
+          "block0_fusion_out", "block0_hidden_out", "block0_residual_out", "blocks_hidden_out",
+          "blocks_residual_out", "attn_block_out", "cfg_out", "final_layer_out"} <= names
+  _assert_all_ok(rows)
+  # Upstream's own float32 run lands within 8.6e-6 of its float64 run; we are as close.
+  assert max(r[2] for r in rows) < 2e-5
+
+
+def test_tiny_float64_matches_to_roundoff():
+  rows = parity.run_parity(str(golden_file("tiny.npz")), float64=True, verbose=False)
+  assert len(rows) >= 20
+  _assert_all_ok(rows)
+  assert max(r[2] for r in rows) < 1e-12
+  # The float64 run is scoped: it does not switch later computations to float64.
+  assert jnp.zeros(1).dtype == jnp.float32
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+  assert parity.main([f"--golden={golden_file('tiny.npz')}"]) == 0
+  text = capsys.readouterr().out
+  assert "out " in text and "all " in text and "FAIL" not in text
+  # A 1 % change of one weight deep in the stack must make the tool fail.
+  data = dict(np.load(golden_file("tiny.npz")))
+  key = "blocks.2.freq_mamba.mixer.out_proj.weight"
+  data[key] = data[key] * 1.01
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, **data)
+  assert parity.main([f"--golden={bad}"]) == 1
+  text = capsys.readouterr().out
+  assert "FAILED:" in text and "blocks_hidden_out" in text
+  # Block 2's output is wrong, blocks 0 and 1 are not: the intermediates localise the error.
+  rows = {r[0]: r for r in parity.run_parity(str(bad), verbose=False)}
+  assert rows["block0_hidden_out"][4] and not rows["out"][4]
+
+
+def test_cli_refuses_file_without_config(tmp_path):
+  data = dict(np.load(golden_file("tiny.npz")))
+  del data["config_json"]
+  path = tmp_path / "noconfig.npz"
+  np.savez(path, **data)
+  with pytest.raises(SystemExit, match="config_json"):
+    parity.main([f"--golden={path}"])
+
+
+@pytest.mark.parametrize("key", [
+    "pos_embed", "x_embedder.proj.bias", "y_embedder.embedding_table.weight",
+    "blocks.0.norm.weight", "blocks.0.spatial_mamba.mixer.A_log", "blocks.0.spatial_mamba.mixer.D",
+    "blocks.0.spatial_mamba.mixer.conv1d.weight", "blocks.0.spatial_mamba.mixer.dt_proj.bias",
+    "blocks.0.freq_mamba.mixer.x_proj.weight", "blocks.7.norm_2.weight",
+    "attn_block.attn.qkv.bias", "final_layer.linear.weight"])
+def test_hashfill_reproduces_manifest_checksums(key):
+  """The README's weight fill, against the checksums of the golden generator (one per rule)."""
+  shape, total, first = manifest()["l2"]["forward"]["hashfill_checksums"][key]
+  value = hashfill.fill_value(key, tuple(shape), seed=0)
+  assert value.dtype == np.float32 and list(value.shape) == shape
+  np.testing.assert_allclose(value.astype(np.float64).sum(), total, rtol=1e-12, atol=1e-9)
+  np.testing.assert_array_equal(value.reshape(-1)[:3], np.float32(first))
+
+
+def _l2_state_dict():
+  m = manifest()["l2"]["forward"]
+  keys = [(k, v[0]) for k, v in m["state_dict"].items()]
+  state = hashfill.fill_state_dict(keys, seed=0)
+  checked = 0
+  for key, (shape, total, first) in list(m["hashfill_checksums"].items())[::7]:
+    if key in state:
+      assert list(state[key].shape) == shape
+      np.testing.assert_allclose(state[key].astype(np.float64).sum(), total, rtol=1e-9, atol=1e-6)
+      np.testing.assert_array_equal(state[key].reshape(-1)[:3], np.float32(first))
+      checked += 1
+  assert checked > 50
+  return state, m["cfg"]
+
+
+@pytest.mark.slow
+def test_l2_published_size(tmp_path):
+  """The full DiMSUM-L/2 (459.9 M parameters) with the README's deterministic fill."""
+  state, cfg = _l2_state_dict()
+  golden = dict(np.load(golden_file("l2.npz")))
+  path = tmp_path / "l2_full.npz"
+  np.savez(path, **state, **golden, config_json=np.array(json.dumps(cfg)))
+  del state
+  rows = parity.run_parity(str(path), verbose=False)
+  names = {r[0] for r in rows}
+  assert {"out", "c", "blocks_hidden_out_rms", "blocks_hidden_out_slice", "attn_block_out_rms",
+          "attn_block_out_slice"} <= names
+  _assert_all_ok(rows)
+  assert max(r[2] for r in rows) < 2e-5
+
+
+def test_tool_reads_other_sizes(tmp_path):
+  """A golden file for a model unlike tiny.npz (unconditional, 12x12 tokens, window 3, sweep_8
+  scan orders that differ between the 2 groups of 2 blocks), written from a float64 forward of
+  our own on hash-filled weights: the tool converts it and passes; a corrupted weight fails it."""
+  input_size, depth, hidden, every = 24, 4, 64, 2
+  mc = default_model_config()
+  mc.update(name="DiMSUM-L/2", input_size=input_size, depth=depth, hidden_size=hidden,
+            num_classes=0, scan_type="sweep_8", scan_impl="reference", attn_every=every)
+  model = create_model(mc)
+  # Upstream names and shapes of every parameter, then the README's fill (non-zero everywhere).
+  abstract = convert.abstract_params(model, mc)
+  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract)
+  state = hashfill.fill_state_dict(
+      [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()], seed=3)
+  assert "blocks.3.freq_mamba.mixer.A_log" in state and "y_embedder.embedding_table.weight" in state
+  params = convert.from_upstream(state, model, abstract)
+  rng = np.random.default_rng()
+  x = rng.standard_normal((2, input_size, input_size, 4))
+  t = rng.uniform(size=2)
+  with jax.enable_x64(True):
+    mc64 = mc.copy_and_resolve_references()
+    mc64.dtype = "float64"
+    model64 = create_model(mc64)
+    p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    out = jax.jit(lambda p, x, t: model64.apply({"params": p}, x, t),
+                  compiler_options={"xla_backend_optimization_level": 0})(p64, x, t)
+    out = np.asarray(out)
+  assert out.dtype == np.float64 and 0.05 < np.abs(out).max() < 1e3
+  cfg = dict(hidden_size=hidden, depth=depth, patch_size=2, img_resolution=input_size,
+             in_channels=4, num_classes=1, label_dropout=0, use_attn_every_k_layers=every,
+             scan_type="sweep_8", learn_sigma=False)
+  arrays = dict(state, x=np.transpose(x, (0, 3, 1, 2)).astype(np.float32),
+                t=t.astype(np.float32), out_f64=np.transpose(out, (0, 3, 1, 2)),
+                config_json=np.array(json.dumps(cfg)))
+  path = tmp_path / "own.npz"
+  np.savez(path, **arrays)
+  # x and t are rounded to float32 in the file: 6e-8 relative, far inside the 1e-4 tolerance.
+  rows = parity.run_parity(str(path), verbose=False)
+  assert [r[0] for r in rows] == ["out"]
+  _assert_all_ok(rows)
+  arrays["final_layer.linear.weight"] = arrays["final_layer.linear.weight"] * 1.01
+  np.savez(path, **arrays)
+  assert not parity.run_parity(str(path), verbose=False)[0][4]
+
+
+def test_mismatched_checkpoint_names_the_keys():
+  data = np.load(golden_file("tiny.npz"))
+  state, inputs, _ = parity.split_golden(data)
+  cfg = json.loads(str(inputs["config_json"]))
+  mc = convert.model_config_from_upstream(cfg, state)
+  model = create_model(mc)
+  abstract = convert.abstract_params(model, mc)
+  broken = dict(state)
+  broken.pop("blocks.1.norm.weight")
+  broken["blocks.0.mlp.w3.weight"] = np.zeros((5, 5), np.float32)
+  broken["blocks.0.unknown.weight"] = np.zeros((3,), np.float32)
+  with pytest.raises(ValueError) as e:
+    convert.from_upstream(broken, model, abstract)
+  msg = str(e.value)
+  assert "Mis-shaped keys (1): blocks.0.mlp.w3.weight: checkpoint (5, 5) vs model (384, 96)" in msg
+  assert "no place for (1): blocks.0.unknown.weight" in msg
+  # Missing parameters are named by their upstream keys.
+  assert "does not provide (2): blocks.0.mlp.w3.weight, blocks.1.norm.weight" in msg
+  assert "Check the model name" in msg
+
+
+def test_upstream_round_trip_and_cond_proj_dropping():
+  data = np.load(golden_file("tiny.npz"))
+  state, inputs, _ = parity.split_golden(data)
+  mc = convert.model_config_from_upstream(json.loads(str(inputs["config_json"])), state)
+  assert mc.num_classes == 10 and mc.cond_mamba == "none"
+  model = create_model(mc)
+  params = convert.from_upstream(state, model, convert.abstract_params(model, mc))
+  back = convert.to_upstream(params, model)
+  skipped = {k for k in state if "cond_proj" in k or ".dwt." in k or ".idwt." in k}
+  assert len(skipped) == 4 * 2 * 2 + 4 * 5
+  assert set(back) == set(state) - skipped
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, state[k])
+  # With the working conditional Mamba the release's cond_proj weights have a place.
+  mc.cond_mamba = "h0"
+  model = create_model(mc)
+  params = convert.from_upstream(state, model, convert.abstract_params(model, mc))
+  np.testing.assert_array_equal(
+      params["groups"]["block_1"]["spatial_mamba"]["mixer"]["cond_proj"]["kernel"][0],
+      state["blocks.1.spatial_mamba.mixer.cond_proj.weight"].T)
+  assert set(convert.to_upstream(params, model)) == set(state) - {
+      k for k in skipped if "cond_proj" not in k}
