@@ -1,0 +1,176 @@
+"""Tests of the Pallas selective-scan kernel against `selective_scan_reference`.
+
+On the CPU the kernel body runs in Pallas' generic interpreter (interpret=True): values, the last
+state and the gradients for all nine inputs, with odd lengths (the padded, masked tail), channel
+counts that are not a multiple of 128, each optional input on and off, float32 and bfloat16.
+Shapes are small and the backward sub-chunk short, so the interpreted programs compile quickly.
+Tests marked `gpu` run the compiled Mosaic GPU kernel (pytest -m gpu on a Hopper GPU); the `slow` one
+runs the Mosaic GPU program itself in JAX's GPU interpreter on the CPU.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimsum_jax.ops import selective_scan_pallas as ssp
+from dimsum_jax.ops.selective_scan import selective_scan, selective_scan_reference
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _inputs(seed, b, length, d, n, dtype, *, z=True, d_skip=True, bias=True, h0=True):
+  ks = jax.random.split(jax.random.key(seed), 9)
+  return dict(
+      u=jax.random.normal(ks[0], (b, length, d), dtype),
+      delta=(0.5 * jax.random.normal(ks[1], (b, length, d))).astype(dtype),
+      A=-jnp.exp(0.5 * jax.random.normal(ks[2], (d, n))),
+      B=jax.random.normal(ks[3], (b, length, n), dtype),
+      C=jax.random.normal(ks[4], (b, length, n), dtype),
+      D=jax.random.normal(ks[5], (d,)) if d_skip else None,
+      z=jax.random.normal(ks[6], (b, length, d), dtype) if z else None,
+      delta_bias=0.3 * jax.random.normal(ks[7], (d,)) if bias else None,
+      initial_state=jax.random.normal(ks[8], (b, d, n)) if h0 else None,
+  )
+
+
+def _value_and_grads(fn, inputs, softplus):
+  """y, last state and the gradients of a fixed random projection of both, for every input."""
+  names = [k for k in NAMES if inputs[k] is not None]
+
+  def loss(diff):
+    kw = dict(inputs, **diff)
+    y, last = fn(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
+                 kw["delta_bias"], softplus, kw["initial_state"], True)
+    wy = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+    wl = jnp.sin(jnp.arange(last.size, dtype=jnp.float32).reshape(last.shape))
+    return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(last * wl), (y, last)
+
+  (_, (y, last)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      {k: inputs[k] for k in names})
+  return y, last, grads
+
+
+def _rel(actual, expected):
+  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  assert np.all(np.isfinite(actual))
+  return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+
+
+def _compare(inputs, softplus, tol, **kernel_kw):
+  kernel = functools.partial(ssp.selective_scan_pallas, **kernel_kw)
+  y, last, grads = _value_and_grads(kernel, inputs, softplus)
+  y_ref, last_ref, grads_ref = _value_and_grads(selective_scan_reference, inputs, softplus)
+  assert y.dtype == inputs["u"].dtype
+  errors = {"y": _rel(y, y_ref), "last_state": _rel(last, last_ref)}
+  for name in grads_ref:
+    assert grads[name].dtype == grads_ref[name].dtype, name
+    errors["d" + name] = _rel(grads[name], grads_ref[name])
+  bad = {k: v for k, v in errors.items() if not v <= tol}
+  assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+CPU = dict(interpret=True, chunk=8, sub_chunk=2)
+
+
+@pytest.mark.parametrize("keep_decays,reduce_buffers,sub_chunk_states",
+                         [(True, 2, True), (False, 1, False)])
+def test_all_inputs_odd_length_float32(monkeypatch, keep_decays, reduce_buffers, sub_chunk_states):
+  # 37 = 4 chunks of 8 + 5: the masked tail must not move the last state or the gradients; two
+  # register blocks of 4 steps per chunk, their start states saved by the forward or re-run by the
+  # backward; two dB/dC reduction groups per block, in one buffer or two.
+  monkeypatch.setattr(ssp, "KEEP_DECAYS", keep_decays)
+  monkeypatch.setattr(ssp, "REDUCE_BUFFERS", reduce_buffers)
+  monkeypatch.setattr(ssp, "SAVE_SUB_CHUNK_STATES", sub_chunk_states)
+  inputs = _inputs(0, b=2, length=37, d=128, n=4, dtype=jnp.float32)
+  _compare(inputs, softplus=True, tol=1e-5, interpret=True, chunk=8, sub_chunk=4)
+
+
+def test_no_optional_inputs_no_softplus_float32():
+  # d = 96 pads to one block of 128 channels; no z, D, bias or initial state.
+  inputs = _inputs(1, b=1, length=16, d=96, n=4, dtype=jnp.float32,
+                   z=False, d_skip=False, bias=False, h0=False)
+  _compare(inputs, softplus=False, tol=1e-5, **CPU)
+
+
+def test_bfloat16_with_z_and_bias():
+  # bf16 inputs and outputs; the state and all arithmetic stay in float32 (the saved chunk-start
+  # states are bf16), so the error is the bf16 rounding of outputs and gradients (~4e-3 relative).
+  inputs = _inputs(2, b=2, length=21, d=128, n=4, dtype=jnp.bfloat16, d_skip=False, h0=False)
+  _compare(inputs, softplus=True, tol=2e-2, **CPU)
+
+
+def test_dispatch_and_module_switch(monkeypatch):
+  inputs = _inputs(4, b=1, length=9, d=64, n=2, dtype=jnp.float32)
+  args = [inputs[k] for k in NAMES[:8]]
+  ref = selective_scan_reference(*args, True, inputs["initial_state"])
+  # On the CPU, impl="pallas" interprets the kernel without being told.
+  out = jax.jit(functools.partial(selective_scan, delta_softplus=True, impl="pallas"))(
+      *args, initial_state=inputs["initial_state"])
+  assert _rel(out, ref) < 1e-5
+  monkeypatch.setattr(ssp, "INTERPRET", True)
+  out = jax.jit(functools.partial(ssp.selective_scan_pallas, delta_softplus=True, chunk=4,
+                                  sub_chunk=2))(*args, initial_state=inputs["initial_state"])
+  assert _rel(out, ref) < 1e-5
+
+
+def test_rejects_bad_chunking():
+  inputs = _inputs(5, b=1, length=8, d=8, n=2, dtype=jnp.float32)
+  args = [inputs[k] for k in NAMES[:5]]
+  with pytest.raises(ValueError, match="multiple of sub_chunk"):
+    ssp.selective_scan_pallas(*args, interpret=True, chunk=6, sub_chunk=4)
+  with pytest.raises(ValueError, match="even"):
+    ssp.selective_scan_pallas(*args, interpret=True, chunk=6, sub_chunk=3)
+
+
+@pytest.mark.slow
+def test_mosaic_program_forward_in_gpu_interpreter():
+  """The Mosaic GPU program itself (TMA copies, barriers, layouts) run by JAX's GPU interpreter."""
+  inputs = _inputs(6, b=1, length=20, d=128, n=16, dtype=jnp.float32)
+  args = [inputs[k] for k in NAMES[:8]]
+  y, last = ssp.selective_scan_pallas(*args, True, inputs["initial_state"], True,
+                                      interpret="mosaic", chunk=8, sub_chunk=2)
+  y_ref, last_ref = selective_scan_reference(*args, True, inputs["initial_state"], True)
+  assert _rel(y, y_ref) < 1e-5
+  assert _rel(last, last_ref) < 1e-5
+
+
+def _require_gpu():
+  assert jax.default_backend() == "gpu", (
+      "Tests marked gpu compile the Mosaic GPU kernel: run them with `pytest -m gpu` on a host "
+      "with a Hopper GPU.")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,length,z,tol", [
+    (jnp.float32, 37, True, 1e-4),
+    (jnp.bfloat16, 256, True, 2e-2),
+    (jnp.bfloat16, 100, False, 2e-2),
+])
+def test_compiled_kernel_on_gpu(dtype, length, z, tol):
+  _require_gpu()
+  inputs = _inputs(7, b=3, length=length, d=384, n=16, dtype=dtype, z=z)
+  # ex2.approx and the transposed dB/dC sums: float32 agrees to ~1e-6 relative.
+  _compare(inputs, softplus=True, tol=tol, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "chunk,sub_chunk,reduce_steps,keep_decays,buffers,bf16_states,sub_chunk_states", [
+        (8, 8, 4, True, 2, True, True), (16, 4, 2, True, 2, True, False),
+        (32, 8, 1, False, 2, True, False), (16, 8, 1, False, 1, False, False),
+        (16, 4, 1, True, 1, True, True)])
+def test_compiled_kernel_other_chunkings_on_gpu(monkeypatch, chunk, sub_chunk, reduce_steps,
+                                                keep_decays, buffers, bf16_states,
+                                                sub_chunk_states):
+  _require_gpu()
+  monkeypatch.setattr(ssp, "SAVE_SUB_CHUNK_STATES", sub_chunk_states)
+  monkeypatch.setattr(ssp, "REDUCE_STEPS", reduce_steps)
+  monkeypatch.setattr(ssp, "KEEP_DECAYS", keep_decays)
+  monkeypatch.setattr(ssp, "REDUCE_BUFFERS", buffers)
+  monkeypatch.setattr(ssp, "BF16_SAVED_STATES", bf16_states)
+  inputs = _inputs(8, b=2, length=70, d=256, n=16, dtype=jnp.bfloat16, z=False)
+  _compare(inputs, softplus=True, tol=2e-2, interpret=False, chunk=chunk, sub_chunk=sub_chunk)
