@@ -39,6 +39,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       "cond_mamba": "none",      # "none" (as released) or "h0" (condition sets the initial state)
       "scan_type": "none",       # published orders; or sweep_4, sweep_8, zigma_8, jpeg_8, jpeg_2
       "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
+      "wavelet_impl": "jaxwt",   # Haar packet: jaxwt (convolutions) or direct (butterflies)
       "dtype": "float32",        # compute dtype; parameters are always float32
       "depth": -1,               # -1: the size's own; set to build smaller test models
       "hidden_size": -1,
@@ -65,7 +66,8 @@ def create_model(config):
         hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
         depth=depth if cfg.depth < 0 else cfg.depth, num_classes=cfg.num_classes,
         label_dropout=cfg.label_dropout, drop_path=cfg.drop_path, attn_every=cfg.attn_every,
-        cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, scan_impl=cfg.scan_impl, dtype=dtype)
+        cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, scan_impl=cfg.scan_impl,
+        wavelet_impl=cfg.wavelet_impl, dtype=dtype)
   size, patch = cfg.name[len("DiT-"):].split("/")
   depth, hidden, heads = DIT_SIZES[size]
   return DiT(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=int(patch),

@@ -88,6 +88,7 @@ class DiMSUMBlock(nn.Module):
   scan_impl: str
   dtype: Dtype
   bidirectional: bool = False
+  wavelet_impl: str = "jaxwt"
 
   @nn.compact
   def __call__(self, h, r, c, orders, drop_rate, train: bool):
@@ -104,9 +105,9 @@ class DiMSUMBlock(nn.Module):
     s = _permute(branch("spatial_mamba", "spatial")(_permute(u1, s_perm), c), s_inv)
     self.sow("intermediates", "spatial_out", s)
 
-    w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels)
+    w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels, self.wavelet_impl)
     w1 = _permute(branch("freq_mamba", "wavelet")(_permute(w0, w_perm), c), w_inv)
-    w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels)
+    w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels, self.wavelet_impl)
     self.sow("intermediates", "wavelet_out", w)
 
     f = CrossAttentionFusion(self.fusion_heads, self.dtype, name="proj")(s, w)
@@ -181,6 +182,7 @@ class DiMSUM(nn.Module):
   fusion_heads: int = 8
   mlp_ratio: int = 4
   wavelet_levels: int = 2
+  wavelet_impl: str = "jaxwt"   # Haar packet: 'jaxwt' (convolutions) or 'direct' (butterflies)
   cond_mamba: str = "none"
   scan_type: str = "none"
   scan_impl: str = "auto"
@@ -209,6 +211,8 @@ class DiMSUM(nn.Module):
       raise ValueError(f"depth {self.depth} must be a multiple of attn_every {self.attn_every}.")
     if self.cond_mamba not in COND_MODES:
       raise ValueError(f"cond_mamba={self.cond_mamba!r}; choose one of {COND_MODES}.")
+    if self.wavelet_impl not in haar.IMPLS:
+      raise ValueError(f"wavelet_impl={self.wavelet_impl!r}; choose one of {haar.IMPLS}.")
     return g
 
   def _orders(self, g):
@@ -244,7 +248,8 @@ class DiMSUM(nn.Module):
     groups = self.depth // size
     block = DiMSUMBlock(self.hidden_size, self.depth, (g, g), self.wavelet_levels,
                         self.fusion_heads, self.mlp_ratio, self.cond_mamba, self.scan_impl,
-                        self.dtype, self.scan_type == "v2", parent=None)
+                        self.dtype, self.scan_type == "v2", wavelet_impl=self.wavelet_impl,
+                        parent=None)
     shared, shared_params = None, None
     if self.attn_every:
       shared = SharedTransformerBlock(self.attn_heads, self.mlp_ratio, self.dtype, parent=None)

@@ -11,11 +11,25 @@ Layout is channels-last, the natural one for JAX:
 
 The state is always carried in float32; inputs may be bfloat16. `selective_scan` picks the
 implementation: the associative-scan reference here (CPU, TPU), or the Pallas GPU kernel.
+
+Sharding: XLA's SPMD partitioner cannot split the Pallas kernel (a custom call), so under a
+batch-sharded jit it would gather the whole batch onto every device. When the Pallas path is traced
+with a mesh in context (`jax.set_mesh(mesh)` around the jit's tracing, i.e. its first call or
+`.lower`), the kernel instead runs once per batch shard through `jax.shard_map` over the mesh axes
+of `sharding.BATCH_AXES` that the mesh has; A, D and delta_bias are replicated into it, and their
+gradients are summed over the shards by shard_map's transpose. Without a mesh in context (or on
+one device) the kernel is called directly.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dimsum_jax.sharding import BATCH_AXES
 
 IMPLS = ("auto", "reference", "pallas")
 
@@ -71,12 +85,54 @@ def _pallas_available() -> bool:
   return True
 
 
+def batch_shard_axes(batch: int) -> tuple[str, ...]:
+  """Axes of the mesh in context that split the batch (those of BATCH_AXES it has, not already
+  manual); () without a mesh, on a single device, or when `batch` does not divide over them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  manual = set(mesh.manual_axes)
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and a not in manual)
+  size = math.prod(mesh.shape[a] for a in axes)
+  if size <= 1:
+    return ()
+  if batch % size:
+    warnings.warn(f"The selective scan's batch {batch} does not divide over the mesh axes {axes} "
+                  f"({size} devices): the Pallas kernel runs on the whole batch on every device; "
+                  f"use a batch that is a multiple of {size}.", stacklevel=3)
+    return ()
+  return axes
+
+
+def _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+            return_last_state):
+  """The Pallas kernel, per batch shard when a mesh in context splits the batch."""
+  from dimsum_jax.ops import selective_scan_pallas
+
+  def kernel(batched, shared):
+    return selective_scan_pallas.selective_scan_pallas(
+        batched["u"], batched["delta"], shared["A"], batched["B"], batched["C"], shared["D"],
+        batched["z"], shared["delta_bias"], delta_softplus, batched["initial_state"],
+        return_last_state)
+
+  batched = dict(u=u, delta=delta, B=B, C=C, z=z, initial_state=initial_state)
+  shared = dict(A=A, D=D, delta_bias=delta_bias)
+  axes = batch_shard_axes(u.shape[0])
+  if not axes:
+    return kernel(batched, shared)
+  spec = P(axes)
+  # check_vma=False: the kernel's primitives carry no varying-axis rules. The transpose of the
+  # replicated (P()) inputs still sums their per-shard cotangents over `axes`.
+  return jax.shard_map(kernel, in_specs=(spec, P()),
+                       out_specs=(spec, spec) if return_last_state else spec,
+                       axis_names=frozenset(axes), check_vma=False)(batched, shared)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_last_state=False, *, impl: str = "auto"):
   """Selective scan; see the module docstring for shapes. `impl`: auto, reference, pallas."""
   if resolve_impl(impl) == "pallas":
-    from dimsum_jax.ops import selective_scan_pallas
-    return selective_scan_pallas.selective_scan_pallas(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    return _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                   return_last_state)
   return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   initial_state, return_last_state)

@@ -1,5 +1,11 @@
-"""Tests of dimsum_jax.ops.haar: upstream golden data, PyWavelets oracle, inverse, jit, grad."""
-import pathlib
+"""Tests of dimsum_jax.ops.haar: upstream golden data, PyWavelets oracle, inverse, jit, grad.
+
+Both implementations (jaxwt convolutions and the direct butterflies) go through every check; the
+direct one is also compared with jaxwt on fresh random inputs (values and gradients), shown to
+lower without any convolution, and run inside the tiny golden model against the default.
+"""
+import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -7,24 +13,20 @@ import numpy as np
 import pytest
 import pywt
 
-from dimsum_jax.ops.haar import inverse_wavelet_tokens, wavelet_tokens
+from dimsum_jax.ops.haar import IMPLS, inverse_wavelet_tokens, wavelet_tokens
+from tests.golden import golden_file
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
 GRIDS = (8, 16)
 
-# Jitted once per (shape, grid, levels): much faster on CPU than op-by-op dispatch of the convs.
-fwd = jax.jit(wavelet_tokens, static_argnums=(1, 2))
-inv = jax.jit(inverse_wavelet_tokens, static_argnums=(1, 2))
+# Jitted once per (shape, grid, levels, impl): much faster on CPU than op-by-op dispatch.
+fwd = jax.jit(wavelet_tokens, static_argnums=(1, 2, 3))
+inv = jax.jit(inverse_wavelet_tokens, static_argnums=(1, 2, 3))
 
 
 @pytest.fixture(scope="module")
 def golden():
   """wavelet.npz from upstream DiMSUM; a missing file is a failure, not a skip."""
-  path = GOLDEN_DIR / "wavelet.npz"
-  if not path.is_file():
-    pytest.fail(f"Golden file {path} is missing: it must sit at <repo root>/../shared/golden/.")
-  with np.load(path) as data:
+  with np.load(golden_file("wavelet.npz")) as data:
     return {key: data[key] for key in data.files}
 
 
@@ -41,26 +43,29 @@ def _random(shape, seed, dtype=np.float32):
 
 # ---------------------------------------------------------------- golden parity
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("g", GRIDS)
-def test_forward_matches_upstream_float32(golden, g):
-  out = fwd(jnp.asarray(golden[f"g{g}_x"]), (g, g), 2)
+def test_forward_matches_upstream_float32(golden, g, impl):
+  out = fwd(jnp.asarray(golden[f"g{g}_x"]), (g, g), 2, impl)
   assert out.dtype == jnp.float32
   _close(out, golden[f"g{g}_dwt_tokens_f64"], 5e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("g", GRIDS)
-def test_inverse_matches_upstream_float32(golden, g):
-  out = inv(jnp.asarray(golden[f"g{g}_z"]), (g, g), 2)
+def test_inverse_matches_upstream_float32(golden, g, impl):
+  out = inv(jnp.asarray(golden[f"g{g}_z"]), (g, g), 2, impl)
   _close(out, golden[f"g{g}_idwt_of_z_f64"], 5e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("g", GRIDS)
-def test_matches_upstream_float64(golden, g):
+def test_matches_upstream_float64(golden, g, impl):
   with jax.enable_x64(True):
     x = jnp.asarray(golden[f"g{g}_x"], jnp.float64)
     z = jnp.asarray(golden[f"g{g}_z"], jnp.float64)
-    forward = fwd(x, (g, g), 2)
-    inverse = inv(z, (g, g), 2)
+    forward = fwd(x, (g, g), 2, impl)
+    inverse = inv(z, (g, g), 2, impl)
     assert forward.dtype == inverse.dtype == jnp.float64
     _close(forward, golden[f"g{g}_dwt_tokens_f64"], 1e-12)
     _close(inverse, golden[f"g{g}_idwt_of_z_f64"], 1e-12)
@@ -104,18 +109,20 @@ ORACLE_CASES = [  # (batch, grid, d, levels)
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch,grid,d,levels", ORACLE_CASES)
-def test_matches_pywavelets_oracle(batch, grid, d, levels):
-  x = _random((batch, grid[0] * grid[1], d), seed=d + levels)
+def test_matches_pywavelets_oracle(batch, grid, d, levels, impl):
+  x = _random((batch, grid[0] * grid[1], d), seed=None)
   expected = _oracle_tokens(x, grid, levels)
-  _close(fwd(jnp.asarray(x), grid, levels), expected, 5e-6)
+  _close(fwd(jnp.asarray(x), grid, levels, impl), expected, 5e-6)
   with jax.enable_x64(True):
-    _close(fwd(jnp.asarray(x, jnp.float64), grid, levels), expected, 1e-12)
+    _close(fwd(jnp.asarray(x, jnp.float64), grid, levels, impl), expected, 1e-12)
 
 
-def test_two_level_ll_band_is_block_mean():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_two_level_ll_band_is_block_mean(impl):
   x = _random((1, 64, 16), seed=3)
-  tokens = np.asarray(fwd(jnp.asarray(x), (8, 8), 2))
+  tokens = np.asarray(fwd(jnp.asarray(x), (8, 8), 2, impl))
   blocks = x.reshape(1, 2, 4, 2, 4, 16).mean(axis=(2, 4))  # [1, Y, X, channel]
   # Band 0 sits in channels c < m = 1, original channel 16 * 0 + 4 p1 + p2.
   for p1 in range(4):
@@ -126,69 +133,174 @@ def test_two_level_ll_band_is_block_mean():
 
 # ---------------------------------------------------------------- inverse, dtypes
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch,grid,d,levels", ORACLE_CASES + [(1, (16, 16), 32, 2)])
-def test_round_trip_float32(batch, grid, d, levels):
+def test_round_trip_float32(batch, grid, d, levels, impl):
   x = jnp.asarray(_random((batch, grid[0] * grid[1], d), seed=7))
-  back = inv(fwd(x, grid, levels), grid, levels)
+  back = inv(fwd(x, grid, levels, impl), grid, levels, impl)
   _close(back, np.asarray(x), 2e-6)
-  again = fwd(inv(x, grid, levels), grid, levels)
+  again = fwd(inv(x, grid, levels, impl), grid, levels, impl)
   _close(again, np.asarray(x), 2e-6)
 
 
-def test_round_trip_float64():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_round_trip_float64(impl):
   with jax.enable_x64(True):
     x = jnp.asarray(_random((2, 96, 16), seed=8, dtype=np.float64))
-    back = inv(fwd(x, (8, 12), 2), (8, 12), 2)
+    back = inv(fwd(x, (8, 12), 2, impl), (8, 12), 2, impl)
     assert back.dtype == jnp.float64
     _close(back, np.asarray(x), 1e-14)
 
 
-def test_bfloat16_keeps_dtype_and_is_accurate():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_keeps_dtype_and_is_accurate(impl):
   x32 = _random((2, 64, 16), seed=9)
   x = jnp.asarray(x32, jnp.bfloat16)
-  out = fwd(x, (8, 8), 2)
+  out = fwd(x, (8, 8), 2, impl)
   assert out.dtype == jnp.bfloat16
   reference = _oracle_tokens(np.asarray(x, np.float32), (8, 8), 2)
   _close(out, reference, 1e-2)  # one bfloat16 rounding of the output
-  back = inv(out, (8, 8), 2)
+  back = inv(out, (8, 8), 2, impl)
   assert back.dtype == jnp.bfloat16
   _close(back, np.asarray(x, np.float32), 3e-2)
 
 
 # ---------------------------------------------------------------- jit and grad
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("levels,grid,d", [(2, (8, 12), 16), (1, (6, 4), 8)])
-def test_grad_is_scaled_inverse(levels, grid, d):
+def test_grad_is_scaled_inverse(levels, grid, d, impl):
   """The transform is (1/P) * orthogonal, so its adjoint is inverse / P**2."""
   x = jnp.asarray(_random((2, grid[0] * grid[1], d), seed=10))
   r = jnp.asarray(_random(x.shape, seed=11))
   scale = 4.0**levels
 
-  loss = lambda v: jnp.sum(wavelet_tokens(v, grid, levels) * r)
+  loss = lambda v: jnp.sum(wavelet_tokens(v, grid, levels, impl) * r)
   grad = jax.jit(jax.grad(loss))(x)
-  _close(grad, np.asarray(inv(r, grid, levels)) / scale, 2e-6)
+  _close(grad, np.asarray(inv(r, grid, levels, impl)) / scale, 2e-6)
 
-  inv_loss = lambda v: jnp.sum(inverse_wavelet_tokens(v, grid, levels) * r)
+  inv_loss = lambda v: jnp.sum(inverse_wavelet_tokens(v, grid, levels, impl) * r)
   inv_grad = jax.jit(jax.grad(inv_loss))(x)
-  _close(inv_grad, np.asarray(fwd(r, grid, levels)) * scale, 2e-6)
+  _close(inv_grad, np.asarray(fwd(r, grid, levels, impl)) * scale, 2e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("transform", [wavelet_tokens, inverse_wavelet_tokens])
-def test_grad_matches_finite_differences_float64(transform):
+def test_grad_matches_finite_differences_float64(transform, impl):
   """Directional derivative of a nonlinear loss: reverse mode vs central differences."""
   with jax.enable_x64(True):
     x, u = (jnp.asarray(_random((2, 32, 16), seed=s, dtype=np.float64)) for s in (12, 13))
-    loss = jax.jit(lambda v: jnp.sum(jnp.sin(transform(v, (4, 8), 2))))
+    loss = jax.jit(lambda v: jnp.sum(jnp.sin(transform(v, (4, 8), 2, impl))))
     eps = 1e-6
     numeric = (loss(x + eps * u) - loss(x - eps * u)) / (2 * eps)
     analytic = jnp.vdot(jax.jit(jax.grad(loss))(x), u)
     np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-7)
 
 
-def test_vmap_over_extra_axis():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_over_extra_axis(impl):
   x = jnp.asarray(_random((3, 2, 64, 16), seed=13))
-  out = jax.jit(jax.vmap(lambda v: wavelet_tokens(v, (8, 8))))(x)
-  _close(out, np.asarray(fwd(x.reshape(6, 64, 16), (8, 8), 2)).reshape(x.shape), 1e-7)
+  out = jax.jit(jax.vmap(lambda v: wavelet_tokens(v, (8, 8), 2, impl)))(x)
+  _close(out, np.asarray(fwd(x.reshape(6, 64, 16), (8, 8), 2, impl)).reshape(x.shape), 1e-7)
+
+
+# ---------------------------------------------------------------- direct vs jaxwt
+
+DIRECT_CASES = [  # (batch, grid, d, levels): square and oblong grids, both level counts
+    (2, (8, 8), 32, 2),
+    (1, (4, 12), 16, 2),
+    (3, (6, 2), 8, 1),
+]
+
+
+@pytest.mark.parametrize("batch,grid,d,levels", DIRECT_CASES)
+def test_direct_equals_jaxwt(batch, grid, d, levels):
+  """Fresh random inputs: forward and inverse agree to float32 / float64 round-off."""
+  x = _random((batch, grid[0] * grid[1], d), seed=None, dtype=np.float64)
+  for dtype, rel in ((jnp.float32, 1e-6), (jnp.float64, 1e-13)):
+    with jax.enable_x64(dtype == jnp.float64):
+      v = jnp.asarray(x, dtype)
+      for f in (fwd, inv):
+        direct, conv = f(v, grid, levels, "direct"), f(v, grid, levels, "jaxwt")
+        assert direct.dtype == conv.dtype == dtype
+        _close(direct, np.asarray(conv, np.float64), rel)
+
+
+@pytest.mark.parametrize("batch,grid,d,levels", DIRECT_CASES)
+def test_direct_gradients_equal_jaxwt(batch, grid, d, levels):
+  """Reverse-mode gradients of a nonlinear loss through forward then inverse, both paths."""
+  shape = (batch, grid[0] * grid[1], d)
+  x, w = _random(shape, seed=None, dtype=np.float64), _random(shape, seed=None, dtype=np.float64)
+
+  def loss(v, w, impl):
+    t = wavelet_tokens(v, grid, levels, impl)
+    return jnp.sum(jnp.tanh(inverse_wavelet_tokens(jnp.sin(t) * w, grid, levels, impl)) * w)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=2)
+  for dtype, rel in ((jnp.float32, 2e-6), (jnp.float64, 1e-13)):
+    with jax.enable_x64(dtype == jnp.float64):
+      v, wd = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+      direct, conv = grad(v, wd, "direct"), grad(v, wd, "jaxwt")
+      assert direct.dtype == dtype
+      _close(direct, np.asarray(conv, np.float64), rel)
+
+
+def test_direct_has_no_convolution():
+  """The direct path lowers to adds, subtracts and layout ops; jaxwt's to convolutions."""
+  x = jnp.zeros((2, 64, 32), jnp.float32)
+
+  def hlo(impl):
+    f = lambda v: inverse_wavelet_tokens(wavelet_tokens(v, (8, 8), 2, impl), (8, 8), 2, impl)
+    return jax.jit(jax.grad(lambda v: jnp.sum(f(v) ** 2))).lower(x).compile().as_text()
+
+  assert "convolution(" in hlo("jaxwt")
+  assert "convolution(" not in hlo("direct")
+
+
+def test_model_direct_equals_default_on_tiny_golden():
+  """The tiny golden DiMSUM (upstream weights) with wavelet_impl='direct' against the default:
+  on the golden inputs (also against upstream's float64 output) and on fresh inputs of that size."""
+  from dimsum_jax.convert import abstract_params, from_upstream, model_config_from_upstream
+  from dimsum_jax.models import create_model
+  from dimsum_jax.tools.parity import split_golden
+
+  with np.load(golden_file("tiny.npz")) as data:
+    state, inputs, refs = split_golden(data)
+  mc = model_config_from_upstream(json.loads(str(inputs["config_json"])), state)
+  mc.scan_impl = "reference"
+  default = create_model(mc)
+  mc.wavelet_impl = "direct"
+  direct = create_model(mc)
+  assert (default.wavelet_impl, direct.wavelet_impl) == ("jaxwt", "direct")
+  params = from_upstream(state, default, abstract_params(default, mc))
+
+  rng = np.random.default_rng()
+  b = inputs["x"].shape[0]
+  x = np.concatenate([np.transpose(inputs["x"], (0, 2, 3, 1)),
+                      rng.standard_normal((b, mc.input_size, mc.input_size, mc.in_channels))])
+  t = np.concatenate([inputs["t"], rng.uniform(size=b)])
+  y = np.concatenate([inputs["y"], rng.integers(0, mc.num_classes, size=b)]).astype(np.int32)
+
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def both(params, x, t, y):
+    return tuple(m.apply({"params": params}, x, t, y) for m in (default, direct))
+
+  with jax.default_matmul_precision("highest"):
+    out_default, out_direct = both(params, jnp.asarray(x, jnp.float32),
+                                   jnp.asarray(t, jnp.float32), jnp.asarray(y))
+  out_default, out_direct = np.asarray(out_default), np.asarray(out_direct)
+  scale = np.abs(out_default).max()
+  np.testing.assert_allclose(out_direct, out_default, rtol=0, atol=1e-5 * scale)
+  golden_out = np.transpose(refs["out"], (0, 2, 3, 1))
+  np.testing.assert_allclose(out_direct[:b], golden_out, rtol=0,
+                             atol=1e-4 * np.abs(golden_out).max())
+
+
+def test_unknown_impl_raises():
+  x = jnp.zeros((1, 64, 16))
+  for f in (wavelet_tokens, inverse_wavelet_tokens):
+    with pytest.raises(ValueError, match="choose one of"):
+      f(x, (8, 8), 2, "conv")
 
 
 # ---------------------------------------------------------------- errors
@@ -208,3 +320,19 @@ def test_bad_layout_raises(shape, grid, levels, message):
     wavelet_tokens(x, grid, levels)
   with pytest.raises(ValueError, match=message):
     inverse_wavelet_tokens(x, grid, levels)
+
+
+def test_benchmark_script_reports_both_paths(capsys):
+  """benchmarks/haar.py at a small shape: one JSON line per (direction, impl), with op counts."""
+  from benchmarks import haar as bench
+  assert bench.main(["--batch", "1", "--grid", "8", "--channels", "16", "--warmup", "0"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+  got = {(r["transform"], r["impl"]): r for r in records}
+  assert set(got) == {(t, i) for t in ("forward", "inverse") for i in IMPLS}
+  for transform in ("forward", "inverse"):
+    conv, direct = got[(transform, "jaxwt")], got[(transform, "direct")]
+    assert conv["ops"]["convolutions"] > 0 and direct["ops"]["convolutions"] == 0
+    assert 0 < direct["ops"]["entry_ops"] < conv["ops"]["entry_ops"]
+    assert max(direct["max_abs_diff"]["vs_jaxwt"]) < 1e-5
+    assert direct["fwd_bwd_timing"]["repeats"] == 5 and direct["fwd_bwd_ms"] > 0
