@@ -44,11 +44,32 @@ def create_manager(workdir, *, keep):
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True, **keep_policy)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'data'))
+                               item_handlers=_item_handlers())
+
+
+def _item_handlers():
+  """PyTree handlers for both items; replica-parallel writes only on TPU (on CPU and GPU each
+  first save would compile one slicing program per array shard, for no gain)."""
+  array_handler = ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=jax.default_backend() == 'tpu')
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, array_handler), (np.ndarray, ocp.type_handlers.NumpyHandler()))
+  return {name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+          for name in ('state', 'data')}
+
+
+def _save_args(tree):
+  return ocp.args.PyTreeSave(tree)
+
+
+def _restore_args(abstract_tree):
+  return ocp.args.PyTreeRestore(
+      item=abstract_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))
 
 
 def encode_data_state(data_state, mesh):
-  """This process's data-iterator state -> a global uint8 array (one row per device)."""
+  """This process's data-iterator state -> a global uint8 array [devices, DATA_STATE_BYTES]
+  (each device holds its process's state as JSON)."""
   raw = json.dumps(data_state).encode()
   if len(raw) > DATA_STATE_BYTES:
     raise ValueError(f'Data-iterator state is {len(raw)} bytes; raise DATA_STATE_BYTES.')
@@ -57,20 +78,27 @@ def encode_data_state(data_state, mesh):
   return sharding.per_process_rows(row, mesh)
 
 
-def decode_data_state(array):
-  row = sharding.this_process_row(array)
+def decode_data_state(rows, mesh):
+  """Inverse of encode_data_state, from the whole array (numpy) restored on every process.
+
+  Saved with this device layout: this process's own row. Saved with another one (more or fewer
+  devices or processes): process 0's row, with a warning, as each process's split of the data
+  differs then anyway."""
+  rows = np.asarray(rows)
+  if rows.shape[0] == mesh.size:
+    index = sharding.this_process_rows(rows.shape, mesh)
+  else:
+    logging.warning('The checkpoint was written by %d devices, this run has %d: every process '
+                    "continues from process 0's data position.", rows.shape[0], mesh.size)
+    index = 0
+  row = rows[index]
   return json.loads(bytes(row[row != 0]).decode())
-
-
-def abstract_data_state(mesh):
-  return jax.ShapeDtypeStruct((jax.device_count(), DATA_STATE_BYTES), np.uint8,
-                              sharding=sharding.batch_sharding(mesh))
 
 
 def save(manager, step, state, data_array, *, force=False):
   """Starts an async save of (state, data); returns at once. Only finite states may come here."""
   return manager.save(step, force=force, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.StandardSave({'data': data_array})))
+      state=_save_args(state), data=_save_args({'data': data_array})))
 
 
 def _first_mismatch(saved, wanted):
@@ -88,23 +116,26 @@ def _first_mismatch(saved, wanted):
   return f'it has {extra[0]}, which this model lacks' if extra else ''
 
 
-def _restore_one(manager, step, abstract_state, abstract_data):
-  try:
-    saved = manager.item_metadata(step)['state']
-  except Exception:  # pylint: disable=broad-except
-    saved = None
-  if saved is not None:
-    mismatch = _first_mismatch(saved, abstract_state)
-    if mismatch:
-      raise CheckpointError(f'it holds a different model ({mismatch})')
+def _restore_one(manager, step, abstract_state, mesh):
+  """(state, data state of this process) of one step; raises with the reason when it cannot."""
+  metadata = manager.item_metadata(step)
+  saved, saved_data = metadata['state'], metadata['data']
+  if saved is None or saved_data is None:
+    raise CheckpointError('its metadata is missing or unreadable')
+  mismatch = _first_mismatch(saved, abstract_state)
+  if mismatch:
+    raise CheckpointError(f'it holds a different model ({mismatch})')
+  data_shape = tuple(saved_data['data'].shape)
+  abstract_data = {'data': jax.ShapeDtypeStruct(data_shape, np.uint8,
+                                                sharding=sharding.replicated(mesh))}
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.StandardRestore({'data': abstract_data})))
-  return restored['state'], restored['data']['data']
+      state=_restore_args(abstract_state), data=_restore_args(abstract_data)))
+  rows = jax.device_get(restored['data']['data'])
+  return restored['state'], decode_data_state(rows, mesh)
 
 
-def restore_latest(manager, abstract_state, abstract_data):
-  """(state, data_array) from the newest checkpoint that restores, or None when there is none.
+def restore_latest(manager, abstract_state, mesh):
+  """(state, data_state) from the newest checkpoint that restores, or None when there is none.
 
   A checkpoint that fails (truncated, or another model's) is named in an error log and the next
   older one is tried; failed ones newer than the one used are moved to checkpoints_unreadable/
@@ -116,7 +147,7 @@ def restore_latest(manager, abstract_state, abstract_data):
   for step in steps:
     path = os.path.join(str(manager.directory), str(step))
     try:
-      state, data = _restore_one(manager, step, abstract_state, abstract_data)
+      state, data = _restore_one(manager, step, abstract_state, mesh)
     except Exception as e:  # pylint: disable=broad-except
       reason = str(e).split('\n')[0][:500]
       logging.error('Checkpoint %s could not be restored: %s. Trying the next older one.',
@@ -198,43 +229,56 @@ def load_config(workdir):
 
 
 def export_ema(workdir, out, *, abstract_state, step=None):
-  """Writes the EMA parameters of WORKDIR's newest good checkpoint (or `step`) to OUT."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
-      read_only=True), item_names=('state', 'data'))
+  """Writes the EMA parameters of WORKDIR's newest good checkpoint (or `step`) to OUT.
+
+  Only `step` and `ema_params` are read (`abstract_state` gives their shapes and placement).
+  Returns the step exported."""
+  out = os.path.abspath(out)
+  if os.path.exists(os.path.join(out, 'ema_params')):
+    raise CheckpointError(f'{out} already holds an export: choose another --out or remove it.')
+  target = {'step': abstract_state.step, 'ema_params': abstract_state.ema_params}
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first, or pass the '
                           'workdir of a run that saved one.')
-  state = None
+  restored = None
   for s in steps:
     try:
-      state = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))['state']
+      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))['state']
       break
     except Exception as e:  # pylint: disable=broad-except
       logging.error('Checkpoint %s/%d could not be restored: %s', manager.directory, s,
                     str(e).split('\n')[0][:500])
   manager.close()
-  if state is None:
+  if restored is None:
     raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)} could be restored with '
                           'its config.json; see the errors above.')
-  out = os.path.abspath(out)
-  if os.path.exists(os.path.join(out, 'ema_params')):
-    raise CheckpointError(f'{out} already holds an export: choose another --out or remove it.')
   os.makedirs(out, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out, 'ema_params'), state.ema_params)
+  checkpointer.save(os.path.join(out, 'ema_params'), restored['ema_params'])
   checkpointer.wait_until_finished()
+  exported_step = int(np.asarray(restored['step']))
   if jax.process_index() == 0:
     shutil.copy(os.path.join(workdir, 'config.json'), os.path.join(out, 'config.json'))
     with open(os.path.join(out, 'step.txt'), 'w', encoding='utf-8') as f:
-      f.write(f'{int(np.asarray(state.step))}\n')
-  return int(np.asarray(state.step))
+      f.write(f'{exported_step}\n')
+  return exported_step
 
 
 def load_exported(directory):
-  """(config, params) written by export: the run's ConfigDict and its EMA parameters (numpy)."""
+  """(config, params) written by export: the run's ConfigDict and its EMA parameters (a nested
+  dict of float32 numpy arrays, ready for model.apply({'params': params}, ...)). The training
+  step they come from is in OUT/step.txt."""
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, 'ema_params')
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{directory} holds no export (no ema_params/): write one with '
+                          'python -m dimsum_jax.export --workdir=WORKDIR --out=' + directory + '.')
   config = load_config(directory)
-  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory),
-                                                           'ema_params'))
+  params = ocp.StandardCheckpointer().restore(path)
   return config, jax.tree.map(np.asarray, params)

@@ -42,13 +42,15 @@ def base_config():
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
   c.sharding_rules = (('(params|ema_params|opt_state)/.*', 'fsdp'), ('.*', 'replicate'))
 
-  # EMA sample grids written to WORKDIR/samples/ every `every_steps` (0 = only at the end).
+  # EMA sample grids written to WORKDIR/samples/ every `every_steps` and at the end
+  # (0 = only at the end, -1 = never).
   c.sample = ml_collections.ConfigDict()
   c.sample.every_steps = 10_000
   c.sample.rows = 10                  # one class per row (conditional data)
   c.sample.per_row = 8
   c.sample.classes = ()               # row classes; () = spread evenly over all classes
-  c.sample.num_steps = 50             # Euler steps from noise (t = 0) to data (t = 1)
+  c.sample.solver = 'euler'           # ODE solver of dimsum_jax.sampling: euler | heun | dopri5
+  c.sample.num_steps = 50             # euler / heun steps from noise (t = 0) to data (t = 1)
   c.sample.cfg_scale = 1.0            # classifier-free guidance scale (1 = none)
   c.sample.seed = 0
   c.sample.png_scale = 0              # integer upscaling of the PNG (0 = to at least 64 px tiles)

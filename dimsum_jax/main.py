@@ -1,4 +1,11 @@
-"""Entry point: python -m dimsum_jax.main --config=configs/imagenet256.py --workdir=DIR."""
+"""Entry point: python -m dimsum_jax.main --config=configs/imagenet256.py --workdir=DIR.
+
+Any config field can be overridden with --config.section.key=value; an unknown key or a value of
+the wrong type stops the run with one sentence naming it, before anything is written.
+"""
+import re
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -12,6 +19,22 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, samples and metrics go;
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """absl's parsing; an override of a key the config lacks is one sentence, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections refuses the unknown key
+    text = str(e)
+    guess = re.search(r'Did you mean \\?"([\w.]+)\\?" instead of \\?"([\w.]+)', text)
+    key = guess.group(2) if guess else (re.findall(r'[A-Za-z_]\w*', text) or ['?'])[0]
+    flag = next((a for a in argv[1:] if a.startswith('--config.') and
+                 re.search(rf'\.{re.escape(key)}(\.|=|$)', a)), '--config...')
+    hint = f': did you mean "{guess.group(1)}"?' if guess else '.'
+    print(f'FATAL Flags parsing error: {flag}: config key "{key}" does not exist{hint}',
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -19,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -6,6 +6,7 @@ and always also appends every scalar to WORKDIR/metrics.jsonl, so the numbers ar
 `ReportProgress` is a small stand-in for clu.periodic_actions.ReportProgress.
 """
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +14,23 @@ import time
 
 from absl import logging
 import numpy as np
+
+
+class _QuietLibraries:
+  """Drops INFO lines of chatty libraries (Orbax logs ~40 per checkpoint); warnings pass."""
+
+  def __init__(self, packages):
+    self._parts = tuple(f'{os.sep}{p}{os.sep}' for p in packages)
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(p in record.pathname for p in self._parts)
+
+
+def quiet_library_logs(packages=('orbax',)):
+  """Keeps the training log readable: library INFO lines are dropped from absl's handler."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries(packages))
 
 
 def _scalar(v):
@@ -82,9 +100,12 @@ def create_writer(workdir, *, just_logging):
   if just_logging:
     return LoggingWriter()
   writers = [JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))]
+  missing = [m for m in ('tensorflow', 'tensorboard') if importlib.util.find_spec(m) is None]
   try:
+    if missing:
+      raise ImportError(f'{" and ".join(missing)} not installed')
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:  # clu.metric_writers imports tensorflow.
+  except ImportError as e:  # clu.metric_writers needs tensorflow and tensorboard.
     logging.warning('TensorBoard summaries are off (%s): metrics go to the log and %s.', e,
                     os.path.join(workdir, 'metrics.jsonl'))
     writers.append(LoggingWriter())

@@ -51,10 +51,10 @@ def initialize_distributed():
                jax.device_count())
 
 
-def make_mesh(mesh_config):
-  """A mesh with axes ('data', 'fsdp') over all devices; a size of -1 takes what is left."""
+def make_mesh(mesh_config, devices=None):
+  """A mesh with axes ('data', 'fsdp') over all devices (or `devices`); -1 takes what is left."""
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
-  n = jax.device_count()
+  n = jax.device_count() if devices is None else len(devices)
   if sizes.count(-1) > 1:
     raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.')
   if -1 in sizes:
@@ -67,7 +67,8 @@ def make_mesh(mesh_config):
     raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
                      f'devices but there are {n}: make the product of the axis sizes {n}, or '
                      'set one axis to -1.')
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(sizes)
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def replicated(mesh):
@@ -85,7 +86,8 @@ def check_batch_size(global_batch_size, mesh):
   if global_batch_size % n:
     raise ValueError(
         f'The global batch size {global_batch_size} does not divide over {n} devices: set '
-        f'--config.data.batch_size to a multiple of {n} (e.g. {max(n, global_batch_size // n * n)}).')
+        f'--config.data.global_batch_size to a multiple of {n} '
+        f'(e.g. {max(n, global_batch_size // n * n)}).')
 
 
 def leaf_path(path):
@@ -127,18 +129,24 @@ def tree_shardings(abstract_tree, mesh, rules):
 def global_batch(local_batch, mesh):
   """This process's slice of the batch (numpy) -> global jax arrays split over all devices."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+  # An intended copy: allowed even where the training loop disallows implicit ones (with several
+  # processes JAX builds the array through a callback that the transfer guard would refuse).
+  with jax.transfer_guard_host_to_device('allow'):
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
 def per_process_rows(rows, mesh):
   """Stacks one numpy row per process into a global array [devices, ...] (each device holds its
-  process's row), so per-process host state can travel in a multi-process checkpoint."""
+  process's row), so per-process host state can travel in a multi-process checkpoint. Read it
+  back with this_process_rows."""
   sharding = NamedSharding(mesh, P(BATCH_AXES))
-  local = np.stack([rows] * jax.local_device_count())
-  return jax.make_array_from_process_local_data(sharding, local)
+  local = np.stack([rows] * len(mesh.local_devices))
+  with jax.transfer_guard_host_to_device('allow'):  # intended, as in global_batch
+    return jax.make_array_from_process_local_data(sharding, local)
 
 
-def this_process_row(array):
-  """Inverse of per_process_rows: the row that this process stored."""
-  return np.asarray(array.addressable_shards[0].data)[0]
+def this_process_rows(shape, mesh):
+  """Index of the first row that this process stored in a per_process_rows array of `shape`."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map(tuple(shape))
+  return min(index[0].start or 0 for index in indices.values())

@@ -8,7 +8,7 @@ a multi-host pod: sharding.py holds every placement decision, checkpoint.py the 
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import flax
@@ -21,6 +21,7 @@ from PIL import Image
 from dimsum_jax import checkpoint
 from dimsum_jax import metrics as metrics_lib
 from dimsum_jax import models
+from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
 from dimsum_jax import data as data_lib
@@ -99,38 +100,74 @@ def train_step(state, batch, *, model, tx, schedule, transport_config, ema_decay
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-             'param_norm': optax.global_norm(params), 'learning_rate': schedule(state.step)}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'param_norm': optax.tree.norm(params), 'learning_rate': schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
   return new_state, metrics
 
 
-def sample(params, rng, labels, *, model, image_shape, transport_config, num_steps, cfg_scale,
-           num_classes):
-  """Euler integration of the probability-flow ODE from noise (t0 ~ 0) to data (t1 ~ 1)."""
+def sample(params, x0, labels, *, model, transport_config, sample_config, num_classes):
+  """EMA samples: the probability-flow ODE from noise x0 (t0 ~ 0) to data (t1 ~ 1), with CFG.
+
+  Returns sampling.ODEResult (x1 and the solver's status; check it with
+  sampling.check_ode_result outside jit)."""
   t0, t1 = transport.time_interval(transport_config, eval=True)
-  velocity = transport.make_velocity_fn(
+  velocity = sampling.make_sampling_velocity_fn(
       lambda x, t, y: model.apply({'params': params}, x, t, y),
-      path_type=transport_config.path_type, prediction=transport_config.prediction)
-  x = jax.random.normal(rng, (labels.shape[0], *image_shape), jnp.float32)
-  guided = num_classes > 0 and cfg_scale != 1.0
+      labels if num_classes else None, path_type=transport_config.path_type,
+      prediction=transport_config.prediction,
+      cfg_scale=sample_config.cfg_scale if num_classes else 1.0, null_label=num_classes)
+  return sampling.solve_ode(velocity, x0, solver=sample_config.solver,
+                            num_steps=sample_config.num_steps, t0=t0, t1=t1)
 
-  def drift(x, t):
-    tt = jnp.full((x.shape[0],), t, jnp.float32)
-    if not num_classes:
-      return velocity(x, tt, None)
-    if not guided:
-      return velocity(x, tt, labels)
-    null = jnp.full_like(labels, num_classes)
-    v = velocity(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]),
-                 jnp.concatenate([labels, null]))
-    v_cond, v_uncond = jnp.split(v, 2)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
 
-  dt = (t1 - t0) / num_steps
-  x = jax.lax.fori_loop(0, num_steps, lambda i, x: x + dt * drift(x, t0 + i * dt), x)
-  return x
+# ---------------------------------------------------------------------------------------------
+# Placement: the state is born sharded; one jitted step with explicit shardings
+
+
+class Training(NamedTuple):
+  model: Any
+  abstract_state: Any    # ShapeDtypeStructs with their shardings: also the Orbax restore target
+  state_sharding: Any
+  init: Callable         # rng -> TrainState, created directly in its shards
+  update: Callable       # (state, global batch) -> (state, metrics); donates the old state
+
+
+def _image_shape(config):
+  return (config.model.input_size, config.model.input_size, config.model.in_channels)
+
+
+def abstract_batch(config, mesh):
+  """The global batch the step takes: {'image': [B, H, W, C], 'label': [B]}, split over devices."""
+  b, batch_sharding = config.data.global_batch_size, sharding.batch_sharding(mesh)
+  return {'image': jax.ShapeDtypeStruct((b, *_image_shape(config)), jnp.float32,
+                                        sharding=batch_sharding),
+          'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+
+
+def build(config, mesh):
+  """Model, optimiser, state shardings (from config.sharding_rules) and the jitted functions."""
+  try:
+    model = models.create_model(config.model)
+  except ValueError as e:  # unknown model name or dtype
+    raise SetupError(str(e)) from e
+  schedule = learning_rate_schedule(config.optim, config.num_train_steps)
+  tx = make_optimizer(config.optim, schedule)
+  conditional = config.model.num_classes > 0
+  init = functools.partial(init_state, model=model, tx=tx, image_shape=_image_shape(config),
+                           conditional=conditional)
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+  step = functools.partial(
+      train_step, model=model, tx=tx, schedule=schedule, transport_config=config.transport,
+      ema_decay=config.optim.ema_decay, conditional=conditional)
+  update = jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return Training(model, abstract_state, state_sharding,
+                  jax.jit(init, out_shardings=state_sharding), update)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +195,8 @@ def check_config(config, dataset):
   return latent_from_vae
 
 
-def _setup_errors():
-  return (SetupError, checkpoint.CheckpointError, FileNotFoundError, NotADirectoryError)
+# Errors whose message is the whole story: the run stops with it and no traceback.
+USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,57 +205,56 @@ def _setup_errors():
 
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from the newest good checkpoint there."""
+  metrics_lib.quiet_library_logs()
   try:
     return _train_and_evaluate(config, workdir)
-  except _setup_errors() as e:
+  except USER_ERRORS as e:
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from e
 
 
 def _train_and_evaluate(config, workdir):
   sharding.initialize_distributed()
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
-  mesh = sharding.make_mesh(config.mesh)
   try:
+    mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.global_batch_size, mesh)
   except ValueError as e:
     raise SetupError(str(e)) from e
+  # Traced under the mesh, the Pallas selective scan (a custom call XLA cannot partition) runs on
+  # each device's share of the batch instead of on an all-gathered batch.
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir, mesh):
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
 
   # This process's share of every global batch.
-  dataset = data_lib.create_dataset(config.data, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), seed=config.seed)
+  try:
+    dataset = data_lib.create_dataset(config.data, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), seed=config.seed)
+  except (ValueError, OSError, ImportError) as e:  # the data module's one-sentence errors
+    raise SetupError(str(e)) from e
   latent_from_vae = check_config(config, dataset)
   vae = _load_vae(config, mesh) if config.vae.dir else None
-  image_shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
-  conditional = config.model.num_classes > 0
-
-  model = models.create_model(config.model)
-  schedule = learning_rate_schedule(config.optim, config.num_train_steps)
-  tx = make_optimizer(config.optim, schedule)
-
-  # Parameters born sharded: abstract state -> shardings from the rules -> jitted init.
-  init = functools.partial(init_state, model=model, tx=tx, image_shape=image_shape,
-                           conditional=conditional)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init, rng)
-  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-      state_sharding)
+  training = build(config, mesh)
+  abstract_state = training.abstract_state
 
   # Resume from the workdir, or start afresh.
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
-  restored = checkpoint.restore_latest(manager, abstract_state,
-                                       checkpoint.abstract_data_state(mesh))
+  restored = checkpoint.restore_latest(manager, abstract_state, mesh)
   if restored is not None:
-    state, data_array = restored
-    dataset.set_state(checkpoint.decode_data_state(data_array))
+    state, data_state = restored
+    try:
+      dataset.set_state(data_state)
+    except ValueError as e:
+      raise SetupError(str(e)) from e
   else:
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
+    state = training.init(jax.random.PRNGKey(config.seed))
   checkpoint.save_config(workdir, config)
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.create_writer(workdir, just_logging=not is_main)
@@ -228,82 +264,85 @@ def _train_and_evaluate(config, workdir):
                  num_params / 1e6, dict(mesh.shape), config.data.global_batch_size)
     writer.write_hparams({'num_params': num_params, **_flat(config)})
 
-  # One jitted, donated step with explicit shardings; compiled ahead to log its time.
-  batch_sharding = sharding.batch_sharding(mesh)
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct((config.data.global_batch_size, *image_shape), jnp.float32,
-                                    sharding=batch_sharding),
-      'label': jax.ShapeDtypeStruct((config.data.global_batch_size,), jnp.int32,
-                                    sharding=batch_sharding)}
-  step_fn = functools.partial(
-      train_step, model=model, tx=tx, schedule=schedule, transport_config=config.transport,
-      ema_decay=config.optim.ema_decay, conditional=conditional)
+  # The jitted, donated step, compiled ahead to log its time.
   t = time.monotonic()
-  update = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+  update = training.update.lower(abstract_state, abstract_batch(config, mesh)).compile()
   logging.info('Compiled the train step in %.1f s.', time.monotonic() - t)
-  sampler = _make_sampler(config, model, mesh, state_sharding.ema_params, image_shape, vae)
+  sampler = _make_sampler(config, training.model, mesh, training.state_sharding.ema_params, vae)
   encode = _make_encoder(config, mesh, vae) if latent_from_vae else None
 
+  replicated = sharding.replicated(mesh)
   progress = metrics_lib.ReportProgress(
       num_train_steps=config.num_train_steps, batch_size=config.data.global_batch_size,
       writer=writer, every_steps=config.log_every_steps)
   preemption = checkpoint.PreemptionWatch()
-  pending = []  # per-step metrics (on device) since the last log
+  on_device, on_host = [], []  # per-step metrics not yet fetched / fetched but not yet logged
   last_saved = start_step if restored is not None else None
   step = start_step
   logging.info('Training from step %d to %d.', start_step, config.num_train_steps)
+  progress(start_step)
   try:
     with jax.transfer_guard('disallow'):
-      for step in range(start_step + 1, config.num_train_steps + 1):
+      while step < config.num_train_steps:
         with progress.timed('data'):
-          batch = sharding.global_batch(next(dataset), mesh)
+          local_batch = next(dataset, None)
+          if local_batch is None:
+            logging.warning('The data ran out after step %d (config.data.num_epochs).', step)
+            break
+          batch = sharding.global_batch(local_batch, mesh)
           if encode is not None:
-            batch['image'] = encode(batch['image'], jax.device_put(step))
+            batch['image'] = encode(batch['image'], jax.device_put(np.int32(step), replicated))
         state, step_metrics = update(state, batch)
-        pending.append(step_metrics)
-        progress(step)
+        step += 1
+        on_device.append(step_metrics)
 
         preempted = preemption.reached(step, manager)
         done = step == config.num_train_steps
         save_now = preempted or done or step % config.checkpoint_every_steps == 0
         if save_now or step % config.log_every_steps == 0:
-          _check_finite(pending, step, last_saved, manager)
+          on_host += jax.device_get(on_device)
+          on_device = []
+          _stop_if_not_finite(on_host, step, last_saved, manager)
         if step % config.log_every_steps == 0 or done:
-          means = jax.device_get(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *pending))
-          writer.write_scalars(step, {k: float(v) for k, v in means.items()})
-          pending = []
+          writer.write_scalars(step, {k: np.mean([m[k] for m in on_host]) for k in on_host[0]})
+          on_host = []
+          progress(step)  # after the metrics fetch, so steps/s counts finished steps
         if save_now:
           with progress.timed('checkpoint'):
-            checkpoint.save(manager, step, state, checkpoint.encode_data_state(
-                dataset.get_state(), mesh), force=True)
+            _save(manager, step, state, dataset, mesh)
           last_saved = step
-        if config.sample.every_steps and step % config.sample.every_steps == 0 or done:
+        if _sample_due(config.sample.every_steps, step, done):
           with progress.timed('sample'):
-            _write_samples(config, workdir, sampler, state.ema_params, step, writer, is_main,
-                           mesh)
+            _write_samples(config, workdir, sampler, state.ema_params, step, writer, is_main)
         if preempted:
           logging.warning('Preempted: saved step %d to %s; run the same command to resume.',
                           step, checkpoint.checkpoint_dir(workdir))
           break
+    if last_saved != step:  # the data ran out
+      _stop_if_not_finite(on_host + jax.device_get(on_device), step, last_saved, manager)
+      _save(manager, step, state, dataset, mesh)
   finally:
+    dataset.close()
     manager.wait_until_finished()
-    writer.flush()
+    writer.close()
     preemption.close()
   manager.close()
   logging.info('Finished at step %d.', step)
   return state
 
 
-def _check_finite(pending, step, last_saved, manager):
+def _save(manager, step, state, dataset, mesh):
+  data_state = checkpoint.encode_data_state(dataset.get_state(), mesh)
+  checkpoint.save(manager, step, state, data_state, force=True)
+
+
+def _stop_if_not_finite(host_metrics, step, last_saved, manager):
   """Stops the run at the first non-finite loss or parameter norm; nothing of it is saved."""
-  values = jax.device_get(pending)
-  for i, m in enumerate(values):
+  for i, m in enumerate(host_metrics):
     if not (np.isfinite(m['loss']) and np.isfinite(m['param_norm'])):
-      bad = step - len(values) + 1 + i
+      bad = step - len(host_metrics) + 1 + i
       manager.wait_until_finished()
-      kept = (f'the last good checkpoint (step {last_saved}) is intact'
+      kept = (f'the last good checkpoint, {manager.directory}/{last_saved}, is intact'
               if last_saved is not None else 'no checkpoint was saved')
       raise FloatingPointError(
           f'Loss is {m["loss"]} (parameter norm {m["param_norm"]}) at step {bad}: stopping; '
@@ -316,7 +355,10 @@ def _check_finite(pending, step, last_saved, manager):
 
 def _load_vae(config, mesh):
   from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  module, params = vae_lib.load_vae(config.vae.dir, sharding=sharding.replicated(mesh))
+  try:
+    module, params = vae_lib.load_vae(config.vae.dir, sharding=sharding.replicated(mesh))
+  except (FileNotFoundError, ValueError) as e:  # vae.load_vae's one-sentence errors
+    raise SetupError(str(e)) from e
   return vae_lib, module, params
 
 
@@ -333,6 +375,7 @@ def _make_encoder(config, mesh, vae):
 
 
 def _sample_labels(config):
+  """Labels of the grid, row by row: one class per row (evenly spread unless listed)."""
   c = config.sample
   if config.model.num_classes == 0:
     return np.zeros([c.rows * c.per_row], np.int32), c.rows
@@ -341,24 +384,54 @@ def _sample_labels(config):
   return np.repeat(np.asarray(classes, np.int32), c.per_row), len(classes)
 
 
-def _make_sampler(config, model, mesh, params_sharding, image_shape, vae):
-  fn = functools.partial(
-      sample, model=model, image_shape=image_shape, transport_config=config.transport,
-      num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
-      num_classes=config.model.num_classes)
-  if vae is not None:
-    vae_lib, module, vae_params = vae
-    latent = fn
-    fn = lambda p, r, y: vae_lib.latents_to_images(module, vae_params, latent(p, r, y))
-  return jax.jit(fn, in_shardings=(params_sharding, None, None),
-                 out_shardings=sharding.replicated(mesh))
+def _make_sampler(config, model, mesh, params_sharding, vae):
+  """ema_params -> (images [rows * per_row, H, W, C] in [-1, 1] on the host, rows, ODEResult).
 
-
-def _write_samples(config, workdir, sampler, ema_params, step, writer, is_main, mesh):
+  Noise and labels are split over the devices like a training batch (padded up to a multiple
+  of the device count); the images come back whole on every process."""
   labels, rows = _sample_labels(config)
-  rng = jax.random.PRNGKey(config.sample.seed)
-  images = jax.device_get(sampler(ema_params, jax.device_put(rng, sharding.replicated(mesh)),
-                                  jax.device_put(labels, sharding.replicated(mesh))))
+  image_shape = _image_shape(config)
+  n = len(labels)
+  padded = -(-n // mesh.size) * mesh.size
+  labels = np.concatenate([labels, np.repeat(labels[-1:], padded - n)])
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  def fn(params, rng, labels):
+    x0 = jax.random.normal(rng, (n, *image_shape), jnp.float32)  # the same for any padding
+    x0 = jnp.pad(x0, [(0, padded - n)] + [(0, 0)] * len(image_shape))
+    x0 = jax.lax.with_sharding_constraint(x0, batch_sharding)  # the ODE runs split over devices
+    result = sample(params, x0, labels, model=model, transport_config=config.transport,
+                    sample_config=config.sample, num_classes=config.model.num_classes)
+    images = result.x1
+    if vae is not None:
+      vae_lib, module, vae_params = vae
+      images = vae_lib.latents_to_images(module, vae_params, images)
+    return images, result._replace(x1=None)
+
+  jitted = jax.jit(fn, in_shardings=(params_sharding, replicated, batch_sharding),
+                   out_shardings=replicated)
+  rng = jax.device_put(jax.random.PRNGKey(config.sample.seed), replicated)
+  labels = jax.make_array_from_callback(labels.shape, batch_sharding, lambda i: labels[i])
+
+  def sampler(ema_params):
+    images, result = jax.device_get(jitted(ema_params, rng, labels))
+    return images[:n], rows, result
+  return sampler
+
+
+def _sample_due(every_steps, step, done):
+  """every_steps > 0: every that many steps and at the end; 0: only at the end; -1: never."""
+  return every_steps >= 0 and (done or every_steps > 0 and step % every_steps == 0)
+
+
+def _write_samples(config, workdir, sampler, ema_params, step, writer, is_main):
+  """A grid of EMA samples, one class per row, as WORKDIR/samples/ema_<step>.png + a summary."""
+  images, rows, result = sampler(ema_params)
+  try:
+    sampling.check_ode_result(result)
+  except sampling.ODESolveError as e:
+    logging.error('No sample grid at step %d: %s', step, e)
+    return
   if not is_main:
     return
   grid = metrics_lib.image_grid(images, rows)

@@ -1,0 +1,118 @@
+"""Every config file loads, holds upstream's numbers, and refuses unknown keys and wrong types."""
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from dimsum_jax import config_utils
+from dimsum_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, (module.get_config(arg) if arg is not None else module.get_config())
+
+
+def flat(config, prefix=''):
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(flat(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def test_there_are_configs_for_every_dataset():
+  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+  for base in ('imagenet256', 'imagenet512', 'celebahq256', 'church256'):
+    assert base in names and f'{base}_dit' in names
+  assert 'digits' in names
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_config_is_complete_and_documented(path):
+  module, config = load(path)
+  assert isinstance(config, ml_collections.ConfigDict)
+  name = os.path.basename(path)
+  assert f'python -m dimsum_jax.main --config=configs/{name}' in module.__doc__
+  # Same fields as the base config (an experiment sets values, never adds keys).
+  assert set(flat(config)) == set(flat(config_utils.base_config()))
+  assert config.model.name in models.MODEL_NAMES
+  assert (config.model.input_size * (8 if config.model.in_channels == 4 and
+                                     config.data.channels == 3 else 1) == config.data.image_size)
+  assert config.optim.b1 == 0.9 and config.optim.b2 == 0.999 and config.optim.eps == 1e-8
+  assert config.optim.weight_decay == 0.0
+  assert 0.99 <= config.optim.ema_decay < 1
+
+
+UPSTREAM = {  # reference section 10: (model, global batch, lr, grad clip, label dropout, classes)
+    'imagenet256': ('DiMSUM-L/2', 704, 1e-4, 1.0, 0.15, 1000),
+    'celebahq256': ('DiMSUM-L/2', 16, 1e-4, 2.0, 0.0, 0),
+    'celebahq512': ('DiMSUM-L/2', 32, 1e-4, 2.0, 0.0, 0),
+    'church256': ('DiMSUM-XL/2', 128, 5e-5, 2.0, 0.0, 0),
+}
+
+
+@pytest.mark.parametrize('name', sorted(UPSTREAM))
+def test_upstream_hyperparameters(name):
+  _, c = load(os.path.join(ROOT, 'configs', f'{name}.py'))
+  model, batch, lr, clip, label_dropout, classes = UPSTREAM[name]
+  assert (c.model.name, c.data.global_batch_size, c.optim.learning_rate, c.optim.grad_clip,
+          c.model.label_dropout, c.model.num_classes) == (model, batch, lr, clip, label_dropout,
+                                                          classes)
+  assert c.optim.schedule == 'constant' and c.optim.warmup_steps == 0
+  assert c.optim.ema_decay == 0.9999 and c.model.drop_path == 0.1
+  assert c.model.dtype == 'float32' and c.model.cond_mamba == 'none'
+  assert c.transport.path_type == 'GVP' and c.transport.prediction == 'velocity'
+
+
+@pytest.mark.parametrize('name', ['imagenet256', 'imagenet512', 'celebahq256', 'celebahq512',
+                                  'church256'])
+def test_dit_baseline_differs_only_in_the_model(name):
+  _, dimsum = load(os.path.join(ROOT, 'configs', f'{name}.py'))
+  _, dit = load(os.path.join(ROOT, 'configs', f'{name}_dit.py'))
+  a, b = flat(dimsum), flat(dit)
+  assert {k for k in a if a[k] != b[k]} == {'model.name'}
+  assert b['model.name'] == 'DiT-XL/2'
+
+
+def test_digits_variants():
+  path = os.path.join(ROOT, 'configs', 'digits.py')
+  for arg, name in (('smoke', 'DiMSUM-L/2'), ('smoke_dit', 'DiT-S/2')):
+    _, c = load(path, arg)
+    assert c.model.name == name and c.model.depth == 4 and c.model.input_size == 8
+  with pytest.raises(ValueError, match='Unknown variant'):
+    load(path, 'nope')
+
+
+def run_main(*flags, workdir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'dimsum_jax.main', '--config=configs/digits.py',
+                         f'--workdir={workdir}', *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_key_is_refused_with_its_name(tmp_path):
+  r = run_main('--config.optim.learnin_rate=0.1', workdir=tmp_path / 'w')
+  assert r.returncode != 0
+  assert ('--config.optim.learnin_rate=0.1: config key "learnin_rate" does not exist: did you '
+          'mean "learning_rate"?') in r.stderr
+  assert 'Traceback' not in r.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_wrong_type_is_refused_with_its_name(tmp_path):
+  r = run_main('--config.model.depth=two', workdir=tmp_path / 'w')
+  assert r.returncode != 0
+  assert '--config.model.depth=two' in r.stderr
+  assert not (tmp_path / 'w').exists()
