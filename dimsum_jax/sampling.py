@@ -3,7 +3,9 @@
 Time runs from t0 (noise, t = 0) to t1 (data, t = 1). A sampler takes `velocity_fn(x, t) -> dx/dt` with
 x [B, ...] and t [B] (one time per sample, all equal); build it from a network with
 `make_sampling_velocity_fn` (classifier-free guidance, then conversion of a noise/score output to the
-ODE drift, see `transport.velocity_from_prediction`).
+ODE drift, see `transport.velocity_from_prediction`). Per-sample conditioning (labels) can instead
+travel as `args` (arrays with a leading batch axis): the samplers then call `velocity_fn(x, t, args)`,
+and the per-sample ODE mode hands each sample its own slice.
 
 ODE (upstream `Sampler.sample_ode`, torchdiffeq `odeint`):
   - "dopri5": adaptive, PIDController(rtol, atol) (upstream defaults atol 1e-6, rtol 1e-3). The state
@@ -123,15 +125,20 @@ def guided_velocity(model_fn, x, t, y, scale, null_label: int):
 def make_sampling_velocity_fn(model_fn, y=None, *, path_type: str = "GVP",
                               prediction: str = "velocity", cfg_scale=1.0,
                               null_label: int | None = None):
-  """`velocity_fn(x, t)` for the samplers from `model_fn(x, t, y)`: guidance, then the ODE drift."""
-  if not _is_static_one(cfg_scale) and (y is None or null_label is None):
-    raise ValueError("classifier-free guidance needs labels y and the null label (num_classes)")
+  """`velocity_fn(x, t, labels=None)` for the samplers from `model_fn(x, t, y)`: guidance, then the
+  ODE drift. Labels given at call time (the samplers' `args`) replace `y`."""
+  if not _is_static_one(cfg_scale) and null_label is None:
+    raise ValueError("classifier-free guidance needs the null label (num_classes)")
 
-  def velocity_fn(x, t):
+  def velocity_fn(x, t, labels=None):
+    labels = y if labels is None else labels
     if _is_static_one(cfg_scale):
-      pred = model_fn(x, t, y)
+      pred = model_fn(x, t, labels)
     else:
-      pred = guided_velocity(model_fn, x, t, y, cfg_scale, null_label)
+      if labels is None:
+        raise ValueError("classifier-free guidance needs labels: pass y, or labels as the "
+                         "samplers' args")
+      pred = guided_velocity(model_fn, x, t, labels, cfg_scale, null_label)
     return transport.velocity_from_prediction(pred, x, t, path_type=path_type,
                                               prediction=prediction)
   return velocity_fn
@@ -162,11 +169,15 @@ def _canon_solver(solver: str) -> str:
   return s
 
 
-def _vector_field(velocity_fn):
-  def vf(t, x, args):
-    del args
+def _call(velocity_fn, x, t, args):
+  return velocity_fn(x, t) if args is None else velocity_fn(x, t, args)
+
+
+def _vector_field(velocity_fn, args):
+  def vf(t, x, unused_args):
+    del unused_args
     tb = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
-    return velocity_fn(x, tb).astype(x.dtype)
+    return _call(velocity_fn, x, tb, args).astype(x.dtype)
   return vf
 
 
@@ -208,8 +219,8 @@ def _status_codes(result):
                              STATUS_OTHER)).astype(jnp.int32)
 
 
-def _solve_batch(velocity_fn, x0, *, solver, num_steps, atol, rtol, t0, t1, max_steps, dt0):
-  vf = _vector_field(velocity_fn)
+def _solve_batch(velocity_fn, x0, args, *, solver, num_steps, atol, rtol, t0, t1, max_steps, dt0):
+  vf = _vector_field(velocity_fn, args)
   term = diffrax.ODETerm(vf)
   saveat = diffrax.SaveAt(t1=True)
   t0 = jnp.asarray(t0, jnp.float32)
@@ -251,22 +262,23 @@ def _solve_batch(velocity_fn, x0, *, solver, num_steps, atol, rtol, t0, t1, max_
 def solve_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: int = 50,
               atol: float = 1e-6, rtol: float = 1e-3, t0: float = 0.0, t1: float = 1.0,
               max_steps: int = 4096, dt0: float | None = None,
-              per_sample: bool = False) -> ODEResult:
+              per_sample: bool = False, args=None) -> ODEResult:
   """Integrate dx/dt = velocity_fn(x, t) from t0 to t1 (jit-able; never raises on failure).
 
   solver "dopri5" (adaptive; atol, rtol, max_steps, dt0 = None for the automatic first step,
   per_sample) or "euler" / "heun" (num_steps equal steps). Check `status` with `check_ode_result`.
+  args: None, or a pytree of per-sample arrays [B, ...] (e.g. labels): velocity_fn(x, t, args).
   """
   solver = _canon_solver(solver)
   kw = dict(solver=solver, num_steps=int(num_steps), atol=atol, rtol=rtol, t0=t0, t1=t1,
             max_steps=int(max_steps), dt0=dt0)
   if not per_sample or solver != "dopri5":
-    return _solve_batch(velocity_fn, x0, **kw)
+    return _solve_batch(velocity_fn, x0, args, **kw)
 
-  def one(xi):  # velocity_fn sees x [1, ...], t [1] in each vmapped lane
-    return _solve_batch(velocity_fn, xi[None], **kw)
+  def one(xi, ai):  # velocity_fn sees x [1, ...], t [1] (and args [1, ...]) in each vmapped lane
+    return _solve_batch(velocity_fn, xi[None], jax.tree.map(lambda a: a[None], ai), **kw)
 
-  res = jax.vmap(one)(x0)
+  res = jax.vmap(one)(x0, args)
   return res._replace(x1=res.x1[:, 0], nfe=jnp.max(res.nfe))
 
 
@@ -295,10 +307,11 @@ def _is_concrete(x) -> bool:
 
 def sample_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: int = 50,
                atol: float = 1e-6, rtol: float = 1e-3, t0: float = 0.0, t1: float = 1.0,
-               max_steps: int = 4096, dt0: float | None = None, per_sample: bool = False):
+               max_steps: int = 4096, dt0: float | None = None, per_sample: bool = False,
+               args=None):
   """(x1, nfe): `solve_ode`, raising ODESolveError when it ran out of steps (outside jit only)."""
   res = solve_ode(velocity_fn, x0, solver=solver, num_steps=num_steps, atol=atol, rtol=rtol,
-                  t0=t0, t1=t1, max_steps=max_steps, dt0=dt0, per_sample=per_sample)
+                  t0=t0, t1=t1, max_steps=max_steps, dt0=dt0, per_sample=per_sample, args=args)
   if _is_concrete(res.status):
     check_ode_result(res, max_steps=max_steps)
   return res.x1, res.nfe
@@ -320,13 +333,13 @@ def _canon_last_step(last_step):
 def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_steps: int = 250,
                method: str = "euler", diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
                last_step: str | None = "Mean", last_step_size: float = 0.04, t0: float = 0.0,
-               t1: float | None = None):
+               t1: float | None = None, args=None):
   """(x1, nfe): stochastic sampler from noise x0 (upstream `sample_sde`, defaults of SiT's CLI).
 
   Grid linspace(t0, t1, n) with n = num_steps (euler) or num_steps // 2 (heun), n - 1 steps, then
   the last step from t1 to 1. t1 defaults to 1 - last_step_size (1 without a last step). For the
   transport's own interval use `transport.time_interval(cfg, eval=True, sde=True, ...)`.
-  NFE: euler n - 1, heun 2 (n - 1), plus 1 for a last step.
+  NFE: euler n - 1, heun 2 (n - 1), plus 1 for a last step. args: as for `solve_ode`.
   """
   method = method.lower()
   if method not in SDE_METHODS:
@@ -359,7 +372,7 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
 
   def drifts(x, t):
     """(ODE drift v, SDE drift v + D score) from one model evaluation."""
-    v = velocity_fn(x, bt(t)).astype(dtype)
+    v = _call(velocity_fn, x, bt(t), args).astype(dtype)
     score = transport.score_from_velocity(v, x, bt(t), path_type)
     return v, v + diffusion(t) * score
 
@@ -385,7 +398,7 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
   if last_step is not None:
     t_last = ts[-1]
     if last_step == "Tweedie":
-      v = velocity_fn(x, bt(t_last)).astype(dtype)
+      v = _call(velocity_fn, x, bt(t_last), args).astype(dtype)
       x = transport.data_from_velocity(v, x, bt(t_last), path_type)
     else:
       v, f = drifts(x, t_last)
