@@ -33,12 +33,39 @@ def save_vae(directory: str, config: dict, params, overwrite: bool = False) -> N
   checkpointer.wait_until_finished()
 
 
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def check_params_match(params_dir: str, abstract) -> None:
+  """ValueError in one sentence when the stored tree is not the one config.json describes."""
+  try:
+    stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
+  except Exception as e:  # a damaged or foreign folder: Orbax raises many kinds
+    raise ValueError(f"{params_dir} is not a readable Orbax checkpoint ({type(e).__name__}: {e}); "
+                     "convert the VAE again with `python -m dimsum_jax.vae.convert`.") from e
+  have = {_path_name(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  want = {_path_name(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  problems = [f"{k} is missing" for k in sorted(set(want) - set(have))]
+  problems += [f"{k} is not expected" for k in sorted(set(have) - set(want))]
+  problems += [f"{k} is stored {have[k]} but config.json needs {want[k]}"
+               for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+  if problems:
+    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise ValueError(f"The parameters in {params_dir} are not those of the VAE its config.json "
+                     f"describes ({'; '.join(problems[:3])}{more}): convert the VAE again with "
+                     "`python -m dimsum_jax.vae.convert --diffusers=DIR --out=DIR --overwrite`.")
+
+
 def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
   """(module, params) of a VAE written by `python -m dimsum_jax.vae.convert`.
 
   dtype is the compute dtype (parameters stay float32). sharding is one jax.sharding.Sharding
   for every leaf (e.g. a replicated NamedSharding) or a tree of them shaped like the params;
-  None puts them on the first local device.
+  None puts them on the first local device. A missing file, another architecture in config.json
+  or parameters of another shape raise FileNotFoundError / ValueError in one sentence.
   """
   directory = os.path.abspath(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
@@ -51,6 +78,7 @@ def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
   with open(config_path) as f:
     vae = model.vae_from_config(json.load(f), dtype=dtype, precision=precision)
   abstract = model.abstract_params(vae)
+  check_params_match(params_dir, abstract)
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):

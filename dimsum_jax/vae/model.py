@@ -336,3 +336,16 @@ def images_to_latents(vae: AutoencoderKL, params, images, rng=None):
 def latents_to_images(vae: AutoencoderKL, params, latents):
   """Images (nominally in [-1, 1], not clipped) from scaled latents: decode(latents / 0.18215)."""
   return vae.apply({"params": params}, latents / SCALING_FACTOR, method=AutoencoderKL.decode)
+
+
+def to_uint8(images):
+  """Images in [-1, 1] -> uint8 as upstream's sample.py: clamp(127.5 x + 128, 0, 255), truncated."""
+  return jnp.clip(127.5 * jnp.asarray(images, jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+
+
+def decode_latents(vae: AutoencoderKL, params, latents):
+  """uint8 images [B, h*f, w*f, 3] from scaled latents [B, h, w, c]: to_uint8(latents_to_images).
+
+  Pure: jit it with the module static, e.g. jax.jit(functools.partial(decode_latents, vae)).
+  """
+  return to_uint8(latents_to_images(vae, params, latents))

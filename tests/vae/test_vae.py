@@ -208,9 +208,10 @@ def test_tiny_vae_helpers_are_jittable_and_consistent(tiny_vae):
     mean, logvar = model.encode(tiny_vae, params, images)
     latents = model.images_to_latents(tiny_vae, params, images)
     sampled = model.images_to_latents(tiny_vae, params, images, rng)
-    return mean, logvar, latents, sampled, model.latents_to_images(tiny_vae, params, latents)
+    return (mean, logvar, latents, sampled, model.latents_to_images(tiny_vae, params, latents),
+            model.decode_latents(tiny_vae, params, latents))
 
-  mean, logvar, latents, sampled, decoded = helpers(params, images, rng)
+  mean, logvar, latents, sampled, decoded, pixels = helpers(params, images, rng)
   assert latents.shape == (2, 4, 4, 2) and decoded.shape == images.shape
   assert bool(jnp.all(jnp.isfinite(decoded)))
   assert float(logvar.min()) >= -30 and float(logvar.max()) <= 20
@@ -219,6 +220,11 @@ def test_tiny_vae_helpers_are_jittable_and_consistent(tiny_vae):
   np.testing.assert_allclose(sampled, (mean + jnp.exp(0.5 * logvar) * noise) * model.SCALING_FACTOR,
                              rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(sampled - latents).max()) > 0
+  # decode_latents: upstream's uint8 conversion of the decoded images, float64 reference.
+  want = np.floor(np.clip(127.5 * np.asarray(decoded, np.float64) + 128.0, 0, 255))
+  assert pixels.shape == images.shape and pixels.dtype == jnp.uint8
+  assert np.abs(np.asarray(pixels, np.int64) - want).max() <= 1   # float32 vs float64 rounding
+  assert np.mean(np.asarray(pixels) == want) > 0.99
 
   bf16 = model.vae_from_config(TINY, dtype=jnp.bfloat16)
   mean_bf16, _ = jax.jit(model.encode, static_argnums=0)(bf16, params, images)
@@ -280,3 +286,71 @@ def test_pipeline_folder_with_vae_subfolder_is_found(tmp_path):
   (tmp_path / "vae" / "config.json").write_text(json.dumps(TINY))
   (tmp_path / "vae" / convert.SAFETENSORS_FILE).write_bytes(b"")
   assert convert.find_vae_folder(str(tmp_path)) == str(tmp_path / "vae")
+
+
+# -- the convert CLI on folders written by diffusers' save_pretrained -----------------------------
+
+def test_cli_converts_a_torch_bin_folder_like_safetensors(diffusers_vae, converted, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  torch_vae, _ = diffusers_vae
+  folder = tmp_path / "bin"
+  torch_vae.save_pretrained(folder, safe_serialization=False)
+  assert (folder / convert.TORCH_FILE).exists() and not (folder / convert.SAFETENSORS_FILE).exists()
+  out = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-m", "dimsum_jax.vae.convert", f"--diffusers={folder}",
+                           f"--out={out}"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  count = sum(p.numel() for p in torch_vae.parameters())
+  assert f"Wrote {count:,} VAE parameters" in result.stdout
+  _, from_bin = checkpoint.load_vae(str(out))
+  _, from_safetensors = checkpoint.load_vae(str(converted))
+  jax.tree.map(np.testing.assert_array_equal, from_bin, from_safetensors)
+
+
+def _cli_error(args):
+  with pytest.raises(SystemExit) as error:
+    convert.main(args)
+  message = str(error.value)
+  assert message.startswith("error: ") and "\n" not in message
+  return message
+
+
+def test_cli_refuses_another_architecture_in_one_sentence(diffusers_vae, tmp_path):
+  torch = _require("torch")
+  diffusers = _require("diffusers")
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DModel(sample_size=8, layers_per_block=1, block_out_channels=(8, 16),
+                               norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                               up_block_types=("UpBlock2D",) * 2)
+  unet.save_pretrained(tmp_path / "unet")
+  message = _cli_error([f"--diffusers={tmp_path / 'unet'}", f"--out={tmp_path / 'o1'}"])
+  assert "_class_name is 'UNet2DModel', not 'AutoencoderKL'" in message
+
+  # An AutoencoderKL config.json beside the weights of another AutoencoderKL.
+  _, folder = diffusers_vae
+  other = tmp_path / "mixed"
+  other.mkdir()
+  (other / convert.SAFETENSORS_FILE).write_bytes((folder / convert.SAFETENSORS_FILE).read_bytes())
+  config = json.loads((folder / convert.CONFIG_FILE).read_text())
+  (other / convert.CONFIG_FILE).write_text(json.dumps(dict(config, layers_per_block=2)))
+  message = _cli_error([f"--diffusers={other}", f"--out={tmp_path / 'o2'}"])
+  assert "does not match the AutoencoderKL its config.json describes (missing keys" in message
+  assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_load_vae_refuses_params_of_another_shape(tiny_vae, tmp_path):
+  params = convert.params_from_state_dict(_tiny_state_dict(), tiny_vae)
+  checkpoint.save_vae(str(tmp_path), TINY, params)
+  (tmp_path / "config.json").write_text(json.dumps(dict(TINY, block_out_channels=[8, 32])))
+  with pytest.raises(ValueError, match=r"are not those of the VAE its config.json describes "
+                     r"\(decoder/conv_in/bias is stored \(16,\) but config.json needs \(32,\)"):
+    checkpoint.load_vae(str(tmp_path))
+
+
+# -- decoding to pixels ---------------------------------------------------------------------------
+
+def test_to_uint8_is_upstreams_clamp_and_truncation():
+  x = np.asarray([-1.5, -1.0, -0.0039, 0.0, 0.5, 0.99, 1.0, 2.0], np.float32)
+  np.testing.assert_array_equal(model.to_uint8(x), [0, 0, 127, 128, 191, 254, 255, 255])
+  assert model.to_uint8(x).dtype == jnp.uint8
