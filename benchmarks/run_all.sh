@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
+#
+#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train sample encode scaling profile
+#                                               profile_dit (default: all but profile_dit)
+# Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
+# output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
+# HLO in dimsum_step_hlo.txt.gz) and OUT_DIR/gpu.txt (nvidia-smi). About 25 minutes on an H200. Run from the repository root with the package importable.
+# SMOKE=1 passes --smoke to every script (tiny models; checks the plumbing on a CPU);
+# SAMPLE_ARGS / SCALING_ARGS add flags to sample.py / scaling.py; *_LIMIT set the time limits.
+set -u
+out=${1:?usage: benchmarks/run_all.sh OUT_DIR [train|sample|encode|scaling ...]}
+shift
+stages=${*:-train sample encode scaling profile}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+mkdir -p "$out"
+log="$out/log.txt"
+results="$out/results.jsonl"
+
+# name, time limit (s), then the python arguments
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $(date -u +%H:%M:%S) $name: $*" | tee -a "$log"
+  timeout -k 15 "$limit" "$py" "$@" ${SMOKE:+--smoke} >>"$log" 2>&1
+  local rc=$?
+  echo "== $(date -u +%H:%M:%S) $name: exit $rc$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+  --format=csv >"$out/gpu.txt" 2>&1 || true
+
+for stage in $stages; do
+  case $stage in
+    train)
+      step train_dimsum "${TRAIN_DIMSUM_LIMIT:-270}" benchmarks/train_step.py \
+        --models DiMSUM-L/2 --micro-batch 128 --repeats 6 --out "$results"
+      step train_dit "${TRAIN_DIT_LIMIT:-150}" benchmarks/train_step.py \
+        --models DiT-L/2 --repeats 6 --out "$results" ;;
+    sample)
+      step sample "${SAMPLE_LIMIT:-420}" benchmarks/sample.py --repeats 5 --warmup 1 \
+        ${SAMPLE_ARGS:-} --out "$results" ;;
+    profile)  # command buffers off: every kernel event then names its HLO instruction
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+        step profile "${PROFILE_LIMIT:-180}" benchmarks/profile_step.py --micro-batch 64 \
+        --summary "$out/profile.json" --hlo-out "$out/dimsum_step_hlo.txt.gz"
+      step matmul_peak 60 -c "from benchmarks import common; import json; print(json.dumps(
+        {'benchmark': 'matmul_peak', 'bf16_tflops': common.matmul_peak() / 1e12,
+         **common.environment()}))" ;;
+    profile_dit)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+        step profile_dit "${PROFILE_DIT_LIMIT:-90}" benchmarks/profile_step.py --model DiT-L/2 \
+        --micro-batch 128 --summary "$out/profile_dit.json" ;;
+    encode)
+      if [ -f benchmarks/encode.py ]; then
+        echo "== $(date -u +%H:%M:%S) encode: benchmarks/encode.py" | tee -a "$log"
+        timeout -k 15 "${ENCODE_LIMIT:-150}" "$py" benchmarks/encode.py ${SMOKE:+--smoke} \
+          2>>"$log" | tee -a "$log" | grep '^{' >>"$results"
+        echo "== $(date -u +%H:%M:%S) encode: exit ${PIPESTATUS[0]}" | tee -a "$log"
+      else
+        echo "== encode: benchmarks/encode.py not found, skipped" | tee -a "$log"
+      fi ;;
+    scaling)
+      step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
+        --out "$results" ;;
+    *)
+      echo "unknown stage $stage (train sample encode scaling profile profile_dit)" >&2
+      exit 2 ;;
+  esac
+done

@@ -1,0 +1,182 @@
+"""Inference: forward throughput at a large batch, and batch-1 dopri5 sampling latency with its NFE.
+
+forward: `model.apply` (bf16 compute, no guidance) jitted on a batch of --forward-batch latents;
+  images/s = batch / median call time, and model FLOP/s from dimsum_jax.tools.flops.
+dopri5: one probability-flow ODE solve of batch 1 from noise (t = 0) to data (t = 1) with
+  `dimsum_jax.sampling.solve_ode` (diffrax Dopri5, atol 1e-6, rtol 1e-3 as upstream), the velocity
+  from `sampling.make_sampling_velocity_fn`, the whole solve one jitted program. Reported: median
+  latency of a solve, its model evaluations (NFE, counted exactly by solve_ode) and ms per NFE.
+
+Weights: random (no trained checkpoint is needed or read). A freshly initialised DiMSUM or DiT
+outputs exactly zero (zero-initialised final and adaLN-Zero layers), which an adaptive solver
+crosses in one step; --perturb (default 0.02) replaces every all-zero parameter by N(0, perturb^2)
+so that the velocity field is a non-trivial function of x and t. The NFE of a trained model differs;
+latency = NFE x (ms per NFE) transfers.
+
+  python benchmarks/sample.py                           # DiMSUM-L/2: forward 256, dopri5 256/512 px
+  python benchmarks/sample.py --models DiT-L/2 --cfg-scale 1.4
+  python benchmarks/sample.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from dimsum_jax import models  # noqa: E402
+from dimsum_jax import sampling  # noqa: E402
+from dimsum_jax import transport  # noqa: E402
+
+
+def init_params(model, cfg, seed: int, perturb: float):
+  """Random parameters; all-zero leaves (zero-init layers) replaced by N(0, perturb^2)."""
+  s = cfg.input_size
+  x = jnp.zeros((1, s, s, cfg.in_channels), jnp.float32)
+  params = jax.jit(lambda k: model.init(k, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))(
+      jax.random.PRNGKey(seed))["params"]
+  if perturb <= 0:
+    return params
+
+  @jax.jit
+  def fill(params, key):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [jnp.where(jnp.any(l != 0), l, perturb * jax.random.normal(k, l.shape, l.dtype))
+              for k, l in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+  return fill(params, jax.random.PRNGKey(seed + 1))
+
+
+def inputs(cfg, batch: int, seed: int):
+  kx, kt, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+  s = cfg.input_size
+  return (jax.random.normal(kx, (batch, s, s, cfg.in_channels), jnp.float32),
+          jax.random.uniform(kt, (batch,), jnp.float32),
+          jax.random.randint(ky, (batch,), 0, max(cfg.num_classes, 1), jnp.int32))
+
+
+def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
+  cfg = common.model_config(name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl,
+                            smoke=args.smoke)
+  model = models.create_model(cfg)
+  params = init_params(model, cfg, args.seed, args.perturb)
+  x, t, y = inputs(cfg, batch, args.seed + 2)
+  fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+  compiled, compile_s = common.timed_compile(fwd, params, x, t, y,
+                                             compiler_options=_options(args))
+  out = compiled(params, x, t, y)
+  finite = bool(jnp.all(jnp.isfinite(out)))
+  samples = common.time_calls(lambda: compiled(params, x, t, y), warmup=args.warmup,
+                              repeats=args.repeats)
+  timing = common.summary(samples)
+  images_per_s = batch / (timing["median_ms"] / 1e3)
+  flop = 2.0 * common.forward_macs(model)
+  return {"benchmark": "forward", "model": name, "image_size": image_size, "batch": batch,
+          "dtype": args.dtype, "scan_impl": common.resolved_scan_impl(cfg), "compile_s": compile_s,
+          "call": timing, "images_per_s": images_per_s, "gflop_per_image": flop / 1e9,
+          "model_tflops_per_s": images_per_s * flop / 1e12,
+          "mfu": common.mfu(images_per_s * flop), "output_finite": finite,
+          "memory": common.memory_stats(), "memory_plan": common.compiled_memory(compiled)}
+
+
+def bench_dopri5(args, name: str, image_size: int) -> dict:
+  cfg = common.model_config(name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl,
+                            smoke=args.smoke)
+  model = models.create_model(cfg)
+  params = init_params(model, cfg, args.seed, args.perturb)
+  tcfg = transport.default_transport_config()
+  t0, t1 = transport.time_interval(tcfg, eval=True)
+  x0, _, y = inputs(cfg, 1, args.seed + 3)
+  num_classes = cfg.num_classes
+
+  def solve(params, x0, y):
+    velocity = sampling.make_sampling_velocity_fn(
+        lambda x, t, y: model.apply({"params": params}, x, t, y), y if num_classes else None,
+        path_type=tcfg.path_type, prediction=tcfg.prediction,
+        cfg_scale=args.cfg_scale if num_classes else 1.0, null_label=num_classes)
+    return sampling.solve_ode(velocity, x0, solver="dopri5", atol=args.atol, rtol=args.rtol,
+                              t0=t0, t1=t1, max_steps=args.max_steps)
+
+  compiled, compile_s = common.timed_compile(jax.jit(solve), params, x0, y,
+                                             compiler_options=_options(args))
+  print(f"dopri5 {name} {image_size} px: compiled in {compile_s:.1f} s", file=sys.stderr,
+        flush=True)
+  result = compiled(params, x0, y)
+  print(f"dopri5 {name} {image_size} px: NFE {int(result.nfe)}", file=sys.stderr, flush=True)
+  sampling.check_ode_result(result, max_steps=args.max_steps)
+  samples = common.time_calls(lambda: compiled(params, x0, y).x1, warmup=args.warmup,
+                              repeats=args.repeats)
+  timing = common.summary(samples)
+  nfe = int(result.nfe)
+  return {"benchmark": "dopri5", "model": name, "image_size": image_size, "batch": 1,
+          "dtype": args.dtype, "scan_impl": common.resolved_scan_impl(cfg),
+          "cfg_scale": args.cfg_scale, "atol": args.atol, "rtol": args.rtol,
+          "perturb": args.perturb, "compile_s": compile_s, "solve": timing,
+          "latency_s": timing["median_ms"] / 1e3, "nfe": nfe,
+          "steps": {"accepted": int(result.num_accepted_steps),
+                    "rejected": int(result.num_rejected_steps)},
+          "ms_per_nfe": timing["median_ms"] / nfe,
+          "output_finite": bool(jnp.all(jnp.isfinite(result.x1))),
+          "memory": common.memory_stats()}
+
+
+def _options(args):
+  return common.SMOKE_COMPILER_OPTIONS if args.smoke else None
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--models", nargs="+", default=["DiMSUM-L/2"])
+  p.add_argument("--forward-batch", type=int, default=256)
+  p.add_argument("--forward-size", type=int, default=256, help="pixels (latents size / 8)")
+  p.add_argument("--sample-sizes", type=int, nargs="*", default=[256, 512])
+  p.add_argument("--skip-forward", action="store_true")
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  p.add_argument("--scan-impl", default="auto", choices=["auto", "pallas", "reference"])
+  p.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance (batch not doubled)")
+  p.add_argument("--atol", type=float, default=1e-6)
+  p.add_argument("--rtol", type=float, default=1e-3)
+  p.add_argument("--max-steps", type=int, default=4096)
+  p.add_argument("--perturb", type=float, default=0.02,
+                 help="std of the noise put into all-zero (zero-initialised) parameters")
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--smoke", action="store_true", help="tiny models, small sizes, on any device")
+  p.add_argument("--out", default=None, help="append the JSON lines to this file")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.forward_batch, args.forward_size, args.sample_sizes = 4, 64, [64]
+    args.repeats, args.warmup = 5, 1
+  if args.repeats < 5:
+    raise SystemExit("--repeats must be at least 5 (the median of fewer is noise).")
+
+  env = common.environment()
+  jobs = []
+  for name in args.models:
+    if not args.skip_forward:
+      jobs.append(("forward", name, lambda n=name: bench_forward(args, n, args.forward_size,
+                                                                  args.forward_batch)))
+    for size in args.sample_sizes:
+      jobs.append(("dopri5", name, lambda n=name, s=size: bench_dopri5(args, n, s)))
+  ok = 0
+  for kind, name, job in jobs:
+    try:
+      record = {**job(), **env}
+      ok += 1
+    except Exception as e:  # noqa: BLE001 - report and go on
+      traceback.print_exc()
+      record = {"benchmark": kind, "model": name, **common.error_record(e), **env}
+    common.emit(record, args.out)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
