@@ -334,7 +334,7 @@ def main(argv=None):
 
 
 def save_params(out_dir, params, model_cfg):
-  """Write params (Orbax) + model config (JSON) the way `dimsum_jax.export` does."""
+  """Write params (Orbax, `params/`) + `model_config.json`; `dimsum_jax.sample --checkpoint` reads it."""
   import os
 
   import orbax.checkpoint as ocp
