@@ -101,19 +101,19 @@ def save(manager, step, state, data_array, *, force=False):
       state=_save_args(state), data=_save_args({'data': data_array})))
 
 
-def _first_mismatch(saved, wanted):
-  """Where a saved checkpoint's tree differs from this model's ('' when it matches)."""
-  saved_leaves = {sharding.leaf_path(p): tuple(getattr(x, 'shape', ()) or ())
-                  for p, x in jax.tree_util.tree_leaves_with_path(saved)}
-  wanted_leaves = {sharding.leaf_path(p): tuple(x.shape)
-                   for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
-  for name, shape in wanted_leaves.items():
-    if name not in saved_leaves:
+def first_mismatch(saved, wanted, *, needed_by='this model'):
+  """Where a saved tree (Orbax metadata) differs from `wanted`'s shapes ('' when it fits)."""
+  def shapes(tree):
+    return {sharding.leaf_path(p): tuple(getattr(x, 'shape', ()) or ())
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  have, need = shapes(saved), shapes(wanted)
+  for name, shape in need.items():
+    if name not in have:
       return f'it has no {name}'
-    if saved_leaves[name] != shape:
-      return f'{name} has shape {saved_leaves[name]}, this model needs {shape}'
-  extra = sorted(set(saved_leaves) - set(wanted_leaves))
-  return f'it has {extra[0]}, which this model lacks' if extra else ''
+    if have[name] != shape:
+      return f'{name} has shape {have[name]} there, {needed_by} needs {shape}'
+  extra = sorted(set(have) - set(need))
+  return f'it has {extra[0]}, which {needed_by} lacks' if extra else ''
 
 
 def _restore_one(manager, step, abstract_state, mesh):
@@ -122,7 +122,7 @@ def _restore_one(manager, step, abstract_state, mesh):
   saved, saved_data = metadata['state'], metadata['data']
   if saved is None or saved_data is None:
     raise CheckpointError('its metadata is missing or unreadable')
-  mismatch = _first_mismatch(saved, abstract_state)
+  mismatch = first_mismatch(saved, abstract_state)
   if mismatch:
     raise CheckpointError(f'it holds a different model ({mismatch})')
   data_shape = tuple(saved_data['data'].shape)

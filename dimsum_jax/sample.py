@@ -214,21 +214,6 @@ def _abstract_params(model, model_config):
                          x, t, y))['params']
 
 
-def _first_mismatch(saved, wanted) -> str:
-  """Where a saved parameter tree (Orbax metadata) differs from the model's ('' when it fits)."""
-  def shapes(tree):
-    return {sharding.leaf_path(p): tuple(getattr(x, 'shape', ()) or ())
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  have, need = shapes(saved), shapes(wanted)
-  for name, shape in need.items():
-    if name not in have:
-      return f'it has no {name}'
-    if have[name] != shape:
-      return f'{name} has shape {have[name]} there, the config needs {shape}'
-  extra = sorted(set(have) - set(need))
-  return f'it has {extra[0]}, which the config\'s model lacks' if extra else ''
-
-
 def _metadata_tree(path):
   meta = ocp.StandardCheckpointer().metadata(path)
   meta = getattr(meta, 'item_metadata', meta)  # StepMetadata -> TreeMetadata -> the tree
@@ -241,7 +226,7 @@ def _restore_export(path, abstract, where):
   except Exception as e:  # pylint: disable=broad-except
     raise SampleError(f'{path} is not a readable parameter checkpoint '
                       f'({str(e).splitlines()[0][:200]}).') from e
-  mismatch = _first_mismatch(saved, abstract)
+  mismatch = checkpoint.first_mismatch(saved, abstract, needed_by='the config')
   if mismatch:
     raise SampleError(f'The weights in {where} do not fit its config ({mismatch}): the '
                       'checkpoint and the config come from different models.')
@@ -270,7 +255,8 @@ def _restore_workdir(workdir, abstract, step):
       except Exception as e:  # pylint: disable=broad-except
         failures.append(f'step {s}: {str(e).splitlines()[0][:200]}')
         continue
-      mismatch = _first_mismatch(saved.get('ema_params', {}), abstract)
+      mismatch = checkpoint.first_mismatch(saved.get('ema_params', {}), abstract,
+                                          needed_by='the config')
       if mismatch:
         raise SampleError(f'The checkpoint of step {s} in {ckdir} does not fit config.json '
                           f'({mismatch}): the checkpoint and the config come from different '
