@@ -188,7 +188,7 @@ def test_training_flops_per_image():
           + depth * (6 * d * d + 4 * n * d * d + 2 * n * n * d + 8 * n * d * d))
   assert common.train_flops_per_image(models.create_model(cfg)) == pytest.approx(6 * macs,
                                                                                  rel=1e-12)
-  # The 575 G per DiMSUM-L/2 training image (96 G MACs forward, x2, x3).
+  # The usual 575 G per DiMSUM-L/2 training image (96 G MACs forward, x2, x3).
   dimsum = models.create_model(common.model_config("DiMSUM-L/2", 32))
   assert common.train_flops_per_image(dimsum) == pytest.approx(575e9, rel=0.01)
 

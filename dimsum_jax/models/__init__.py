@@ -37,7 +37,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       "label_dropout": 0.1,
       "drop_path": 0.0,
       "cond_mamba": "none",      # "none" (as released) or "h0" (condition sets the initial state)
-      "scan_type": "none",       # published orders; or sweep_4, sweep_8, zigma_8, jpeg_8, jpeg_2
+      "scan_type": "none",       # published orders; v2 (bidirectional); or the ablations sweep_4,
+                                 # sweep_8, zigma_8, jpeg_8, jpeg_2
       "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
       "wavelet_impl": "jaxwt",   # Haar packet: jaxwt (convolutions) or direct (butterflies)
       "dtype": "float32",        # compute dtype; parameters are always float32

@@ -365,3 +365,101 @@ def test_every_scan_type_gives_valid_permutations_and_a_different_output():
   for i, a in enumerate(names):
     for b in names[i + 1:]:
       assert _rel(outs[a], outs[b]) > 1e-3, (a, b)
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def _sincos_table(dim, grid):
+  """MAE's 2-D sin-cos table written out per entry: column first, then row; [sin, cos] halves."""
+  quarter = dim // 4
+  table = np.zeros((grid * grid, dim))
+  for row in range(grid):
+    for col in range(grid):
+      for i in range(quarter):
+        omega = 1.0 / 10000 ** (i / quarter)
+        token = row * grid + col
+        table[token, i] = np.sin(col * omega)
+        table[token, quarter + i] = np.cos(col * omega)
+        table[token, 2 * quarter + i] = np.sin(row * omega)
+        table[token, 3 * quarter + i] = np.cos(row * omega)
+  return table
+
+
+def _assert_uniform(w, bound):
+  """w ~ U(-bound, bound): inside the bound, reaching near it, with the uniform's std."""
+  w = np.asarray(w, np.float64).ravel()
+  assert w.size > 2000
+  assert np.abs(w).max() <= bound * (1 + 1e-6)
+  assert np.abs(w).max() > 0.95 * bound
+  np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.06)
+  assert abs(w.mean()) < 0.05 * bound
+
+
+def _assert_normal(w, std):
+  w = np.asarray(w, np.float64).ravel()
+  np.testing.assert_allclose(w.std(), std, rtol=0.06)
+  assert abs(w.mean()) < 0.1 * std
+
+
+@pytest.fixture(scope="module")
+def initialised():
+  mc = common.tiny_config(hidden_size=256, depth=8, attn_every=4, input_size=16,
+                          num_classes=1000)
+  model = create_model(mc)
+  x, t, y = common.inputs(mc, batch=1, seed=0)
+  params = jax.jit(lambda key: model.init(key, x, t, y)["params"])(
+      jax.random.PRNGKey(np.random.default_rng().integers(1 << 30)))
+  return model, jax.tree_util.tree_map(np.asarray, params)
+
+
+def test_initialisation_follows_upstream(initialised):
+  """Upstream's DiM.initialize_weights + _init_weights + Mamba's init (reference sections 2, 4)."""
+  model, p = initialised
+  D, depth, patch = model.hidden_size, model.depth, model.patch_size
+  d = D // 2
+  E, n, k = MambaMixer.expand * d, MambaMixer.d_state, MambaMixer.d_conv
+  rank = int(np.ceil(d / 16))
+  g = model.input_size // patch
+
+  np.testing.assert_allclose(p["pos_embed"], _sincos_table(D, g), atol=1e-6)
+  _assert_uniform(p["x_embedder"]["proj"]["kernel"], np.sqrt(6 / (4 * patch * patch + D)))
+  _assert_normal(p["y_embedder"]["embedding_table"]["embedding"], 0.02)
+  for layer in ("mlp_0", "mlp_2"):
+    _assert_normal(p["t_embedder"][layer]["kernel"], 0.02)
+  # Zero: each block's MLP adaLN and the whole final layer.
+  for leaf in jax.tree_util.tree_leaves([p["final_layer"]] + [
+      p["groups"][f"block_{j}"]["adaLN_modulation"] for j in range(model.attn_every)]):
+    assert not np.any(leaf)
+  # Every Linear bias is zero (conv biases and dt_proj's bias are not Linear biases here).
+  biases = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]
+            if getattr(path[-1], "key", None) == "bias"]
+  assert len(biases) > 20 and not any(np.any(b) for b in biases)
+
+  blocks = [p["groups"][f"block_{j}"] for j in range(model.attn_every)]
+  stack = lambda get: np.stack([get(b) for b in blocks])
+  for branch in ("spatial_mamba", "freq_mamba"):
+    mixer = lambda b: b[branch]["mixer"]
+    # Not zero-initialised: the half-branches' adaLN (PyTorch default Linear init).
+    _assert_uniform(stack(lambda b: b[branch]["adaLN_modulation"]["linear"]["kernel"]),
+                    1 / np.sqrt(D))
+    _assert_uniform(stack(lambda b: mixer(b)["in_proj"]["kernel"]), 1 / np.sqrt(d))
+    # out_proj re-drawn with the default init and divided by sqrt(depth).
+    _assert_uniform(stack(lambda b: mixer(b)["out_proj"]["kernel"]),
+                    1 / np.sqrt(E) / np.sqrt(depth))
+    _assert_uniform(stack(lambda b: mixer(b)["x_proj"]["kernel"]), 1 / np.sqrt(E))
+    _assert_uniform(stack(lambda b: mixer(b)["conv1d_kernel"]), 1 / np.sqrt(k))
+    _assert_uniform(stack(lambda b: mixer(b)["dt_proj_kernel"]), rank ** -0.5)
+    a_log = stack(lambda b: mixer(b)["A_log"])
+    np.testing.assert_allclose(a_log, np.broadcast_to(np.log(np.arange(1, n + 1)), a_log.shape),
+                               rtol=1e-6)
+    assert np.all(stack(lambda b: mixer(b)["D"]) == 1)
+    # softplus(dt_bias) = dt with log dt ~ U(log 1e-3, log 1e-1).
+    log_dt = np.log(np.logaddexp(0, stack(lambda b: mixer(b)["dt_proj_bias"]).astype(np.float64)))
+    assert log_dt.min() >= np.log(1e-3) - 1e-4 and log_dt.max() <= np.log(1e-1) + 1e-4
+    np.testing.assert_allclose(log_dt.mean(), np.log(1e-2), atol=0.25)
+    np.testing.assert_allclose(log_dt.std(), np.log(100) / np.sqrt(12), rtol=0.1)
+  assert np.all(stack(lambda b: b["norm"]["weight"]) == 1)
+  # Shared block: adaLN weight default-initialised (not zero), its bias zero.
+  _assert_uniform(p["attn_block"]["adaLN_modulation"]["linear"]["kernel"], 1 / np.sqrt(D))
+  _assert_uniform(stack(lambda b: b["mlp"]["w12"]["kernel"]), 1 / np.sqrt(D))
