@@ -79,17 +79,24 @@ def load_npz(path):
 
 
 def reference_samples(export_dir, indices, labels, *, seed, num_steps, cfg_scale, latents=False):
+  """`euler_samples` of the model and EMA weights of an export."""
+  config, params = checkpoint.load_exported(str(export_dir))
+  return euler_samples(models.create_model(config.model), params, config.model, indices, labels,
+                       seed=seed, num_steps=num_steps, cfg_scale=cfg_scale, latents=latents)
+
+
+def euler_samples(model, params, model_config, indices, labels, *, seed, num_steps, cfg_scale,
+                  latents=False):
   """Sample i from the documented noise (fold_in(split(PRNGKey(seed))[0], i)), then Euler steps
   of v = v_null + s (v_label - v_null) over [0, 1] with the conditional and null passes run
-  separately; uint8 by upstream's 127.5 x + 128 (or the float latents)."""
-  config, params = checkpoint.load_exported(str(export_dir))
-  model = models.create_model(config.model)
-  shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
+  separately; uint8 by upstream's 127.5 x + 128 (or the float latents). Takes the module and
+  parameters directly, so it shares no loading code with the command it checks."""
+  shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   noise_key = jax.random.split(jax.random.PRNGKey(seed))[0]
   x = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(noise_key, int(i)), shape))
                 for i in indices]).astype(np.float64)
   apply = jax.jit(lambda x, t, y: model.apply({'params': params}, x, t, y))
-  n = config.model.num_classes
+  n = model_config.num_classes
   y = jnp.asarray(labels, jnp.int32) if n else None
   for k in range(num_steps):
     t = jnp.full((len(indices),), k / num_steps, jnp.float32)
@@ -359,6 +366,37 @@ def test_latent_model_decodes_through_the_vae(tmp_path):
   sample.run(checkpoint=str(export_dir), out=str(tmp_path / 'flag'), vae_dir=str(vae_dir),
              **settings)
   np.testing.assert_array_equal(load_npz(tmp_path / 'flag' / 'samples.npz')[0], images)
+
+
+def test_converted_upstream_layout_samples_like_a_direct_euler_loop(tmp_path):
+  """A DiMSUM in the layout `python -m dimsum_jax.convert` writes (model_config.json + params/,
+  no config.json or step.txt), its weights an upstream-named state dict (every parameter
+  non-zero) mapped by from_upstream: sampled with guidance, so the null row (label 10) runs, and
+  with class 9, the last real row, so a null index off by one would show."""
+  from dimsum_jax import convert  # pylint: disable=g-import-not-at-top
+  from tests.models import common  # pylint: disable=g-import-not-at-top
+  mc = common.tiny_config(in_channels=3)   # pixels: no VAE needed
+  model = models.create_model(mc)
+  params = common.filled_params(model, mc)
+  converted = tmp_path / 'converted'
+  convert.save_params(str(converted), params, mc)
+  assert sorted(os.listdir(converted)) == ['model_config.json', 'params']
+  settings = dict(num_samples=3, batch_size=4, classes=[9, 0], solver='euler', num_steps=3,
+                  cfg_scale=2.0, seed=SEED)
+  summary = sample.run(checkpoint=str(converted), out=str(tmp_path / 'out'), pngs=False,
+                       **settings)
+  images, labels = load_npz(tmp_path / 'out' / 'samples.npz')
+  assert images.shape == (3, 8, 8, 3) and list(labels) == [9, 0, 9]
+  guided = euler_samples(model, params, mc, range(3), labels, seed=SEED, num_steps=3,
+                         cfg_scale=2.0)
+  assert_close_uint8(images, guided)
+  # Not a trivial match: many pixels are unclipped, and guidance moves them.
+  assert ((guided > 0) & (guided < 255)).mean() > 0.1
+  unguided = euler_samples(model, params, mc, range(3), labels, seed=SEED, num_steps=3,
+                           cfg_scale=1)
+  assert np.abs(unguided.astype(int) - guided.astype(int)).max() > 8
+  assert summary['source'] == str(converted) and summary['step'] is None
+  assert summary['nfe_per_batch'] == [3] and summary['batch_size'] == 3
 
 
 _PROCESS = textwrap.dedent("""

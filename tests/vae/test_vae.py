@@ -1,7 +1,8 @@
 """The Flax AutoencoderKL against diffusers, and the weight import.
 
-The parity tests need `torch` and `diffusers` (and `safetensors`); they fail, not skip, when
-these are missing. The mapping and error tests need neither.
+The parity tests and the full-size sd-vae-ft-ema mapping test need `torch` and `diffusers` (and
+`safetensors`); they fail, not skip, when these are missing. The tiny mapping and error tests need
+neither.
 """
 import importlib
 import json
@@ -102,6 +103,79 @@ def test_old_attention_names_in_a_torch_bin_give_the_same_params(diffusers_vae, 
   _, from_bin = convert.convert_diffusers_vae(str(tmp_path))
   _, from_safetensors = convert.convert_diffusers_vae(str(folder))
   jax.tree.map(np.testing.assert_array_equal, from_bin, from_safetensors)
+
+
+# -- the full-size sd-vae-ft-ema architecture, without weights -----------------------------------
+
+# stabilityai/sd-vae-ft-ema's published config.json (its non-architecture fields left out).
+SD_VAE_FT_EMA = {"_class_name": "AutoencoderKL", "act_fn": "silu",
+                 "block_out_channels": [128, 256, 512, 512],
+                 "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
+                 "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+                 "out_channels": 3, "sample_size": 256, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD_VAE_FT_EMA_PARAMETERS = 83_653_863
+
+
+def _flax_path(diffusers_key, ndim):
+  """Where a diffusers key should land, written from the documented naming (not convert.py):
+  `.N` joins its module name as `_N`; weights are `kernel` (conv, dense) or `scale` (norm)."""
+  *modules, leaf = diffusers_key.split(".")
+  path = []
+  for name in modules:
+    if name.isdigit():
+      path[-1] = f"{path[-1]}_{name}"
+    else:
+      path.append(name)
+  if leaf == "weight":
+    leaf = "scale" if ndim == 1 else "kernel"
+  return tuple(path) + (leaf,)
+
+
+def _flax_shape(torch_shape):
+  """Conv [out, in, kh, kw] -> [kh, kw, in, out]; dense [out, in] -> [in, out]; 1-D kept."""
+  if len(torch_shape) == 4:
+    out, cin, kh, kw = torch_shape
+    return (kh, kw, cin, out)
+  return tuple(reversed(torch_shape))
+
+
+def test_sd_vae_ft_ema_state_dict_maps_key_for_key_onto_the_flax_tree():
+  """The real architecture, built by diffusers on the meta device (no weights allocated), against
+  the module the project builds from the same config.json: every key has its place, every shape
+  its transpose, 83,653,863 parameters on both sides. The conversion itself runs on zero-stride
+  NumPy views tagged per key (value 1024 (k + 1) + o along the torch output axis o), so it moves
+  no data yet shows which key reached which leaf and that the output axis came out last."""
+  torch = _require("torch")
+  diffusers = _require("diffusers")
+  with torch.device("meta"):
+    torch_vae = diffusers.AutoencoderKL(**{k: v for k, v in SD_VAE_FT_EMA.items()
+                                           if not k.startswith("_")})
+  shapes = {k: tuple(v.shape) for k, v in torch_vae.state_dict().items()}
+  assert sum(p.numel() for p in torch_vae.parameters()) == SD_VAE_FT_EMA_PARAMETERS
+  assert sum(int(np.prod(s)) for s in shapes.values()) == SD_VAE_FT_EMA_PARAMETERS  # no buffers
+
+  vae = model.vae_from_config(SD_VAE_FT_EMA)
+  assert vae == model.AutoencoderKL()   # the module's defaults are this VAE
+  assert vae.downsampling_factor == 8
+  abstract = flax.traverse_util.flatten_dict(model.abstract_params(vae))
+  assert sum(int(np.prod(a.shape)) for a in abstract.values()) == SD_VAE_FT_EMA_PARAMETERS
+  expected = {_flax_path(k, len(s)): _flax_shape(s) for k, s in shapes.items()}
+  assert len(expected) == len(shapes)
+  assert sorted(expected) == sorted(abstract)
+  assert {p: tuple(a.shape) for p, a in abstract.items()} == expected
+
+  tags = {}
+  for k, (key, shape) in enumerate(shapes.items()):
+    tags[key] = np.broadcast_to(
+        (1024 * (k + 1) + np.arange(shape[0], dtype=np.float32)).reshape((-1,) + (1,) * (
+            len(shape) - 1)), shape)
+  params = flax.traverse_util.flatten_dict(convert.params_from_state_dict(tags, vae))
+  assert sorted(params) == sorted(abstract)
+  for k, (key, shape) in enumerate(shapes.items()):
+    leaf = params[_flax_path(key, len(shape))]
+    assert leaf.shape == expected[_flax_path(key, len(shape))], key
+    along_out = leaf[(0,) * (leaf.ndim - 1)]   # the last axis, the others at 0
+    np.testing.assert_array_equal(along_out, 1024 * (k + 1) + np.arange(shape[0]), err_msg=key)
 
 
 # -- the mapping on a hand-built NumPy state dict (no torch) -------------------------------------
