@@ -1,12 +1,15 @@
 """Import official PyTorch DiMSUM weights (VinAIResearch/DiMSUM) into this project's parameters.
 
-  python -m dimsum_jax.convert --upstream=CKPT.pt --config=configs/imagenet256.py --out=DIR
+  python -m dimsum_jax.convert --upstream=CKPT.pt [--config=configs/imagenet256.py] --out=DIR
 
 reads an upstream checkpoint (a torch file holding `model`, `ema`, `opt`, `epoch`, `args`, or a bare
 state dict), takes `ema` (what upstream's samplers use; `--entry=model` for the raw weights), maps
-every key and writes an Orbax checkpoint of the EMA parameters with their model config. The mapping
-itself is `from_upstream(state_dict, model, example_inputs)`: NumPy arrays under upstream names in,
-a Flax parameter tree out. torch is needed only to read .pt files.
+every key and writes the parameters with their model config (params/ + model_config.json, read by
+`dimsum_jax.sample --checkpoint`). Without --config the model comes from the checkpoint's `args`;
+either way, upstream options this port does not implement are refused (PUBLISHED_FLAGS), as are
+missing, unknown or mis-shaped keys, by upstream key and PyTorch shape, before anything is written.
+The mapping itself is `from_upstream(state_dict, model, abstract_params)`: NumPy arrays under
+upstream names in, a Flax parameter tree out. torch is needed only to read .pt files.
 """
 from __future__ import annotations
 
@@ -20,6 +23,13 @@ import numpy as np
 
 # Upstream keys that carry no parameters of ours: fixed Haar filter buffers.
 BUFFER_PATTERNS = (r"\.dwt\.w_(ll|lh|hl|hh)$", r"\.idwt\.filters$")
+
+
+class ConvertError(ValueError):
+  """The checkpoint, its arguments or the config cannot be converted; the message says why.
+
+  The command line prints it as one message without a traceback (it is the user's input, not a
+  bug of this module)."""
 
 
 def _module_path(parts):
@@ -107,21 +117,24 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
   """Map an upstream state dict (NumPy arrays by upstream key) onto `abstract_params`.
 
   abstract_params: the tree of jax.ShapeDtypeStruct from jax.eval_shape(model.init, ...)["params"].
-  Raises a ValueError naming every missing, unexpected or mis-shaped key.
+  Raises a ConvertError naming every missing, unexpected or mis-shaped key. Shapes are checked in
+  upstream's layout, before any transpose, so that the message shows what the user can look up
+  in the checkpoint (e.g. x_embedder.proj.weight [96, 4, 2, 2]), not our internal layout.
   """
   collection, size = block_layout(model)
   target = _flatten(jax.tree_util.tree_map(lambda s: s, abstract_params))
   filled = {}
-  unexpected, bad_shape, dropped = [], [], []
+  unexpected, bad_shape = [], []
   for key, value in state_dict.items():
     if any(re.search(p, key) for p in BUFFER_PATTERNS):
       continue
     try:
       path, block, fn = _target(key)
-    except KeyError:
+    except (KeyError, ValueError, IndexError):   # not a name of upstream's modules
       unexpected.append(key)
       continue
-    value = fn(np.asarray(value))
+    inner = path
+    index = None
     if block is not None:
       if collection == "groups":
         path = ("groups", f"block_{block % size}") + path
@@ -130,16 +143,21 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
       index = block // size
     if path not in target:
       if "cond_proj" in path:   # the release's dead layers; a model without them drops them
-        dropped.append(key)
         continue
       unexpected.append(key)
       continue
     spec = target[path]
-    want = spec.shape[1:] if block is not None else spec.shape
-    if tuple(value.shape) != tuple(want):
-      bad_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+    if index is not None and index >= spec.shape[0]:
+      unexpected.append(key)    # a block beyond this model's depth
       continue
-    if block is not None:
+    want = _upstream_shape(inner, spec.shape[1:] if block is not None else spec.shape)
+    value = np.asarray(value)
+    if tuple(value.shape) != want:
+      bad_shape.append(f"{key}: checkpoint {_shape_str(value.shape)} vs expected "
+                       f"{_shape_str(want)}")
+      continue
+    value = fn(value)
+    if index is not None:
       filled.setdefault(path, {})[index] = value
     else:
       filled[path] = value
@@ -152,26 +170,41 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
       continue
     v = filled[path]
     if isinstance(v, dict):
-      n = spec.shape[0]
-      if sorted(v) != list(range(n)):
-        missing += _upstream_keys(path, sorted(set(range(n)) - set(v)), collection, size)
+      absent = sorted(set(range(spec.shape[0])) - set(v))
+      if absent:
+        missing += _upstream_keys(path, absent, collection, size)
         continue
-      v = np.stack([v[i] for i in range(n)])
+      v = np.stack([v[i] for i in range(spec.shape[0])])
     out[path] = np.asarray(v, dtype=dtype)
   if unexpected or bad_shape or missing:
-    msg = ["The upstream checkpoint does not match this model config."]
-    if bad_shape:
-      msg.append(f"Mis-shaped keys ({len(bad_shape)}): " + "; ".join(bad_shape[:8]))
-    if unexpected:
-      msg.append(f"Keys the model has no place for ({len(unexpected)}): "
-                 + ", ".join(unexpected[:8]))
-    if missing:
-      msg.append(f"Parameters the checkpoint does not provide ({len(missing)}): "
-                 + ", ".join(missing[:8]))
-    msg.append("Check the model name, image size, num_classes and cond_mamba of the config "
-               "against the checkpoint's training arguments.")
-    raise ValueError("\n".join(msg))
+    raise ConvertError(_mismatch_message(bad_shape, unexpected, missing))
   return _unflatten(out)
+
+
+def _shape_str(shape):
+  """Upstream shapes as PyTorch prints them: [96, 4, 2, 2]."""
+  return "[" + ", ".join(str(int(n)) for n in shape) + "]"
+
+
+def _upstream_shape(path, shape):
+  """The upstream (PyTorch-layout) shape of our parameter `path` of shape `shape`."""
+  _, fn = _upstream_name(path)
+  return tuple(fn(np.broadcast_to(np.zeros((), np.float32), tuple(shape))).shape)
+
+
+def _mismatch_message(bad_shape, unexpected, missing):
+  msg = ["The upstream checkpoint does not match this model config."]
+  if bad_shape:
+    msg.append(f"Mis-shaped keys ({len(bad_shape)}): " + "; ".join(bad_shape[:8]))
+  if unexpected:
+    msg.append(f"Keys the model has no place for ({len(unexpected)}): "
+               + ", ".join(unexpected[:8]))
+  if missing:
+    msg.append(f"Parameters the checkpoint does not provide ({len(missing)}): "
+               + ", ".join(missing[:8]))
+  msg.append("Check the model name, depth, hidden size, image size, num_classes and cond_mamba "
+             "of the config against the checkpoint's training arguments.")
+  return "\n".join(msg)
 
 
 def _upstream_keys(path, indices, collection, size):
@@ -229,51 +262,139 @@ def to_upstream(params, model) -> dict[str, np.ndarray]:
   return out
 
 
+# Upstream model flags this port implements only in their published setting (reference section 1:
+# the flags of every published script and the defaults they leave untouched), as
+# (argument name, published value, upstream command-line flag or None for DiM(...) keywords).
+# Train-script names (not_use_gated_mlp) and the golden files' DiM(...) names (use_gated_mlp) are
+# both listed; an argument that is absent counts as published. Accepted whatever their value, as
+# they change nothing a converted forward computes: fused_add_norm (the same RMSNorm, fused or
+# not), cond_mamba (the release's conditional Mamba has no effect, reference section 9; without
+# it the mixers are plain Mamba, which is what this port runs), learnable_pe (pos_embed is an
+# nn.Parameter either way, frozen or not, so the state dict holds the table the model used) and
+# drop_path (training only).
+PUBLISHED_FLAGS = (
+    ("block_type", "combined", "--block-type"),
+    ("rms_norm", True, "--rms-norm"),
+    ("pe_type", "ape", "--pe-type"),
+    ("learn_sigma", False, "--learn-sigma"),
+    ("use_final_norm", False, "--use-final-norm"),
+    ("scanning_continuity", False, "--scanning-continuity"),
+    ("enable_fourier_layers", False, "--enable-fourier-layers"),
+    ("not_use_gated_mlp", False, "--not-use-gated-mlp"),
+    ("use_gated_mlp", True, None),
+    ("is_moe", False, "--is-moe"),
+    ("use_independent_attn", False, None),
+)
+
+
+def check_published_flags(cfg: dict) -> None:
+  """Refuse upstream arguments that select a model variant this port does not implement.
+
+  Converting such a checkpoint would either fail on key names far from the cause or, worse
+  (scanning_continuity: no parameters of its own), succeed and compute something else."""
+  from dimsum_jax.ops.scan_orders import SCAN_TYPES
+  bad = []
+  for name, published, flag in PUBLISHED_FLAGS:
+    if name in cfg and cfg[name] is not None and type(published)(cfg[name]) != published:
+      spelled = f" ({flag})" if flag else ""
+      bad.append(f"{name}={cfg[name]!r}{spelled}, published {published!r}")
+  scan_key = "scan_type" if "scan_type" in cfg else "bimamba_type"
+  if cfg.get(scan_key, "none") not in SCAN_TYPES:
+    bad.append(f"{scan_key}={cfg[scan_key]!r} (--bimamba-type), which is none of {SCAN_TYPES}")
+  if bad:
+    raise ConvertError("The checkpoint's arguments select upstream model options that this port "
+                       "does not implement: " + "; ".join(bad) + ". This port implements only "
+                       "the published setting of these flags (that of upstream's "
+                       "scripts/train.sh).")
+
+
+def _registry_name(depth: int, hidden: int, patch: int) -> tuple[str, bool]:
+  """(registry name, whether it is exactly that size) for these dimensions.
+
+  The model takes depth and hidden_size overrides but its patch only from the name, so the name
+  must have the right patch; among those, the exact size or else the closest one (hidden width
+  first, then depth) names the model."""
+  from dimsum_jax.models import DIMSUM_SIZES
+  same_patch = [n for n, s in DIMSUM_SIZES.items() if s[2] == patch]
+  if not same_patch:
+    patches = sorted({s[2] for s in DIMSUM_SIZES.values()})
+    raise ConvertError(
+        f"patch_size {patch} is not supported: the model takes its patch from its registry name "
+        f"(dimsum_jax.models.DIMSUM_SIZES, upstream's DiM_models sizes), which has patch "
+        f"{' and '.join(map(str, patches))} only.")
+  name = min(same_patch, key=lambda n: (abs(DIMSUM_SIZES[n][1] - hidden),
+                                        abs(DIMSUM_SIZES[n][0] - depth)))
+  return name, DIMSUM_SIZES[name][:2] == (depth, hidden)
+
+
 def model_config_from_upstream(cfg: dict, state_dict=None) -> ml_collections.ConfigDict:
   """Model ConfigDict from upstream hyperparameters (golden `config_json` or a checkpoint's args).
 
   Understands the golden-file keys (hidden_size, depth, patch_size, img_resolution, ...) and
-  upstream train.py args (model 'DiM-L/2', image_size in pixels, num_classes, ...).
+  upstream train.py args (model 'DiM-L/2', image_size in pixels, num_in_channels, ...). A size
+  that is not in the registry keeps the name of the closest registry size with its patch and sets
+  depth/hidden_size; `describe` tells the two apart. Raises ConvertError for what this port
+  cannot build (see PUBLISHED_FLAGS).
   """
   from dimsum_jax.models import DIMSUM_SIZES, default_model_config
+  check_published_flags(cfg)
   mc = default_model_config()
-  if "model" in cfg and isinstance(cfg["model"], str):
+  if isinstance(cfg.get("model"), str):
     name = cfg["model"].replace("DiM-", "DiMSUM-")
     if name not in DIMSUM_SIZES:
-      raise ValueError(f"Upstream model {cfg['model']!r} is not one of "
-                       f"{[n.replace('DiMSUM-', 'DiM-') for n in DIMSUM_SIZES]}.")
+      raise ConvertError(f"Upstream model {cfg['model']!r} is not one of "
+                         f"{[n.replace('DiMSUM-', 'DiM-') for n in DIMSUM_SIZES]}.")
     mc.name = name
     mc.input_size = int(cfg.get("image_size", 256)) // 8
-    depth, hidden, patch = DIMSUM_SIZES[name]
-  else:
-    hidden, depth, patch = int(cfg["hidden_size"]), int(cfg["depth"]), int(cfg["patch_size"])
-    matches = [n for n, s in DIMSUM_SIZES.items() if s[2] == patch]
-    if not matches:
-      raise ValueError(f"No DiMSUM size with patch {patch}.")
-    mc.name = matches[0]
-    mc.depth, mc.hidden_size = depth, hidden
+  elif all(k in cfg for k in ("hidden_size", "depth", "patch_size", "img_resolution")):
+    depth, hidden = int(cfg["depth"]), int(cfg["hidden_size"])
+    mc.name, exact = _registry_name(depth, hidden, int(cfg["patch_size"]))
+    if not exact:
+      mc.depth, mc.hidden_size = depth, hidden
     mc.input_size = int(cfg["img_resolution"])
-  mc.in_channels = int(cfg.get("in_channels", 4))
-  if cfg.get("learn_sigma"):
-    raise ValueError("learn_sigma models (8 output channels) are not supported.")
-  bimamba = cfg.get("scan_type", cfg.get("bimamba_type", "none"))
-  mc.scan_type = bimamba
-  mc.attn_every = int(cfg.get("use_attn_every_k_layers", 4))
-  mc.label_dropout = max(float(cfg.get("label_dropout", 0.1)), 0.0)
-  classes = int(cfg.get("num_classes", 1000))
-  if state_dict is not None and "y_embedder.embedding_table.weight" in state_dict:
-    rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
-    classes = 0 if rows == 1 else rows - 1
-  elif classes <= 1:
-    classes = 0
-  elif mc.label_dropout > 0:
-    pass
   else:
-    classes -= 1    # upstream samplers pass num_classes 1001 = 1000 + null row
-  mc.num_classes = classes
+    raise ConvertError("The checkpoint's arguments name no model (neither `model`, e.g. "
+                       "'DiM-L/2', nor hidden_size/depth/patch_size/img_resolution): pass "
+                       "--config=configs/<experiment>.py.")
+  mc.in_channels = int(cfg.get("in_channels", cfg.get("num_in_channels", 4)))
+  mc.scan_type = cfg.get("scan_type", cfg.get("bimamba_type", "none"))
+  mc.attn_every = max(int(cfg.get("use_attn_every_k_layers", 4)), 0)   # upstream: -1 = none
+  mc.label_dropout = max(float(cfg.get("label_dropout", 0.1)), 0.0)
+  mc.num_classes = _num_classes(cfg, state_dict, mc.label_dropout)
   # The release's conditional Mamba has no effect (reference section 9): reproduce it.
   mc.cond_mamba = "none"
   return mc
+
+
+def _num_classes(cfg, state_dict, label_dropout):
+  """Our num_classes (0 = unconditional; the null row is extra): from the label table when the
+  weights are at hand, as its row count is what the checkpoint was trained with."""
+  classes = int(cfg.get("num_classes", 1000))
+  if state_dict is not None and "y_embedder.embedding_table.weight" in state_dict:
+    rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    return 0 if rows == 1 else rows - 1
+  if classes <= 1:
+    return 0
+  if label_dropout > 0:
+    return classes
+  return classes - 1    # upstream samplers pass num_classes 1001 = 1000 + null row
+
+
+def describe(mc) -> str:
+  """The model in words, by its actual depth, width and patch: a registry name alone would call
+  a 4-block test model "DiMSUM-B/2"."""
+  from dimsum_jax.models import DIMSUM_SIZES
+  if mc.name not in DIMSUM_SIZES:
+    return str(mc.name)
+  own_depth, own_hidden, patch = DIMSUM_SIZES[mc.name]
+  depth = own_depth if mc.depth < 0 else mc.depth
+  hidden = own_hidden if mc.hidden_size < 0 else mc.hidden_size
+  data = (f"{mc.input_size}x{mc.input_size}x{mc.in_channels} input, "
+          + (f"{mc.num_classes} classes" if mc.num_classes else "unconditional"))
+  if (depth, hidden) == (own_depth, own_hidden):
+    return f"{mc.name} (depth {depth}, hidden {hidden}, patch {patch}; {data})"
+  return (f"a DiMSUM of depth {depth}, hidden {hidden}, patch {patch}, not a published size "
+          f"(registry entry {mc.name} with depth/hidden_size overridden; {data})")
 
 
 def abstract_params(model, config):
@@ -285,65 +406,146 @@ def abstract_params(model, config):
 
 
 def load_torch_checkpoint(path: str, entry: str = "ema"):
+  """(state dict as NumPy arrays, training args as a dict or None) of an upstream torch file:
+  entry `entry` of a train.py checkpoint, or a bare state dict (the Hugging Face file)."""
   try:
     import torch
   except ImportError as e:
-    raise ImportError("Reading an upstream .pt checkpoint needs PyTorch: pip install torch") from e
-  obj = torch.load(path, map_location="cpu", weights_only=False)
+    raise ConvertError("Reading an upstream .pt checkpoint needs PyTorch: pip install torch") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except  (pickle, zip and torch errors alike)
+    raise ConvertError(f"{path} is not a readable PyTorch checkpoint "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})."
+                       ) from e
+  if not isinstance(obj, dict):
+    raise ConvertError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint "
+                       "written by upstream's train.py.")
   args = None
-  if isinstance(obj, dict) and entry in obj and isinstance(obj[entry], dict):
+  entries = sorted(k for k in ("ema", "model") if isinstance(obj.get(k), dict))
+  if entries:
+    if entry not in entries:
+      raise ConvertError(f"{path} has no {entry!r} entry (it has {entries}): pass --entry="
+                         f"{entries[0]}.")
     args = obj.get("args")
     obj = obj[entry]
   state = {k: v.detach().cpu().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  if not state:
+    raise ConvertError(f"{path} holds no tensors under {entry!r}.")
   if args is not None and not isinstance(args, dict):
     args = vars(args)
   return state, args
 
 
-def main(argv=None):
-  import argparse
+def load_model_config(spec: str) -> ml_collections.ConfigDict:
+  """The `model` section of a config file, given as `path.py` or `path.py:arg` (the argument of
+  its get_config, as `dimsum_jax.main --config` takes it)."""
+  import importlib.util
+  import os
+  path, arg = spec, None
+  if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+    path, arg = spec.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise ConvertError(f"--config={spec}: no such file.")
+  module_spec = importlib.util.spec_from_file_location("convert_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConvertError(f"--config={spec}: the file defines no get_config().")
+  config = module.get_config() if arg is None else module.get_config(arg)
+  if "model" not in config:
+    raise ConvertError(f"--config={spec}: its config has no `model` section.")
+  return config.model
+
+
+# What a conversion directory may hold: its two parts and Orbax's temporary folders.
+_OUT_ENTRIES = re.compile(r"params(\..*)?|model_config\.json(\.tmp)?")
+
+
+def _check_out_dir(out: str) -> None:
+  """Refuse an --out that holds anything but an earlier conversion: writing there would mix two
+  layouts (an export's config.json takes precedence over model_config.json when sampling)."""
+  import os
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConvertError(f"--out={out} is a file: pass a directory.")
+  if os.path.isdir(out):
+    other = sorted(n for n in os.listdir(out) if not _OUT_ENTRIES.fullmatch(n))
+    if other:
+      raise ConvertError(f"--out={out} already holds {other[:4]}, which is not a conversion: "
+                         "choose a new directory.")
+
+
+def convert_checkpoint(upstream: str, out: str, config: str | None = None,
+                       entry: str = "ema") -> str:
+  """Convert `upstream` into OUT (params/ + model_config.json); returns a one-line summary.
+
+  Every check (arguments, config, keys, shapes) runs before anything is written, so a failed
+  conversion leaves no directory behind."""
   import os
 
   from dimsum_jax.models import create_model
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--upstream", required=True, help="upstream .pt checkpoint or state dict")
-  parser.add_argument("--config", default=None,
-                      help="config file (configs/*.py); its `model` section must fit the weights")
-  parser.add_argument("--entry", default="ema", help="which entry of the checkpoint: ema or model")
-  parser.add_argument("--out", required=True, help="output directory (Orbax checkpoint)")
-  args = parser.parse_args(argv)
-  if not os.path.exists(args.upstream):
-    raise SystemExit(f"No such checkpoint: {args.upstream}")
-  state, up_args = load_torch_checkpoint(args.upstream, args.entry)
-  if args.config:
-    from ml_collections import config_flags  # noqa: F401
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model_cfg = module.get_config().model
+  if not os.path.exists(upstream):
+    raise ConvertError(f"No such checkpoint: {upstream}")
+  _check_out_dir(out)
+  state, up_args = load_torch_checkpoint(upstream, entry)
+  if config:
+    if up_args:
+      check_published_flags(up_args)
+    model_cfg = load_model_config(config)
   elif up_args:
     model_cfg = model_config_from_upstream(up_args, state)
   else:
-    raise SystemExit("This checkpoint has no `args`: pass --config=configs/<experiment>.py.")
-  model = create_model(model_cfg)
-  params = from_upstream(state, model, abstract_params(model, model_cfg))
-  save_params(args.out, params, model_cfg)
+    raise ConvertError("This checkpoint has no `args`: pass --config=configs/<experiment>.py.")
+  try:
+    model = create_model(model_cfg)
+    abstract = abstract_params(model, model_cfg)
+  except ValueError as e:
+    raise ConvertError(f"The model config cannot be built: {e}") from e
+  params = from_upstream(state, model, abstract)
+  save_params(out, params, model_cfg)
   n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
-  print(f"Wrote {n:,} parameters of {model_cfg.name} to {args.out}")
+  return f"Wrote {n:,} parameters ({entry}) of {describe(model_cfg)} to {os.path.abspath(out)}"
+
+
+def main(argv=None):
+  """Command line; user mistakes (ConvertError, a config's ValueError) end it with their message
+  and exit status 1, not a traceback."""
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--upstream", required=True, help="upstream .pt checkpoint or state dict")
+  parser.add_argument("--config", default=None,
+                      help="config file (configs/*.py, or path.py:arg); its `model` section must "
+                           "fit the weights. Default: the model of the checkpoint's `args`")
+  parser.add_argument("--entry", default="ema", choices=("ema", "model"),
+                      help="which weights of a train.py checkpoint: ema (as upstream samples) or "
+                           "model (the raw weights)")
+  parser.add_argument("--out", required=True, help="output directory (Orbax checkpoint)")
+  args = parser.parse_args(argv)
+  try:
+    summary = convert_checkpoint(args.upstream, args.out, args.config, args.entry)
+  except ValueError as e:   # ConvertError, or a config that create_model refuses
+    raise SystemExit(f"dimsum_jax.convert: {e}") from None
+  print(summary)
 
 
 def save_params(out_dir, params, model_cfg):
-  """Write params (Orbax, `params/`) + `model_config.json`; `dimsum_jax.sample --checkpoint` reads it."""
+  """Write params (Orbax, `params/`) + `model_config.json`; `dimsum_jax.sample --checkpoint`
+  (sample.load_model) reads it. model_config.json is what marks a conversion, so it is removed
+  first and written last, atomically: an interrupted run never leaves a directory that looks
+  complete, nor old weights under a new config."""
   import os
 
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  config_path = os.path.join(out_dir, "model_config.json")
+  if os.path.exists(config_path):
+    os.remove(config_path)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(out_dir, "params"), params, force=True)
-  with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+  with open(config_path + ".tmp", "w") as f:
     json.dump(model_cfg.to_dict(), f, indent=2)
+  os.replace(config_path + ".tmp", config_path)
 
 
 if __name__ == "__main__":
