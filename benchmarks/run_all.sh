@@ -2,7 +2,8 @@
 # The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train sample encode scaling profile
-#                                               profile_dit (default: all but profile_dit)
+#                                               profile_dit levers (default: all but profile_dit
+#                                               and levers)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
 # HLO in dimsum_step_hlo.txt.gz) and OUT_DIR/gpu.txt (nvidia-smi). About 25 minutes on an H200. Run from the repository root with the package importable.
@@ -49,6 +50,17 @@ for stage in $stages; do
       step matmul_peak 60 -c "from benchmarks import common; import json; print(json.dumps(
         {'benchmark': 'matmul_peak', 'bf16_tflops': common.matmul_peak() / 1e12,
          **common.environment()}))" ;;
+    levers)  # the profile's levers one at a time against the train stage's baseline rows
+      step lever_dimsum_direct_haar "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
+        --models DiMSUM-L/2 --micro-batch 128 --wavelet-impl direct --repeats 6 --out "$results"
+      step lever_dimsum_remat "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
+        --models DiMSUM-L/2 --micro-batch 256 --remat dots --repeats 6 --out "$results"
+      step lever_dimsum_cudnn "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
+        --models DiMSUM-L/2 --micro-batch 128 --attention-impl cudnn --repeats 6 --out "$results"
+      step lever_dit_cudnn "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
+        --models DiT-L/2 --attention-impl cudnn --repeats 6 --out "$results"
+      step lever_dit_remat "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
+        --models DiT-L/2 --remat dots --repeats 6 --out "$results" ;;
     profile_dit)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
         step profile_dit "${PROFILE_DIT_LIMIT:-90}" benchmarks/profile_step.py --model DiT-L/2 \
@@ -66,7 +78,7 @@ for stage in $stages; do
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train sample encode scaling profile profile_dit)" >&2
+      echo "unknown stage $stage (train sample encode scaling profile profile_dit levers)" >&2
       exit 2 ;;
   esac
 done

@@ -21,6 +21,8 @@ memory (device.memory_stats) and XLA's memory plan.
   python benchmarks/train_step.py --models DiMSUM-L/2 --scan-impls reference --micro-batch 32
   python benchmarks/train_step.py --smoke              # tiny models on the CPU (about a minute)
   python benchmarks/train_step.py --models DiMSUM-L/2 --wavelet-impl direct   # butterfly Haar
+  python benchmarks/train_step.py --models DiMSUM-L/2 --remat dots --micro-batch 256
+  python benchmarks/train_step.py --models DiT-L/2 --attention-impl cudnn
 """
 from __future__ import annotations
 
@@ -64,12 +66,16 @@ class Setup:
 
 
 def experiment_config(name: str, latent_size: int, *, dtype: str, scan_impl: str, smoke: bool,
-                      wavelet_impl: str = "jaxwt"):
-  """The published run's config (imagenet256[_dit]) with this model, size, dtype, scan, Haar."""
+                      wavelet_impl: str = "jaxwt", remat: str = "none",
+                      attention_impl: str = "xla"):
+  """The published run's config (imagenet256[_dit]) with this model, size, dtype, scan, Haar and
+  backward recomputation."""
   config = common.load_config(CONFIGS["DiMSUM" if common.is_dimsum(name) else "DiT"])
   config.model = common.model_config(name, latent_size, dtype=dtype, scan_impl=scan_impl,
                                      smoke=smoke, base=config.model)
   config.model.wavelet_impl = wavelet_impl
+  config.model.remat = remat
+  config.model.attention_impl = attention_impl
   return config
 
 
@@ -114,7 +120,8 @@ def micro_batch_candidates(global_batch: int, micro_batch: int) -> list[int]:
 def build(name: str, image_size: int, global_batch: int, *, micro_batch: int = 0,
           shrink: bool = True, dtype: str = "bfloat16", scan_impl: str = "auto",
           smoke: bool = False, seed: int = 0, headroom: float = 0.94,
-          wavelet_impl: str = "jaxwt") -> Setup:
+          wavelet_impl: str = "jaxwt", remat: str = "none",
+          attention_impl: str = "xla") -> Setup:
   """Compile the training step of `name` at `image_size` px (latents image_size / 8).
 
   micro_batch: the largest micro-batch tried (0: the global batch); with `shrink` it is halved
@@ -124,7 +131,8 @@ def build(name: str, image_size: int, global_batch: int, *, micro_batch: int = 0
     raise ValueError(f"--image-size {image_size} is not a multiple of 8 (the VAE's factor).")
   latent = image_size // 8
   config = experiment_config(name, latent, dtype=dtype, scan_impl=scan_impl, smoke=smoke,
-                             wavelet_impl=wavelet_impl)
+                             wavelet_impl=wavelet_impl, remat=remat,
+                             attention_impl=attention_impl)
   model = models.create_model(config.model)
   image_shape = (latent, latent, config.model.in_channels)
   conditional = config.model.num_classes > 0
@@ -164,9 +172,12 @@ def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) ->
     micro = min(micro or args.batch, args.reference_micro_batch)
   setup = build(name, args.image_size, args.batch, micro_batch=micro, dtype=args.dtype,
                 scan_impl=scan_impl, smoke=args.smoke, headroom=args.headroom,
-                wavelet_impl=args.wavelet_impl)
+                wavelet_impl=args.wavelet_impl, remat=args.remat,
+                attention_impl=args.attention_impl)
   record["scan_impl"] = common.resolved_scan_impl(setup.model_config)
   record["wavelet_impl"] = setup.model_config.wavelet_impl
+  record["remat"] = setup.model_config.remat
+  record["attention_impl"] = setup.model_config.attention_impl
   record["model_config"] = {k: setup.model_config[k] for k in ("depth", "hidden_size",
                                                               "drop_path", "label_dropout")}
   state = setup.make_state()
@@ -221,6 +232,12 @@ def main(argv=None):
                  help="selective-scan implementations to run (DiMSUM only)")
   p.add_argument("--wavelet-impl", default="jaxwt", choices=["jaxwt", "direct"],
                  help="Haar packet transform of the DiMSUM wavelet branch (model wavelet_impl)")
+  p.add_argument("--remat", default="none", choices=["none", "dots", "full"],
+                 help="backward recomputation per block group (model remat): smaller memory plans "
+                      "allow larger micro-batches")
+  p.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn"],
+                 help="attention of both models (model attention_impl): XLA, or cuDNN's fused "
+                      "flash attention (NVIDIA GPU, bf16)")
   p.add_argument("--no-fallback", action="store_true",
                  help="do not rerun with scan_impl=reference when the Pallas kernel fails")
   p.add_argument("--repeats", type=int, default=10)

@@ -41,6 +41,8 @@ def default_model_config() -> ml_collections.ConfigDict:
                                  # sweep_8, zigma_8, jpeg_8, jpeg_2
       "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
       "wavelet_impl": "jaxwt",   # Haar packet: jaxwt (convolutions) or direct (butterflies)
+      "remat": "none",           # backward recomputation per block group: none, dots, full
+      "attention_impl": "xla",   # xla, or cudnn (fused flash attention; NVIDIA GPU, bfloat16)
       "dtype": "float32",        # compute dtype; parameters are always float32
       "depth": -1,               # -1: the size's own; set to build smaller test models
       "hidden_size": -1,
@@ -68,10 +70,12 @@ def create_model(config):
         depth=depth if cfg.depth < 0 else cfg.depth, num_classes=cfg.num_classes,
         label_dropout=cfg.label_dropout, drop_path=cfg.drop_path, attn_every=cfg.attn_every,
         cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, scan_impl=cfg.scan_impl,
-        wavelet_impl=cfg.wavelet_impl, dtype=dtype)
+        wavelet_impl=cfg.wavelet_impl, remat=cfg.remat, attention_impl=cfg.attention_impl,
+        dtype=dtype)
   size, patch = cfg.name[len("DiT-"):].split("/")
   depth, hidden, heads = DIT_SIZES[size]
   return DiT(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=int(patch),
              hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
              depth=depth if cfg.depth < 0 else cfg.depth, num_heads=heads,
-             num_classes=cfg.num_classes, label_dropout=cfg.label_dropout, dtype=dtype)
+             num_classes=cfg.num_classes, label_dropout=cfg.label_dropout, remat=cfg.remat,
+             attention_impl=cfg.attention_impl, dtype=dtype)

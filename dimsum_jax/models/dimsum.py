@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimsum_jax.models.layers import (AdaLN, FinalLayer, GatedMLP, LabelEmbedder, PatchEmbed,
-                                      RMSNorm, SelfAttention, TimestepEmbedder, attention,
-                                      drop_path, layer_norm, modulate, sincos_pos_embed_2d,
+from dimsum_jax.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, AdaLN, FinalLayer, GatedMLP,
+                                      LabelEmbedder, PatchEmbed, RMSNorm, SelfAttention,
+                                      TimestepEmbedder, attention, drop_path, layer_norm,
+                                      modulate, rematerialised, sincos_pos_embed_2d,
                                       torch_default_kernel, unpatchify)
 from dimsum_jax.models.mamba import COND_MODES, MambaMixer
 from dimsum_jax.ops import haar, scan_orders
@@ -61,6 +62,7 @@ class CrossAttentionFusion(nn.Module):
   x21 = Attn(q2, k1, v1); output proj(concat[x12, x21])."""
   num_heads: int
   dtype: Dtype
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, s, w):
@@ -70,8 +72,8 @@ class CrossAttentionFusion(nn.Module):
                                   name=name)
     q1, k1, v1 = heads(dense("qkv1")(s))
     q2, k2, v2 = heads(dense("qkv2")(w))
-    x12 = attention(q1, k2, v2).reshape(b, n, d)
-    x21 = attention(q2, k1, v1).reshape(b, n, d)
+    x12 = attention(q1, k2, v2, self.attention_impl).reshape(b, n, d)
+    x21 = attention(q2, k1, v1, self.attention_impl).reshape(b, n, d)
     return nn.Dense(2 * d, kernel_init=torch_default_kernel, dtype=self.dtype,
                     name="proj")(jnp.concatenate([x12, x21], axis=-1))
 
@@ -89,6 +91,7 @@ class DiMSUMBlock(nn.Module):
   dtype: Dtype
   bidirectional: bool = False
   wavelet_impl: str = "jaxwt"
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h, r, c, orders, drop_rate, train: bool):
@@ -110,7 +113,8 @@ class DiMSUMBlock(nn.Module):
     w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels, self.wavelet_impl)
     self.sow("intermediates", "wavelet_out", w)
 
-    f = CrossAttentionFusion(self.fusion_heads, self.dtype, name="proj")(s, w)
+    f = CrossAttentionFusion(self.fusion_heads, self.dtype, self.attention_impl,
+                             name="proj")(s, w)
     self.sow("intermediates", "fusion_out", f)
     h = u + f
     shift, scale, gate = AdaLN(3, self.hidden_size, zero_init=True, dtype=self.dtype,
@@ -128,12 +132,14 @@ class SharedTransformerBlock(nn.Module):
   num_heads: int
   mlp_ratio: int
   dtype: Dtype
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, c):
     dim = x.shape[-1]
     s1, sc1, g1, s2, sc2, g2 = AdaLN(6, dim, dtype=self.dtype, name="adaLN_modulation")(c)
-    x = x + g1[:, None] * SelfAttention(self.num_heads, self.dtype, name="attn")(
+    x = x + g1[:, None] * SelfAttention(self.num_heads, self.dtype,
+                                        attention_impl=self.attention_impl, name="attn")(
         modulate(layer_norm(self.dtype)(x), s1, sc1))
     return x + g2[:, None] * GatedMLP(self.mlp_ratio * dim, self.dtype, name="mlp")(
         modulate(layer_norm(self.dtype)(x), s2, sc2))
@@ -186,6 +192,8 @@ class DiMSUM(nn.Module):
   cond_mamba: str = "none"
   scan_type: str = "none"
   scan_impl: str = "auto"
+  remat: str = "none"           # recompute in the backward: none, dots or full (REMAT_POLICIES)
+  attention_impl: str = "xla"   # xla or cudnn (fused flash attention on NVIDIA GPUs, bf16)
   dtype: Dtype = jnp.float32
 
   def check(self):
@@ -213,6 +221,10 @@ class DiMSUM(nn.Module):
       raise ValueError(f"cond_mamba={self.cond_mamba!r}; choose one of {COND_MODES}.")
     if self.wavelet_impl not in haar.IMPLS:
       raise ValueError(f"wavelet_impl={self.wavelet_impl!r}; choose one of {haar.IMPLS}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
     return g
 
   def _orders(self, g):
@@ -249,10 +261,11 @@ class DiMSUM(nn.Module):
     block = DiMSUMBlock(self.hidden_size, self.depth, (g, g), self.wavelet_levels,
                         self.fusion_heads, self.mlp_ratio, self.cond_mamba, self.scan_impl,
                         self.dtype, self.scan_type == "v2", wavelet_impl=self.wavelet_impl,
-                        parent=None)
+                        attention_impl=self.attention_impl, parent=None)
     shared, shared_params = None, None
     if self.attn_every:
-      shared = SharedTransformerBlock(self.attn_heads, self.mlp_ratio, self.dtype, parent=None)
+      shared = SharedTransformerBlock(self.attn_heads, self.mlp_ratio, self.dtype,
+                                      self.attention_impl, parent=None)
       bound = shared.clone(name="attn_block", parent=self)
       if self.is_initializing():
         bound(h, c)
@@ -265,7 +278,7 @@ class DiMSUM(nn.Module):
     rates = np.concatenate([[0.0], np.linspace(0.0, self.drop_path, self.depth)])[:self.depth]
     rates = jnp.asarray(rates.reshape(groups, size), jnp.float32)
 
-    scan = nn.scan(BlockGroup, variable_axes={"params": 0, "intermediates": 0},
+    scan = nn.scan(rematerialised(BlockGroup, self.remat), variable_axes={"params": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True}, length=groups,
                    in_axes=(0, nn.broadcast, nn.broadcast))
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")

@@ -14,13 +14,14 @@ import numpy as np
 
 from dimsum_jax.models.layers import (AdaLN, FinalLayer, LabelEmbedder, MLP, PatchEmbed,
                                       SelfAttention, TimestepEmbedder, layer_norm, modulate,
-                                      sincos_pos_embed_2d, unpatchify)
+                                      rematerialised, sincos_pos_embed_2d, unpatchify)
 
 
 class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
   dtype: Any
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, c):
@@ -29,6 +30,7 @@ class DiTBlock(nn.Module):
                                      name="adaLN_modulation")(c)
     x = x + g1[:, None] * SelfAttention(self.num_heads, self.dtype,
                                         kernel_init=nn.initializers.xavier_uniform(),
+                                        attention_impl=self.attention_impl,
                                         name="attn")(modulate(layer_norm(self.dtype)(x), s1, sc1))
     return x + g2[:, None] * MLP(int(dim * self.mlp_ratio), self.dtype, name="mlp")(
         modulate(layer_norm(self.dtype)(x), s2, sc2))
@@ -38,10 +40,12 @@ class _ScannedDiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
   dtype: Any
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, _, c):
-    return DiTBlock(self.num_heads, self.mlp_ratio, self.dtype, name="block")(x, c), None
+    return DiTBlock(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                    name="block")(x, c), None
 
 
 class DiT(nn.Module):
@@ -54,6 +58,8 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   num_classes: int = 1000
   label_dropout: float = 0.1
+  remat: str = "none"           # recompute in the backward: none, dots or full
+  attention_impl: str = "xla"   # xla or cudnn (fused flash attention on NVIDIA GPUs, bf16)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -72,9 +78,10 @@ class DiT(nn.Module):
                           name="y_embedder")(y, train)
     pos = jnp.asarray(sincos_pos_embed_2d(self.hidden_size, g, g), self.dtype)
     h = PatchEmbed(self.hidden_size, self.patch_size, self.dtype, name="x_embedder")(x) + pos
-    scan = nn.scan(_ScannedDiTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+    scan = nn.scan(rematerialised(_ScannedDiTBlock, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                    length=self.depth, in_axes=(0, nn.broadcast))
-    h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, name="blocks")(h, None, c)
+    h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                name="blocks")(h, None, c)
     out = FinalLayer(self.patch_size, self.in_channels, self.dtype, name="final_layer")(h, c)
     return unpatchify(out, g, g, self.patch_size, self.in_channels).astype(
         jnp.promote_types(self.dtype, jnp.float32))

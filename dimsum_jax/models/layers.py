@@ -127,11 +127,24 @@ def layer_norm(dtype):
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
 
 
-def attention(q, k, v):
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def attention(q, k, v, impl: str = "xla"):
   """Softmax attention, scale head_dim^-1/2; q, k, v [b, tokens, heads, head_dim].
 
+  impl: "xla" (jax.nn.dot_product_attention's XLA path: the [b, heads, q, k] scores are formed)
+  or "cudnn" (cuDNN's fused flash attention: NVIDIA GPUs, bfloat16/float16 only).
   float64 (parity checks) is computed by hand, since the fused op works in at most float32.
   """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}; choose one of {ATTENTION_IMPLS}.")
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU and bfloat16 compute (backend "
+                       f"{jax.default_backend()}, dtype {q.dtype}): set model.attention_impl=xla "
+                       f"or model.dtype=bfloat16.")
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if q.dtype != jnp.float64:
     return jax.nn.dot_product_attention(q, k, v)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
@@ -143,13 +156,14 @@ class SelfAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   kernel_init: Any = torch_default_kernel
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     b, n, c = x.shape
     qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads), 2, 0)
-    out = attention(q, k, v).reshape(b, n, c)
+    out = attention(q, k, v, self.attention_impl).reshape(b, n, c)
     return nn.Dense(c, kernel_init=self.kernel_init, dtype=self.dtype, name="proj")(out)
 
 
@@ -214,6 +228,26 @@ def unpatchify(x, grid_h: int, grid_w: int, patch: int, channels: int):
   b = x.shape[0]
   x = x.reshape(b, grid_h, grid_w, patch, patch, channels)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid_h * patch, grid_w * patch, channels)
+
+
+# What the backward keeps of a rematerialised stage (jax.checkpoint policies): "none" keeps
+# everything (no remat), "dots" keeps the outputs of the weight matmuls and recomputes the
+# elementwise work, attention and scans, "full" keeps only each stage's input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def rematerialised(module_class, remat: str):
+  """`module_class`, or its nn.remat with the policy REMAT_POLICIES[remat] (same parameters)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
+  if remat == "none":
+    return module_class
+  # Inside nn.scan the recomputation cannot be merged away (prevent_cse is for unrolled code).
+  return nn.remat(module_class, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
 def drop_path(x, rate, deterministic: bool, rng=None):

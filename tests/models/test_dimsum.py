@@ -463,3 +463,88 @@ def test_initialisation_follows_upstream(initialised):
   # Shared block: adaLN weight default-initialised (not zero), its bias zero.
   _assert_uniform(p["attn_block"]["adaLN_modulation"]["linear"]["kernel"], 1 / np.sqrt(D))
   _assert_uniform(stack(lambda b: b["mlp"]["w12"]["kernel"]), 1 / np.sqrt(D))
+
+
+# ---------------------------------------------------------------- rematerialisation
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("DiMSUM-L/2", dict(drop_path=0.2)),
+    ("DiT-S/2", dict(hidden_size=48, depth=2))])
+def test_remat_changes_memory_not_values(name, overrides):
+  """remat='dots' / 'full' recompute parts of each block group in the backward: the parameter tree,
+  the training-mode loss (drop path and label dropout through the lifted rngs) and every gradient
+  equal those of remat='none' (float64, so only the order of operations could differ)."""
+  with jax.enable_x64(True):
+    base = common.tiny_config(name=name, dtype="float64", **overrides)
+    x, t, y = common.inputs(base, batch=3, dtype=np.float64)
+    rngs = {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}
+    # Zero-initialised layers (adaLN-Zero, the final layer) would hide most gradients: shift
+    # every parameter by a fixed non-zero pattern.
+    shift = lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.7).reshape(a.shape)
+    results = {}
+    for remat in ("none", "dots", "full"):
+      model = create_model(dict(base, remat=remat))
+      init = jax.jit(lambda r, model=model: model.init(r, x, t, y)["params"],
+                     compiler_options=common.FAST)
+      params = jax.tree_util.tree_map(shift, init(rngs))
+
+      def loss(p, model=model):
+        out = model.apply({"params": p}, x, t, y, train=True,
+                          rngs={"dropout": jax.random.PRNGKey(3)})
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+      results[remat] = (params, *jax.jit(jax.value_and_grad(loss), compiler_options=common.FAST)(
+          params))
+    params, value, grads = results["none"]
+    assert abs(float(value)) > 1e-3
+    for remat in ("dots", "full"):
+      p, v, g = results[remat]
+      assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(params)
+      jax.tree_util.tree_map(np.testing.assert_array_equal, p, params)
+      np.testing.assert_allclose(v, value, rtol=1e-12)
+      jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+                             g, grads)
+
+
+def test_unknown_remat_is_refused():
+  with pytest.raises(ValueError, match="remat='some'; choose one of"):
+    create_model(common.tiny_config(remat="some")).init(
+        jax.random.PRNGKey(0), *common.inputs(common.tiny_config(), batch=1))
+
+
+# ---------------------------------------------------------------- attention implementations
+
+
+def test_cudnn_attention_off_gpu_names_the_fix():
+  mc = common.tiny_config(attention_impl="cudnn", dtype="bfloat16")
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    create_model(mc).init(jax.random.PRNGKey(0), *common.inputs(mc, batch=1))
+  with pytest.raises(ValueError, match="attention_impl='flash'; choose one of"):
+    create_model(common.tiny_config(attention_impl="flash")).init(
+        jax.random.PRNGKey(0), *common.inputs(mc, batch=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,overrides", [
+    ("DiMSUM-L/2", dict(hidden_size=128, depth=2, attn_every=2, input_size=16)),
+    ("DiT-S/2", dict(hidden_size=384, depth=2, input_size=16))])
+def test_cudnn_attention_matches_xla(name, overrides):
+  """On an NVIDIA GPU (pytest -m gpu): cuDNN's fused attention gives the XLA path's output and
+  gradients within bfloat16 rounding."""
+  assert jax.default_backend() == "gpu", "run with `pytest -m gpu` on a host with an NVIDIA GPU"
+  outs = {}
+  for impl in ("xla", "cudnn"):
+    mc = common.tiny_config(name=name, dtype="bfloat16", attention_impl=impl, scan_impl="auto",
+                            **overrides)
+    model = create_model(mc)
+    x, t, y = common.inputs(mc, batch=4, seed=0)
+    params = model.init(jax.random.PRNGKey(0), x, t, y)["params"]
+    params = jax.tree_util.tree_map(
+        lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.7).reshape(a.shape), params)
+    loss = lambda p, model=model: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
+    outs[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  (v0, g0), (v1, g1) = outs["xla"], outs["cudnn"]
+  np.testing.assert_allclose(v1, v0, rtol=2e-2)
+  assert _rel(np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g1)]),
+              np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g0)])) < 3e-2
