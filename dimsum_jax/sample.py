@@ -92,7 +92,7 @@ def sampling_options(**overrides) -> ml_collections.ConfigDict:
   opts.sde_method = str(opts.sde_method).lower()
   try:
     opts.diffusion_form = transport.canonical_diffusion_form(opts.diffusion_form)
-    opts.last_step = sampling._canon_last_step(opts.last_step)  # pylint: disable=protected-access
+    opts.last_step = sampling.canonical_last_step(opts.last_step)
   except ValueError as e:
     raise SampleError(str(e)) from e
   if opts.num_steps < 1 or opts.max_steps < 1:

@@ -162,7 +162,7 @@ class ODESolveError(RuntimeError):
   pass
 
 
-def _canon_solver(solver: str) -> str:
+def canonical_solver(solver: str) -> str:
   s = solver.lower()
   if s not in ODE_SOLVERS:
     raise ValueError(f"unknown ODE solver {solver!r}; expected one of {ODE_SOLVERS}")
@@ -269,7 +269,7 @@ def solve_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: i
   per_sample) or "euler" / "heun" (num_steps equal steps). Check `status` with `check_ode_result`.
   args: None, or a pytree of per-sample arrays [B, ...] (e.g. labels): velocity_fn(x, t, args).
   """
-  solver = _canon_solver(solver)
+  solver = canonical_solver(solver)
   kw = dict(solver=solver, num_steps=int(num_steps), atol=atol, rtol=rtol, t0=t0, t1=t1,
             max_steps=int(max_steps), dt0=dt0)
   if not per_sample or solver != "dopri5":
@@ -321,7 +321,7 @@ def sample_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: 
 # SDE
 
 
-def _canon_last_step(last_step):
+def canonical_last_step(last_step):
   if last_step is None or str(last_step).lower() == "none":
     return None
   for choice in LAST_STEPS:
@@ -344,7 +344,7 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
   method = method.lower()
   if method not in SDE_METHODS:
     raise ValueError(f"unknown SDE method {method!r}; expected one of {SDE_METHODS}")
-  last_step = _canon_last_step(last_step)
+  last_step = canonical_last_step(last_step)
   if last_step is None:
     last_step_size = 0.0
   elif last_step_size == -1:

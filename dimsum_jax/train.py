@@ -25,6 +25,11 @@ from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
 from dimsum_jax import data as data_lib
+from dimsum_jax.models import layers
+from dimsum_jax.models import mamba
+from dimsum_jax.ops import haar
+from dimsum_jax.ops import scan_orders
+from dimsum_jax.ops import selective_scan
 
 
 @flax.struct.dataclass
@@ -42,6 +47,9 @@ class SetupError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Optimiser
+
+
+SCHEDULES = ('constant', 'cosine', 'linear')
 
 
 def learning_rate_schedule(optim, num_train_steps):
@@ -157,7 +165,10 @@ def build(config, mesh):
   conditional = config.model.num_classes > 0
   init = functools.partial(init_state, model=model, tx=tx, image_shape=_image_shape(config),
                            conditional=conditional)
-  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  try:
+    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  except ValueError as e:  # the model's own size checks (grid, heads, depth), run at init
+    raise SetupError(f'config.model cannot be built: {e}') from e
   state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
@@ -174,18 +185,76 @@ def build(config, mesh):
 # Setup checks: one sentence each, before anything is written
 
 
-def check_config(config, dataset):
+# (flag, choices, canonicaliser or None for an exact match): the enum-valued fields. A value
+# passes exactly when the code that reads it would accept it, so the canonicalisers are that
+# code's own (transport and the ODE solver accept other spellings; the model fields do not).
+_CHOICES = (
+    ('transport.path_type', transport.PATH_TYPES, transport.canonical_path),
+    ('transport.prediction', transport.PREDICTIONS, transport.canonical_prediction),
+    ('transport.loss_weight', transport.LOSS_WEIGHTS, transport.canonical_loss_weight),
+    ('transport.t_sampling', transport.T_SAMPLINGS, transport.canonical_t_sampling),
+    ('sample.solver', sampling.ODE_SOLVERS, sampling.canonical_solver),
+    ('model.name', models.MODEL_NAMES, None),
+    ('model.dtype', tuple(models.DTYPES), None),
+    ('model.scan_type', scan_orders.SCAN_TYPES, None),
+    ('model.scan_impl', selective_scan.IMPLS, None),
+    ('model.wavelet_impl', haar.IMPLS, None),
+    ('model.cond_mamba', mamba.COND_MODES, None),
+    ('model.remat', tuple(layers.REMAT_POLICIES), None),
+    ('model.attention_impl', layers.ATTENTION_IMPLS, None),
+    ('optim.schedule', SCHEDULES, None),
+)
+
+
+def _is_choice(value, choices, canon):
+  if canon is None:
+    return value in choices
+  try:
+    canon(value)
+  except (ValueError, TypeError, AttributeError):
+    return False
+  return True
+
+
+def check_choices(config):
+  """SetupError naming the flag and its choices for a misspelt enum value.
+
+  The transport, solver and model fields are read only when the step or the sampler is traced,
+  after the workdir holds checkpoints/ and config.json (which a resumed run would overwrite with
+  the bad value), and loss_weight with velocity prediction is never read at all: a typo has to
+  stop the run before anything is written, in one sentence."""
+  for flag, choices, canon in _CHOICES:
+    section, key = flag.split('.')
+    value = config[section][key]
+    if not _is_choice(value, choices, canon):
+      raise SetupError(f'--config.{flag}={value} is not a valid choice: use one of '
+                       f'{", ".join(choices)}.')
+
+
+def check_config(config, dataset, vae_module=None):
+  """One-sentence SetupErrors for data that does not fit the model; True when each pixel batch
+  is to be encoded by the VAE (pixel data, a VAE and a model that does not take pixels).
+
+  The latent shape comes from the VAE itself (its downsampling factor and latent channels), not
+  from the SD VAE's 8x and 4 channels, so any converted AutoencoderKL works."""
   c = config
   h, w, ch = dataset.image_shape
-  latent_from_vae = bool(c.vae.dir) and ch == 3 and c.model.in_channels == 4
-  size = h // 8 if latent_from_vae else h
-  channels = 4 if latent_from_vae else ch
+  latent_from_vae = (vae_module is not None and ch == vae_module.in_channels and
+                     c.model.in_channels != ch)
+  size, channels, note = h, ch, ''
+  if latent_from_vae:
+    factor = vae_module.downsampling_factor
+    if h % factor or w % factor:
+      raise SetupError(f'The data gives [{h}, {w}, {ch}] images but the VAE of config.vae.dir '
+                       f'downsamples {factor}x: set --config.data.image_size to a multiple of '
+                       f'{factor}.')
+    size, channels = h // factor, vae_module.latent_channels
+    note = f' (VAE latents {[size, w // factor, channels]})'
   if (c.model.input_size, c.model.in_channels) != (size, channels):
     raise SetupError(
-        f'The data gives [{h}, {w}, {ch}] inputs{" (VAE latents " + str([size, size, 4]) + ")" if latent_from_vae else ""} '
-        f'but the model expects [{c.model.input_size}, {c.model.input_size}, '
-        f'{c.model.in_channels}]: set --config.model.input_size={size} '
-        f'--config.model.in_channels={channels}.')
+        f'The data gives [{h}, {w}, {ch}] inputs{note} but the model expects '
+        f'[{c.model.input_size}, {c.model.input_size}, {c.model.in_channels}]: set '
+        f'--config.model.input_size={size} --config.model.in_channels={channels}.')
   if c.model.num_classes != dataset.num_classes:
     raise SetupError(f'The data has {dataset.num_classes} classes (0 = unconditional) but '
                      f'config.model.num_classes is {c.model.num_classes}: set '
@@ -214,6 +283,7 @@ def train_and_evaluate(config, workdir):
 
 
 def _train_and_evaluate(config, workdir):
+  check_choices(config)  # before anything, the workdir included, is touched
   sharding.initialize_distributed()
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
@@ -238,8 +308,8 @@ def _train(config, workdir, mesh):
                                       process_count=jax.process_count(), seed=config.seed)
   except (ValueError, OSError, ImportError) as e:  # the data module's one-sentence errors
     raise SetupError(str(e)) from e
-  latent_from_vae = check_config(config, dataset)
   vae = _load_vae(config, mesh) if config.vae.dir else None
+  latent_from_vae = check_config(config, dataset, vae_module=vae[1] if vae else None)
   training = build(config, mesh)
   abstract_state = training.abstract_state
 

@@ -104,6 +104,14 @@ def canonical_diffusion_form(form: str | None) -> str:
   return _canon(form, DIFFUSION_FORMS, "diffusion_form")
 
 
+def canonical_t_sampling(mode: str) -> str:
+  return _canon(mode, T_SAMPLINGS, "t_sampling")
+
+
+def canonical_loss_weight(weight: str | None) -> str:
+  return _canon(weight, LOSS_WEIGHTS, "loss_weight")
+
+
 # ------------------------------------------------------------------------------------------------
 # Paths
 
@@ -297,7 +305,7 @@ def time_interval(cfg, *, eval: bool = False, sde: bool = False, diffusion_form:
 def sample_time(rng, batch: int, cfg, *, dtype=jnp.float32):
   """Per-sample training times [batch] in [t0, t1] (uniform or logit-normal)."""
   t0, t1 = time_interval(cfg, eval=False)
-  mode = _canon(cfg.t_sampling, T_SAMPLINGS, "t_sampling")
+  mode = canonical_t_sampling(cfg.t_sampling)
   if mode == "logit_normal":
     n = jax.random.normal(rng, (batch,), dtype)
     u = jax.nn.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * n)
@@ -316,7 +324,7 @@ def _mean_flat(x):
 
 def loss_weight(cfg, t):
   """Per-sample weight [B] for noise/score predictions (1 for "none")."""
-  weight = _canon(cfg.loss_weight, LOSS_WEIGHTS, "loss_weight")
+  weight = canonical_loss_weight(cfg.loss_weight)
   if weight == "none":
     return jnp.ones_like(jnp.asarray(t, jnp.float32))
   g = drift_var(cfg.path_type, t)

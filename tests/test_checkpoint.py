@@ -1,9 +1,8 @@
 """Checkpoints: resume targets, damaged and foreign checkpoints, NaN stops, export.
 
-One real (tiny) training run in this process writes checkpoints at steps 2 and 4; each test
-works on a copy of its workdir.
+One real (tiny) training run in this process saves at steps 2, 4 and 6 and keeps the last two;
+each test works on a copy of its workdir.
 """
-import hashlib
 import logging
 import os
 import shutil
@@ -16,19 +15,19 @@ from dimsum_jax import export
 from dimsum_jax import train
 from tests import train_util
 
-STEPS, EVERY = 4, 2
+STEPS, EVERY, KEEP = 6, 2, 2
 
 
 def config(**overrides):
   base = dict(num_train_steps=STEPS, checkpoint_every_steps=EVERY, log_every_steps=EVERY,
-              sample__every_steps=-1)
+              keep_checkpoints=KEEP, sample__every_steps=-1)
   base.update(overrides)
   return train_util.digits_config('smoke_dit', **base)
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-  """(workdir, final state as numpy) of a 4-step run of a tiny DiT on 8x8 digits."""
+  """(workdir, final state as numpy) of a 6-step run of a tiny DiT on 8x8 digits."""
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
   state = train.train_and_evaluate(config(), workdir)
   return workdir, jax.device_get(state)
@@ -40,88 +39,78 @@ def copy(run, tmp_path):
   return target
 
 
-def fingerprint(directory):
-  """Hashes of every file under `directory` (to show nothing was touched)."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def test_run_saved_state_and_data_position(run):
   workdir, final = run
-  assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['2', '4']
+  # Three saves, keep_checkpoints=2: step 2 is gone, exactly the newest two remain.
+  assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['4', '6']
   state, data_state = train_util.restore(workdir, config())
   assert int(state.step) == STEPS
   train_util.assert_trees_close(state, final, rtol=0, atol=0, what='restored state')
-  # 4 batches of 16 of the 1 797 digits consumed: epoch 0, position 64.
+  # 6 batches of 16 of the 1 797 digits consumed: epoch 0, position 96.
   assert data_state == {'epoch': 0, 'index': STEPS * 16}
 
 
 def test_truncated_newest_checkpoint_falls_back_with_a_warning(run, tmp_path, caplog):
   workdir = copy(run, tmp_path)
-  newest = os.path.join(checkpoint.checkpoint_dir(workdir), '4')
+  newest = os.path.join(checkpoint.checkpoint_dir(workdir), '6')
   files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(newest, 'state')) for f in fs]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, 'r+b') as f:
     f.truncate(os.path.getsize(biggest) // 3)
-  expected, expected_data = train_util.restore(run[0], config(), step=2)
+  expected, expected_data = train_util.restore(run[0], config(), step=4)
 
   with caplog.at_level(logging.WARNING):
     state, data_state = train_util.restore(workdir, config())
-  assert int(state.step) == 2 and data_state == expected_data == {'epoch': 0, 'index': 32}
+  assert int(state.step) == 4 and data_state == expected_data == {'epoch': 0, 'index': 64}
   train_util.assert_trees_close(state, expected, rtol=0, atol=0, what='fallback state')
   assert any(newest in r.getMessage() and 'could not be restored' in r.getMessage()
              for r in caplog.records), [r.getMessage() for r in caplog.records]
   # The damaged one is kept aside, not deleted, so a new save of step 4 cannot collide with it.
-  aside = os.path.join(workdir, 'checkpoints_unreadable', '4')
+  aside = os.path.join(workdir, 'checkpoints_unreadable', '6')
   assert os.path.isdir(aside) and not os.path.exists(newest)
   assert os.path.getsize(os.path.join(aside, os.path.relpath(biggest, newest))) == (
-      os.path.getsize(os.path.join(run[0], 'checkpoints', '4', os.path.relpath(biggest, newest)))
+      os.path.getsize(os.path.join(run[0], 'checkpoints', '6', os.path.relpath(biggest, newest)))
       // 3)
 
 
 def test_all_checkpoints_damaged_is_an_error_and_nothing_moves(run, tmp_path):
   workdir = copy(run, tmp_path)
-  for step in ('2', '4'):
+  for step in ('4', '6'):
     state_dir = os.path.join(checkpoint.checkpoint_dir(workdir), step, 'state')
     for root, _, files in os.walk(state_dir):
       for name in files:
         if os.path.getsize(os.path.join(root, name)) > 1000:
           with open(os.path.join(root, name), 'r+b') as f:
             f.truncate(10)
-  before = fingerprint(workdir)
+  before = train_util.fingerprint(workdir)
   with pytest.raises(checkpoint.CheckpointError, match='None of the 2 checkpoint'):
     train_util.restore(workdir, config())
-  assert fingerprint(workdir) == before
+  assert train_util.fingerprint(workdir) == before
 
 
 def test_other_models_checkpoints_are_refused_and_kept(run, tmp_path):
   workdir = copy(run, tmp_path)
-  before = fingerprint(workdir)
+  before = train_util.fingerprint(workdir)
   with pytest.raises(SystemExit) as e:
     train.train_and_evaluate(config(model__hidden_size=96), workdir)
   message = str(e.value)
   assert checkpoint.checkpoint_dir(workdir) in message
   assert 'another model' in message and 'has shape' in message and 'new --workdir' in message
   assert '\n' not in message
-  assert fingerprint(workdir) == before          # config.json and both checkpoints untouched
+  assert train_util.fingerprint(workdir) == before  # config.json and both checkpoints untouched
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, tmp_path):
   workdir = copy(run, tmp_path)
-  # A learning rate of 1e30 sends the parameters to ~1e30: their norm overflows at step 5.
+  # A learning rate of 1e30 sends the parameters to ~1e30: their norm overflows at step 7.
   with pytest.raises(SystemExit) as e:
-    train.train_and_evaluate(config(num_train_steps=8, optim__learning_rate=1e30), workdir)
+    train.train_and_evaluate(config(num_train_steps=10, optim__learning_rate=1e30), workdir)
   message = str(e.value)
-  assert 'at step 5' in message
-  assert f'{checkpoint.checkpoint_dir(workdir)}/4, is intact' in message
-  assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['2', '4']
+  assert 'at step 7' in message
+  assert f'{checkpoint.checkpoint_dir(workdir)}/6, is intact' in message
+  assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['4', '6']
   state, data_state = train_util.restore(workdir, config())
-  assert int(state.step) == 4 and data_state == {'epoch': 0, 'index': 64}
+  assert int(state.step) == 6 and data_state == {'epoch': 0, 'index': 96}
   train_util.assert_trees_close(state, run[1], rtol=0, atol=0, what='state after the NaN stop')
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from dimsum_jax import config_utils
 from dimsum_jax import models
+from dimsum_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
@@ -48,6 +49,7 @@ def test_config_is_complete_and_documented(path):
   # Same fields as the base config (an experiment sets values, never adds keys).
   assert set(flat(config)) == set(flat(config_utils.base_config()))
   assert config.model.name in models.MODEL_NAMES
+  train.check_choices(config)  # every enum field (transport, solver, model) is a valid choice
   assert (config.model.input_size * (8 if config.model.in_channels == 4 and
                                      config.data.channels == 3 else 1) == config.data.image_size)
   assert config.optim.b1 == 0.9 and config.optim.b2 == 0.999 and config.optim.eps == 1e-8
@@ -115,4 +117,5 @@ def test_wrong_type_is_refused_with_its_name(tmp_path):
   r = run_main('--config.model.depth=two', workdir=tmp_path / 'w')
   assert r.returncode != 0
   assert '--config.model.depth=two' in r.stderr
+  assert 'Traceback' not in r.stderr
   assert not (tmp_path / 'w').exists()

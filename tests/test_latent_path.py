@@ -1,9 +1,11 @@
 """The whole latent path, small: image folder -> encode (random tiny VAE) -> train a tiny DiMSUM on
-the latent set -> sample -> decode to images.
+the latent set -> sample -> decode to images; and the other way, pixels encoded in each step.
 
-References: the training-time sample grid is compared with the EMA samples decoded independently
-(train.sample, then the VAE decoder and metrics.image_grid); the latent set's rows are checked
-against the VAE's posterior mean of the images and of their mirrors.
+References: the training-time sample grid and the sampling command's samples.npz are compared
+with the EMA samples decoded independently (train.sample from the same noise, then the VAE
+decoder and metrics.image_grid); the latent set's rows are checked against the VAE's posterior
+mean of the images and of their mirrors, and the batches encoded in the step against posterior
+samples drawn by hand.
 """
 import json
 import os
@@ -13,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimsum_jax import config_utils, metrics, models, train
+from dimsum_jax import config_utils, metrics, models, sample, train
 from dimsum_jax.data import encode
 from dimsum_jax.data.image_folder import load_image
 from dimsum_jax.vae import model as vae_model
+from tests import train_util
 from tests.data.test_encode import SIZE, expected_latents, make_image_folder, make_vae_dir, read_set
 
 LATENT = SIZE // 2   # the tiny VAE halves once
@@ -84,13 +87,14 @@ def test_encode_train_sample_decode(latent_set):
   # Sample the EMA model (2 Euler steps, labels as the grid's rows) and decode.
   labels = np.asarray([0, 0, 1, 1], np.int32)
   x0 = jax.random.normal(jax.random.PRNGKey(config.sample.seed), (4, LATENT, LATENT, 4))
-  sample = jax.jit(lambda p, x, y: train.sample(
+  sample_fn = jax.jit(lambda p, x, y: train.sample(
       p, x, y, model=models.create_model(config.model), transport_config=config.transport,
       sample_config=config.sample, num_classes=2).x1)
-  sampled = sample(state.ema_params, x0, labels)
+  sampled = sample_fn(state.ema_params, x0, labels)
   assert sampled.shape == (4, LATENT, LATENT, 4) and bool(np.isfinite(sampled).all())
   images = jax.jit(vae_model.latents_to_images, static_argnums=0)(vae, params, sampled)
-  pixels = jax.jit(vae_model.decode_latents, static_argnums=0)(vae, params, sampled)
+  pixels_of = jax.jit(lambda latents: vae_model.decode_latents(vae, params, latents))
+  pixels = pixels_of(sampled)
   assert images.shape == (4, SIZE, SIZE, 3) and pixels.shape == (4, SIZE, SIZE, 3)
   assert pixels.dtype == np.uint8
 
@@ -101,6 +105,24 @@ def test_encode_train_sample_decode(latent_set):
   assert grid.shape == want.shape == (4 * (2 * (SIZE + 2) + 2),) * 2 + (3,)
   difference = np.abs(grid.astype(int) - want.astype(int))
   assert difference.max() <= 1 and np.mean(difference == 0) > 0.99
+
+  # The sampling command on the workdir (its newest checkpoint: the EMA above). Its sample i
+  # starts from normal(fold_in(split(PRNGKey(seed))[0], i)) with label i % 2, so its samples are
+  # train.sample from that noise, decoded (computed as rows 0-1 of a batch of 4, the shape the
+  # jitted functions above were compiled for).
+  sample.run(out=str(root / "sampled"), workdir=str(workdir), num_samples=2, batch_size=2,
+             solver="euler", num_steps=2, pngs=False)
+  with np.load(root / "sampled" / "samples.npz") as f:
+    arr, sampled_labels = f["arr_0"], f["labels"]
+  assert arr.dtype == np.uint8 and arr.shape == (2, SIZE, SIZE, 3)
+  np.testing.assert_array_equal(sampled_labels, [0, 1])
+  key = jax.random.split(jax.random.PRNGKey(0))[0]
+  x0 = np.stack([jax.random.normal(jax.random.fold_in(key, i), (LATENT, LATENT, 4))
+                 for i in range(4)])
+  want = np.asarray(pixels_of(sample_fn(state.ema_params, x0, np.asarray([0, 1, 0, 1], np.int32))))
+  difference = np.abs(arr.astype(int) - want[:2].astype(int))   # uint8 truncation may flip by 1
+  assert difference.max() <= 1 and np.mean(difference == 0) > 0.99
+  assert all(image.std() > 1 for image in arr)                  # decoded images, not constants
 
 
 def test_a_latent_set_of_another_shape_is_one_sentence(latent_set):
@@ -116,27 +138,62 @@ def test_a_latent_set_of_another_shape_is_one_sentence(latent_set):
   assert not os.path.exists(root / "work_wrong_shape" / "checkpoints")
 
 
-@pytest.mark.slow
-def test_on_the_fly_encoding_stays_a_config_choice(tmp_path):
+def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_path,
+                                                                monkeypatch):
   """Upstream's CelebA-HQ / LSUN way: pixels in the data, each batch encoded by the VAE in the
-  step (config.vae.dir with a 4-channel model); a VAE that downsamples 8x, like the SD VAE."""
-  vae_config = dict(block_out_channels=[8] * 4, layers_per_block=1, norm_num_groups=4,
-                    latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 4,
-                    up_block_types=["UpDecoderBlock2D"] * 4)
-  make_vae_dir(tmp_path / "vae", vae_config=vae_config)
-  make_image_folder(tmp_path / "images", [f"{c}/{i}.png" for c in "ab" for i in range(4)],
-                    size=64)
-  config = latent_config(tmp_path / "unused", tmp_path / "vae")
+  step (config.vae.dir with a latent model). The latent shape is the VAE's own: this one halves
+  once, so 16 px images give the [8, 8, 4] model input (the SD VAE's 8x is not assumed)."""
+  root, vae, params, _, _ = latent_set
+  config = latent_config(root / "unused", root / "vae")
   config.data.name = "image_folder"
-  config.data.data_dir = str(tmp_path / "images")
-  config.data.image_size = 64
+  config.data.data_dir = str(root / "images")
+  config.data.image_size = SIZE
   config.data.channels = 3
-  config.data.random_flip = True
   config.data.num_workers = 1
+  config.num_train_steps = 1
+  config.checkpoint_every_steps = 1
+  config.sample.every_steps = -1
+  config.model.name = "DiT-S/2"      # the encoding is the point: the cheapest model to compile
+  config.model.hidden_size = 48      # 6 heads of 8
+  # A model sized for an 8x VAE is refused with the size this VAE gives, before any writing.
+  config.model.input_size = SIZE // 8
+  with pytest.raises(SystemExit) as error:
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert str(error.value) == (
+      f"error: The data gives [{SIZE}, {SIZE}, 3] inputs (VAE latents [8, 8, 4]) but the model "
+      f"expects [2, 2, 4]: set --config.model.input_size=8 --config.model.in_channels=4.")
+  assert not os.path.exists(tmp_path / "work")
+
+  seen = []  # (pixels, latents) of each step: the latents are the batch the step is given
+  make_encoder = train._make_encoder  # pylint: disable=protected-access
+
+  def recording_encoder(*args):
+    encode_fn = make_encoder(*args)
+
+    def encode_and_record(images, step):
+      latents = encode_fn(images, step)
+      seen.append(jax.device_get((images, latents)))
+      return latents
+    return encode_and_record
+  monkeypatch.setattr(train, "_make_encoder", recording_encoder)
+
+  config.model.input_size = LATENT
   state = train.train_and_evaluate(config, str(tmp_path / "work"))
-  assert int(state.step) == 2
+  assert int(state.step) == 1 and len(seen) == 1
   with open(tmp_path / "work" / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
-  assert len(losses) == 2 and np.all(np.isfinite(losses))
-  grid = np.asarray(Image.open(tmp_path / "work" / "samples" / "ema_00000002.png"))
-  assert grid.shape == (2 * (64 + 2) + 2, 2 * (64 + 2) + 2, 3)   # decoded 64 px tiles
+  assert len(losses) == 1 and np.isfinite(losses[0])
+
+  # The step's batch by hand: the run's first pixel batch, a posterior sample of the VAE with the
+  # documented key (fold_in(fold_in(PRNGKey(seed), 1), step)), times 0.18215.
+  pixels, latents = seen[0]
+  batch = next(train_util.global_batches(config, 1))
+  np.testing.assert_array_equal(pixels, batch["image"])
+  mean, logvar = (np.asarray(m, np.float64) for m in
+                  jax.jit(vae_model.encode, static_argnums=0)(vae, params, batch["image"]))
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 0)
+  noise = np.asarray(jax.random.normal(key, mean.shape), np.float64)
+  assert latents.shape == (4, LATENT, LATENT, 4)
+  np.testing.assert_allclose(latents, (mean + np.exp(0.5 * logvar) * noise) * 0.18215,
+                             rtol=1e-5, atol=1e-6)
+  assert np.abs(latents - mean * 0.18215).max() > 1e-2   # a sample, not the posterior mean

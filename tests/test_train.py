@@ -14,8 +14,11 @@ import numpy as np
 import optax
 import pytest
 
+from dimsum_jax import checkpoint
+from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import train
+from dimsum_jax import transport
 from tests import train_util
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +110,78 @@ def test_sharded_step_equals_one_device_step(tmp_path):
   assert 'global batch size 12 does not divide over 8 devices' in report['refusal']
   assert '--config.data.global_batch_size' in report['refusal']
   assert not report['workdir_created']
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 compute vs float32: the same step on the same batch, parameters and keys
+
+BF16_STEP = r'''
+import json, sys
+import jax, numpy as np
+from dimsum_jax import sharding, train
+from tests import train_util
+
+seed, out = int(sys.argv[1]), sys.argv[2]
+mesh = train_util.one_device_mesh()
+batch = sharding.global_batch(
+    next(train_util.global_batches(train_util.digits_config('smoke'), 1)), mesh)
+rng = np.random.default_rng(seed)
+params, arrays, report = None, {}, {}
+for dtype in ('float32', 'bfloat16'):
+  # DiMSUM (one block: spatial and wavelet Mamba, fusion, then the shared attention). eps = 1:
+  # AdamW's first step is then -lr g / (|g| + 1) ~ -lr g, which compares the gradients, instead
+  # of -lr sign(g), whose flips in components near zero say nothing about bfloat16.
+  config = train_util.digits_config('smoke', model__dtype=dtype, model__depth=1,
+                                    model__attn_every=1, optim__eps=1.0)
+  training = train.build(config, mesh)
+  state = training.init(jax.random.PRNGKey(seed))
+  if params is None:  # adaLN-zero and the zero final layer: random there, so every path matters
+    params = jax.tree.map(lambda p: np.where(
+        np.asarray(p) == 0, 0.05 * rng.standard_normal(p.shape), np.asarray(p)).astype(p.dtype),
+        jax.device_get(state.params))
+  state = state.replace(params=jax.device_put(params, training.state_sharding.params))
+  report[dtype] = {'init_dtypes': sorted({str(x.dtype) for x in jax.tree.leaves(
+      (state.params, state.ema_params, state.opt_state))})}
+  new, metrics = training.update(state, batch)
+  new = jax.device_get(new)
+  report[dtype].update(
+      loss=float(metrics['loss']), grad_norm=float(metrics['grad_norm']),
+      dtypes=sorted({str(x.dtype) for x in jax.tree.leaves((new.params, new.ema_params))}),
+      opt_dtypes=sorted({str(x.dtype) for x in jax.tree.leaves(new.opt_state)}))
+  arrays.update({f'{dtype}/{jax.tree_util.keystr(p)}': v
+                 for p, v in jax.tree_util.tree_leaves_with_path(new.params)})
+arrays.update({f'before/{jax.tree_util.keystr(p)}': v
+               for p, v in jax.tree_util.tree_leaves_with_path(params)})
+np.savez(out, **arrays)
+print(json.dumps(report))
+'''
+
+
+def test_bfloat16_step_keeps_float32_state_and_follows_the_float32_step(tmp_path):
+  seed = int(np.random.default_rng().integers(1 << 30))
+  out = str(tmp_path / 'params.npz')
+  r = train_util.run_python(['-c', BF16_STEP, str(seed), out])
+  assert r.returncode == 0, r.stderr[-4000:]
+  report = json.loads(r.stdout.strip().splitlines()[-1])
+  f32, bf16 = report['float32'], report['bfloat16']
+  # Parameters, EMA and Adam moments stay float32 (the count is int32) with bfloat16 compute.
+  for run in (f32, bf16):
+    assert run['dtypes'] == ['float32'], run
+    assert run['init_dtypes'] == run['opt_dtypes'] == ['float32', 'int32'], run
+  assert np.isfinite(bf16['loss']) and np.isfinite(bf16['grad_norm'])
+  np.testing.assert_allclose(bf16['loss'], f32['loss'], rtol=1e-2, err_msg=f'seed {seed}')
+  np.testing.assert_allclose(bf16['grad_norm'], f32['grad_norm'], rtol=2e-2, err_msg=f'seed {seed}')
+  # The update new - old of every parameter, bfloat16 vs float32: close overall (measured
+  # ~5e-3 relative), and not equal, or the model would not have computed in bfloat16 at all.
+  arrays = np.load(out)
+  names = sorted(k[len('before/'):] for k in arrays if k.startswith('before/'))
+  before = np.concatenate([arrays['before/' + n].ravel() for n in names]).astype(np.float64)
+  update = {d: np.concatenate([arrays[f'{d}/{n}'].ravel() for n in names]) - before
+            for d in ('float32', 'bfloat16')}
+  error = np.linalg.norm(update['bfloat16'] - update['float32']) / np.linalg.norm(update['float32'])
+  assert 1e-4 < error < 5e-2, f'relative update error {error} (seed {seed})'
+  np.testing.assert_allclose(update['bfloat16'], update['float32'], rtol=0,
+                             atol=0.1 * np.abs(update['float32']).max(), err_msg=f'seed {seed}')
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +332,69 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
   with pytest.raises(SystemExit, match='set --config.model.input_size=16'):
     train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   assert not (tmp_path / 'workdir').exists()
+
+
+def _choice_error(flag, choices):
+  return f'error: --config.{flag} is not a valid choice: use one of {choices}.'
+
+
+# (flag, the whole last line of stderr, run into an existing workdir). The enum fields are read
+# only when the step or the sampler is traced (or, loss_weight with velocity, never), so before
+# the checks these failed with a traceback after writing the workdir, or not at all.
+BAD_VALUES = [
+    ('transport.path_type=GVPP', _choice_error('transport.path_type=GVPP', 'GVP, Linear, VP'),
+     False),
+    ('transport.path_type=GVPP', _choice_error('transport.path_type=GVPP', 'GVP, Linear, VP'),
+     True),
+    ('sample.solver=eulr', _choice_error('sample.solver=eulr', 'dopri5, euler, heun'), True),
+    ('transport.t_sampling=lognormal',
+     _choice_error('transport.t_sampling=lognormal', 'uniform, logit_normal'), False),
+    ('transport.loss_weight=velocty',
+     _choice_error('transport.loss_weight=velocty', 'none, velocity, likelihood'), True),
+    ('model.scan_type=swep_4',
+     _choice_error('model.scan_type=swep_4', 'none, v2, sweep_8, sweep_4, zigma_8, jpeg_8, jpeg_2'),
+     False),
+    ('model.dtype=bf16', _choice_error('model.dtype=bf16', 'float32, bfloat16, float64'), False),
+    ('model.depth=3', 'error: config.model cannot be built: depth 3 must be a multiple of '
+     'attn_every 4.', True),
+]
+
+
+@pytest.mark.parametrize('flag, last_line, existing', BAD_VALUES,
+                         ids=[f'{f}-{"existing" if e else "fresh"}' for f, _, e in BAD_VALUES])
+def test_bad_value_is_one_sentence_and_the_workdir_is_untouched(tmp_path, flag, last_line,
+                                                                existing):
+  workdir = tmp_path / 'workdir'
+  if existing:  # a run to resume: its config.json (which export reads) must stay as it was
+    (workdir / 'checkpoints' / '2').mkdir(parents=True)
+    checkpoint.save_config(str(workdir), train_util.digits_config('smoke'))
+    (workdir / 'checkpoints' / '2' / 'marker').write_text('step 2')
+    before = train_util.fingerprint(workdir)
+    assert 'config.json' in before
+  r = train_util.run_python(['-m', 'dimsum_jax.main', *train_util.flags('smoke'),
+                             f'--config.{flag}', f'--workdir={workdir}'])
+  assert r.returncode == 1, r.stderr[-4000:]
+  assert r.stderr.strip().splitlines()[-1] == last_line, r.stderr[-4000:]
+  assert 'Traceback' not in r.stderr
+  if existing:
+    assert train_util.fingerprint(workdir) == before
+  else:
+    assert not workdir.exists()
+
+
+def test_other_spellings_that_the_step_reads_are_accepted():
+  """The checks follow the readers: case, '-' for '_' and upstream's 'logitnormal' pass."""
+  config = train_util.digits_config(
+      'smoke', transport__path_type='gvp', transport__prediction='Noise',
+      transport__loss_weight='Likelihood', transport__t_sampling='logitnormal',
+      sample__solver='Heun')
+  train.check_choices(config)
+  t = transport.sample_time(jax.random.PRNGKey(0), 4, config.transport)  # the readers agree
+  assert np.all(np.isfinite(np.asarray(transport.loss_weight(config.transport, t))))
+  # Heun on dx/dt = -x: each step of h = 1/2 multiplies x by 1 - h + h^2 / 2 = 0.625.
+  x1 = sampling.solve_ode(lambda x, t: -x, jnp.ones([1]), solver=config.sample.solver,
+                          num_steps=2).x1
+  np.testing.assert_allclose(np.asarray(x1), [0.625 ** 2], rtol=1e-6)
 
 
 def test_mesh_that_does_not_fit_the_devices_is_refused(tmp_path):

@@ -1,4 +1,5 @@
 """Tiny training configs and helpers shared by the training, checkpoint and multi-process tests."""
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -87,3 +88,16 @@ def assert_trees_close(actual, expected, *, rtol, atol, what):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
                                err_msg=f'{what}: {jax.tree_util.keystr(path)}')
+
+
+def fingerprint(directory):
+  """Hashes of every file under `directory` (to show that nothing was touched or added)."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(root, name), directory) + '/'] = 'dir'
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
