@@ -255,6 +255,12 @@ def check_config(config, dataset, vae_module=None):
         f'The data gives [{h}, {w}, {ch}] inputs{note} but the model expects '
         f'[{c.model.input_size}, {c.model.input_size}, {c.model.in_channels}]: set '
         f'--config.model.input_size={size} --config.model.in_channels={channels}.')
+  if vae_module is not None and not latent_from_vae and channels != vae_module.latent_channels:
+    # A pixel model with a VAE: its sample grids would be "decoded" as if they were latents.
+    raise SetupError(f'config.vae.dir is set but the model works on [{size}, {size}, {channels}] '
+                     f'pixels, not the VAE\'s {vae_module.latent_channels}-channel latents: unset '
+                     f'it (--config.vae.dir=) or set --config.model.in_channels='
+                     f'{vae_module.latent_channels} to train on VAE latents.')
   if c.model.num_classes != dataset.num_classes:
     raise SetupError(f'The data has {dataset.num_classes} classes (0 = unconditional) but '
                      f'config.model.num_classes is {c.model.num_classes}: set '

@@ -163,6 +163,16 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
       f"error: The data gives [{SIZE}, {SIZE}, 3] inputs (VAE latents [8, 8, 4]) but the model "
       f"expects [2, 2, 4]: set --config.model.input_size=8 --config.model.in_channels=4.")
   assert not os.path.exists(tmp_path / "work")
+  # A pixel model with a VAE set is refused too: its sample grids would be decoded as latents.
+  pixel = config.copy_and_resolve_references()
+  pixel.model.input_size, pixel.model.in_channels = SIZE, 3
+  with pytest.raises(SystemExit) as error:
+    train.train_and_evaluate(pixel, str(tmp_path / "work"))
+  assert str(error.value) == (
+      f"error: config.vae.dir is set but the model works on [{SIZE}, {SIZE}, 3] pixels, not the "
+      f"VAE's 4-channel latents: unset it (--config.vae.dir=) or set "
+      f"--config.model.in_channels=4 to train on VAE latents.")
+  assert not os.path.exists(tmp_path / "work")
 
   seen = []  # (pixels, latents) of each step: the latents are the batch the step is given
   make_encoder = train._make_encoder  # pylint: disable=protected-access
