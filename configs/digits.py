@@ -3,8 +3,8 @@
   python -m dimsum_jax.main --config=configs/digits.py --workdir=runs/digits
 
 A tiny DiMSUM-L/4 (depth 4, hidden 64, 0.54 M parameters) on 16x16 digits, batch 64, 2 000 steps,
-no network needed. On a 2-core CPU shared with other jobs: 20-25 s to compile, 2.4-4.8 steps/s,
-10-13 minutes in all; final loss 0.266 (the run is deterministic). WORKDIR/samples/
+no network needed. On 2 CPU cores: 20-25 s to compile, 4.9 steps/s, 7.5 minutes in all (10-13
+when the cores are shared with other jobs); final loss 0.266 (the run is deterministic). WORKDIR/samples/
 ema_00001000.png and ema_00002000.png hold 10 x 10 EMA samples with guidance 3, one digit class
 per row (0 at the top to 9 at the bottom): 0-6 readable at step 1 000, all ten at step 2 000.
 
