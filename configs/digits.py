@@ -4,9 +4,10 @@
 
 A tiny DiMSUM-L/4 (depth 4, hidden 64, 0.54 M parameters) on 16x16 digits, batch 64, 2 000 steps,
 no network needed. On 2 CPU cores: 20-25 s to compile, 4.9 steps/s, 7.5 minutes in all (10-13
-when the cores are shared with other jobs); final loss 0.266 (the run is deterministic). WORKDIR/samples/
-ema_00001000.png and ema_00002000.png hold 10 x 10 EMA samples with guidance 3, one digit class
-per row (0 at the top to 9 at the bottom): 0-6 readable at step 1 000, all ten at step 2 000.
+when the cores are shared with other jobs); final loss 0.266 (the run is deterministic).
+WORKDIR/samples/ema_00001000.png and ema_00002000.png hold 10 x 10 EMA samples with guidance 3,
+one digit class per row (0 at the top to 9 at the bottom): 0-6 readable at step 1 000, all ten at
+step 2 000.
 
 Smoke variants for tests (seconds on CPU): `configs/digits.py:smoke` (DiMSUM depth 4, hidden 64,
 8x8 inputs) and `configs/digits.py:smoke_dit` (a DiT of the same size).

@@ -176,7 +176,8 @@ def test_mismatched_checkpoint_names_the_keys():
   with pytest.raises(ValueError) as e:
     convert.from_upstream(broken, model, abstract)
   msg = str(e.value)
-  assert "Mis-shaped keys (1): blocks.0.mlp.w3.weight: checkpoint [5, 5] vs expected [96, 384]" in msg
+  assert ("Mis-shaped keys (1): blocks.0.mlp.w3.weight: checkpoint [5, 5] vs expected [96, 384]"
+          in msg)
   assert "no place for (1): blocks.0.unknown.weight" in msg
   # Missing parameters are named by their upstream keys.
   assert "does not provide (2): blocks.0.mlp.w3.weight, blocks.1.norm.weight" in msg

@@ -278,7 +278,8 @@ class DiMSUM(nn.Module):
     rates = np.concatenate([[0.0], np.linspace(0.0, self.drop_path, self.depth)])[:self.depth]
     rates = jnp.asarray(rates.reshape(groups, size), jnp.float32)
 
-    scan = nn.scan(rematerialised(BlockGroup, self.remat), variable_axes={"params": 0, "intermediates": 0},
+    scan = nn.scan(rematerialised(BlockGroup, self.remat),
+                   variable_axes={"params": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True}, length=groups,
                    in_axes=(0, nn.broadcast, nn.broadcast))
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")

@@ -78,8 +78,8 @@ class DiT(nn.Module):
                           name="y_embedder")(y, train)
     pos = jnp.asarray(sincos_pos_embed_2d(self.hidden_size, g, g), self.dtype)
     h = PatchEmbed(self.hidden_size, self.patch_size, self.dtype, name="x_embedder")(x) + pos
-    scan = nn.scan(rematerialised(_ScannedDiTBlock, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=self.depth, in_axes=(0, nn.broadcast))
+    scan = nn.scan(rematerialised(_ScannedDiTBlock, self.remat), variable_axes={"params": 0},
+                   split_rngs={"params": True}, length=self.depth, in_axes=(0, nn.broadcast))
     h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
                 name="blocks")(h, None, c)
     out = FinalLayer(self.patch_size, self.in_channels, self.dtype, name="final_layer")(h, c)
