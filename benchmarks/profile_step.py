@@ -303,7 +303,7 @@ def summarize(events, index, steps: int, step_ms: float | None = None, top: int 
 
 
 def profile(compiled, run_step, trace_dir: str, *, steps: int = 3, step_ms: float | None = None,
-            hlo_out: str | None = None):
+            hlo_out: str | None = None, top: int = 25):
   """Trace `steps` calls of run_step() (each blocked) into trace_dir and summarize the kernels
   of `compiled` by category; hlo_out: also write the compiled module's text there (gzip)."""
   os.makedirs(trace_dir, exist_ok=True)
@@ -326,7 +326,7 @@ def profile(compiled, run_step, trace_dir: str, *, steps: int = 3, step_ms: floa
     raise FileNotFoundError(f"jax.profiler wrote no .xplane.pb under {trace_dir}.")
   t0 = time.perf_counter()
   events, lines = device_events(files[-1], module)
-  summary = summarize(events, index, steps, step_ms)
+  summary = summarize(events, index, steps, step_ms, top=top)
   summary.update(module=module, trace_lines=lines[:20], traced_wall_ms_per_step=traced_ms,
                  parse_s=time.perf_counter() - t0, trace_file=files[-1])
   return summary
@@ -349,9 +349,13 @@ def main(argv=None):
   p.add_argument("--model", default="DiMSUM-L/2")
   p.add_argument("--image-size", type=int, default=256)
   p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--micro-batch", type=int, default=0, help="0: largest that fits")
+  p.add_argument("--grad-accum-steps", type=int, default=0, help="passes per step; 0: fewest that fit")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impl", default="auto", choices=["auto", "pallas", "reference"])
+  p.add_argument("--wavelet-impl", default=None, choices=["jaxwt", "direct"])
+  p.add_argument("--remat", default=None, choices=["none", "dots", "full"])
+  p.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn"])
+  p.add_argument("--top", type=int, default=60, help="heaviest instructions listed")
   p.add_argument("--steps", type=int, default=3, help="steps traced")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--trace-dir", default="/tmp/dimsum_profile", help="the raw trace goes here")
@@ -359,9 +363,12 @@ def main(argv=None):
   p.add_argument("--hlo-out", default=None, help="write the compiled step's HLO text (gzip) here")
   args = p.parse_args(argv)
   if args.smoke:
-    args.image_size, args.batch, args.micro_batch = 64, 4, 2
-  setup = train_step.build(args.model, args.image_size, args.batch, micro_batch=args.micro_batch,
-                           dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke)
+    args.image_size, args.batch, args.grad_accum_steps = 64, 4, 2
+  setup = train_step.build(args.model, args.image_size, args.batch,
+                           grad_accum_steps=args.grad_accum_steps,
+                           dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke,
+                           wavelet_impl=args.wavelet_impl, remat=args.remat,
+                           attention_impl=args.attention_impl)
   holder = {"state": setup.make_state()}
 
   def run_step():
@@ -372,7 +379,7 @@ def main(argv=None):
   print(f"compiled in {setup.compile_s:.1f} s (micro-batch {setup.micro_batch}); "
         f"step {step_ms:.1f} ms", file=sys.stderr, flush=True)
   summary = profile(setup.compiled, run_step, args.trace_dir, steps=args.steps, step_ms=step_ms,
-                    hlo_out=args.hlo_out)
+                    hlo_out=args.hlo_out, top=args.top)
   record = {"benchmark": "profile", "model": args.model, "image_size": args.image_size,
             "global_batch": args.batch, "micro_batch": setup.micro_batch, "dtype": args.dtype,
             "scan_impl": common.resolved_scan_impl(setup.model_config), **summary,

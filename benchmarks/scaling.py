@@ -38,7 +38,7 @@ def tokens_per_image(cfg) -> int:
 
 
 def run_train(args, name, size, batch):
-  setup = train_step.build(name, size, batch, micro_batch=args.micro_batch or batch,
+  setup = train_step.build(name, size, batch, grad_accum_steps=args.grad_accum_steps,
                            dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke)
   holder = {"state": setup.make_state()}
 
@@ -72,8 +72,9 @@ def main(argv=None):
   p.add_argument("--tokens-per-batch", type=int, default=16384,
                  help="batch = this / tokens per image (at least 1)")
   p.add_argument("--batch", type=int, default=0, help="a fixed batch instead (0: by tokens)")
-  p.add_argument("--micro-batch", type=int, default=0,
-                 help="train mode: micro-batch (0: the whole batch at once)")
+  p.add_argument("--grad-accum-steps", type=int, default=1,
+                 help="train mode: passes per step (1: the whole batch at once; 0: fewest that "
+                      "fit)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impl", default="auto", choices=["auto", "pallas", "reference"])
   p.add_argument("--repeats", type=int, default=5)

@@ -1,34 +1,28 @@
 """Training-step throughput of DiMSUM-L/2 and the DiT-L/2 control: images/s, MFU, memory, compile.
 
-The step is `dimsum_jax.train.train_step` (flow-matching loss, AdamW after gradient clipping, EMA
-update) on synthetic latents, jitted with the state donated, the way train.py runs it. The configs
-are configs/imagenet256.py (DiMSUM) and configs/imagenet256_dit.py (DiT) with the model name,
-compute dtype and selective-scan implementation overridden; parameters stay float32.
+What runs is what `python -m dimsum_jax.main` runs: `train.build` and `train.compile_update` on
+configs/imagenet256.py (DiMSUM) or configs/imagenet256_dit.py (DiT), with the model, image size,
+global batch and the flags below overriding the config, under the same mesh; the compiled, donated
+step is then fed synthetic latents. Gradient accumulation is the config's
+(`optim.grad_accum_steps`, 0 = as few passes as fit the device: dimsum_jax/memory.py), so the
+reported micro-batch is the one a training run would choose.
 
-Micro-batching: with micro-batch m < global batch B, one jitted program runs `train_step` over the
-B/m micro-batches in a lax.scan with the optimiser wrapped in optax.MultiSteps(B/m), so gradients
-are averaged over the global batch and AdamW steps once per global batch (the EMA blend runs once
-per micro-batch: an elementwise pass over the parameters). m is the first of --micro-batch (default
-B), its half, its quarter, ... whose compiled memory plan (XLA's memory analysis) fits the device.
-
-Reported per setting (one JSON line): compile time (lower + compile wall time), median step time
-over --repeats steps after --warmup, images/s, model FLOP/s and MFU (6 x forward multiply-
-accumulates of dimsum_jax.tools.flops per image, 578 G for DiMSUM-L/2 at 256 px, over the dense
-bf16 datasheet rate; also over a measured bf16 matmul rate with --measure-peak), peak device
-memory (device.memory_stats) and XLA's memory plan.
+Reported per setting (one JSON line): compile time (lower + compile wall time, retries included),
+median step time over --repeats steps after --warmup, images/s, model FLOP/s and MFU (6 x forward
+multiply-accumulates of dimsum_jax.tools.flops per image, 578 G for DiMSUM-L/2 at 256 px, over the
+dense bf16 datasheet rate; also over a measured bf16 matmul rate with --measure-peak), peak device
+memory (device.memory_stats), XLA's memory plan and the planner's estimate for it.
 
   python benchmarks/train_step.py                      # both models, 256 px, batch 256, bf16
-  python benchmarks/train_step.py --models DiMSUM-L/2 --scan-impls reference --micro-batch 32
+  python benchmarks/train_step.py --models DiMSUM-L/2 --grad-accum-steps 4
   python benchmarks/train_step.py --smoke              # tiny models on the CPU (about a minute)
-  python benchmarks/train_step.py --models DiMSUM-L/2 --wavelet-impl direct   # butterfly Haar
-  python benchmarks/train_step.py --models DiMSUM-L/2 --remat dots --micro-batch 256
-  python benchmarks/train_step.py --models DiT-L/2 --attention-impl cudnn
+  python benchmarks/train_step.py --models DiMSUM-L/2 --wavelet-impl jaxwt --remat none
+  python benchmarks/train_step.py --models DiT-L/2 --attention-impl xla
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -40,14 +34,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
-from dimsum_jax import models  # noqa: E402
+from dimsum_jax import memory  # noqa: E402
+from dimsum_jax import sharding  # noqa: E402
 from dimsum_jax import train  # noqa: E402
 
 CONFIGS = {"DiMSUM": "imagenet256", "DiT": "imagenet256_dit"}
+LEVERS = ("wavelet_impl", "remat", "attention_impl")
 
 
 @dataclasses.dataclass
@@ -57,44 +52,32 @@ class Setup:
   model: Any
   model_config: Any
   micro_batch: int
+  grad_accum_steps: int
   compiled: Callable
   compile_s: float
   plan: dict | None
+  estimate_gib: float | None
   make_state: Callable[[], Any]
   batch: dict
-  tried: list
+  mesh: Any
 
 
 def experiment_config(name: str, latent_size: int, *, dtype: str, scan_impl: str, smoke: bool,
-                      wavelet_impl: str = "jaxwt", remat: str = "none",
-                      attention_impl: str = "xla"):
-  """The published run's config (imagenet256[_dit]) with this model, size, dtype, scan, Haar and
-  backward recomputation."""
+                      global_batch: int = 256, grad_accum_steps: int = 0, **levers):
+  """The published run's config (imagenet256[_dit]) with this model, size, dtype, scan, batch,
+  passes and any of LEVERS (None keeps the config's value)."""
   config = common.load_config(CONFIGS["DiMSUM" if common.is_dimsum(name) else "DiT"])
   config.model = common.model_config(name, latent_size, dtype=dtype, scan_impl=scan_impl,
                                      smoke=smoke, base=config.model)
-  config.model.wavelet_impl = wavelet_impl
-  config.model.remat = remat
-  config.model.attention_impl = attention_impl
+  for key, value in levers.items():
+    if key not in LEVERS:
+      raise ValueError(f"Unknown lever {key}; choose from {LEVERS}.")
+    if value is not None:
+      config.model[key] = value
+  config.data.image_size = latent_size
+  config.data.global_batch_size = global_batch
+  config.optim.grad_accum_steps = grad_accum_steps
   return config
-
-
-def step_fn(config, model, tx, micro_batches: int):
-  """train.train_step, or a scan of it over micro-batches (tx must then be MultiSteps)."""
-  step = functools.partial(
-      train.train_step, model=model, tx=tx,
-      schedule=train.learning_rate_schedule(config.optim, config.num_train_steps),
-      transport_config=config.transport, ema_decay=config.optim.ema_decay,
-      conditional=config.model.num_classes > 0)
-  if micro_batches == 1:
-    return step
-
-  def accumulated(state, batch):
-    split = jax.tree.map(
-        lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
-    state, metrics = jax.lax.scan(step, state, split)
-    return state, jax.tree.map(lambda m: m[-1] if m.ndim else m, metrics)
-  return accumulated
 
 
 def synthetic_batch(rng, batch: int, latent_size: int, channels: int, num_classes: int):
@@ -104,80 +87,45 @@ def synthetic_batch(rng, batch: int, latent_size: int, channels: int, num_classe
           "label": jax.random.randint(ky, (batch,), 0, max(num_classes, 1), jnp.int32)}
 
 
-def micro_batch_candidates(global_batch: int, micro_batch: int) -> list[int]:
-  """micro_batch (or the global batch), then halves of it while they divide the global batch."""
-  m = micro_batch or global_batch
-  if m < 1 or global_batch % m:
-    raise ValueError(f"--micro-batch {micro_batch} does not divide the global batch "
-                     f"{global_batch}: pick a divisor.")
-  out = [m]
-  while m % 2 == 0:
-    m //= 2
-    out.append(m)
-  return out
-
-
-def build(name: str, image_size: int, global_batch: int, *, micro_batch: int = 0,
-          shrink: bool = True, dtype: str = "bfloat16", scan_impl: str = "auto",
-          smoke: bool = False, seed: int = 0, headroom: float = 0.94,
-          wavelet_impl: str = "jaxwt", remat: str = "none",
-          attention_impl: str = "xla") -> Setup:
-  """Compile the training step of `name` at `image_size` px (latents image_size / 8).
-
-  micro_batch: the largest micro-batch tried (0: the global batch); with `shrink` it is halved
-  until XLA's memory plan of the compiled step fits the device.
-  """
+def build(name: str, image_size: int, global_batch: int, *, grad_accum_steps: int = 0,
+          dtype: str = "bfloat16", scan_impl: str = "auto", smoke: bool = False, seed: int = 0,
+          **levers) -> Setup:
+  """Compile the training step of `name` at `image_size` px (latents image_size / 8) as
+  dimsum_jax.main would: train.build, then train.compile_update."""
   if image_size % 8:
     raise ValueError(f"--image-size {image_size} is not a multiple of 8 (the VAE's factor).")
   latent = image_size // 8
   config = experiment_config(name, latent, dtype=dtype, scan_impl=scan_impl, smoke=smoke,
-                             wavelet_impl=wavelet_impl, remat=remat,
-                             attention_impl=attention_impl)
-  model = models.create_model(config.model)
-  image_shape = (latent, latent, config.model.in_channels)
-  conditional = config.model.num_classes > 0
-  schedule = train.learning_rate_schedule(config.optim, config.num_train_steps)
-  base_tx = train.make_optimizer(config.optim, schedule)
+                             global_batch=global_batch, grad_accum_steps=grad_accum_steps,
+                             **levers)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    training = train.build(config, mesh)
+    training, seconds = train.compile_update(training, config, mesh)
+  k = training.grad_accum_steps
+  per_device = global_batch // mesh.size
+  estimate = (training.plan.bytes(per_device // k, k) / memory.GIB
+              if training.plan is not None else None)
   rng = jax.random.PRNGKey(seed)
   batch = synthetic_batch(jax.random.fold_in(rng, 1), global_batch, latent,
                           config.model.in_channels, config.model.num_classes)
-  abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  tried = []
-  for m in micro_batch_candidates(global_batch, micro_batch):
-    k = global_batch // m
-    tx = (base_tx if k == 1 else
-          optax.MultiSteps(base_tx, every_k_schedule=k).gradient_transformation())
-    init = functools.partial(train.init_state, model=model, tx=tx, image_shape=image_shape,
-                             conditional=conditional)
-    abstract_state = jax.eval_shape(init, rng)
-    jitted = jax.jit(step_fn(config, model, tx, k), donate_argnums=0)
-    compiled, seconds = common.timed_compile(
-        jitted, abstract_state, abstract_batch,
-        compiler_options=common.SMOKE_COMPILER_OPTIONS if smoke else None)
-    plan = common.compiled_memory(compiled)
-    tried.append({"micro_batch": m, "compile_s": seconds,
-                  "plan_gib": None if plan is None else plan["total_gib"]})
-    if common.fits(plan, headroom) or m == 1 or not shrink:
-      return Setup(name, model, config.model, m, compiled, seconds, plan,
-                   lambda init=init: jax.jit(init)(rng), batch, tried)
-  raise AssertionError("unreachable")
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  return Setup(name, training.model, config.model, per_device // k, k, training.update, seconds,
+               common.compiled_memory(training.update), estimate,
+               lambda: training.init(rng), batch, mesh)
 
 
 def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) -> dict:
   record = {"benchmark": "train_step", "model": name, "image_size": args.image_size,
             "latent_size": args.image_size // 8, "global_batch": args.batch,
             "dtype": args.dtype, **common.environment()}
-  micro = args.micro_batch
-  if common.is_dimsum(name) and scan_impl == "reference" and not args.smoke:
-    micro = min(micro or args.batch, args.reference_micro_batch)
-  setup = build(name, args.image_size, args.batch, micro_batch=micro, dtype=args.dtype,
-                scan_impl=scan_impl, smoke=args.smoke, headroom=args.headroom,
+  setup = build(name, args.image_size, args.batch, grad_accum_steps=args.grad_accum_steps,
+                dtype=args.dtype, scan_impl=scan_impl, smoke=args.smoke,
                 wavelet_impl=args.wavelet_impl, remat=args.remat,
                 attention_impl=args.attention_impl)
   record["scan_impl"] = common.resolved_scan_impl(setup.model_config)
-  record["wavelet_impl"] = setup.model_config.wavelet_impl
-  record["remat"] = setup.model_config.remat
-  record["attention_impl"] = setup.model_config.attention_impl
+  for key in LEVERS:
+    record[key] = setup.model_config[key]
   record["model_config"] = {k: setup.model_config[k] for k in ("depth", "hidden_size",
                                                               "drop_path", "label_dropout")}
   state = setup.make_state()
@@ -190,7 +138,7 @@ def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) ->
   samples = common.time_calls(one_step, warmup=args.warmup, repeats=args.repeats)
   loss = float(one_step())
   timing = common.summary(samples)
-  if args.profile and common.is_dimsum(name):
+  if args.profile:
     record["profile"] = profile_step.profile(setup.compiled, one_step, args.trace_dir,
                                              steps=3, step_ms=timing["median_ms"])
     print(profile_step.format_table(record["profile"]), file=sys.stderr)
@@ -199,8 +147,8 @@ def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) ->
   images_per_s = args.batch / (timing["median_ms"] / 1e3)
   flop_per_image = common.train_flops_per_image(setup.model)
   record.update(
-      micro_batch=setup.micro_batch, micro_batches=args.batch // setup.micro_batch,
-      compile_s=setup.compile_s, compile_tried=setup.tried, step=timing,
+      micro_batch=setup.micro_batch, micro_batches=setup.grad_accum_steps,
+      compile_s=setup.compile_s, estimate_gib=setup.estimate_gib, step=timing,
       images_per_s=images_per_s, gflop_per_image=flop_per_image / 1e9,
       model_tflops_per_s=images_per_s * flop_per_image / 1e12,
       mfu=common.mfu(images_per_s * flop_per_image),
@@ -220,24 +168,18 @@ def main(argv=None):
   p.add_argument("--models", nargs="+", default=["DiMSUM-L/2", "DiT-L/2"])
   p.add_argument("--image-size", type=int, default=256, help="pixels; latents are size / 8")
   p.add_argument("--batch", type=int, default=256, help="global batch")
-  p.add_argument("--micro-batch", type=int, default=0,
-                 help="largest micro-batch to try (0: the global batch); halved until the "
-                      "compiled step's memory plan fits the device")
-  p.add_argument("--reference-micro-batch", type=int, default=32,
-                 help="the same for DiMSUM with scan_impl=reference, which holds [b, l, d, n] "
-                      "float32 scan states for the backward")
+  p.add_argument("--grad-accum-steps", type=int, default=0,
+                 help="passes per step (config.optim.grad_accum_steps); 0: as few as fit")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impls", nargs="+", default=["auto"],
                  choices=["auto", "pallas", "reference"],
                  help="selective-scan implementations to run (DiMSUM only)")
-  p.add_argument("--wavelet-impl", default="jaxwt", choices=["jaxwt", "direct"],
-                 help="Haar packet transform of the DiMSUM wavelet branch (model wavelet_impl)")
-  p.add_argument("--remat", default="none", choices=["none", "dots", "full"],
-                 help="backward recomputation per block group (model remat): smaller memory plans "
-                      "allow larger micro-batches")
-  p.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn"],
-                 help="attention of both models (model attention_impl): XLA, or cuDNN's fused "
-                      "flash attention (NVIDIA GPU, bf16)")
+  p.add_argument("--wavelet-impl", default=None, choices=["jaxwt", "direct"],
+                 help="Haar packet transform of the DiMSUM wavelet branch (default: the config's)")
+  p.add_argument("--remat", default=None, choices=["none", "dots", "full"],
+                 help="backward recomputation per block group (default: the config's)")
+  p.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn"],
+                 help="attention of both models (default: the config's)")
   p.add_argument("--no-fallback", action="store_true",
                  help="do not rerun with scan_impl=reference when the Pallas kernel fails")
   p.add_argument("--repeats", type=int, default=10)
@@ -248,16 +190,13 @@ def main(argv=None):
                  help="after timing DiMSUM, trace 3 steps and write the kernel-time breakdown "
                       "(benchmarks/profile_step.py) to this JSON file; exact only with "
                       "XLA_FLAGS=--xla_gpu_enable_command_buffer= (see profile_step.py)")
-  p.add_argument("--headroom", type=float, default=0.94,
-                 help="a micro-batch fits when XLA's memory plan is below this share of the "
-                      "device memory limit")
   p.add_argument("--trace-dir", default="/tmp/dimsum_profile", help="raw trace for --profile")
   p.add_argument("--smoke", action="store_true", help="tiny models, batch 4, on any device")
   p.add_argument("--out", default=None, help="append the JSON lines to this file")
   args = p.parse_args(argv)
   if args.smoke:
     args.image_size, args.batch = 64, 4
-    args.micro_batch = 2
+    args.grad_accum_steps = args.grad_accum_steps or 2
     args.repeats, args.warmup = 5, 1
   if args.repeats < 5:
     raise SystemExit("--repeats must be at least 5 (the median of fewer is noise).")

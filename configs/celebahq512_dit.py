@@ -22,6 +22,7 @@ def get_config():
   c.model.name = 'DiT-XL/2'
   c.model.input_size = 64
   c.model.in_channels = 4             # pixels are encoded by the VAE every step
+  c.model.dtype = 'bfloat16'         # bf16 compute, float32 parameters (upstream: float32)
   c.model.num_classes = 0
   c.model.label_dropout = 0.0
   c.model.drop_path = 0.1             # unused by DiT

@@ -29,6 +29,7 @@ def get_config(arg=''):
   c.model.in_channels = 1
   c.model.num_classes = 10
   c.model.label_dropout = 0.1
+  c.model.remat = 'none'              # tiny activations: nothing to recompute
 
   c.num_train_steps = 2000
   c.optim.learning_rate = 1e-3

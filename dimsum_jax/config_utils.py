@@ -22,7 +22,9 @@ def base_config():
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3              # the last k checkpoints are kept
-  c.compilation_cache_dir = ''        # '' = no persistent XLA compilation cache
+  # Persistent XLA compilation cache: a second run of the same step loads it instead of
+  # compiling ('' = off; ~ is the user's home).
+  c.compilation_cache_dir = '~/.cache/dimsum_jax/xla'
 
   # Upstream: AdamW (torch defaults, no weight decay), constant lr, grad-norm clip, EMA 0.9999.
   c.optim = ml_collections.ConfigDict()
@@ -36,6 +38,10 @@ def base_config():
   c.optim.warmup_steps = 0
   c.optim.end_learning_rate = 1e-6    # where cosine / linear decay ends (at num_train_steps)
   c.optim.ema_decay = 0.9999
+  # Passes per step: the per-device batch runs through the model as this many micro-batches
+  # (gradients averaged, one AdamW and EMA update). 0 = as few as fit the device's memory
+  # (dimsum_jax.memory; one pass where the device reports no limit, as on CPU).
+  c.optim.grad_accum_steps = 0
 
   # Devices: a mesh of (data, fsdp); -1 takes the remaining devices. Parameters, EMA and
   # optimiser state are placed by (regex on the leaf path, 'fsdp' | 'replicate') rules.

@@ -3,8 +3,13 @@
 Any config field can be overridden with --config.section.key=value; an unknown key or a value of
 the wrong type stops the run with one sentence naming it, before anything is written.
 """
+import os
 import re
 import sys
+
+# The training process owns its accelerator: let JAX's allocator take 90% of the GPU's memory
+# rather than its default 75%, so that larger micro-batches fit (set the variable to override).
+os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.90')
 
 from absl import app
 from absl import flags

@@ -19,6 +19,7 @@ import optax
 from PIL import Image
 
 from dimsum_jax import checkpoint
+from dimsum_jax import memory
 from dimsum_jax import metrics as metrics_lib
 from dimsum_jax import models
 from dimsum_jax import sampling
@@ -93,18 +94,47 @@ def init_state(rng, *, model, tx, image_shape, conditional):
                     opt_state=tx.init(params), rng=train_rng)
 
 
-def train_step(state, batch, *, model, tx, schedule, transport_config, ema_decay, conditional):
-  """One optimiser step on a global batch {'image': x1 [B,H,W,C], 'label': y [B]}."""
+def batch_loss(params, micro, rng, *, model, transport_config):
+  """Mean flow-matching loss of a (micro-)batch {'x0', 'x1', 't', 'y'} with dropout key `rng`."""
+  def velocity(x_t, t, y):
+    return model.apply({'params': params}, x_t, t, y, train=True, rngs={'dropout': rng})
+  return transport.loss_at(velocity, micro['x0'], micro['x1'], micro['t'], micro['y'],
+                           transport_config).mean()
+
+
+def train_step(state, batch, *, model, tx, schedule, transport_config, ema_decay, conditional,
+               grad_accum_steps=1):
+  """One optimiser step on a global batch {'image': x1 [B,H,W,C], 'label': y [B]}.
+
+  With grad_accum_steps = k > 1 the batch runs through the model as k micro-batches of B/k (a
+  lax.scan, so only one micro-batch's activations are alive at a time); the loss and gradient are
+  the means over the whole batch, and AdamW, the EMA, the step and the learning rate advance
+  once. Noise and times are drawn for the whole batch first, so k changes only the order of the
+  sums (and the dropout draws); micro-batch j takes rows j, j + k, j + 2k, ..., which keeps every
+  device's rows on that device.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   loss_rng, dropout_rng = jax.random.split(rng)
-  y = batch['label'] if conditional else None
+  x0, t = transport.draw_noise_and_time(loss_rng, batch['image'], transport_config)
+  data = {'x0': x0, 'x1': batch['image'], 't': t,
+          'y': batch['label'] if conditional else None}
 
-  def loss_fn(params):
-    def velocity(x_t, t, y):
-      return model.apply({'params': params}, x_t, t, y, train=True, rngs={'dropout': dropout_rng})
-    return transport.training_loss(velocity, batch['image'], loss_rng, y, transport_config).mean()
+  grad_fn = jax.value_and_grad(functools.partial(batch_loss, model=model,
+                                                  transport_config=transport_config))
+  k = grad_accum_steps
+  if k == 1:
+    loss, grads = grad_fn(state.params, data, dropout_rng)
+  else:
+    micro = jax.tree.map(lambda a: jnp.moveaxis(a.reshape(-1, k, *a.shape[1:]), 1, 0), data)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def accumulate(total, xs):
+      j, micro_batch = xs
+      out = grad_fn(state.params, micro_batch, jax.random.fold_in(dropout_rng, j))
+      return jax.tree.map(jnp.add, total, out), None
+
+    zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
@@ -140,6 +170,10 @@ class Training(NamedTuple):
   state_sharding: Any
   init: Callable         # rng -> TrainState, created directly in its shards
   update: Callable       # (state, global batch) -> (state, metrics); donates the old state
+  grad_accum_steps: int  # passes per step (config.optim.grad_accum_steps; 0 becomes 1 until
+                         # compile_update chooses it from the device's memory)
+  make_update: Callable  # grad_accum_steps -> another `update`
+  plan: Any              # memory.Plan behind a chosen grad_accum_steps (compile_update), or None
 
 
 def _image_shape(config):
@@ -175,10 +209,85 @@ def build(config, mesh):
   step = functools.partial(
       train_step, model=model, tx=tx, schedule=schedule, transport_config=config.transport,
       ema_decay=config.optim.ema_decay, conditional=conditional)
-  update = jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+
+  def make_update(grad_accum_steps):
+    return jax.jit(functools.partial(step, grad_accum_steps=grad_accum_steps),
+                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+  k = check_grad_accum_steps(config, mesh) or 1  # 0 is resolved by compile_update
   return Training(model, abstract_state, state_sharding,
-                  jax.jit(init, out_shardings=state_sharding), update)
+                  jax.jit(init, out_shardings=state_sharding), make_update(k), k, make_update,
+                  None)
+
+
+def check_grad_accum_steps(config, mesh):
+  """config.optim.grad_accum_steps, or a SetupError when it does not split the per-device batch."""
+  per_device = config.data.global_batch_size // mesh.size
+  k = config.optim.grad_accum_steps
+  if k < 0 or (k and per_device % k):
+    raise SetupError(
+        f'--config.optim.grad_accum_steps={k} does not divide the per-device batch of '
+        f'{per_device} ({config.data.global_batch_size} over {mesh.size} devices): use 0 (as '
+        f'few passes as fit) or one of {memory.divisors(per_device)}.')
+  return k
+
+
+def memory_plan(config, mesh, model, abstract_state):
+  """memory.Plan of this model and state: residuals traced for global batches of 1x and 2x the
+  device count (so the Pallas scan sees a batch it can split under the mesh)."""
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state.params)
+  image_shape = _image_shape(config)
+  conditional = config.model.num_classes > 0
+  loss = functools.partial(batch_loss, rng=jax.random.PRNGKey(0), model=model,
+                           transport_config=config.transport)
+
+  def loss_of_batch(n):
+    f32 = jnp.float32
+    micro = {'x0': jax.ShapeDtypeStruct((n, *image_shape), f32),
+             'x1': jax.ShapeDtypeStruct((n, *image_shape), f32),
+             't': jax.ShapeDtypeStruct((n,), f32),
+             'y': jax.ShapeDtypeStruct((n,), jnp.int32) if conditional else None}
+    return loss, (params, micro)
+
+  d = mesh.size
+  one, two = (memory.residual_bytes(loss_of_batch, n * d) for n in (1, 2))
+  per_image = max(two - one, 0) / d   # grows with the batch: split over the devices
+  fixed = max(one - per_image * d, 0)
+  return memory.Plan(memory.bytes_on_one_device(abstract_state),
+                     memory.bytes_on_one_device(params), fixed, per_image)
+
+
+def compile_update(training, config, mesh):
+  """(training with the compiled update, seconds): the step compiled ahead, its memory plan read
+  before any step runs. If XLA's plan exceeds the device's limit, a chosen (0) grad_accum_steps
+  moves to the next divisor and compiles again; a set one stops with the fix."""
+  per_device = config.data.global_batch_size // mesh.size
+  limit = memory.device_limit_bytes()
+  batch = abstract_batch(config, mesh)
+  t, k, update = time.monotonic(), training.grad_accum_steps, training.update
+  if not config.optim.grad_accum_steps and limit is not None:
+    plan = memory_plan(config, mesh, training.model, training.abstract_state)
+    k = memory.fewest_passes(per_device, plan, limit)
+    training = training._replace(plan=plan)
+    update = training.make_update(k) if k != training.grad_accum_steps else update
+  while True:
+    compiled = update.lower(training.abstract_state, batch).compile()
+    planned = memory.plan_bytes(compiled)
+    if limit is None or planned is None or planned <= memory.PLAN_HEADROOM * limit:
+      break
+    larger = [d for d in memory.divisors(per_device) if d > k]
+    if config.optim.grad_accum_steps or not larger:
+      raise SetupError(
+          f'The train step with micro-batches of {per_device // k} images per device needs '
+          f'{planned / memory.GIB:.1f} GiB but the device gives {limit / memory.GIB:.1f} GiB: '
+          + (f'set --config.optim.grad_accum_steps={larger[0]} (or 0 to choose).' if larger else
+             'use a smaller model, input or --config.data.global_batch_size.'))
+    logging.warning('The step with %d pass(es) plans %.1f GiB of %.1f: trying %d.', k,
+                    planned / memory.GIB, limit / memory.GIB, larger[0])
+    k = larger[0]
+    update = training.make_update(k)
+  return training._replace(update=compiled, grad_accum_steps=k), time.monotonic() - t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +401,8 @@ def _train_and_evaluate(config, workdir):
   check_choices(config)  # before anything, the workdir included, is touched
   sharding.initialize_distributed()
   if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
   try:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.global_batch_size, mesh)
@@ -317,6 +427,12 @@ def _train(config, workdir, mesh):
   vae = _load_vae(config, mesh) if config.vae.dir else None
   latent_from_vae = check_config(config, dataset, vae_module=vae[1] if vae else None)
   training = build(config, mesh)
+  # The jitted, donated step, compiled ahead (before the workdir is touched) to check its memory.
+  training, seconds = compile_update(training, config, mesh)
+  update = training.update
+  logging.info('Compiled the train step in %.1f s (%d pass(es) of %d images per device).',
+               seconds, training.grad_accum_steps,
+               config.data.global_batch_size // mesh.size // training.grad_accum_steps)
   abstract_state = training.abstract_state
 
   # Resume from the workdir, or start afresh.
@@ -340,10 +456,6 @@ def _train(config, workdir, mesh):
                  num_params / 1e6, dict(mesh.shape), config.data.global_batch_size)
     writer.write_hparams({'num_params': num_params, **_flat(config)})
 
-  # The jitted, donated step, compiled ahead to log its time.
-  t = time.monotonic()
-  update = training.update.lower(abstract_state, abstract_batch(config, mesh)).compile()
-  logging.info('Compiled the train step in %.1f s.', time.monotonic() - t)
   sampler = _make_sampler(config, training.model, mesh, training.state_sharding.ema_params, vae)
   encode = _make_encoder(config, mesh, vae) if latent_from_vae else None
 

@@ -367,7 +367,13 @@ def training_loss(model_fn, x1, rng, y=None, cfg=None, *, return_aux: bool = Fal
   Draws t per sample (cfg.t_sampling) and x0 ~ N(0, I) of x1's shape from `rng`.
   """
   cfg = default_transport_config() if cfg is None else cfg
+  x0, t = draw_noise_and_time(rng, x1, cfg)
+  return loss_at(model_fn, x0, x1, t, y, cfg, return_aux=return_aux)
+
+
+def draw_noise_and_time(rng, x1, cfg):
+  """The random part of `training_loss`: noise x0 ~ N(0, I) of x1's shape and times t [B]."""
   rng_t, rng_x = jax.random.split(rng)
   t = sample_time(rng_t, x1.shape[0], cfg)
   x0 = jax.random.normal(rng_x, x1.shape, x1.dtype)
-  return loss_at(model_fn, x0, x1, t, y, cfg, return_aux=return_aux)
+  return x0, t

@@ -1,22 +1,16 @@
-"""The benchmarks' own logic: kernel-time categories of a profile, micro-batching, FLOP counts."""
-import functools
+"""The benchmarks' own logic: kernel-time categories of a profile, FLOP counts."""
 import math
 import os
 import sys
 
-import jax
 import numpy as np
-import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
-from benchmarks import train_step  # noqa: E402
 from dimsum_jax import models  # noqa: E402
-from dimsum_jax import train  # noqa: E402
-from dimsum_jax import transport  # noqa: E402
 
 # A compiled module's text as XLA prints it: stack-frame tables (parent ids printed one above the
 # parent's own id, 0 = none), fused computations, and an entry calling them.
@@ -171,14 +165,6 @@ def test_summarize_sums_kernel_time_per_step_and_category():
   assert s["top_ops"][0]["ms_per_step"] == max(t["ms_per_step"] for t in s["top_ops"])
 
 
-def test_micro_batch_candidates():
-  assert train_step.micro_batch_candidates(256, 0) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
-  assert train_step.micro_batch_candidates(256, 128) == [128, 64, 32, 16, 8, 4, 2, 1]
-  assert train_step.micro_batch_candidates(96, 24) == [24, 12, 6, 3]
-  with pytest.raises(ValueError, match="does not divide"):
-    train_step.micro_batch_candidates(256, 96)
-
-
 def test_training_flops_per_image():
   """6 x forward multiply-accumulates; DiT-L/2 at 256 px by the closed form of the DiT paper's
   accounting (embedders, 24 blocks of adaLN + attention + MLP, final layer)."""
@@ -191,46 +177,3 @@ def test_training_flops_per_image():
   # The usual 575 G per DiMSUM-L/2 training image (96 G MACs forward, x2, x3).
   dimsum = models.create_model(common.model_config("DiMSUM-L/2", 32))
   assert common.train_flops_per_image(dimsum) == pytest.approx(575e9, rel=0.01)
-
-
-@pytest.mark.slow
-def test_micro_batched_step_equals_mean_gradient_update():
-  """Two micro-batches through optax.MultiSteps = one AdamW step on the mean of their gradients
-  (each micro-batch with the rng the step index gives it), EMA blended after each micro-batch."""
-  config = train_step.experiment_config("DiT-L/2", 8, dtype="float32", scan_impl="auto",
-                                        smoke=True)
-  config.model.depth = 1
-  model = models.create_model(config.model)
-  schedule = train.learning_rate_schedule(config.optim, config.num_train_steps)
-  base = train.make_optimizer(config.optim, schedule)
-  tx = optax.MultiSteps(base, every_k_schedule=2).gradient_transformation()
-  init = functools.partial(train.init_state, model=model, tx=tx, image_shape=(8, 8, 4),
-                           conditional=True)
-  key = jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30)))
-  state = jax.jit(init)(key)
-  batch = train_step.synthetic_batch(jax.random.fold_in(key, 7), 6, 8, 4, 1000)
-  new_state, _ = jax.jit(train_step.step_fn(config, model, tx, 2))(state, batch)
-
-  def loss(params, micro, step):
-    rng = jax.random.fold_in(state.rng, step)
-    loss_rng, dropout_rng = jax.random.split(rng)
-    velocity = lambda x, t, y: model.apply({"params": params}, x, t, y, train=True,
-                                           rngs={"dropout": dropout_rng})
-    return transport.training_loss(velocity, micro["image"], loss_rng, micro["label"],
-                                   config.transport).mean()
-
-  halves = [jax.tree.map(lambda x: x[i * 3:(i + 1) * 3], batch) for i in range(2)]
-  grads = [jax.jit(jax.grad(loss))(state.params, h, i) for i, h in enumerate(halves)]
-  mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
-  updates, _ = base.update(mean, base.init(state.params), state.params)
-  params = optax.apply_updates(state.params, updates)
-  d = config.optim.ema_decay
-  ema = jax.tree.map(lambda e, p0, p1: d * (d * e + (1 - d) * p0) + (1 - d) * p1,
-                     state.ema_params, state.params, params)
-  for got, want in ((new_state.params, params), (new_state.ema_params, ema)):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-7)
-  assert int(new_state.step) == 2
-  changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
-                                                  jax.tree.leaves(state.params))]
-  assert any(changed)

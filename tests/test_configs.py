@@ -74,7 +74,7 @@ def test_upstream_hyperparameters(name):
                                                           classes)
   assert c.optim.schedule == 'constant' and c.optim.warmup_steps == 0
   assert c.optim.ema_decay == 0.9999 and c.model.drop_path == 0.1
-  assert c.model.dtype == 'float32' and c.model.cond_mamba == 'none'
+  assert c.model.dtype == 'bfloat16' and c.model.cond_mamba == 'none'
   assert c.transport.path_type == 'GVP' and c.transport.prediction == 'velocity'
 
 

@@ -40,9 +40,11 @@ def default_model_config() -> ml_collections.ConfigDict:
       "scan_type": "none",       # published orders; v2 (bidirectional); or the ablations sweep_4,
                                  # sweep_8, zigma_8, jpeg_8, jpeg_2
       "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
-      "wavelet_impl": "jaxwt",   # Haar packet: jaxwt (convolutions) or direct (butterflies)
-      "remat": "none",           # backward recomputation per block group: none, dots, full
-      "attention_impl": "xla",   # xla, or cudnn (fused flash attention; NVIDIA GPU, bfloat16)
+      "wavelet_impl": "direct",  # Haar packet: direct (butterflies) or jaxwt (convolutions)
+      "remat": "dots",           # backward recomputation per block group: none, dots, full
+                                 # (dots keeps the matmul outputs: larger micro-batches fit)
+      "attention_impl": "auto",  # auto (cuDNN's fused attention where it runs, else XLA), xla,
+                                 # cudnn
       "dtype": "float32",        # compute dtype; parameters are always float32
       "depth": -1,               # -1: the size's own; set to build smaller test models
       "hidden_size": -1,

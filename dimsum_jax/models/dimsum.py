@@ -28,8 +28,28 @@ from dimsum_jax.ops import haar, scan_orders
 Dtype = Any
 
 
-def _permute(x, perm):
-  return x if perm is None else jnp.take(x, perm, axis=1)
+@jax.custom_vjp
+def _gather_tokens(x, perm, inverse):
+  return x.at[:, perm].get(mode="promise_in_bounds", unique_indices=True)
+
+
+def _gather_tokens_fwd(x, perm, inverse):
+  return _gather_tokens(x, perm, inverse), (perm, inverse)
+
+
+def _gather_tokens_bwd(res, ct):
+  perm, inverse = res
+  # The adjoint of a permutation is its inverse: a gather, not the scatter-add that jnp.take's
+  # own transpose would emit (atomic adds on the GPU).
+  return ct.at[:, inverse].get(mode="promise_in_bounds", unique_indices=True), None, None
+
+
+_gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
+
+
+def _permute(x, perm, inverse):
+  """x [b, N, d] with its tokens reordered: x[:, perm]; `inverse` is perm's inverse."""
+  return _gather_tokens(x, jnp.asarray(perm), jnp.asarray(inverse))
 
 
 class GatedMambaBranch(nn.Module):
@@ -62,7 +82,7 @@ class CrossAttentionFusion(nn.Module):
   x21 = Attn(q2, k1, v1); output proj(concat[x12, x21])."""
   num_heads: int
   dtype: Dtype
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s, w):
@@ -90,8 +110,8 @@ class DiMSUMBlock(nn.Module):
   scan_impl: str
   dtype: Dtype
   bidirectional: bool = False
-  wavelet_impl: str = "jaxwt"
-  attention_impl: str = "xla"
+  wavelet_impl: str = "direct"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h, r, c, orders, drop_rate, train: bool):
@@ -105,11 +125,13 @@ class DiMSUMBlock(nn.Module):
     self.sow("intermediates", "norm_out", u)
     u1, u2 = u[..., :d], u[..., d:]
 
-    s = _permute(branch("spatial_mamba", "spatial")(_permute(u1, s_perm), c), s_inv)
+    s = _permute(branch("spatial_mamba", "spatial")(_permute(u1, s_perm, s_inv), c), s_inv,
+                 s_perm)
     self.sow("intermediates", "spatial_out", s)
 
     w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels, self.wavelet_impl)
-    w1 = _permute(branch("freq_mamba", "wavelet")(_permute(w0, w_perm), c), w_inv)
+    w1 = _permute(branch("freq_mamba", "wavelet")(_permute(w0, w_perm, w_inv), c), w_inv,
+                  w_perm)
     w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels, self.wavelet_impl)
     self.sow("intermediates", "wavelet_out", w)
 
@@ -132,7 +154,7 @@ class SharedTransformerBlock(nn.Module):
   num_heads: int
   mlp_ratio: int
   dtype: Dtype
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, c):
@@ -188,12 +210,12 @@ class DiMSUM(nn.Module):
   fusion_heads: int = 8
   mlp_ratio: int = 4
   wavelet_levels: int = 2
-  wavelet_impl: str = "jaxwt"   # Haar packet: 'jaxwt' (convolutions) or 'direct' (butterflies)
+  wavelet_impl: str = "direct"  # Haar packet: 'direct' (butterflies) or 'jaxwt' (convolutions)
   cond_mamba: str = "none"
   scan_type: str = "none"
   scan_impl: str = "auto"
   remat: str = "none"           # recompute in the backward: none, dots or full (REMAT_POLICIES)
-  attention_impl: str = "xla"   # xla or cudnn (fused flash attention on NVIDIA GPUs, bf16)
+  attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
   dtype: Dtype = jnp.float32
 
   def check(self):

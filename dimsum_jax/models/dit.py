@@ -21,7 +21,7 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
   dtype: Any
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, c):
@@ -40,7 +40,7 @@ class _ScannedDiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
   dtype: Any
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, _, c):
@@ -59,7 +59,7 @@ class DiT(nn.Module):
   num_classes: int = 1000
   label_dropout: float = 0.1
   remat: str = "none"           # recompute in the backward: none, dots or full
-  attention_impl: str = "xla"   # xla or cudnn (fused flash attention on NVIDIA GPUs, bf16)
+  attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
   dtype: Any = jnp.float32
 
   @nn.compact

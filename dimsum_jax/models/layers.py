@@ -127,26 +127,38 @@ def layer_norm(dtype):
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
 
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def attention(q, k, v, impl: str = "xla"):
+def cudnn_attention_supported(q) -> bool:
+  """Whether cuDNN's fused attention takes q [b, tokens, heads, head_dim] here: an NVIDIA GPU,
+  16-bit floats and a head width that is a multiple of 8 up to 128."""
+  head_dim = q.shape[-1]
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def attention(q, k, v, impl: str = "auto"):
   """Softmax attention, scale head_dim^-1/2; q, k, v [b, tokens, heads, head_dim].
 
-  impl: "xla" (jax.nn.dot_product_attention's XLA path: the [b, heads, q, k] scores are formed)
-  or "cudnn" (cuDNN's fused flash attention: NVIDIA GPUs, bfloat16/float16 only).
+  impl: "cudnn" (cuDNN's fused flash attention: NVIDIA GPUs, bfloat16/float16, head width a
+  multiple of 8 up to 128; no [b, heads, q, k] tensor is stored), "xla" (the scores are formed
+  and kept for the backward), or "auto" (cudnn where `cudnn_attention_supported`, else xla).
   float64 (parity checks) is computed by hand, since the fused op works in at most float32.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r}; choose one of {ATTENTION_IMPLS}.")
+  if impl == "auto":
+    impl = "cudnn" if cudnn_attention_supported(q) else "xla"
   if impl == "cudnn":
-    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
-      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU and bfloat16 compute (backend "
-                       f"{jax.default_backend()}, dtype {q.dtype}): set model.attention_impl=xla "
-                       f"or model.dtype=bfloat16.")
+    if not cudnn_attention_supported(q):
+      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, bfloat16 compute and a head "
+                       f"width that is a multiple of 8 up to 128 (backend "
+                       f"{jax.default_backend()}, dtype {q.dtype}, head width {q.shape[-1]}): "
+                       f"set model.attention_impl=auto or xla.")
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if q.dtype != jnp.float64:
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
   return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
 
@@ -156,7 +168,7 @@ class SelfAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   kernel_init: Any = torch_default_kernel
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):

@@ -258,8 +258,9 @@ def test_direct_has_no_convolution():
 
 
 def test_model_direct_equals_default_on_tiny_golden():
-  """The tiny golden DiMSUM (upstream weights) with wavelet_impl='direct' against the default:
-  on the golden inputs (also against upstream's float64 output) and on fresh inputs of that size."""
+  """The tiny golden DiMSUM (upstream weights) with wavelet_impl='direct' (the jaxwt_model) against
+  'jaxwt': on the golden inputs (also against upstream's float64 output) and on fresh inputs of
+  that size."""
   from dimsum_jax.convert import abstract_params, from_upstream, model_config_from_upstream
   from dimsum_jax.models import create_model
   from dimsum_jax.tools.parity import split_golden
@@ -268,11 +269,12 @@ def test_model_direct_equals_default_on_tiny_golden():
     state, inputs, refs = split_golden(data)
   mc = model_config_from_upstream(json.loads(str(inputs["config_json"])), state)
   mc.scan_impl = "reference"
-  default = create_model(mc)
+  mc.wavelet_impl = "jaxwt"
+  jaxwt_model = create_model(mc)
   mc.wavelet_impl = "direct"
   direct = create_model(mc)
-  assert (default.wavelet_impl, direct.wavelet_impl) == ("jaxwt", "direct")
-  params = from_upstream(state, default, abstract_params(default, mc))
+  assert (jaxwt_model.wavelet_impl, direct.wavelet_impl) == ("jaxwt", "direct")
+  params = from_upstream(state, jaxwt_model, abstract_params(jaxwt_model, mc))
 
   rng = np.random.default_rng()
   b = inputs["x"].shape[0]
@@ -283,14 +285,14 @@ def test_model_direct_equals_default_on_tiny_golden():
 
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def both(params, x, t, y):
-    return tuple(m.apply({"params": params}, x, t, y) for m in (default, direct))
+    return tuple(m.apply({"params": params}, x, t, y) for m in (jaxwt_model, direct))
 
   with jax.default_matmul_precision("highest"):
-    out_default, out_direct = both(params, jnp.asarray(x, jnp.float32),
-                                   jnp.asarray(t, jnp.float32), jnp.asarray(y))
-  out_default, out_direct = np.asarray(out_default), np.asarray(out_direct)
-  scale = np.abs(out_default).max()
-  np.testing.assert_allclose(out_direct, out_default, rtol=0, atol=1e-5 * scale)
+    out_jaxwt, out_direct = both(params, jnp.asarray(x, jnp.float32),
+                                 jnp.asarray(t, jnp.float32), jnp.asarray(y))
+  out_jaxwt, out_direct = np.asarray(out_jaxwt), np.asarray(out_direct)
+  scale = np.abs(out_jaxwt).max()
+  np.testing.assert_allclose(out_direct, out_jaxwt, rtol=0, atol=1e-5 * scale)
   golden_out = np.transpose(refs["out"], (0, 2, 3, 1))
   np.testing.assert_allclose(out_direct[:b], golden_out, rtol=0,
                              atol=1e-4 * np.abs(golden_out).max())
