@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
 #
-#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train sample encode scaling profile
-#                                               profile_dit levers (default: all but profile_dit
-#                                               and levers)
+#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample encode scaling
+#                                               profile profile_dit (default: train sample
+#                                               scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
 # HLO in dimsum_step_hlo.txt.gz) and OUT_DIR/gpu.txt (nvidia-smi). About 25 minutes on an H200. Run from the repository root with the package importable.
@@ -12,10 +12,10 @@
 set -u
 out=${1:?usage: benchmarks/run_all.sh OUT_DIR [train|sample|encode|scaling ...]}
 shift
-stages=${*:-train sample encode scaling profile}
+stages=${*:-train sample scaling profile}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}  # as main.py
 mkdir -p "$out"
 log="$out/log.txt"
 results="$out/results.jsonl"
@@ -35,36 +35,30 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 
 for stage in $stages; do
   case $stage in
-    train)
-      step train_dimsum "${TRAIN_DIMSUM_LIMIT:-270}" benchmarks/train_step.py \
-        --models DiMSUM-L/2 --micro-batch 128 --repeats 6 --out "$results"
-      step train_dit "${TRAIN_DIT_LIMIT:-150}" benchmarks/train_step.py \
+    train)  # the defaults: what python -m dimsum_jax.main runs
+      step train_dimsum "${TRAIN_DIMSUM_LIMIT:-240}" benchmarks/train_step.py \
+        --models DiMSUM-L/2 --repeats 6 --out "$results"
+      step train_dit "${TRAIN_DIT_LIMIT:-120}" benchmarks/train_step.py \
         --models DiT-L/2 --repeats 6 --out "$results" ;;
+    baseline)  # the defaults before the fast path: jaxwt Haar, XLA attention, no recomputation
+      step baseline_dimsum "${LEVER_LIMIT:-300}" benchmarks/train_step.py --models DiMSUM-L/2 \
+        --wavelet-impl jaxwt --attention-impl xla --remat none --repeats 6 --out "$results"
+      step baseline_dit "${LEVER_LIMIT:-300}" benchmarks/train_step.py --models DiT-L/2 \
+        --attention-impl xla --remat none --repeats 6 --out "$results" ;;
     sample)
       step sample "${SAMPLE_LIMIT:-420}" benchmarks/sample.py --repeats 5 --warmup 1 \
         ${SAMPLE_ARGS:-} --out "$results" ;;
     profile)  # command buffers off: every kernel event then names its HLO instruction
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
-        step profile "${PROFILE_LIMIT:-180}" benchmarks/profile_step.py --micro-batch 64 \
+        step profile "${PROFILE_LIMIT:-240}" benchmarks/profile_step.py --top 80 \
         --summary "$out/profile.json" --hlo-out "$out/dimsum_step_hlo.txt.gz"
       step matmul_peak 60 -c "from benchmarks import common; import json; print(json.dumps(
         {'benchmark': 'matmul_peak', 'bf16_tflops': common.matmul_peak() / 1e12,
          **common.environment()}))" ;;
-    levers)  # the profile's levers one at a time against the train stage's baseline rows
-      step lever_dimsum_direct_haar "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
-        --models DiMSUM-L/2 --micro-batch 128 --wavelet-impl direct --repeats 6 --out "$results"
-      step lever_dimsum_remat "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
-        --models DiMSUM-L/2 --micro-batch 256 --remat dots --repeats 6 --out "$results"
-      step lever_dimsum_cudnn "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
-        --models DiMSUM-L/2 --micro-batch 128 --attention-impl cudnn --repeats 6 --out "$results"
-      step lever_dit_cudnn "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
-        --models DiT-L/2 --attention-impl cudnn --repeats 6 --out "$results"
-      step lever_dit_remat "${LEVER_LIMIT:-240}" benchmarks/train_step.py \
-        --models DiT-L/2 --remat dots --repeats 6 --out "$results" ;;
     profile_dit)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
-        step profile_dit "${PROFILE_DIT_LIMIT:-90}" benchmarks/profile_step.py --model DiT-L/2 \
-        --micro-batch 128 --summary "$out/profile_dit.json" ;;
+        step profile_dit "${PROFILE_DIT_LIMIT:-120}" benchmarks/profile_step.py --model DiT-L/2 \
+        --top 60 --summary "$out/profile_dit.json" --hlo-out "$out/dit_step_hlo.txt.gz" ;;
     encode)
       if [ -f benchmarks/encode.py ]; then
         echo "== $(date -u +%H:%M:%S) encode: benchmarks/encode.py" | tee -a "$log"
@@ -78,7 +72,7 @@ for stage in $stages; do
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train sample encode scaling profile profile_dit levers)" >&2
+      echo "unknown stage $stage (train baseline sample encode scaling profile profile_dit)" >&2
       exit 2 ;;
   esac
 done
