@@ -10,9 +10,16 @@ either way, upstream options this port does not implement are refused (PUBLISHED
 missing, unknown or mis-shaped keys, by upstream key and PyTorch shape, before anything is written.
 The mapping itself is `from_upstream(state_dict, model, abstract_params)`: NumPy arrays under
 upstream names in, a Flax parameter tree out. torch is needed only to read .pt files.
+
+A .pt file is unpickled by torch's weights_only loader, which builds tensors and plain Python
+values only; the one class upstream's train.py adds, the argparse.Namespace of its arguments, is
+allowlisted (SAFE_GLOBALS). A file that asks for anything else (a function, another class) is
+refused before any of it runs, by that name.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import re
 
@@ -30,6 +37,16 @@ class ConvertError(ValueError):
 
   The command line prints it as one message without a traceback (it is the user's input, not a
   bug of this module)."""
+
+
+class ConfigFileError(ValueError):
+  """A config file that does not exist or cannot be run; the message names it and the fix."""
+
+
+# The classes an upstream checkpoint holds beyond what torch's weights_only loader builds anyway
+# (tensors, OrderedDict state dicts, the optimiser's dicts, lists, tuples, numbers, strings,
+# None): train.py saves its argparse namespace as `args`. Nothing else is allowed.
+SAFE_GLOBALS = (argparse.Namespace,)
 
 
 def _module_path(parts):
@@ -412,12 +429,17 @@ def load_torch_checkpoint(path: str, entry: str = "ema"):
     import torch
   except ImportError as e:
     raise ConvertError("Reading an upstream .pt checkpoint needs PyTorch: pip install torch") from e
+  allow = getattr(torch.serialization, "safe_globals", None)   # torch >= 2.5
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    with allow(list(SAFE_GLOBALS)) if allow else contextlib.nullcontext():
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (pickle, zip and torch errors alike)
-    raise ConvertError(f"{path} is not a readable PyTorch checkpoint "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})."
-                       ) from e
+    refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if refused:
+      raise ConvertError(_refusal(path, refused.group(1))) from None
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    raise ConvertError(f"{path} is not a readable PyTorch checkpoint ({reason}): download it "
+                       "again, or pass the .pt file that upstream's train.py wrote.") from e
   if not isinstance(obj, dict):
     raise ConvertError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint "
                        "written by upstream's train.py.")
@@ -432,27 +454,103 @@ def load_torch_checkpoint(path: str, entry: str = "ema"):
   state = {k: v.detach().cpu().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
   if not state:
     raise ConvertError(f"{path} holds no tensors under {entry!r}.")
-  if args is not None and not isinstance(args, dict):
+  if isinstance(args, argparse.Namespace):
     args = vars(args)
+  elif args is not None and not isinstance(args, dict):
+    raise ConvertError(f"{path}: its `args` is a {type(args).__name__}, not the "
+                       "argparse.Namespace upstream's train.py saves: convert the official "
+                       "checkpoint, or a bare state dict with --config=configs/<experiment>.py.")
   return state, args
+
+
+def _refusal(path: str, name: str) -> str:
+  """The sentence for a checkpoint whose pickle asks for `name`, which is not allowlisted."""
+  if name in {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}:
+    return (f"{path} holds {name}, which this PyTorch version cannot allowlist for safe loading: "
+            "pip install -U 'torch>=2.5'.")
+  return (f"{path} was refused without running it: its pickle asks for {name}, but an upstream "
+          "checkpoint holds only tensors, plain Python values and argparse.Namespace, so it may "
+          "run code when loaded; convert only checkpoints of the official release or a state "
+          "dict saved with torch.save(model.state_dict(), PATH).")
+
+
+def _config_error_where(e: BaseException, path: str) -> str:
+  """'SyntaxError at line 3: ...': the error and the line of the config file it comes from."""
+  import os
+  import traceback
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f"SyntaxError at line {e.lineno}: {e.msg}"
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  text = str(e).strip().splitlines()
+  where = f" at line {lines[-1]}" if lines else ""
+  return f"{type(e).__name__}{where}" + (f": {text[0][:200]}" if text else "")
+
+
+def load_config_file(spec: str, flag: str = "--config") -> ml_collections.ConfigDict:
+  """The ConfigDict of a config file given as `path.py` or `path.py:arg` (the argument of its
+  get_config; split at the first ':' as ml_collections' config flags split it).
+
+  A missing file, one that does not run, defines no get_config() or whose get_config fails or
+  returns something else raise ConfigFileError, one sentence naming `flag`, the file and the fix.
+  """
+  import importlib.machinery
+  import importlib.util
+  import os
+  path, has_arg, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    what = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise ConfigFileError(f"{flag}={spec}: {path} {what}; pass a config file such as "
+                          "configs/digits.py.")
+  loader = importlib.machinery.SourceFileLoader("dimsum_jax_config_file", path)
+  try:
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  (whatever the file raises)
+    raise ConfigFileError(f"{flag}={spec}: {path} cannot be run ({_config_error_where(e, path)}"
+                          "); fix the file or pass another config file.") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigFileError(f"{flag}={spec}: {path} defines no get_config(); a config file returns "
+                          "its ConfigDict from get_config(), as configs/digits.py does.")
+  try:
+    config = module.get_config(arg) if has_arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    call = f"get_config({arg!r})" if has_arg else "get_config()"
+    raise ConfigFileError(f"{flag}={spec}: {call} of {path} failed "
+                          f"({_config_error_where(e, path)}); fix the file"
+                          + (" or the argument after ':'." if has_arg else ".")) from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigFileError(f"{flag}={spec}: get_config() of {path} returned a "
+                          f"{type(config).__name__}, not an ml_collections.ConfigDict; return "
+                          "the config, as configs/digits.py does.")
+  return config
+
+
+def check_config_flag(argv, name: str = "config") -> None:
+  """For absl command lines with an ml_collections config flag (dimsum_jax.main, tools.flops):
+  runs the --NAME file of `argv` once before absl parses it, and ends the command with exit
+  status 1 and one sentence on stderr when the file is missing or does not run (ml_collections
+  would print a traceback, or defer a missing file's error to the first use of the config)."""
+  import sys
+  spec = None
+  for i, arg in enumerate(argv[1:], 1):
+    match = re.fullmatch(rf"--?{name}(=(.*))?", arg, re.DOTALL)
+    if match:
+      spec = match.group(2) if match.group(1) is not None else (
+          argv[i + 1] if i + 1 < len(argv) else None)
+  if spec is None:
+    return
+  try:
+    load_config_file(spec, f"--{name}")
+  except ConfigFileError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def load_model_config(spec: str) -> ml_collections.ConfigDict:
   """The `model` section of a config file, given as `path.py` or `path.py:arg` (the argument of
   its get_config, as `dimsum_jax.main --config` takes it)."""
-  import importlib.util
-  import os
-  path, arg = spec, None
-  if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
-    path, arg = spec.rsplit(":", 1)
-  if not os.path.isfile(path):
-    raise ConvertError(f"--config={spec}: no such file.")
-  module_spec = importlib.util.spec_from_file_location("convert_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConvertError(f"--config={spec}: the file defines no get_config().")
-  config = module.get_config() if arg is None else module.get_config(arg)
+  config = load_config_file(spec)
   if "model" not in config:
     raise ConvertError(f"--config={spec}: its config has no `model` section.")
   return config.model
@@ -485,13 +583,14 @@ def convert_checkpoint(upstream: str, out: str, config: str | None = None,
 
   from dimsum_jax.models import create_model
   if not os.path.exists(upstream):
-    raise ConvertError(f"No such checkpoint: {upstream}")
+    raise ConvertError(f"--upstream={upstream} does not exist: pass the path of an upstream .pt "
+                       "checkpoint (e.g. imnet256_510ep.pt).")
   _check_out_dir(out)
+  model_cfg = load_model_config(config) if config else None   # a bad --config fails fast
   state, up_args = load_torch_checkpoint(upstream, entry)
-  if config:
+  if model_cfg is not None:
     if up_args:
       check_published_flags(up_args)
-    model_cfg = load_model_config(config)
   elif up_args:
     model_cfg = model_config_from_upstream(up_args, state)
   else:

@@ -1,7 +1,8 @@
 """Entry point: python -m dimsum_jax.main --config=configs/imagenet256.py --workdir=DIR.
 
 Any config field can be overridden with --config.section.key=value; an unknown key or a value of
-the wrong type stops the run with one sentence naming it, before anything is written.
+the wrong type stops the run with one sentence naming it, before anything is written. So does a
+config file that does not exist or does not run (a syntax error, a get_config that fails).
 """
 import os
 import re
@@ -15,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from dimsum_jax import convert
 from dimsum_jax import train
 
 FLAGS = flags.FLAGS
@@ -25,7 +27,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_flags(argv):
-  """absl's parsing; an override of a key the config lacks is one sentence, not a traceback."""
+  """absl's parsing; a config file that is missing or does not run, or an override of a key the
+  config lacks, is one sentence, not a traceback."""
+  convert.check_config_flag(argv)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # ml_collections refuses the unknown key

@@ -1,9 +1,12 @@
 """Golden parity with the official PyTorch DiMSUM (tiny.npz, l2.npz) and the parity tool itself.
 
 The parity tool keeps one compiled forward per model config, so the float32 tiny checks (values,
-CLI, corrupted weights) share a single compilation.
+CLI, corrupted weights, files derived from tiny.npz by dropping or reshaping arrays) share a
+single compilation. Random inputs come from the seed of each randomised test (tests/seeds.py:
+seed 0 in the default run, 51 seeds with -m slow), named in its id and failure messages.
 """
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +16,17 @@ import pytest
 from dimsum_jax import convert
 from dimsum_jax.models import create_model, default_model_config
 from dimsum_jax.tools import hashfill, parity
+from tests import seeds
 from tests.golden import golden_file, manifest
 
 
-def _assert_all_ok(rows):
+def _assert_all_ok(rows, seed=None):
   bad = [r for r in rows if not r[4]]
-  assert not bad, f"outputs out of tolerance: {bad}"
+  assert not bad, f"outputs out of tolerance: {bad}" + ("" if seed is None else f" (seed {seed})")
+
+
+def _tiny():
+  return dict(np.load(golden_file("tiny.npz"), allow_pickle=False))
 
 
 def test_tiny_float32_all_outputs():
@@ -117,10 +125,12 @@ def test_l2_published_size(tmp_path):
   assert max(r[2] for r in rows) < 2e-5
 
 
-def test_tool_reads_other_sizes(tmp_path):
+@seeds.each()
+def test_tool_reads_other_sizes(tmp_path, seed):
   """A golden file for a model unlike tiny.npz (unconditional, 12x12 tokens, window 3, sweep_8
   scan orders that differ between the 2 groups of 2 blocks), written from a float64 forward of
-  our own on hash-filled weights: the tool converts it and passes; a corrupted weight fails it."""
+  our own on hash-filled weights and inputs of `seed`: the tool converts it and passes; a
+  corrupted weight fails it."""
   input_size, depth, hidden, every = 24, 4, 64, 2
   mc = default_model_config()
   mc.update(name="DiMSUM-L/2", input_size=input_size, depth=depth, hidden_size=hidden,
@@ -133,7 +143,7 @@ def test_tool_reads_other_sizes(tmp_path):
       [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()], seed=3)
   assert "blocks.3.freq_mamba.mixer.A_log" in state and "y_embedder.embedding_table.weight" in state
   params = convert.from_upstream(state, model, abstract)
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(seed)
   x = rng.standard_normal((2, input_size, input_size, 4))
   t = rng.uniform(size=2)
   with jax.enable_x64(True):
@@ -144,7 +154,7 @@ def test_tool_reads_other_sizes(tmp_path):
     out = jax.jit(lambda p, x, t: model64.apply({"params": p}, x, t),
                   compiler_options={"xla_backend_optimization_level": 0})(p64, x, t)
     out = np.asarray(out)
-  assert out.dtype == np.float64 and 0.05 < np.abs(out).max() < 1e3
+  assert out.dtype == np.float64 and 0.05 < np.abs(out).max() < 1e3, f"seed {seed}"
   cfg = dict(hidden_size=hidden, depth=depth, patch_size=2, img_resolution=input_size,
              in_channels=4, num_classes=1, label_dropout=0, use_attn_every_k_layers=every,
              scan_type="sweep_8", learn_sigma=False)
@@ -156,10 +166,10 @@ def test_tool_reads_other_sizes(tmp_path):
   # x and t are rounded to float32 in the file: 6e-8 relative, far inside the 1e-4 tolerance.
   rows = parity.run_parity(str(path), verbose=False)
   assert [r[0] for r in rows] == ["out"]
-  _assert_all_ok(rows)
+  _assert_all_ok(rows, seed)
   arrays["final_layer.linear.weight"] = arrays["final_layer.linear.weight"] * 1.01
   np.savez(path, **arrays)
-  assert not parity.run_parity(str(path), verbose=False)[0][4]
+  assert not parity.run_parity(str(path), verbose=False)[0][4], f"seed {seed}"
 
 
 def test_mismatched_checkpoint_names_the_keys():
@@ -206,3 +216,153 @@ def test_upstream_round_trip_and_cond_proj_dropping():
       state["blocks.1.spatial_mamba.mixer.cond_proj.weight"].T)
   assert set(convert.to_upstream(params, model)) == set(state) - {
       k for k in skipped if "cond_proj" not in k}
+
+
+# --- golden files derived from tiny.npz ----------------------------------------------------------
+
+
+def _batch_axis(key):
+  """The batch axis of a reference array of the golden format ([blocks or applications, B, ...]
+  for the per-block and shared-attention arrays)."""
+  return 1 if key.startswith(("blocks_", "attn_block_out")) else 0
+
+
+def _unconditional_from_tiny(rows=(1, 1)):
+  """tiny.npz as the unconditional model whose one label row is tiny's null row: row 1 of tiny's
+  batch has the null label, so upstream's values for that row are the unconditional model's
+  (taken here for every row of the new batch; the label embedding is per row, [B, D])."""
+  data = _tiny()
+  cfg = json.loads(str(data["config_json"]))
+  table = data["y_embedder.embedding_table.weight"]
+  assert cfg["num_classes"] == 10 and table.shape[0] == 11 and int(data["y"][1]) == 10
+  out = {}
+  for key, value in data.items():
+    if key.startswith("cfg_") or key == "y":
+      continue              # guidance needs a conditional model; an unconditional one takes no y
+    if key in ("x", "t"):
+      out[key] = value[list(rows)]
+    elif key.endswith(("_f64", "_f32")):
+      out[key] = np.take(value, list(rows), axis=_batch_axis(key))
+    else:
+      out[key] = value
+  out["y_embedder.embedding_table.weight"] = table[10:11]
+  out["config_json"] = np.array(json.dumps(dict(cfg, num_classes=1)))
+  return out
+
+
+def test_unconditional_with_the_label_embedding_per_row(tmp_path, capsys):
+  """Upstream gives an unconditional model's label embedding per batch row ([B, D]); this model
+  computes the one row once: it is compared with every row (this used to crash in a reshape)."""
+  arrays = _unconditional_from_tiny()
+  assert arrays["y_emb_f64"].shape == (2, 96)
+  path = tmp_path / "unconditional.npz"
+  np.savez(path, **arrays)
+  rows = parity.run_parity(str(path), verbose=False)
+  names = {r[0] for r in rows}
+  assert {"out", "t_emb", "y_emb", "c", "block0_hidden_out", "blocks_residual_out",
+          "attn_block_out", "final_layer_out"} <= names and "cfg_out" not in names
+  _assert_all_ok(rows)
+  assert max(r[2] for r in rows) < 2e-5
+  assert parity.main([f"--golden={path}"]) == 0
+  assert "all 19 outputs within tolerance" in capsys.readouterr().out
+  # The label row is really compared: changing it fails y_emb, c and the output.
+  arrays["y_embedder.embedding_table.weight"] = arrays["y_embedder.embedding_table.weight"] * 1.01
+  np.savez(path, **arrays)
+  rows = {r[0]: r for r in parity.run_parity(str(path), verbose=False)}
+  assert not rows["y_emb"][4] and not rows["c"][4] and rows["t_emb"][4]
+
+
+def _layouts(key, value, rng):
+  """The same values in another shape, picked by `rng`: as stored, a token grid [.., g, g, D]
+  for [.., N, D], one row per sample ([B, -1]), or without a leading axis of 1."""
+  shapes = [value.shape]
+  if value.ndim >= 3 and value.shape[-2] == 64:
+    shapes.append(value.shape[:-2] + (8, 8, value.shape[-1]))
+  if value.ndim >= 2:
+    axis = _batch_axis(key)
+    shapes.append(value.shape[:axis + 1] + (-1,))
+  if value.shape[0] == 1:
+    shapes.append(value.shape[1:])
+  return value.reshape(shapes[rng.integers(len(shapes))])
+
+
+@seeds.each()
+def test_any_subset_in_any_layout(tmp_path, seed):
+  """tiny.npz with a random subset of its reference arrays, each in a random layout of its
+  values, plus arrays the golden format does not define: what is there is compared (and
+  matches), the unknown arrays are reported as not compared."""
+  rng = np.random.default_rng(seed)
+  data = _tiny()
+  refs = sorted(k for k in data if k.endswith("_f64"))
+  keep = set(rng.choice(refs, size=rng.integers(1, len(refs) + 1), replace=False))
+  arrays = {k: v for k, v in data.items() if not k.endswith("_f64") or k in keep}
+  arrays.update({k: _layouts(k, data[k], rng) for k in keep})
+  drop_cfg_inputs = bool(rng.integers(2))
+  if drop_cfg_inputs:
+    del arrays["cfg_x"]
+  arrays["notes_f64"] = rng.standard_normal(3)
+  arrays["seed"] = np.array(seed)
+  path = tmp_path / "subset.npz"
+  np.savez(path, **arrays)
+  report = parity.check(str(path))
+  unknown = {"notes_f64", "seed"}
+  if drop_cfg_inputs and "cfg_out_f64" in keep:
+    unknown.add("cfg_out_f64")
+  compared = {k[:-4] for k in keep} - {k[:-4] for k in unknown}
+  msg = f"seed {seed}: kept {sorted(keep)}"
+  assert {r[0] for r in report.rows} == compared, msg
+  assert {k for k, _ in report.not_compared} == unknown, msg
+  _assert_all_ok(report.rows, seed)
+  assert max(r[2] for r in report.rows) < 2e-5, msg
+
+
+def test_a_reference_of_another_shape_fails_by_name(tmp_path, capsys):
+  """A documented array whose shape cannot hold this model's values is a failure naming both
+  shapes, not a crash; the other arrays are still compared."""
+  data = _tiny()
+  data["c_f64"] = data["c_f64"][:, :50]
+  path = tmp_path / "bad_shape.npz"
+  np.savez(path, **data)
+  assert parity.main([f"--golden={path}"]) == 1
+  text = capsys.readouterr().out
+  assert "shape [3, 50] in the file, [3, 96] here" in text and "FAILED: c" in text
+  rows = {r[0]: r for r in parity.run_parity(str(path), verbose=False)}
+  assert not rows["c"][4] and math.isinf(rows["c"][2])
+  assert all(r[4] for name, r in rows.items() if name != "c")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("y"), "has no labels `y` but its model is class-conditional (10 classes)"),
+    (lambda d: d.pop("x"), "has no input `x`"),
+    (lambda d: d.update(x=d["x"][:, :, :8]), "`x` is [3, 4, 8, 16] but the model"),
+    (lambda d: d.update(config_json=np.array("{not json")), "`config_json` is not valid JSON"),
+    (lambda d: d.pop("blocks.1.norm.weight"), "does not provide (1): blocks.1.norm.weight"),
+    (lambda d: [d.pop(k) for k in list(d) if k.endswith("_f64")],
+     "holds no reference array that this tool can compare"),
+])
+def test_files_that_cannot_be_checked_are_one_sentence(tmp_path, change, message):
+  data = _tiny()
+  change(data)
+  path = tmp_path / "golden.npz"
+  np.savez(path, **data)
+  with pytest.raises(SystemExit) as e:
+    parity.main([f"--golden={path}"])
+  text = str(e.value.code)
+  assert text.startswith(f"error: {path}") and message in text and "\n" not in text, text
+
+
+def test_missing_and_unreadable_files_are_one_sentence(tmp_path):
+  junk = tmp_path / "junk.npz"
+  junk.write_bytes(b"not an archive at all" * 10)
+  truncated = tmp_path / "truncated.npz"
+  data = golden_file("tiny.npz").read_bytes()
+  truncated.write_bytes(data[:len(data) // 2])
+  for path, message in ((tmp_path / "missing.npz", "does not exist"),
+                        (tmp_path, "is a directory"),
+                        (junk, "is not an .npz archive"),
+                        (truncated, "is not a readable .npz file")):
+    with pytest.raises(SystemExit) as e:
+      parity.main([f"--golden={path}"])
+    text = str(e.value.code)
+    assert text.startswith(f"error: --golden={path}") and message in text, text
+    assert "\n" not in text, text

@@ -378,8 +378,24 @@ def _write_json(path: str, obj) -> None:
 def _read_json(path: str, default=None):
   if not os.path.exists(path):
     return default
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:   # not JSON (an interrupted write by hand, a damaged disk)
+    raise EncodeError(f"{path} is not valid JSON ({e}): delete its part directory and run the "
+                      "encoding again.") from e
+
+
+def _load_shard(path: str, out: str) -> np.ndarray:
+  """A shard .npy, memory-mapped and never unpickled (allow_pickle=False: an object array, whose
+  loading could run code, is refused), or EncodeError naming it."""
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except  (missing, truncated, object arrays...)
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise EncodeError(f"Shard {os.path.relpath(path, out)} cannot be read as a numeric array "
+                      f"({type(e).__name__}: {reason}); delete its part and run the encoding "
+                      "again.") from e
 
 
 def _check_settings(out: str, part_dir: str, settings: dict, process_count: int) -> None:
@@ -578,8 +594,8 @@ def finish(out: str, chunk_rows: int = 4096) -> dict | None:
       lat_path = os.path.join(part_dir, shard["latents"])
       lab_path = os.path.join(part_dir, shard["labels"])
       relative = os.path.relpath(lat_path, out)
-      lat = np.load(lat_path, mmap_mode="r")
-      lab = np.load(lab_path, mmap_mode="r")
+      lat = _load_shard(lat_path, out)
+      lab = _load_shard(lab_path, out)
       n = shard["num_examples"]
       if lat.shape != (n, *shape) or lat.dtype != np.dtype(identity["dtype"]) or lab.shape != (n,):
         raise EncodeError(f"Shard {relative} holds {lat.dtype} {lat.shape} and labels "

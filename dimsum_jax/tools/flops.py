@@ -52,6 +52,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from dimsum_jax import convert
 from dimsum_jax import models
 from dimsum_jax.models.dimsum import DiMSUM
 from dimsum_jax.models.mamba import MambaMixer
@@ -353,6 +354,13 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   return result
 
 
+def parse_flags(argv):
+  """absl's parsing, after a missing or failing --config file has ended the command with one
+  sentence (convert.check_config_flag)."""
+  convert.check_config_flag(argv)
+  return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -363,4 +371,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

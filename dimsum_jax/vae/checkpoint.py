@@ -75,8 +75,18 @@ def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
       raise FileNotFoundError(f"{path} does not exist: convert the diffusers VAE first with "
                               "`python -m dimsum_jax.vae.convert --diffusers=DIR "
                               f"--out={directory}`.")
-  with open(config_path) as f:
-    vae = model.vae_from_config(json.load(f), dtype=dtype, precision=precision)
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except ValueError as e:   # not JSON (or not UTF-8)
+    raise ValueError(f"{config_path} is not valid JSON ({type(e).__name__}: {e}): convert the "
+                     "VAE again with `python -m dimsum_jax.vae.convert --diffusers=DIR "
+                     f"--out={directory} --overwrite`.") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not a VAE config: "
+                     "convert the VAE again with `python -m dimsum_jax.vae.convert "
+                     f"--diffusers=DIR --out={directory} --overwrite`.")
+  vae = model.vae_from_config(config, dtype=dtype, precision=precision)
   abstract = model.abstract_params(vae)
   check_params_match(params_dir, abstract)
   if sharding is None:

@@ -3,9 +3,10 @@
   python -m dimsum_jax.vae.convert --diffusers=DIR --out=DIR [--overwrite]
 
 DIR holds `config.json` and `diffusion_pytorch_model.safetensors` (needs `pip install
-safetensors`) or `diffusion_pytorch_model.bin` (needs `pip install torch`); a full pipeline
-folder with a `vae/` subfolder also works. Nothing is downloaded. The output folder gets
-config.json and an Orbax checkpoint; read it back with `dimsum_jax.vae.load_vae`.
+safetensors`) or `diffusion_pytorch_model.bin` (needs `pip install torch`; read with torch's
+weights_only loader, so that a pickle asking for more than tensors is refused before it runs);
+a full pipeline folder with a `vae/` subfolder also works. Nothing is downloaded. The output
+folder gets config.json and an Orbax checkpoint; read it back with `dimsum_jax.vae.load_vae`.
 
 The key mapping: diffusers `a.b.0.c.weight` is Flax `a/b_0/c/kernel` (convolutions and dense
 layers) or `.../scale` (group norms); `bias` stays `bias`. Conv weights go from [out, in, kh, kw]
@@ -139,9 +140,13 @@ def read_config(directory: str) -> dict:
   path = os.path.join(directory, CONFIG_FILE)
   with open(path) as f:
     try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
+      config = json.load(f)
+    except ValueError as e:   # not JSON, or not UTF-8 text
       raise ValueError(f"{path} is not valid JSON ({e}): download it again.") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a diffusers config: "
+                     "download it again.")
+  return config
 
 
 def read_state_dict(directory: str) -> dict:
@@ -153,14 +158,39 @@ def read_state_dict(directory: str) -> dict:
     except ImportError as e:
       raise ImportError(f"Reading {SAFETENSORS_FILE} needs the `safetensors` package: "
                         "pip install safetensors.") from e
-    return {k: np.asarray(v, np.float32) for k, v in load_file(safetensors_path).items()}
+    try:
+      tensors = load_file(safetensors_path)
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError...)
+      raise ValueError(f"{safetensors_path} is not a readable safetensors file ({_reason(e)}): "
+                       "download it again.") from e
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   try:
     import torch
   except ImportError as e:
     raise ImportError(f"Reading {TORCH_FILE} needs the `torch` package: pip install torch "
                       f"(or provide {SAFETENSORS_FILE} and pip install safetensors).") from e
-  state = torch.load(os.path.join(directory, TORCH_FILE), map_location="cpu", weights_only=True)
+  path = os.path.join(directory, TORCH_FILE)
+  try:
+    # weights_only: tensors and plain containers only; a pickle asking for anything else (a
+    # function, a class) is refused before it runs.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (pickle, zip and torch errors alike)
+    refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if refused:
+      raise ValueError(f"{path} was refused without running it: its pickle asks for "
+                       f"{refused.group(1)}, but a diffusers state dict holds only tensors; use "
+                       f"the official weights, preferably {SAFETENSORS_FILE}.") from None
+    raise ValueError(f"{path} is not a readable PyTorch file ({_reason(e)}): download it "
+                     "again.") from e
+  if not isinstance(state, dict) or not all(hasattr(v, "detach") for v in state.values()):
+    raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: "
+                     "download the diffusers VAE folder again.")
   return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def convert_diffusers_vae(diffusers_dir: str, out_dir: str | None = None, overwrite: bool = False):
