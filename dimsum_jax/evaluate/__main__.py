@@ -1,0 +1,10 @@
+"""python -m dimsum_jax.evaluate --samples=OUT/samples.npz --reference=REF.npz --inception=W.pth
+
+See dimsum_jax/evaluate/command.py for the options, the output and the refusals.
+"""
+import sys
+
+from dimsum_jax.evaluate.command import main
+
+if __name__ == "__main__":
+  sys.exit(main())

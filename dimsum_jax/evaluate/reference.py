@@ -1,0 +1,497 @@
+"""Reference batches: ADM's format read, and written from our data sources (chunked, resumable).
+
+The format is that of ADM's reference batches (VIRTUAL_imagenet256_labeled.npz, ...), an .npz:
+  mu [D], sigma [D, D]         float64 statistics of the pool features (FID)
+  mu_s [S], sigma_s [S, S]     the same of the spatial features (sFID; absent for nets without)
+  arr_0 uint8 [M, H, W, 3]     images whose features define the manifold of precision/recall
+and, in files written here, also (ADM's evaluator ignores them)
+  feature_net                  the name of the net the statistics come from
+  num_images                   how many images the statistics cover
+  source                       e.g. "image_folder:/data/train" or "latents:/data/in256 (decoded)"
+ADM's files carry no feature_net: their statistics come from the TF graph itself, so evaluating
+against them with this port's default "pytorch_fid" input differs from ADM's numbers as the two
+resizes differ (use preprocess="tf" for the TF graph's input path). Loading never unpickles.
+
+Writing (python -m dimsum_jax.evaluate.reference):
+
+  python -m dimsum_jax.evaluate.reference --dataset=image_folder --data_dir=DIR \\
+      --image_size=256 --inception=pt_inception-2015-12-05-6726825d.pth --out=ref256.npz
+  python -m dimsum_jax.evaluate.reference --dataset=imagenet2012 --data_dir=$TFDS_DATA_DIR ...
+  python -m dimsum_jax.evaluate.reference --dataset=latents --data_dir=latents/in256 \\
+      --vae_dir=vae ...                       # decoded through the VAE; mirrors skipped
+  python -m dimsum_jax.evaluate.reference --dataset=digits --features=digits --out=digits.npz
+
+reads the images through dimsum_jax.data (ADM centre crop, no flips, file order; with
+--num_images below the set's size, the first images of a seeded shuffle), in chunks of
+--chunk_size images. After each chunk the running statistics (count, mean, centred second moment
+in float64, merged exactly) and the chunk's precision/recall images are saved under
+OUT.partial/; rerunning the same command continues after the last saved chunk (other settings
+into the same OUT are refused). arr_0 holds --pr_images images (10 000 as ADM) at positions drawn
+uniformly by --seed over the images read. The .npz is written last, atomically, and OUT.partial/
+is then removed. Progress (images/s, ETA) is logged per chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import logging
+import numpy as np
+
+from dimsum_jax.evaluate import metrics as metrics_lib
+from dimsum_jax.evaluate import npz
+from dimsum_jax.evaluate.features import Extractor, FeatureNet
+from dimsum_jax.evaluate.metrics import EvaluationError, Moments
+
+DATASETS = ("digits", "image_folder", "imagenet2012", "celeb_a_hq", "lsun_church", "latents")
+
+
+@dataclasses.dataclass(eq=False)
+class Reference:
+  mu: np.ndarray
+  sigma: np.ndarray
+  mu_s: np.ndarray | None = None
+  sigma_s: np.ndarray | None = None
+  images: np.ndarray | npz.NpzArray | None = None   # arr_0 (read lazily from a file)
+  feature_net: str | None = None                    # None: unknown (ADM's files)
+  num_stat_images: int | None = None
+  source: str = ""
+  path: str | None = None
+  _pool: dict = dataclasses.field(default_factory=dict, repr=False)
+  _roots: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def num_images(self) -> int | None:
+    return None if self.images is None else int(self.images.shape[0])
+
+  @property
+  def image_shape(self) -> tuple | None:
+    return None if self.images is None else tuple(self.images.shape[1:])
+
+  @property
+  def name(self) -> str:
+    return self.path or self.source or "the reference"
+
+  def check_compatible(self, net: FeatureNet, sample_shape, metrics) -> None:
+    """EvaluationError, one sentence, when `net`'s features or the samples do not fit."""
+    if self.feature_net is not None and self.feature_net != net.name:
+      raise EvaluationError(f"{self.name} holds statistics of {self.feature_net} features, not "
+                            f"of {net.name}: evaluate with the same features or write a reference "
+                            "with these (python -m dimsum_jax.evaluate.reference).")
+    for kind, mu in (("pool", self.mu), ("spatial", self.mu_s)):
+      if mu is not None and kind in net.dims and mu.shape[0] != net.dims[kind]:
+        raise EvaluationError(f"{self.name} holds {mu.shape[0]}-dimensional {kind} statistics but "
+                              f"{net.name} gives {net.dims[kind]}: it was made with another "
+                              "feature network; use a reference of these features.")
+    if "sfid" in metrics and self.mu_s is None:
+      raise EvaluationError(f"{self.name} has no spatial statistics (mu_s, sigma_s): leave sfid "
+                            "out of the metrics or use a reference that has them.")
+    if ("precision" in metrics or "recall" in metrics) and self.images is None:
+      raise EvaluationError(f"{self.name} has no images (arr_0) for precision and recall: leave "
+                            "them out of the metrics or use a reference batch with arr_0.")
+    if self.image_shape is not None and tuple(self.image_shape[:2]) != tuple(sample_shape[:2]):
+      h, w = self.image_shape[:2]
+      raise EvaluationError(f"{self.name} holds {h}x{w} images but the samples are "
+                            f"{sample_shape[0]}x{sample_shape[1]}: use the reference batch of "
+                            "the samples' resolution.")
+
+  def sigma_root(self, kind: str = "pool") -> np.ndarray | None:
+    """sqrt(sigma) (or of sigma_s for kind 'spatial'), computed once; None if not PSD."""
+    if kind not in self._roots:
+      sigma = self.sigma if kind == "pool" else self.sigma_s
+      self._roots[kind] = metrics_lib.psd_root(sigma)
+    return self._roots[kind]
+
+  def pool_features(self, extractor: Extractor) -> np.ndarray:
+    """Pool features of arr_0, computed once per feature net."""
+    name = extractor.net.name
+    if name not in self._pool:
+      if "pool" not in extractor.kinds:
+        extractor = Extractor(extractor.net, list(extractor.mesh.devices.flat), kinds=("pool",))
+      images = self.images
+      if isinstance(images, npz.NpzArray):
+        images = images.batches(extractor.global_batch)
+      self._pool[name] = extractor(images, total=self.num_images,
+                                   what="reference images")["pool"]
+    return self._pool[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and writing files
+
+
+def load_reference(path: str) -> Reference:
+  """A reference .npz (ADM's or ours); arr_0 stays on disk until its features are needed."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise EvaluationError(f"The reference {path} does not exist: pass an ADM reference batch "
+                          "(e.g. VIRTUAL_imagenet256_labeled.npz) or write one with `python -m "
+                          "dimsum_jax.evaluate.reference`.")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      files = set(z.files)
+      small = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "feature_net", "num_images",
+                                 "source") if k in files}
+  except Exception as e:  # a damaged zip, a pickled member: numpy raises many kinds
+    raise EvaluationError(f"The reference {path} is not a readable .npz ({type(e).__name__}): "
+                          "download or write it again.") from e
+  for key in ("mu", "sigma"):
+    if key not in small:
+      raise EvaluationError(f"The reference {path} has no `{key}`: a reference batch holds mu, "
+                            "sigma (and mu_s, sigma_s, arr_0) as ADM's evaluator reads them.")
+  for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+    if (mu_key in small) != (sigma_key in small):
+      raise EvaluationError(f"The reference {path} has only one of {mu_key} and {sigma_key}: "
+                            "write it again.")
+    if mu_key in small:
+      mu, sigma = small[mu_key], small[sigma_key]
+      if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.dtype.kind != "f":
+        raise EvaluationError(f"The reference {path} has {mu_key} {list(mu.shape)} and "
+                              f"{sigma_key} {list(sigma.shape)}, not a float mean [D] and "
+                              "covariance [D, D]: write it again.")
+  images = None
+  if "arr_0" in files:
+    try:
+      images = npz.NpzArray(path, "arr_0")
+    except npz.NpzError as e:
+      raise EvaluationError(str(e)) from e
+    if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3):
+      raise EvaluationError(f"The reference {path} holds arr_0 {images.dtype} "
+                            f"{list(images.shape)}, not uint8 images [N, H, W, C]: write it "
+                            "again.")
+  return Reference(
+      mu=small["mu"].astype(np.float64), sigma=small["sigma"].astype(np.float64),
+      mu_s=small["mu_s"].astype(np.float64) if "mu_s" in small else None,
+      sigma_s=small["sigma_s"].astype(np.float64) if "sigma_s" in small else None,
+      images=images, feature_net=str(small["feature_net"]) if "feature_net" in small else None,
+      num_stat_images=int(small["num_images"]) if "num_images" in small else None,
+      source=str(small["source"]) if "source" in small else "", path=path)
+
+
+def save_reference(path: str, ref: Reference, arr_0=None) -> None:
+  """Write `ref` in ADM's format (+ our keys). arr_0: ref.images, or (shape, row blocks)."""
+  arrays = {"mu": ref.mu, "sigma": ref.sigma}
+  if ref.mu_s is not None:
+    arrays.update(mu_s=ref.mu_s, sigma_s=ref.sigma_s)
+  if ref.feature_net is not None:
+    arrays["feature_net"] = np.asarray(ref.feature_net)
+  if ref.num_stat_images is not None:
+    arrays["num_images"] = np.int64(ref.num_stat_images)
+  arrays["source"] = np.asarray(ref.source)
+  if arr_0 is None and ref.images is not None:
+    images = ref.images
+    arr_0 = (images.shape, images.batches(1024) if isinstance(images, npz.NpzArray)
+             else [np.asarray(images)])
+  streamed = None if arr_0 is None else {"arr_0": (arr_0[0], np.uint8, arr_0[1])}
+  npz.write_npz(path, arrays, streamed)
+
+
+def reference_from_images(images, net: FeatureNet, *, extractor=None, source: str = "",
+                          pr_images: int | None = None) -> Reference:
+  """A Reference of in-memory uint8 images [N, H, W, C] (all of them in arr_0 by default)."""
+  metrics_lib.check_images(images, what="The reference images")
+  kinds = [k for k in ("pool", "spatial") if k in net.dims]
+  extractor = extractor or Extractor(net, kinds=kinds)
+  feats = extractor(images, what="reference images")
+  if len(images) < 2:
+    raise EvaluationError("A reference needs at least 2 images for its covariances.")
+  pool = Moments.of(feats["pool"])
+  spatial = Moments.of(feats["spatial"]) if "spatial" in feats else None
+  keep = images if pr_images is None else images[:pr_images]
+  ref = Reference(mu=pool.mean, sigma=pool.sigma, mu_s=spatial.mean if spatial else None,
+                  sigma_s=spatial.sigma if spatial else None, images=np.asarray(keep),
+                  feature_net=net.name, num_stat_images=len(images), source=source)
+  if pr_images is None:
+    ref._pool[net.name] = feats["pool"]  # pylint: disable=protected-access
+  return ref
+
+
+def reference_for(config, net: FeatureNet, image_shape) -> Reference:
+  """The reference of an evaluation config (features.default_eval_config): config.reference, or
+  with the digits features and no file, every digit at the samples' (H, W, C)."""
+  if config.reference:
+    return load_reference(os.path.expanduser(config.reference))
+  if config.features == "digits":
+    from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
+    return digits_features.digits_reference(net, image_shape[0], image_shape[-1])
+  raise EvaluationError("Set the evaluation's reference to an ADM-style reference batch (e.g. "
+                        "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
+                        "dimsum_jax.evaluate.reference`).")
+
+
+# ------------------------------------------------------------------------------------------------
+# The resumable writer
+
+
+@dataclasses.dataclass
+class Stream:
+  """uint8 image batches from position `start` (in images) of a data source, and its size."""
+  total: int                  # images the reference covers
+  description: str
+  batches: object             # callable(start) -> iterator of uint8 [b, H, W, C]
+  close: object = None        # callable() that stops the source's background work
+
+
+def _digits_stream(args) -> Stream:
+  from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
+  images, _ = digits_features.digits_images(args.image_size, args.channels)
+  total = len(images) if not args.num_images else min(args.num_images, len(images))
+  if total < len(images):   # a uniform subset: the first images of a seeded permutation
+    images = images[np.random.default_rng(args.seed).permutation(len(images))[:total]]
+
+  def batches(start):
+    for s in range(start, total, args.read_batch):
+      yield images[s:s + args.read_batch]
+  return Stream(total, f"digits:{args.image_size}x{args.image_size}x{args.channels}", batches)
+
+
+def _source_stream(args) -> Stream:
+  """image_folder / tfds / latents through dimsum_jax.data (latents decoded by the VAE)."""
+  from dimsum_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = data_lib.default_data_config()
+  c.name, c.data_dir, c.split = args.dataset, args.data_dir, args.split
+  c.tfds_name = getattr(args, "tfds_name", "")
+  c.image_size, c.channels, c.crop = args.image_size, args.channels, args.crop
+  c.class_conditional, c.random_flip, c.num_epochs = False, False, 1
+  c.drop_remainder, c.global_batch_size, c.on_bad_image = False, args.read_batch, "fail"
+  c.shuffle = False
+  decode, step, what = None, 1, f"{args.dataset}:{args.data_dir}"
+  if args.dataset == "latents":
+    meta = data_lib.read_meta(args.data_dir)
+    c.image_size, c.channels = meta["latent_shape"][0], meta["latent_shape"][2]
+    step = 2 if meta.get("flip_doubled") else 1     # row 2k: image k, row 2k + 1: its mirror
+    decode = _vae_decoder(args.vae_dir)
+    what += " (decoded by the VAE" + (", mirrors skipped)" if step == 2 else ")")
+    c.global_batch_size = args.read_batch * step      # even: every batch starts at an image
+  source = data_lib.create_dataset(c)
+  n = source.num_examples // step
+  total = n if not args.num_images else min(args.num_images, n)
+  if total < n:
+    c.shuffle = True   # a uniform subset: the first images of a seeded permutation
+    what += f", {total} of {n} images (shuffled with seed {args.seed})"
+    source.close()
+    source = data_lib.create_dataset(c, seed=args.seed)
+
+  def batches(start):
+    source.set_state({"epoch": 0, "index": start * step})
+    left = total - start
+    for batch in source:
+      rows = batch["image"][::step] if step == 2 else batch["image"]
+      rows = rows[:left]
+      left -= len(rows)
+      yield decode(rows) if decode else np.clip(127.5 * rows + 128.0, 0, 255).astype(np.uint8)
+      if left <= 0:
+        break
+  return Stream(total, what, batches, source.close)
+
+
+def _vae_decoder(vae_dir):
+  if not vae_dir:
+    raise EvaluationError("A latent set is decoded through its VAE: pass --vae_dir=DIR of a VAE "
+                          "converted with `python -m dimsum_jax.vae.convert`.")
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from dimsum_jax.evaluate.features import extraction_mesh  # pylint: disable=g-import-not-at-top
+  mesh = extraction_mesh()
+  module, params = vae_lib.load_vae(vae_dir, sharding=sharding.replicated(mesh))
+  batch_sharding = sharding.batch_sharding(mesh)
+  fn = jax.jit(functools.partial(vae_lib.decode_latents, module), out_shardings=batch_sharding)
+  n_dev = mesh.devices.size
+
+  def decode(latents):
+    n = len(latents)
+    pad = -n % n_dev
+    x = np.concatenate([latents, np.zeros((pad, *latents.shape[1:]), latents.dtype)])
+    return np.asarray(jax.device_get(fn(params, jax.device_put(x, batch_sharding))))[:n]
+  return decode
+
+
+def _identity(args, stream, net):
+  return {"format": 1, "source": stream.description, "total": stream.total,
+          "tfds_name": getattr(args, "tfds_name", ""),
+          "feature_net": net.name, "pr_images": args.pr_images, "chunk_size": args.chunk_size,
+          "seed": args.seed, "image_size": args.image_size, "channels": args.channels,
+          "crop": args.crop}
+
+
+def write_reference(args, net: FeatureNet, stream: Stream | None = None,
+                    stop_after_chunks: int | None = None) -> Reference | None:
+  """The resumable writer of the CLI (module docstring). `stop_after_chunks` (tests) leaves after
+  that many new chunks, as an interrupted run would; returns None then.
+
+  OUT.partial/ holds pr-K.npy (the arr_0 images of chunk K), moments-K.npz (the statistics after
+  chunk K) and state.json, replaced last: the chunk is done when state.json names its moments.
+  """
+  if stream is None:
+    stream = _digits_stream(args) if args.dataset == "digits" else _source_stream(args)
+  try:
+    return _write(args, net, stream, stop_after_chunks)
+  finally:
+    if stream.close is not None:
+      stream.close()
+
+
+def _write(args, net, stream, stop_after_chunks):
+  out = os.path.abspath(args.out)
+  if stream.total < 2:
+    raise EvaluationError(f"{stream.description} holds {stream.total} images; a reference needs "
+                          "at least 2.")
+  partial = out + ".partial"
+  identity = _identity(args, stream, net)
+  state_path = os.path.join(partial, "state.json")
+  state = {"identity": identity, "images": 0, "chunks": 0}
+  if os.path.exists(state_path):
+    with open(state_path, encoding="utf-8") as f:
+      state = json.load(f)
+    if state["identity"] != identity:
+      changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+      raise EvaluationError(f"{partial} holds a reference started with other settings "
+                            f"({', '.join(changed)}): rerun with the same flags to resume, or "
+                            "delete it.")
+  os.makedirs(partial, exist_ok=True)
+  kinds = [k for k in ("pool", "spatial") if k in net.dims]
+  moments = {k: Moments(0, np.zeros(net.dims[k]), np.zeros((net.dims[k],) * 2)) for k in kinds}
+  if state["chunks"]:
+    with np.load(os.path.join(partial, f"moments-{state['chunks'] - 1:06d}.npz"),
+                 allow_pickle=False) as z:
+      moments = {k: Moments(int(z[f"{k}_n"]), z[f"{k}_mean"], z[f"{k}_m2"]) for k in kinds}
+  pr_count = min(args.pr_images, stream.total)
+  pr_positions = np.sort(np.random.default_rng(args.seed).choice(stream.total, pr_count,
+                                                                 replace=False))
+  extractor = Extractor(net, kinds=kinds)
+  done, new_chunks, t0 = state["images"], 0, time.monotonic()
+  logging.info("Reference of %s with %s features: %d images, %d already done, chunks of %d.",
+               stream.description, net.name, stream.total, done, args.chunk_size)
+  rows = _Rows(stream.batches(done))
+  while done < stream.total:
+    images = rows.take(min(args.chunk_size, stream.total - done))
+    if images is None:
+      break
+    metrics_lib.check_images(images, what=f"The images of {stream.description}")
+    feats = extractor(images, what="reference images")
+    arrays = {}
+    for k in kinds:
+      moments[k] = moments[k].merge(Moments.of(feats[k]))
+      arrays.update({f"{k}_n": moments[k].n, f"{k}_mean": moments[k].mean,
+                     f"{k}_m2": moments[k].m2})
+    k = state["chunks"]
+    picked = pr_positions[(pr_positions >= done) & (pr_positions < done + len(images))] - done
+    np.save(os.path.join(partial, f"pr-{k:06d}.npy"), images[picked])
+    npz.write_npz(os.path.join(partial, f"moments-{k:06d}.npz"), arrays)
+    done += len(images)
+    state.update(images=done, chunks=k + 1)
+    npz.write_json(state_path, state)
+    if k:
+      os.remove(os.path.join(partial, f"moments-{k - 1:06d}.npz"))
+    rate = (new_chunks * args.chunk_size + len(images)) / max(time.monotonic() - t0, 1e-9)
+    logging.info("Reference: %d/%d images (%.1f%%), %.1f images/s, ETA %.0f s.", done,
+                 stream.total, 100.0 * done / stream.total, rate, (stream.total - done) / rate)
+    new_chunks += 1
+    if stop_after_chunks is not None and new_chunks >= stop_after_chunks and done < stream.total:
+      return None
+  pr_files = [os.path.join(partial, f"pr-{i:06d}.npy") for i in range(state["chunks"])]
+  shapes = [np.load(p, mmap_mode="r").shape for p in pr_files]
+  pool, spatial = moments["pool"], moments.get("spatial")
+  ref = Reference(mu=pool.mean, sigma=pool.sigma, mu_s=spatial.mean if spatial else None,
+                  sigma_s=spatial.sigma if spatial else None, feature_net=net.name,
+                  num_stat_images=pool.n, source=stream.description, path=out)
+  arr_0 = ((sum(s[0] for s in shapes), *shapes[0][1:]), (np.load(p) for p in pr_files))
+  save_reference(out, ref, arr_0=arr_0)
+  shutil.rmtree(partial)
+  logging.info("Wrote %s: statistics of %d images, %d images in arr_0.", out, pool.n,
+               arr_0[0][0])
+  return load_reference(out)
+
+
+class _Rows:
+  """Rows from an iterator of row blocks, `take(n)` at a time (a block may straddle two takes)."""
+
+  def __init__(self, blocks):
+    self._blocks, self._pending = iter(blocks), None
+
+  def take(self, n: int) -> np.ndarray | None:
+    """The next `n` rows (fewer at the end; None when nothing is left)."""
+    parts = [] if self._pending is None else [self._pending]
+    have = sum(len(p) for p in parts)
+    while have < n:
+      block = next(self._blocks, None)
+      if block is None:
+        break
+      parts.append(block)
+      have += len(block)
+    if not have:
+      return None
+    rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    self._pending = rows[n:] if len(rows) > n else None
+    return rows[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="python -m dimsum_jax.evaluate.reference",
+                              description="Write an ADM-style reference batch (see the module "
+                              "docstring).")
+  p.add_argument("--dataset", required=True, choices=DATASETS)
+  p.add_argument("--data_dir", default="", help="image folder, tfds data_dir or latent set")
+  p.add_argument("--split", default="train", help="tfds split")
+  p.add_argument("--tfds_name", default="", help="tfds builder ('' = the usual one of --dataset)")
+  p.add_argument("--image_size", type=int, default=None, help="256 (digits: 16)")
+  p.add_argument("--channels", type=int, default=None, help="3 (digits: 1)")
+  p.add_argument("--crop", default="adm", help="adm | resize_center | none")
+  p.add_argument("--vae_dir", default="", help="latent sets: the converted VAE that decodes them")
+  p.add_argument("--num_images", type=int, default=0, help="0: all")
+  p.add_argument("--pr_images", type=int, default=10_000, help="images kept in arr_0")
+  p.add_argument("--chunk_size", type=int, default=10_000)
+  p.add_argument("--read_batch", type=int, default=256)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--features", default="inception", choices=("inception", "digits"))
+  p.add_argument("--inception", default="", help="pytorch-fid's pt_inception-2015-12-05-*.pth")
+  p.add_argument("--preprocess", default="pytorch_fid", choices=("pytorch_fid", "tf"))
+  p.add_argument("--batch_size", type=int, default=50, help="images per device per step")
+  p.add_argument("--cache_dir", default="", help="digits features cache")
+  p.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  digits = args.dataset == "digits"
+  args.image_size = args.image_size or (16 if digits else 256)
+  args.channels = args.channels or (1 if digits else 3)
+  return args
+
+
+def main(argv=None) -> int:
+  from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
+  from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    if args.chunk_size < 1 or args.pr_images < 0 or args.read_batch < 1:
+      raise EvaluationError("--chunk_size and --read_batch must be positive, --pr_images >= 0.")
+    if os.path.exists(args.out):
+      raise EvaluationError(f"{args.out} exists: choose another --out, or delete it to write "
+                            "it again.")
+    config = features_lib.default_eval_config()
+    config.update(features=args.features, inception_weights=args.inception,
+                  preprocess=args.preprocess, batch_size=args.batch_size,
+                  cache_dir=args.cache_dir or config.cache_dir)
+    net = features_lib.build_feature_net(config)
+    ref = write_reference(args, net)
+  except (EvaluationError, inception.WeightsError, npz.NpzError, FileNotFoundError,
+          ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"Wrote {args.out}: {ref.num_stat_images} images ({ref.source}), {ref.num_images} in "
+        f"arr_0, {net.name} features.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
