@@ -193,13 +193,19 @@ def compiled_memory(compiled) -> dict[str, float] | None:
 
 
 def memory_stats() -> dict[str, float] | None:
-  """Peak bytes in use so far in this process and the allocator's limit, GiB (None on CPU)."""
-  stats = jax.devices()[0].memory_stats()
+  """Peak bytes in use so far in this process and the allocator's limit, GiB, of the first device
+  (None on CPU); with several local devices also the peak of each."""
+  devices = jax.local_devices()
+  stats = devices[0].memory_stats()
   if not stats:
     return None
   gib = 2.0 ** 30
-  return {"peak_gib": stats.get("peak_bytes_in_use", float("nan")) / gib,
-          "limit_gib": stats.get("bytes_limit", float("nan")) / gib}
+  out = {"peak_gib": stats.get("peak_bytes_in_use", float("nan")) / gib,
+         "limit_gib": stats.get("bytes_limit", float("nan")) / gib}
+  if len(devices) > 1:
+    out["peak_gib_per_device"] = [
+        (d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / gib for d in devices]
+  return out
 
 
 def fits(plan: dict[str, float] | None, headroom: float = 0.94) -> bool:

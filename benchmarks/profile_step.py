@@ -41,7 +41,8 @@ import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
-CATEGORIES = ("scan", "attention", "matmuls", "wavelet", "other")
+CATEGORIES = ("collectives", "scan", "attention", "matmuls", "wavelet", "other")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 OTHER_PARTS = ("optimizer", "permutes", "norms", "elementwise")
 
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
@@ -202,6 +203,8 @@ def classify(name: str, index: dict) -> tuple[str, str | None]:
   if info is None:
     return classify_kernel_name(name), None
   members = [info] + _contents(name, index)
+  if any(i["opcode"].replace("-start", "").replace("-done", "") in COLLECTIVES for i in members):
+    return "collectives", None
   cats = [frame_category(i) for i in members]
   for c in ("scan", "attention"):
     if c in cats:
@@ -219,6 +222,8 @@ def classify(name: str, index: dict) -> tuple[str, str | None]:
 def classify_kernel_name(kernel: str) -> str:
   """Fallback for kernels the trace does not tie to an HLO instruction."""
   k = kernel.lower()
+  if "nccl" in k:
+    return "collectives"
   if any(s in k for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "gmma")):
     return "matmuls"
   if "fmha" in k or "flash" in k:
@@ -235,6 +240,7 @@ def device_events(xspace_path: str, module: str | None):
   gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
   planes = gpu or [p for p in data.planes if p.name.startswith("/host:CPU")]
   out, lines_seen = [], set()
+  device_events.devices = max(len(gpu), 1)
   for plane in planes:
     for line in plane.lines:
       if gpu and not (line.name.startswith("Stream") or line.name.isdigit()):
@@ -326,8 +332,11 @@ def profile(compiled, run_step, trace_dir: str, *, steps: int = 3, step_ms: floa
     raise FileNotFoundError(f"jax.profiler wrote no .xplane.pb under {trace_dir}.")
   t0 = time.perf_counter()
   events, lines = device_events(files[-1], module)
-  summary = summarize(events, index, steps, step_ms, top=top)
-  summary.update(module=module, trace_lines=lines[:20], traced_wall_ms_per_step=traced_ms,
+  # Kernel time per step and device: every GPU's kernels are in the trace.
+  devices = device_events.devices
+  summary = summarize(events, index, steps * devices, step_ms, top=top)
+  summary.update(module=module, steps_traced=steps, devices_traced=devices, trace_lines=lines[:20],
+                 traced_wall_ms_per_step=traced_ms,
                  parse_s=time.perf_counter() - t0, trace_file=files[-1])
   return summary
 
@@ -348,7 +357,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", default="DiMSUM-L/2")
   p.add_argument("--image-size", type=int, default=256)
-  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--batch", type=int, default=None, help="global batch (default 256; 4 with --smoke)")
   p.add_argument("--grad-accum-steps", type=int, default=0, help="passes per step; 0: fewest that fit")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impl", default="auto", choices=["auto", "pallas", "reference"])
@@ -363,7 +372,9 @@ def main(argv=None):
   p.add_argument("--hlo-out", default=None, help="write the compiled step's HLO text (gzip) here")
   args = p.parse_args(argv)
   if args.smoke:
-    args.image_size, args.batch, args.grad_accum_steps = 64, 4, 2
+    args.image_size = 64
+    args.batch = args.batch or 4
+  args.batch = args.batch or 256
   setup = train_step.build(args.model, args.image_size, args.batch,
                            grad_accum_steps=args.grad_accum_steps,
                            dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke,

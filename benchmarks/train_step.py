@@ -89,16 +89,18 @@ def synthetic_batch(rng, batch: int, latent_size: int, channels: int, num_classe
 
 def build(name: str, image_size: int, global_batch: int, *, grad_accum_steps: int = 0,
           dtype: str = "bfloat16", scan_impl: str = "auto", smoke: bool = False, seed: int = 0,
-          **levers) -> Setup:
+          devices: int = 0, fsdp: int = 1, **levers) -> Setup:
   """Compile the training step of `name` at `image_size` px (latents image_size / 8) as
-  dimsum_jax.main would: train.build, then train.compile_update."""
+  dimsum_jax.main would: train.build, then train.compile_update, on the first `devices` devices
+  (0: all) with a mesh of data x fsdp (fsdp devices share the parameters)."""
   if image_size % 8:
     raise ValueError(f"--image-size {image_size} is not a multiple of 8 (the VAE's factor).")
   latent = image_size // 8
   config = experiment_config(name, latent, dtype=dtype, scan_impl=scan_impl, smoke=smoke,
                              global_batch=global_batch, grad_accum_steps=grad_accum_steps,
                              **levers)
-  mesh = sharding.make_mesh(config.mesh)
+  config.mesh.fsdp = fsdp
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:devices or jax.device_count()])
   with jax.set_mesh(mesh):
     training = train.build(config, mesh)
     training, seconds = train.compile_update(training, config, mesh)
@@ -121,8 +123,10 @@ def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) ->
             "dtype": args.dtype, **common.environment()}
   setup = build(name, args.image_size, args.batch, grad_accum_steps=args.grad_accum_steps,
                 dtype=args.dtype, scan_impl=scan_impl, smoke=args.smoke,
+                devices=args.devices, fsdp=args.fsdp,
                 wavelet_impl=args.wavelet_impl, remat=args.remat,
                 attention_impl=args.attention_impl)
+  record["mesh"] = dict(setup.mesh.shape)
   record["scan_impl"] = common.resolved_scan_impl(setup.model_config)
   for key in LEVERS:
     record[key] = setup.model_config[key]
@@ -167,9 +171,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", nargs="+", default=["DiMSUM-L/2", "DiT-L/2"])
   p.add_argument("--image-size", type=int, default=256, help="pixels; latents are size / 8")
-  p.add_argument("--batch", type=int, default=256, help="global batch")
+  p.add_argument("--batch", type=int, default=None, help="global batch (default 256; 4 with --smoke)")
   p.add_argument("--grad-accum-steps", type=int, default=0,
                  help="passes per step (config.optim.grad_accum_steps); 0: as few as fit")
+  p.add_argument("--devices", type=int, default=0, help="use the first N devices (0: all)")
+  p.add_argument("--fsdp", type=int, default=1,
+                 help="mesh fsdp axis: devices that split parameters, EMA and optimiser state")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impls", nargs="+", default=["auto"],
                  choices=["auto", "pallas", "reference"],
@@ -195,9 +202,10 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="append the JSON lines to this file")
   args = p.parse_args(argv)
   if args.smoke:
-    args.image_size, args.batch = 64, 4
-    args.grad_accum_steps = args.grad_accum_steps or 2
+    args.image_size = 64
+    args.batch = args.batch or 4
     args.repeats, args.warmup = 5, 1
+  args.batch = args.batch or 256
   if args.repeats < 5:
     raise SystemExit("--repeats must be at least 5 (the median of fewer is noise).")
   peak = common.matmul_peak(512 if args.smoke else 8192) if args.measure_peak else None

@@ -93,6 +93,7 @@ ENTRY %main.9 (Arg_0.1: bf16[8,16], Arg_1.2: f32[8]) -> (f32[8,8], f32[8]) {
   %fusion.6 = f32[8]{0} fusion(%Arg_1.2, %Arg_1.2), kind=kLoop, calls=%fused_adam, metadata={op_name="jit(step)/adam/add" stack_frame_id=7}
   %gather.7 = f32[8]{0} gather(%Arg_1.2, %Arg_1.2), offset_dims={}, metadata={op_name="jit(step)/take" stack_frame_id=8}
   %add.8 = f32[8]{0} add(%Arg_1.2, %Arg_1.2), metadata={op_name="jit(step)/add" stack_frame_id=1}
+  %all-reduce.10 = f32[8]{0} all-reduce(%add.8), replica_groups={}, to_apply=%fused_adam, metadata={op_name="jit(step)/psum" stack_frame_id=7}
   ROOT %tuple.9 = (f32[8,8]{1,0}, f32[8]{0}) tuple(%fusion.1, %add.8)
 }
 '''
@@ -106,6 +107,7 @@ EXPECTED = {
     "fusion.6": ("other", "optimizer"),
     "gather.7": ("other", "permutes"),
     "add.8": ("other", "elementwise"),
+    "all-reduce.10": ("collectives", None),  # the gradient all-reduce, whatever its stack
 }
 
 
