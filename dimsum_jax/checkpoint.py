@@ -1,17 +1,27 @@
 """Orbax checkpoints: periodic async saves, resume from the workdir, preemption, export.
 
 Layout of a workdir:
+  WORKDIR/lock                 flock'ed by the run training there (its process 0): one run per
+                               workdir; it names that process (pid, host) while held
   WORKDIR/config.json          the config of the run (written by process 0 at start)
   WORKDIR/checkpoints/<step>/  one Orbax checkpoint: item `state` (step, params, EMA, optimiser
                                state, rng) and item `data` (each process's data-iterator state)
   WORKDIR/checkpoints_unreadable/<step>/  checkpoints that failed to restore, moved aside (kept)
+A save that fails (disk full, no permission) stops the run with CheckpointError: Orbax writes
+each step into a temporary directory renamed into place only when complete, so the previous
+checkpoints stay as they were and the half-written one is never restored (Orbax removes it when
+the next run opens the directory).
 Exported inference weights (python -m dimsum_jax.export):
   OUT/config.json + OUT/ema_params/   the EMA parameters alone, read back with load_exported(OUT).
 """
+import errno
+import fcntl
 import json
 import os
 import shutil
 import signal
+import socket
+import time
 
 from absl import logging
 import jax
@@ -33,8 +43,72 @@ def checkpoint_dir(workdir):
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+class Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager whose failed saves raise CheckpointError in one sentence.
+
+  An async save fails in the background (no space left, no permission); Orbax raises its error at
+  the next save or wait. Here that error names the step that was not written and the newest
+  checkpoint that was, and the next save first waits for the previous one, so that its error is
+  not reported as the new step's."""
+
+  _pending = None  # the step of the async save in flight, if any
+
+  def save(self, step, *args, **kwargs):  # pylint: disable=arguments-differ
+    self.wait_until_finished()
+    try:
+      saved = super().save(step, *args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from e
+    self._pending = step
+    return saved
+
+  def wait_until_finished(self):
+    try:
+      super().wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._pending = self._pending, None
+      raise self._failed(step, e) from e
+    self._pending = None
+
+  def _failed(self, step, error):
+    _NoOrbaxTracebacks.reported = True
+    self.reload()
+    steps = [s for s in self.all_steps() if s != step]
+    kept = (f'the newest complete one, step {max(steps)}, is intact' if steps else
+            'no complete checkpoint was written yet')
+    reason = str(error).split('\n')[0][:300] or type(error).__name__
+    return CheckpointError(
+        f'The checkpoint of step {step} could not be written to {self.directory} ({reason}) and '
+        f'{kept}: free some space or fix the permissions there, then run the same command to '
+        'resume.')
+
+
+class _NoOrbaxTracebacks:
+  """Drops the tracebacks that Orbax logs with a failed save, and its lines after the failure
+  was reported (its writer threads fail again at exit): the run stops with one sentence
+  (Manager._failed), which says what they would."""
+
+  reported = False  # set by Manager._failed
+
+  def filter(self, record):
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    if _NoOrbaxTracebacks.reported:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_orbax_tracebacks():
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _NoOrbaxTracebacks) for f in handler.filters):
+    handler.addFilter(_NoOrbaxTracebacks())
+  _NoOrbaxTracebacks.reported = False
+
+
 def create_manager(workdir, *, keep):
-  """An async CheckpointManager keeping the last `keep` checkpoints."""
+  """An async CheckpointManager keeping the last `keep` checkpoints (see Manager)."""
+  _quiet_orbax_tracebacks()
   try:  # orbax >= 0.11.x: preservation policies; max_to_keep is deprecated.
     from orbax.checkpoint import checkpoint_managers  # pylint: disable=g-import-not-at-top
     keep_policy = dict(preservation_policy=checkpoint_managers.LatestN(n=keep))
@@ -43,8 +117,7 @@ def create_manager(workdir, *, keep):
     keep_policy = dict(max_to_keep=keep)
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True, **keep_policy)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_handlers=_item_handlers())
+  return Manager(checkpoint_dir(workdir), options=options, item_handlers=_item_handlers())
 
 
 def _item_handlers():
@@ -211,13 +284,136 @@ class PreemptionWatch:
       self._previous = None
 
 
+# --- one run per workdir --------------------------------------------------------------------
+
+LOCK_FILE = 'lock'
+_HOLDER_BYTES = 512  # room for the holder's description, broadcast to the other processes
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _holder(fd):
+  """The description the lock's holder wrote into the file ('' while it is still writing)."""
+  try:
+    raw = os.pread(fd, _HOLDER_BYTES, 0).decode(errors='replace').strip()
+    info = json.loads(raw)
+    return f"process {info['pid']} on host {info['host']}"
+  except (OSError, ValueError, KeyError, TypeError):
+    return ''
+
+
+def _try_flock(path, operation):
+  """(fd holding the lock, '') or (None, the holder's description) for a lock held elsewhere;
+  (None, '') when there is no lock file (peek) or the file system cannot lock (with a warning)."""
+  flags = os.O_CLOEXEC | (os.O_RDWR | os.O_CREAT if operation == fcntl.LOCK_EX else os.O_RDONLY)
+  try:
+    fd = os.open(path, flags, 0o644)
+  except (FileNotFoundError, NotADirectoryError):  # no lock file (yet), or no workdir
+    return None, ''
+  # Tries for a second: another check_workdir_free holds the lock for microseconds, and a run
+  # that has just locked writes its description within milliseconds (until then the file may
+  # still describe a run that was killed).
+  for attempt in range(50):
+    try:
+      fcntl.flock(fd, operation | fcntl.LOCK_NB)
+      return fd, ''
+    except OSError as e:
+      if e.errno in _UNSUPPORTED:
+        os.close(fd)
+        logging.warning('%s cannot be locked (%s): a second run on this workdir would not be '
+                        'refused.', path, e)
+        return None, ''
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        os.close(fd)
+        raise
+    holder = _holder(fd) if attempt >= 5 else ''
+    if holder:
+      os.close(fd)
+      return None, holder
+    time.sleep(0.02)
+  os.close(fd)
+  return None, 'a process that did not say which'
+
+
+def _busy_error(workdir, holder):
+  return CheckpointError(
+      f'Another training run, {holder}, is training in {os.path.abspath(workdir)}: wait for it '
+      'to end or stop it, or pass another --workdir.')
+
+
+def check_workdir_free(workdir):
+  """CheckpointError when a live run holds WORKDIR's lock; touches nothing (a shared lock taken
+  and dropped at once, no file created). For a quick refusal before the model is compiled: each
+  process of a job can call it before jax.distributed.initialize, as none of them can hold the
+  lock before every one has joined."""
+  fd, holder = _try_flock(os.path.join(os.path.abspath(workdir), LOCK_FILE), fcntl.LOCK_SH)
+  if fd is not None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+  if holder:
+    raise _busy_error(workdir, holder)
+
+
+class WorkdirLock:
+  """One training run per workdir: process 0 holds an flock on WORKDIR/lock for the whole run,
+  for every process of its job. The kernel drops it when the process ends, however it ends, so
+  a run killed with SIGKILL leaves nothing that blocks the restart. While held, the file says
+  which process holds it (pid, host), for the error of a second run; a clean release empties it.
+
+    with WorkdirLock(workdir) as lock:
+      ...              # nothing written yet
+      lock.acquire()   # CheckpointError naming the holder when another run trains there
+      ...              # released on leaving the block
+  """
+
+  def __init__(self, workdir):
+    self.workdir = os.path.abspath(workdir)
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self):
+    holder = ''
+    if jax.process_index() == 0:
+      self._fd, holder = _try_flock(self.path, fcntl.LOCK_EX)
+      if self._fd is not None:
+        description = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                                  'since': time.strftime('%Y-%m-%d %H:%M:%S')})
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, description.encode()[:_HOLDER_BYTES], 0)
+    if jax.process_count() > 1:  # every process of this job stops when process 0 could not lock
+      row = np.zeros([_HOLDER_BYTES], np.uint8)
+      raw = holder.encode()[:_HOLDER_BYTES]
+      row[:len(raw)] = np.frombuffer(raw, np.uint8)
+      row = np.asarray(multihost_utils.broadcast_one_to_all(row), np.uint8)
+      holder = bytes(row[row != 0]).decode(errors='replace')
+    if holder:
+      raise _busy_error(self.workdir, holder)
+    return self
+
+  def release(self):
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
 # --- config kept next to the checkpoints ----------------------------------------------------
 
 
 def save_config(workdir, config):
+  """WORKDIR/config.json, replaced whole (a run killed while writing it leaves the old one)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    path = os.path.join(workdir, 'config.json')
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def load_config(workdir):

@@ -669,7 +669,8 @@ def _write_npz(path, num_samples, image_shape, chunk_iter, labels):
         assert written == num_samples, (written, num_samples)
       buf = io.BytesIO()
       np.lib.format.write_array(buf, np.asarray(labels, np.int32))
-      z.writestr('labels.npy', buf.getvalue())
+      # A fixed date, as arr_0.npy has: the same samples give the same bytes whenever written.
+      z.writestr(zipfile.ZipInfo('labels.npy', date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
   _atomic_write(path, write)
 
 

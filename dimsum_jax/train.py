@@ -399,6 +399,7 @@ def train_and_evaluate(config, workdir):
 
 def _train_and_evaluate(config, workdir):
   check_choices(config)  # before anything, the workdir included, is touched
+  checkpoint.check_workdir_free(workdir)  # another run trains there: stop before compiling
   sharding.initialize_distributed()
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
@@ -410,11 +411,11 @@ def _train_and_evaluate(config, workdir):
     raise SetupError(str(e)) from e
   # Traced under the mesh, the Pallas selective scan (a custom call XLA cannot partition) runs on
   # each device's share of the batch instead of on an all-gathered batch.
-  with jax.set_mesh(mesh):
-    return _train(config, workdir, mesh)
+  with jax.set_mesh(mesh), checkpoint.WorkdirLock(workdir) as lock:
+    return _train(config, workdir, mesh, lock)
 
 
-def _train(config, workdir, mesh):
+def _train(config, workdir, mesh, lock):
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
 
@@ -437,6 +438,7 @@ def _train(config, workdir, mesh):
 
   # Resume from the workdir, or start afresh.
   os.makedirs(workdir, exist_ok=True)
+  lock.acquire()  # one run per workdir: stops, naming the other run, before anything is written
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
   restored = checkpoint.restore_latest(manager, abstract_state, mesh)
   if restored is not None:

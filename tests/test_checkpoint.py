@@ -1,13 +1,16 @@
-"""Checkpoints: resume targets, damaged and foreign checkpoints, NaN stops, export.
+"""Checkpoints: resume targets, damaged and foreign checkpoints, NaN stops, full disks, export.
 
 One real (tiny) training run in this process saves at steps 2, 4 and 6 and keeps the last two;
 each test works on a copy of its workdir.
 """
+import inspect
 import logging
 import os
 import shutil
+import textwrap
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
 from dimsum_jax import checkpoint
@@ -114,6 +117,84 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, tmp_path):
   state, data_state = train_util.restore(workdir, config())
   assert int(state.step) == 6 and data_state == {'epoch': 0, 'index': 96}
   train_util.assert_trees_close(state, run[1], rtol=0, atol=0, what='state after the NaN stop')
+
+
+# --- a checkpoint that cannot be written ------------------------------------------------------
+
+def fail_the_save_of(step, when):
+  """Orbax's writer fails on the checkpoint of `step`: 'start', at once, as a directory without
+  write permission does; 'commit', in the background after the arrays were written, as a full
+  disk does (a commit future of each item fails with ENOSPC). Returns the real writer. Self-
+  contained: a subprocess runs its source."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import errno  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import os  # pylint: disable=g-import-not-at-top,redefined-outer-name,reimported
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  real = ocp.PyTreeCheckpointHandler.async_save
+  target = f'{os.sep}checkpoints{os.sep}{step}.orbax-checkpoint-tmp'
+
+  async def async_save(self, directory, *args, **kwargs):
+    if target not in str(directory):
+      return await real(self, directory, *args, **kwargs)
+    if when == 'start':
+      raise PermissionError(errno.EACCES, 'Permission denied', str(directory))
+    failed = concurrent.futures.Future()
+    failed.set_exception(OSError(errno.ENOSPC, 'No space left on device'))
+    return list(await real(self, directory, *args, **kwargs) or []) + [failed]
+
+  ocp.PyTreeCheckpointHandler.async_save = async_save
+  return real
+
+
+@pytest.mark.parametrize('when, reason', [('commit', '[Errno 28] No space left on device'),
+                                          ('start', '[Errno 13] Permission denied')])
+def test_failed_save_stops_in_one_sentence_and_keeps_the_good_checkpoints(run, tmp_path, when,
+                                                                         reason):
+  workdir = copy(run, tmp_path)
+  ckdir = checkpoint.checkpoint_dir(workdir)
+  real = fail_the_save_of(8, when)
+  try:
+    with pytest.raises(SystemExit) as e:
+      train.train_and_evaluate(config(num_train_steps=12), workdir)
+  finally:
+    ocp.PyTreeCheckpointHandler.async_save = real
+  message = str(e.value)
+  assert message.startswith(f'error: The checkpoint of step 8 could not be written to {ckdir} '
+                            f'({reason}') and '\n' not in message, message
+  assert 'the newest complete one, step 6, is intact' in message, message
+  # The run stopped at the failure (at the next save, step 10, at the latest): steps 4 and 6
+  # are as they were and restore, and the half-written step 8 is no checkpoint.
+  assert sorted(n for n in os.listdir(ckdir) if n.isdigit()) == ['4', '6'], os.listdir(ckdir)
+  state, data_state = train_util.restore(workdir, config())
+  assert int(state.step) == 6 and data_state == {'epoch': 0, 'index': 96}
+  train_util.assert_trees_equal(state, run[1], what='step 6 after the failed save')
+  # The same command, with room again, resumes from step 6 past the half-written step 8.
+  final = train.train_and_evaluate(config(num_train_steps=8), workdir)
+  assert int(final.step) == 8 and sorted(os.listdir(ckdir)) == ['6', '8']
+  state, _ = train_util.restore(workdir, config())
+  train_util.assert_trees_equal(state, final, what='step 8 after the resume')
+
+
+def test_failed_save_on_the_command_line_is_one_line_without_traceback(run, tmp_path):
+  workdir = copy(run, tmp_path)
+  script = inspect.getsource(fail_the_save_of) + textwrap.dedent('''
+      import sys
+      from absl import app
+      from dimsum_jax import main
+      fail_the_save_of(8, 'commit')
+      sys.argv = ['main', *sys.argv[1:]]
+      app.run(main.main, flags_parser=main.parse_flags)
+      ''')
+  r = train_util.run_python(['-c', script, f'--workdir={workdir}', *train_util.flags(
+      'smoke_dit', num_train_steps=12, checkpoint_every_steps=EVERY, log_every_steps=EVERY,
+      keep_checkpoints=KEEP, sample__every_steps=-1)])
+  assert r.returncode == 1, r.stderr[-4000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: The checkpoint of step 8 could not be written to '), last
+  assert 'No space left on device' in last and 'step 6, is intact' in last, last
+  assert 'Traceback' not in r.stderr, r.stderr[-4000:]
+  assert sorted(n for n in os.listdir(checkpoint.checkpoint_dir(workdir)) if n.isdigit()) == [
+      '4', '6']
 
 
 def test_export_writes_the_ema_alone_with_its_config(run, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from dimsum_jax import models
 from dimsum_jax.tools import flops
 from tests.golden import manifest
+from tests import seeds
 from tests.models import common
 
 
@@ -43,17 +44,25 @@ def _hand_count_small_dimsum(D=512, N=16, depth=4):
 
 # ---------------------------------------------------------------- parameters
 
-@pytest.fixture(scope="module")
-def tiny():
-  """A tiny depth-3 model, fresh random inputs and non-zero weights (no init compile)."""
-  cfg = _cfg(depth=3, **TINY)
-  model = models.create_model(cfg)
-  rng = np.random.default_rng()
+def _tiny_inputs(cfg, seed):
+  """Random inputs (x, t) of the tiny model from `seed`, and the label 3."""
+  rng = np.random.default_rng(seed)
   x, t = (jnp.asarray(rng.uniform(size=s.shape), s.dtype)
           for s in flops.example_inputs(cfg)[:2])
-  y = jnp.asarray([3], jnp.int32)
+  return x, t, jnp.asarray([3], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny depth-3 model, non-zero weights (no init compile) and its jitted forward, rolled and
+  with the scans unrolled (each compiled once for all seeds)."""
+  cfg = _cfg(depth=3, **TINY)
+  model = models.create_model(cfg)
   variables = {"params": common.filled_params(model, cfg)}
-  return cfg, model, variables, (x, t, y)
+  forward = lambda v, x, t, y: model.apply(v, x, t, y)
+  jitted = {"rolled": jax.jit(forward, compiler_options=flops.FAST_COMPILE),
+            "unrolled": jax.jit(flops.unroll_scans(forward), compiler_options=flops.FAST_COMPILE)}
+  return cfg, model, variables, jitted
 
 
 # ---------------------------------------------------------------- hand-counted small cases
@@ -158,15 +167,14 @@ def test_unrolled_count_grows_with_every_group():
   assert flops.xla_flops(forward, *args, unroll=False) <= 1.001 * counts[2]
 
 
-def test_unrolled_forward_computes_the_same_output(tiny):
-  _, model, variables, inputs = tiny
-  forward = lambda v, x, t, y: model.apply(v, x, t, y)
-  unrolled = jax.jit(flops.unroll_scans(forward), compiler_options=flops.FAST_COMPILE)
-  rolled = jax.jit(forward, compiler_options=flops.FAST_COMPILE)
-  out = rolled(variables, *inputs)
-  assert float(jnp.abs(out).max()) > 1e-2
-  np.testing.assert_allclose(unrolled(variables, *inputs), out, rtol=1e-5,
-                             atol=1e-5 * float(jnp.abs(out).max()))
+@seeds.each()
+def test_unrolled_forward_computes_the_same_output(tiny, seed):
+  cfg, _, variables, jitted = tiny
+  inputs = _tiny_inputs(cfg, seed)
+  out = jitted["rolled"](variables, *inputs)
+  assert float(jnp.abs(out).max()) > 1e-2, f"seed {seed}"
+  np.testing.assert_allclose(jitted["unrolled"](variables, *inputs), out, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(out).max()), err_msg=f"seed {seed}")
 
 
 # ---------------------------------------------------------------- published numbers

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dimsum_jax import metrics
+from tests import seeds
 
 
 class Recorder:
@@ -41,8 +42,9 @@ def test_report_progress_steps_per_second_images_and_eta(monkeypatch):
   assert metrics._hms((1000 - 200) / 25.0) == '0h00m32s'  # pylint: disable=protected-access
 
 
-def test_writer_keeps_scalars_in_jsonl_and_tensorboard(tmp_path):
-  rng = np.random.default_rng()
+@seeds.each()
+def test_writer_keeps_scalars_in_jsonl_and_tensorboard(tmp_path, seed):
+  rng = np.random.default_rng(seed)
   loss = float(rng.uniform())
   writer = metrics.create_writer(str(tmp_path), just_logging=False)
   writer.write_hparams({'model.name': 'DiMSUM-L/2', 'seed': 3})
@@ -54,7 +56,7 @@ def test_writer_keeps_scalars_in_jsonl_and_tensorboard(tmp_path):
     rows = [json.loads(line) for line in f]
   assert rows[0] == {'hparams': {'model.name': 'DiMSUM-L/2', 'seed': 3}}
   assert rows[1]['step'] == 7 and rows[1]['grad_norm'] == 'nan'
-  assert rows[1]['loss'] == pytest.approx(loss, rel=1e-6)
+  assert rows[1]['loss'] == pytest.approx(loss, rel=1e-6), f'seed {seed}'
 
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={'tensors': 0})
@@ -62,10 +64,11 @@ def test_writer_keeps_scalars_in_jsonl_and_tensorboard(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   (loss_event,) = events.Tensors('loss')
   assert loss_event.step == 7
-  assert float(tf.make_ndarray(loss_event.tensor_proto)) == pytest.approx(loss, rel=1e-6)
+  assert float(tf.make_ndarray(loss_event.tensor_proto)) == pytest.approx(loss, rel=1e-6), (
+      f'seed {seed}')
   (image_event,) = events.Tensors('ema_samples')
   png = tf.make_ndarray(image_event.tensor_proto)[2]   # [width, height, encoded image]
-  np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), grid[0])
+  np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), grid[0], err_msg=f'seed {seed}')
 
 
 def test_other_processes_only_log(tmp_path):
@@ -74,8 +77,9 @@ def test_other_processes_only_log(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_image_grid_one_class_per_row():
-  rng = np.random.default_rng()
+@seeds.each()
+def test_image_grid_one_class_per_row(seed):
+  rng = np.random.default_rng(seed)
   images = rng.uniform(-1, 1, (2 * 3, 4, 5, 1)).astype(np.float32)   # 2 rows of 3
   grid = metrics.image_grid(images, rows=2)
   assert grid.shape == (2 * (4 + 2) + 2, 3 * (5 + 2) + 2, 3) and grid.dtype == np.uint8
@@ -84,5 +88,5 @@ def test_image_grid_one_class_per_row():
     tile = grid[2 + r * 6:2 + r * 6 + 4, 2 + c * 7:2 + c * 7 + 5]
     expected = np.clip(np.floor((images[i, ..., 0].astype(np.float64) + 1) * 127.5 + 0.5), 0, 255)
     for ch in range(3):
-      np.testing.assert_array_equal(tile[..., ch], expected)
+      np.testing.assert_array_equal(tile[..., ch], expected, err_msg=f'seed {seed}')
   assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all()     # white gaps

@@ -72,6 +72,8 @@ def test_two_processes_train_save_and_resume_together(tmp_path):
   second = launch_two_processes(workdir, str(tmp_path), num_train_steps=4, **common)
   for text in second:
     assert 'Resumed from checkpoint' in text and 'Training from step 2 to 4' in text
+  # Process 0 held the workdir's lock for both processes of each job and released it.
+  assert read(os.path.join(workdir, 'lock')) == ''
 
   # The same four global batches on one device, one process: process 0's rows, then process 1's.
   config = train_util.digits_config('smoke_dit', num_train_steps=4)

@@ -55,6 +55,11 @@ def run_python(args, *, devices=1, timeout=300, **extra_env):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache shared by the subprocesses of one test session."""
+  return str(tmp_path_factory.getbasetemp() / 'xla_cache')
+
+
 def one_device_mesh():
   return sharding.make_mesh({'data': 1, 'fsdp': 1}, devices=jax.devices()[:1])
 
@@ -88,6 +93,19 @@ def assert_trees_close(actual, expected, *, rtol, atol, what):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
                                err_msg=f'{what}: {jax.tree_util.keystr(path)}')
+
+
+def assert_trees_equal(actual, expected, *, what):
+  """Bit for bit: same structure, dtypes, shapes and bytes in every leaf (NaNs included)."""
+  actual, expected = jax.device_get(actual), jax.device_get(expected)
+  assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+    a, b = np.asarray(a), np.asarray(b)
+    where = f'{what}: {jax.tree_util.keystr(path)}'
+    assert (a.dtype, a.shape) == (b.dtype, b.shape), (where, a.dtype, a.shape, b.dtype, b.shape)
+    if a.tobytes() != b.tobytes():
+      np.testing.assert_array_equal(a, b, err_msg=where)  # names the elements that differ
+      raise AssertionError(f'{where}: equal values with different bits (signed zeros or NaNs)')
 
 
 def fingerprint(directory):

@@ -37,7 +37,8 @@ def filled_params(model, mc, seed=0):
   return convert.from_upstream(hashfill.fill_state_dict(keys, seed), model, abstract)
 
 
-def inputs(mc, batch=3, seed=None, dtype=np.float32):
+def inputs(mc, batch=3, seed=0, dtype=np.float32):
+  """Random (x, t, y) of `batch` samples for model config `mc`, drawn from `seed`."""
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((batch, mc.input_size, mc.input_size, mc.in_channels)).astype(dtype)
   t = rng.uniform(size=batch).astype(dtype)

@@ -16,6 +16,7 @@ from dimsum_jax.models import create_model
 from dimsum_jax.models.layers import LabelEmbedder, drop_path
 from dimsum_jax.models.mamba import MambaMixer
 from dimsum_jax.ops import scan_orders
+from tests import seeds
 from tests.golden import manifest
 from tests.models import common
 
@@ -34,28 +35,43 @@ def _np_tree(tree):
 @pytest.fixture(scope="module")
 def grads64():
   """A float64 tiny model with the conditional Mamba on and two applications of the shared
-  transformer: params, inputs, a fixed output projection, and jit(value_and_grad) of the loss."""
+  transformer: params, jit(value_and_grad) of the loss sum(out * w) as a function of (params,
+  x, t, y, w), and the unrolled model's loss (params, shared, x, t, y, w); each compiled once
+  for all seeds (`_at_seed` draws the inputs)."""
   mc = common.tiny_config(cond_mamba="h0", dtype="float64")
-  x, t, y = common.inputs(mc, batch=2, dtype=np.float64)
-  w = np.random.default_rng().standard_normal(x.shape)
   with jax.enable_x64(True):
     model = create_model(mc)
     params = _np_tree(common.filled_params(model, mc, seed=1))
 
-    def loss(params):
+    def loss(params, x, t, y, w):
       out = model.apply({"params": params}, x, t, y)
+      return jnp.sum(out * w), out
+
+    block_orders = common.orders("none", model.depth, 4)
+
+    def unrolled_loss(params, shared, x, t, y, w):
+      out = common.unrolled_forward(model, params, shared, x, t, y, block_orders)
       return jnp.sum(out * w), out
 
     value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True),
                              compiler_options=common.FAST)
-    (_, out), grads = value_and_grad(params)
-  return dict(model=model, params=params, x=x, t=t, y=y, w=w, value_and_grad=value_and_grad,
-              out=np.asarray(out), grads=_np_tree(grads))
+    unrolled = jax.jit(unrolled_loss, compiler_options=common.FAST)
+  return dict(model=model, mc=mc, params=params, value_and_grad=value_and_grad,
+              unrolled=unrolled)
 
 
-def _direction(params):
+def _at_seed(g, seed):
+  """grads64 with the inputs x, t, y and output weights w of `seed`, the output and gradient."""
+  x, t, y = common.inputs(g["mc"], batch=2, seed=seed, dtype=np.float64)
+  w = np.random.default_rng([seed, 1]).standard_normal(x.shape)
+  with jax.enable_x64(True):
+    (_, out), grads = g["value_and_grad"](g["params"], x, t, y, w)
+  return dict(g, x=x, t=t, y=y, w=w, out=np.asarray(out), grads=_np_tree(grads))
+
+
+def _direction(params, seed):
   """A random unit vector in parameter space."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng([seed, 2])
   v = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape), params)
   norm = np.sqrt(_dot(v, v))
   return jax.tree_util.tree_map(lambda a: a / norm, v)
@@ -70,27 +86,30 @@ def _shift(tree, direction, step):
   return jax.tree_util.tree_map(lambda p, d: p + step * d, tree, direction)
 
 
-def test_grad_matches_float64_finite_difference(grads64):
+@seeds.each()
+def test_grad_matches_float64_finite_difference(grads64, seed):
   """jit(grad) on CPU: finite everywhere, and <grad, v> equals a central difference along a
   random direction v through all parameters (float64; truncation error O(eps^2) ~ 1e-10)."""
-  g = grads64
+  g = _at_seed(grads64, seed)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(g["grads"]))
-  v, eps = _direction(g["params"]), 1e-5
+  v, eps = _direction(g["params"], seed), 1e-5
+  inputs = (g["x"], g["t"], g["y"], g["w"])
   with jax.enable_x64(True):
-    (plus, _), _ = g["value_and_grad"](_shift(g["params"], v, eps))
-    (minus, _), _ = g["value_and_grad"](_shift(g["params"], v, -eps))
+    (plus, _), _ = g["value_and_grad"](_shift(g["params"], v, eps), *inputs)
+    (minus, _), _ = g["value_and_grad"](_shift(g["params"], v, -eps), *inputs)
   numeric = (float(plus) - float(minus)) / (2 * eps)
-  assert abs(numeric) > 1e-3
-  np.testing.assert_allclose(_dot(g["grads"], v), numeric, rtol=1e-7)
+  assert abs(numeric) > 1e-3, f"seed {seed}"
+  np.testing.assert_allclose(_dot(g["grads"], v), numeric, rtol=1e-7, err_msg=f"seed {seed}")
 
 
-def test_shared_block_is_one_parameter_set_with_summed_gradients(grads64):
+@seeds.each()
+def test_shared_block_is_one_parameter_set_with_summed_gradients(grads64, seed):
   """The shared transformer's parameters appear once (top-level `attn_block`, no block axis) and
   receive the sum of the gradients of its two applications. Reference: an unrolled model that
   gives each application its own copy of the parameters; perturbing one copy at a time gives
   each application's directional derivative (float64 central differences), and they must add
   up to the model's gradient along the same direction."""
-  g, model = grads64, grads64["model"]
+  g = _at_seed(grads64, seed)
   params = g["params"]
   assert set(params) == {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "groups",
                          "attn_block", "final_layer"}
@@ -98,34 +117,30 @@ def test_shared_block_is_one_parameter_set_with_summed_gradients(grads64):
   assert "attn_block" not in str(jax.tree_util.tree_structure(params["groups"]))
   assert params["attn_block"]["attn"]["qkv"]["kernel"].shape == (32, 96)   # not stacked
   assert params["groups"]["block_0"]["norm"]["weight"].shape == (2, 32)
-  block_orders = common.orders("none", model.depth, 4)
-
-  def unrolled_loss(params, shared):
-    out = common.unrolled_forward(model, params, shared, g["x"], g["t"], g["y"], block_orders)
-    return jnp.sum(out * g["w"]), out
 
   theta = params["attn_block"]
-  v, eps = _direction(theta), 1e-5
+  v, eps = _direction(theta, seed), 1e-5
+  inputs = (g["x"], g["t"], g["y"], g["w"])
   with jax.enable_x64(True):
-    run = jax.jit(unrolled_loss, compiler_options=common.FAST)
-    value, out = run(params, [theta, theta])
+    run = lambda shared: g["unrolled"](params, shared, *inputs)
+    value, out = run([theta, theta])
     per_use = []
     for k in range(2):
       shared = lambda step: [_shift(theta, v, step) if j == k else theta for j in range(2)]
-      per_use.append((float(run(params, shared(eps))[0]) - float(run(params, shared(-eps))[0]))
-                     / (2 * eps))
-  assert _rel(out, g["out"]) < 1e-12           # the unrolled model is the same function
+      per_use.append((float(run(shared(eps))[0]) - float(run(shared(-eps))[0])) / (2 * eps))
+  assert _rel(out, g["out"]) < 1e-12, f"seed {seed}"  # the unrolled model is the same function
   model_derivative = _dot(g["grads"]["attn_block"], v)
-  np.testing.assert_allclose(sum(per_use), model_derivative, rtol=1e-7)
+  np.testing.assert_allclose(sum(per_use), model_derivative, rtol=1e-7, err_msg=f"seed {seed}")
   # Each application contributes: neither one alone is the model's gradient.
   for k in range(2):
-    assert abs(per_use[k]) > 1e-2 * abs(model_derivative)
-    assert abs(per_use[k] - model_derivative) > 1e-2 * abs(model_derivative)
+    assert abs(per_use[k]) > 1e-2 * abs(model_derivative), (per_use, f"seed {seed}")
+    assert abs(per_use[k] - model_derivative) > 1e-2 * abs(model_derivative), (
+        per_use, f"seed {seed}")
 
 
 def test_cond_proj_receives_gradients(grads64):
   """cond_mamba='h0': every block's spatial and wavelet cond_proj gets a non-zero gradient."""
-  blocks = grads64["grads"]["groups"]["block_0"]
+  blocks = _at_seed(grads64, 0)["grads"]["groups"]["block_0"]
   for branch in ("spatial_mamba", "freq_mamba"):
     kernel = blocks[branch]["mixer"]["cond_proj"]["kernel"]   # [depth, D, d_inner]
     bias = blocks[branch]["mixer"]["cond_proj"]["bias"]
@@ -141,22 +156,29 @@ def test_cond_proj_receives_gradients(grads64):
 DEPTH = 8
 
 
-def test_h0_mixer_depends_on_the_condition():
+_H0 = MambaMixer(16, cond_mamba="h0", scan_impl="reference")
+_NONE = MambaMixer(16, cond_mamba="none", scan_impl="reference")
+_mixer_init = jax.jit(_H0.init)   # compiled once for all seeds
+_mixer = jax.jit(lambda p, x, c, mode: (_H0 if mode else _NONE).apply({"params": p}, x, c),
+                 static_argnums=3, compiler_options=common.FAST)
+
+
+@seeds.each()
+def test_h0_mixer_depends_on_the_condition(seed):
   """The mixer alone: with 'h0' its output changes with c; with 'none' c is ignored; 'h0' with
   cond_proj zeroed (initial state 0) is the plain mixer."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(seed)
   x = rng.standard_normal((2, 9, 16)).astype(np.float32)
   c1, c2 = (rng.standard_normal((2, 24)).astype(np.float32) for _ in range(2))
-  h0 = MambaMixer(16, cond_mamba="h0", scan_impl="reference")
-  none = MambaMixer(16, cond_mamba="none", scan_impl="reference")
-  params = jax.device_get(jax.jit(h0.init)(jax.random.key(0), x, c1)["params"])
-  run = jax.jit(lambda p, c, mode: (h0 if mode else none).apply({"params": p}, x, c),
-                static_argnums=2, compiler_options=common.FAST)
-  assert _rel(run(params, c1, True), run(params, c2, True)) > 1e-3
+  params = jax.device_get(_mixer_init(jax.random.key(seed), x, c1)["params"])
+  run = lambda p, c, mode: _mixer(p, x, c, mode)
+  assert _rel(run(params, c1, True), run(params, c2, True)) > 1e-3, f"seed {seed}"
   plain = {k: v for k, v in params.items() if k != "cond_proj"}
-  np.testing.assert_array_equal(run(plain, c1, False), run(plain, c2, False))
+  np.testing.assert_array_equal(run(plain, c1, False), run(plain, c2, False),
+                                err_msg=f"seed {seed}")
   zeroed = dict(params, cond_proj=jax.tree_util.tree_map(np.zeros_like, params["cond_proj"]))
-  np.testing.assert_allclose(run(zeroed, c1, True), run(plain, c1, False), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(run(zeroed, c1, True), run(plain, c1, False), rtol=0, atol=1e-6,
+                             err_msg=f"seed {seed}")
 
 
 def _without_cond_proj(params, zero=False):
@@ -171,29 +193,31 @@ def _without_cond_proj(params, zero=False):
   return out
 
 
-def test_h0_model_changes_with_label_and_equals_none_with_zero_cond_proj():
+@seeds.each()
+def test_h0_model_changes_with_label_and_equals_none_with_zero_cond_proj(seed):
   mc_h0 = common.tiny_config(depth=DEPTH, cond_mamba="h0")
   model_h0, f_h0 = common.forward(mc_h0)
   _, f_none = common.forward(common.tiny_config(depth=DEPTH))
   params = common.filled_params(model_h0, mc_h0, seed=2)
-  x, t, y = common.inputs(mc_h0, batch=3)
+  x, t, y = common.inputs(mc_h0, batch=3, seed=seed)
   out = np.asarray(f_h0(params, x, t, y))
   changed = np.asarray(f_h0(params, x, t, (y + 1) % mc_h0.num_classes))
-  assert min(_rel(changed[i], out[i]) for i in range(3)) > 1e-3
+  assert min(_rel(changed[i], out[i]) for i in range(3)) > 1e-3, f"seed {seed}"
   plain = np.asarray(f_none(_without_cond_proj(params), x, t, y))
-  assert _rel(out, plain) > 1e-3                 # the initial state matters
+  assert _rel(out, plain) > 1e-3, f"seed {seed}"   # the initial state matters
   zeroed = np.asarray(f_h0(_without_cond_proj(params, zero=True), x, t, y))
-  assert _rel(zeroed, plain) < 1e-6
+  assert _rel(zeroed, plain) < 1e-6, f"seed {seed}"
 
 
 # ---------------------------------------------------------------- bfloat16
 
-def test_bfloat16_forward_close_to_float32():
+@seeds.each()
+def test_bfloat16_forward_close_to_float32(seed):
   mc32 = common.tiny_config(depth=DEPTH)
   model, f32 = common.forward(mc32)
   _, bf16 = common.forward(common.tiny_config(depth=DEPTH, dtype="bfloat16"))
   params = common.filled_params(model, mc32, seed=3)
-  x, t, y = common.inputs(mc32, batch=4)
+  x, t, y = common.inputs(mc32, batch=4, seed=seed)
   ref, out = np.asarray(f32(params, x, t, y)), bf16(params, x, t, y)
   assert out.dtype == jnp.float32                # output promoted; parameters stay float32
   out = np.asarray(out)
@@ -201,7 +225,7 @@ def test_bfloat16_forward_close_to_float32():
   # bfloat16 keeps 8 significant bits (2^-8 = 0.4 %) per rounding; through 8 blocks, 8 shared
   # transformer applications and the scans the error stays a few percent of the output.
   err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert 1e-4 < err < 5e-2, err                   # > 1e-4: really computed in bfloat16
+  assert 1e-4 < err < 5e-2, (err, f"seed {seed}")  # > 1e-4: really computed in bfloat16
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -278,30 +302,34 @@ def test_channels_first_input_is_refused():
 
 # ---------------------------------------------------------------- stochastic depth, labels
 
-def test_drop_path_identity_at_eval_and_per_sample_at_train():
-  rng = np.random.default_rng()
+@seeds.each()
+def test_drop_path_identity_at_eval_and_per_sample_at_train(seed):
+  rng = np.random.default_rng(seed)
   x = rng.standard_normal((4000, 3, 5)).astype(np.float32)
   np.testing.assert_array_equal(drop_path(x, 0.3, True), x)
   out = np.asarray(drop_path(x, 0.3, False, jax.random.key(int(rng.integers(1 << 30)))))
   kept = np.all(out != 0, axis=(1, 2))
   dropped = np.all(out == 0, axis=(1, 2))
   assert np.all(kept | dropped)                 # a whole sample is kept or dropped
-  np.testing.assert_allclose(out[kept], x[kept] / 0.7, rtol=1e-6)
-  assert abs(dropped.mean() - 0.3) < 0.035      # Bernoulli(0.3), 4000 samples: std 0.007
+  np.testing.assert_allclose(out[kept], x[kept] / 0.7, rtol=1e-6, err_msg=f"seed {seed}")
+  # Bernoulli(0.3), 4000 samples: std 0.007, so 5 standard deviations.
+  assert abs(dropped.mean() - 0.3) < 0.035, (dropped.mean(), f"seed {seed}")
 
 
-def test_label_dropout_uses_the_null_row():
+@seeds.each()
+def test_label_dropout_uses_the_null_row(seed):
   emb = LabelEmbedder(10, 8, dropout=0.5)
-  y = np.random.default_rng().integers(0, 10, 2000).astype(np.int32)
+  y = np.random.default_rng(seed).integers(0, 10, 2000).astype(np.int32)
   params = jax.device_get(emb.init(jax.random.key(0), y)["params"])
   table = params["embedding_table"]["embedding"]
   assert table.shape == (11, 8)                   # 10 classes + the null row
   np.testing.assert_array_equal(emb.apply({"params": params}, y), table[y])
   out = np.asarray(emb.apply({"params": params}, y, train=True,
-                             rngs={"dropout": jax.random.key(1)}))
+                             rngs={"dropout": jax.random.key(seed)}))
   null = np.all(out == table[10], axis=1)
   np.testing.assert_array_equal(out[~null], table[y][~null])
-  assert abs(null.mean() - 0.5) < 0.05           # Bernoulli(0.5), 2000 labels: std 0.011
+  # Bernoulli(0.5), 2000 labels: std 0.011, so 4.5 standard deviations.
+  assert abs(null.mean() - 0.5) < 0.05, (null.mean(), f"seed {seed}")
   # The CFG null label reads the same row; an unconditional model has a single row.
   np.testing.assert_array_equal(emb.apply({"params": params}, np.full(3, 10)),
                                 np.repeat(table[10:], 3, 0))
@@ -310,7 +338,8 @@ def test_label_dropout_uses_the_null_row():
       1, 8)
 
 
-def test_model_stochastic_depth_and_label_dropout():
+@seeds.each()
+def test_model_stochastic_depth_and_label_dropout(seed):
   """label_dropout 1 and drop_path 0.9 (per-block rates [0, 0, p/7, ..., 6p/7], upstream's
   [0] + linspace(0, p, depth)). At eval: the model equals the one without either. At train on
   16 copies of one sample: the labels are all replaced by the null label (same output as
@@ -320,26 +349,27 @@ def test_model_stochastic_depth_and_label_dropout():
   _, f_train = common.forward(mc, train=True)
   _, f_plain = common.forward(common.tiny_config(depth=DEPTH))
   params = common.filled_params(model, mc, seed=4)
-  x, t, y = (np.repeat(a, 16, 0) for a in common.inputs(mc, batch=1))
+  x, t, y = (np.repeat(a, 16, 0) for a in common.inputs(mc, batch=1, seed=seed))
   null = np.full_like(y, mc.num_classes)
   ev = np.asarray(f_eval(params, x, t, y))
   np.testing.assert_array_equal(ev, f_plain(params, x, t, y))
   np.testing.assert_array_equal(ev, np.repeat(ev[:1], 16, 0))
   assert _rel(ev, f_eval(params, x, t, null)) > 1e-3       # the label matters at eval
-  key = jax.random.key(np.random.default_rng().integers(1 << 30))
+  key = jax.random.key(seed)
   tr = np.asarray(f_train(params, x, t, y, key))
   np.testing.assert_array_equal(tr, f_train(params, x, t, null, key))
   distinct = []
   for row in tr:
     if not any(_rel(row, d) < 1e-5 for d in distinct):
       distinct.append(row)
-  assert len(distinct) >= 2, "all 16 copies drew the same stochastic-depth masks"
+  assert len(distinct) >= 2, f"all 16 copies drew the same stochastic-depth masks (seed {seed})"
   assert all(np.all(np.isfinite(row)) for row in distinct)
 
 
 # ---------------------------------------------------------------- scan orders
 
-def test_every_scan_type_gives_valid_permutations_and_a_different_output():
+@seeds.each()
+def test_every_scan_type_gives_valid_permutations_and_a_different_output(seed):
   """Depth 8 on a 4x4 token grid (enough for sweep_4 and sweep_8 to differ: block 4 uses path
   4 vs path 0): the per-block orders of both branches are permutations, and the model outputs
   of all scan types differ pairwise. That the orders reach the blocks as given is checked by
@@ -347,7 +377,7 @@ def test_every_scan_type_gives_valid_permutations_and_a_different_output():
   grid, n = 4, 16
   mc0 = common.tiny_config(depth=DEPTH)
   params = common.filled_params(create_model(mc0), mc0, seed=6)
-  x, t, y = common.inputs(mc0, batch=2)
+  x, t, y = common.inputs(mc0, batch=2, seed=seed)
   outs = {}
   for scan_type in scan_orders.SCAN_TYPES:
     mc = common.tiny_config(depth=DEPTH, scan_type=scan_type)
@@ -364,7 +394,7 @@ def test_every_scan_type_gives_valid_permutations_and_a_different_output():
   names = list(outs)
   for i, a in enumerate(names):
     for b in names[i + 1:]:
-      assert _rel(outs[a], outs[b]) > 1e-3, (a, b)
+      assert _rel(outs[a], outs[b]) > 1e-3, (a, b, f"seed {seed}")
 
 
 # ---------------------------------------------------------------- initialisation
@@ -404,18 +434,20 @@ def _assert_normal(w, std):
 
 @pytest.fixture(scope="module")
 def initialised():
+  """(model, jitted init: key -> params), compiled once for all seeds."""
   mc = common.tiny_config(hidden_size=256, depth=8, attn_every=4, input_size=16,
                           num_classes=1000)
   model = create_model(mc)
   x, t, y = common.inputs(mc, batch=1, seed=0)
-  params = jax.jit(lambda key: model.init(key, x, t, y)["params"])(
-      jax.random.PRNGKey(np.random.default_rng().integers(1 << 30)))
-  return model, jax.tree_util.tree_map(np.asarray, params)
+  return model, jax.jit(lambda key: model.init(key, x, t, y)["params"])
 
 
-def test_initialisation_follows_upstream(initialised):
-  """Upstream's DiM.initialize_weights + _init_weights + Mamba's init (reference sections 2, 4)."""
-  model, p = initialised
+@seeds.each()
+def test_initialisation_follows_upstream(initialised, seed):
+  """Upstream's DiM.initialize_weights + _init_weights + Mamba's init (reference sections 2, 4),
+  from the init key PRNGKey(seed)."""
+  model, init = initialised
+  p = jax.tree_util.tree_map(np.asarray, init(jax.random.PRNGKey(seed)))
   D, depth, patch = model.hidden_size, model.depth, model.patch_size
   d = D // 2
   E, n, k = MambaMixer.expand * d, MambaMixer.d_state, MambaMixer.d_conv

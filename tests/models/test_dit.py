@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dimsum_jax.models import create_model
+from tests import seeds
 from tests.models import common
 
 
@@ -92,34 +93,37 @@ def numpy_dit(p, x, t, y, heads, patch):
   return out.reshape(b, size, size, chans)
 
 
-def test_forward_matches_numpy_float64():
+@seeds.each()
+def test_forward_matches_numpy_float64(seed):
   mc = _dit_config(dtype="float64")
-  x, t, y = common.inputs(mc, batch=3, dtype=np.float64)
+  x, t, y = common.inputs(mc, batch=3, seed=seed, dtype=np.float64)
   with jax.enable_x64(True):
-    model = create_model(mc)
+    model, f = common.forward(mc)
     params = _np_params(common.filled_params(model, mc, seed=7))
-    out = jax.jit(lambda p: model.apply({"params": p}, x, t, y),
-                  compiler_options=common.FAST)(params)
+    out = f(params, x, t, y)
     assert out.dtype == jnp.float64
     out = np.asarray(out)
   ref = numpy_dit(params, x, t, y, heads=model.num_heads, patch=2)
-  assert np.abs(ref).max() > 0.1
-  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-11 * np.abs(ref).max())
+  assert np.abs(ref).max() > 0.1, f"seed {seed}"
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-11 * np.abs(ref).max(),
+                             err_msg=f"seed {seed}")
 
 
-def test_float32_forward_and_null_label():
+@seeds.each()
+def test_float32_forward_and_null_label(seed):
   mc = _dit_config()
   model, f = common.forward(mc)
   params = common.filled_params(model, mc, seed=8)
-  x, t, y = common.inputs(mc, batch=2)
+  x, t, y = common.inputs(mc, batch=2, seed=seed)
   ref = numpy_dit(_np_params(params), x.astype(np.float64), t.astype(np.float64), y, 6, 2)
   out = np.asarray(f(params, x, t, y))
-  np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+  np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(),
+                             err_msg=f"seed {seed}")
   null = np.full_like(y, 10)
   np.testing.assert_allclose(
       f(params, x, t, null),
       numpy_dit(_np_params(params), x.astype(np.float64), t.astype(np.float64), null, 6, 2),
-      rtol=0, atol=2e-5 * np.abs(ref).max())
+      rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"seed {seed}")
 
 
 def test_adaln_zero_init_outputs_zero():

@@ -1,8 +1,9 @@
 """Tests of dimsum_jax.ops.haar: upstream golden data, PyWavelets oracle, inverse, jit, grad.
 
 Both implementations (jaxwt convolutions and the direct butterflies) go through every check; the
-direct one is also compared with jaxwt on fresh random inputs (values and gradients), shown to
-lower without any convolution, and run inside the tiny golden model against the default.
+direct one is also compared with jaxwt on random inputs of stated seeds (tests/seeds.py; values
+and gradients), shown to lower without any convolution, and run inside the tiny golden model
+against the default.
 """
 import functools
 import json
@@ -14,6 +15,7 @@ import pytest
 import pywt
 
 from dimsum_jax.ops.haar import IMPLS, inverse_wavelet_tokens, wavelet_tokens
+from tests import seeds
 from tests.golden import golden_file
 
 GRIDS = (8, 16)
@@ -30,11 +32,11 @@ def golden():
     return {key: data[key] for key in data.files}
 
 
-def _close(actual, expected, rel):
+def _close(actual, expected, rel, what=""):
   """Max abs error within rel * max |expected| (the README's tolerance convention)."""
   actual = np.asarray(actual, np.float64)
   scale = max(1.0, float(np.abs(expected).max()))
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale, err_msg=what)
 
 
 def _random(shape, seed, dtype=np.float32):
@@ -109,14 +111,15 @@ ORACLE_CASES = [  # (batch, grid, d, levels)
 ]
 
 
+@seeds.each()
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch,grid,d,levels", ORACLE_CASES)
-def test_matches_pywavelets_oracle(batch, grid, d, levels, impl):
-  x = _random((batch, grid[0] * grid[1], d), seed=None)
+def test_matches_pywavelets_oracle(batch, grid, d, levels, impl, seed):
+  x = _random((batch, grid[0] * grid[1], d), seed=seed)
   expected = _oracle_tokens(x, grid, levels)
-  _close(fwd(jnp.asarray(x), grid, levels, impl), expected, 5e-6)
+  _close(fwd(jnp.asarray(x), grid, levels, impl), expected, 5e-6, f"seed {seed}")
   with jax.enable_x64(True):
-    _close(fwd(jnp.asarray(x, jnp.float64), grid, levels, impl), expected, 1e-12)
+    _close(fwd(jnp.asarray(x, jnp.float64), grid, levels, impl), expected, 1e-12, f"seed {seed}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,36 +216,41 @@ DIRECT_CASES = [  # (batch, grid, d, levels): square and oblong grids, both leve
 ]
 
 
+@seeds.each()
 @pytest.mark.parametrize("batch,grid,d,levels", DIRECT_CASES)
-def test_direct_equals_jaxwt(batch, grid, d, levels):
-  """Fresh random inputs: forward and inverse agree to float32 / float64 round-off."""
-  x = _random((batch, grid[0] * grid[1], d), seed=None, dtype=np.float64)
+def test_direct_equals_jaxwt(batch, grid, d, levels, seed):
+  """Random inputs: forward and inverse agree to float32 / float64 round-off."""
+  x = _random((batch, grid[0] * grid[1], d), seed=seed, dtype=np.float64)
   for dtype, rel in ((jnp.float32, 1e-6), (jnp.float64, 1e-13)):
     with jax.enable_x64(dtype == jnp.float64):
       v = jnp.asarray(x, dtype)
       for f in (fwd, inv):
         direct, conv = f(v, grid, levels, "direct"), f(v, grid, levels, "jaxwt")
         assert direct.dtype == conv.dtype == dtype
-        _close(direct, np.asarray(conv, np.float64), rel)
+        _close(direct, np.asarray(conv, np.float64), rel, f"seed {seed}")
 
 
+def _loss(v, w, grid, levels, impl):
+  t = wavelet_tokens(v, grid, levels, impl)
+  return jnp.sum(jnp.tanh(inverse_wavelet_tokens(jnp.sin(t) * w, grid, levels, impl)) * w)
+
+
+_grad = jax.jit(jax.grad(_loss), static_argnums=(2, 3, 4))  # compiled once for all seeds
+
+
+@seeds.each()
 @pytest.mark.parametrize("batch,grid,d,levels", DIRECT_CASES)
-def test_direct_gradients_equal_jaxwt(batch, grid, d, levels):
+def test_direct_gradients_equal_jaxwt(batch, grid, d, levels, seed):
   """Reverse-mode gradients of a nonlinear loss through forward then inverse, both paths."""
   shape = (batch, grid[0] * grid[1], d)
-  x, w = _random(shape, seed=None, dtype=np.float64), _random(shape, seed=None, dtype=np.float64)
-
-  def loss(v, w, impl):
-    t = wavelet_tokens(v, grid, levels, impl)
-    return jnp.sum(jnp.tanh(inverse_wavelet_tokens(jnp.sin(t) * w, grid, levels, impl)) * w)
-
-  grad = jax.jit(jax.grad(loss), static_argnums=2)
+  x, w = _random(shape, seed=seed, dtype=np.float64), _random(shape, seed=[seed, 1],
+                                                              dtype=np.float64)
   for dtype, rel in ((jnp.float32, 2e-6), (jnp.float64, 1e-13)):
     with jax.enable_x64(dtype == jnp.float64):
       v, wd = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
-      direct, conv = grad(v, wd, "direct"), grad(v, wd, "jaxwt")
+      direct, conv = (_grad(v, wd, grid, levels, impl) for impl in ("direct", "jaxwt"))
       assert direct.dtype == dtype
-      _close(direct, np.asarray(conv, np.float64), rel)
+      _close(direct, np.asarray(conv, np.float64), rel, f"seed {seed}")
 
 
 def test_direct_has_no_convolution():
@@ -257,10 +265,10 @@ def test_direct_has_no_convolution():
   assert "convolution(" not in hlo("direct")
 
 
-def test_model_direct_equals_default_on_tiny_golden():
-  """The tiny golden DiMSUM (upstream weights) with wavelet_impl='direct' (the jaxwt_model) against
-  'jaxwt': on the golden inputs (also against upstream's float64 output) and on fresh inputs of
-  that size."""
+@pytest.fixture(scope="module")
+def tiny_golden_models():
+  """The tiny golden DiMSUM (upstream weights): its golden inputs and output, its parameters, and
+  one jitted function applying it with wavelet_impl 'jaxwt' and 'direct' (compiled once)."""
   from dimsum_jax.convert import abstract_params, from_upstream, model_config_from_upstream
   from dimsum_jax.models import create_model
   from dimsum_jax.tools.parity import split_golden
@@ -276,23 +284,32 @@ def test_model_direct_equals_default_on_tiny_golden():
   assert (jaxwt_model.wavelet_impl, direct.wavelet_impl) == ("jaxwt", "direct")
   params = from_upstream(state, jaxwt_model, abstract_params(jaxwt_model, mc))
 
-  rng = np.random.default_rng()
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def both(params, x, t, y):
+    return tuple(m.apply({"params": params}, x, t, y) for m in (jaxwt_model, direct))
+  return mc, inputs, refs, params, both
+
+
+@seeds.each()
+def test_model_direct_equals_default_on_tiny_golden(tiny_golden_models, seed):
+  """The tiny golden DiMSUM (upstream weights) with wavelet_impl='direct' (the jaxwt_model) against
+  'jaxwt': on the golden inputs (also against upstream's float64 output) and on random inputs of
+  that size."""
+  mc, inputs, refs, params, both = tiny_golden_models
+  rng = np.random.default_rng(seed)
   b = inputs["x"].shape[0]
   x = np.concatenate([np.transpose(inputs["x"], (0, 2, 3, 1)),
                       rng.standard_normal((b, mc.input_size, mc.input_size, mc.in_channels))])
   t = np.concatenate([inputs["t"], rng.uniform(size=b)])
   y = np.concatenate([inputs["y"], rng.integers(0, mc.num_classes, size=b)]).astype(np.int32)
 
-  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-  def both(params, x, t, y):
-    return tuple(m.apply({"params": params}, x, t, y) for m in (jaxwt_model, direct))
-
   with jax.default_matmul_precision("highest"):
     out_jaxwt, out_direct = both(params, jnp.asarray(x, jnp.float32),
                                  jnp.asarray(t, jnp.float32), jnp.asarray(y))
   out_jaxwt, out_direct = np.asarray(out_jaxwt), np.asarray(out_direct)
   scale = np.abs(out_jaxwt).max()
-  np.testing.assert_allclose(out_direct, out_jaxwt, rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(out_direct, out_jaxwt, rtol=0, atol=1e-5 * scale,
+                             err_msg=f"seed {seed}")
   golden_out = np.transpose(refs["out"], (0, 2, 3, 1))
   np.testing.assert_allclose(out_direct[:b], golden_out, rtol=0,
                              atol=1e-4 * np.abs(golden_out).max())

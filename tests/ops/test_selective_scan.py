@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dimsum_jax.ops.selective_scan import resolve_impl, selective_scan, selective_scan_reference
+from tests import seeds
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
@@ -25,13 +26,13 @@ ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")   # positional orde
 SEQ = ("u", "delta", "z", "B", "C")                            # [b, l, .] in our layout
 
 
-def _close(actual, expected, rel):
+def _close(actual, expected, rel, what=""):
   """Max abs error within rel * max |expected| (the golden README's convention)."""
   actual = np.asarray(actual, np.float64)
   expected = np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   scale = max(float(np.abs(expected).max()), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale, err_msg=what)
 
 
 # ---------------------------------------------------------------- upstream golden data
@@ -294,22 +295,26 @@ def test_initial_state_carries_over_a_split_sequence():
     _close(last, full_last, 1e-13)
 
 
+@seeds.each()
 @pytest.mark.parametrize("length", [1, 7, 37])
-def test_matches_numpy_loop_float32(length):
-  inputs = _inputs(length, batch=2, length=length, d=6, n=4)
+def test_matches_numpy_loop_float32(length, seed):
+  """Inputs of seed `length` (seed 0, the default run) or length + 1000 seed."""
+  inputs = _inputs(length + 1000 * seed, batch=2, length=length, d=6, n=4)
   out_ref, last_ref, _ = np_scan(**inputs, delta_softplus=True)
   out, last = jax.jit(lambda kw: selective_scan_reference(
       **kw, delta_softplus=True, return_last_state=True))(
           {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()})
   assert out.dtype == last.dtype == jnp.float32
-  _close(out, out_ref, 5e-6)
-  _close(last, last_ref, 5e-6)
+  _close(out, out_ref, 5e-6, f"seed {seed}")
+  _close(last, last_ref, 5e-6, f"seed {seed}")
 
 
 # ---------------------------------------------------------------- bfloat16, dispatch
 
-def test_bfloat16_inputs_close_to_float32():
-  inputs = _inputs(11, batch=2, length=19, d=8, n=4)
+@seeds.each()
+def test_bfloat16_inputs_close_to_float32(seed):
+  """Inputs of seed 11 (seed 0, the default run) or 11 + 1000 seed."""
+  inputs = _inputs(11 + 1000 * seed, batch=2, length=19, d=8, n=4)
   bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inputs.items()}
   f32_of_bf16 = {k: v.astype(jnp.float32) for k, v in bf16.items()}
   f32 = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
@@ -322,11 +327,12 @@ def test_bfloat16_inputs_close_to_float32():
   out_same, last_same = run(f32_of_bf16)
   # Same (bf16-representable) inputs: the only bf16 step is the final rounding of the output.
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_same),
-                             rtol=2.0**-8, atol=1e-6 * float(jnp.abs(out_same).max()))
-  _close(last, last_same, 1e-6)
+                             rtol=2.0**-8, atol=1e-6 * float(jnp.abs(out_same).max()),
+                             err_msg=f"seed {seed}")
+  _close(last, last_same, 1e-6, f"seed {seed}")
   # Against float32 on the unrounded inputs: within bfloat16 input + output rounding.
   out_f32, _ = run(f32)
-  _close(out, out_f32, 3e-2)
+  _close(out, out_f32, 3e-2, f"seed {seed}")
 
   loss = lambda kw: jnp.sum(selective_scan_reference(**kw, delta_softplus=True)
                             .astype(jnp.float32) ** 2)
@@ -334,7 +340,7 @@ def test_bfloat16_inputs_close_to_float32():
   g_bf16, g_f32 = grad(bf16), grad(f32)
   for name in inputs:
     assert g_bf16[name].dtype == jnp.bfloat16, name
-    _close(g_bf16[name], g_f32[name], 6e-2)
+    _close(g_bf16[name], g_f32[name], 6e-2, f"{name} (seed {seed})")
 
 
 def test_dispatch():
