@@ -60,10 +60,14 @@ class LoggingWriter:
 
 
 class JsonlWriter:
-  """One JSON line per write_scalars call: {"step": s, "loss": ..., ...}."""
+  """One JSON line per write_scalars call: {"step": s, "loss": ..., ...}.
+
+  Lines go out whole (line-buffered); a last line cut off by a kill is dropped when the file is
+  opened again, so the resumed run appends after the last complete line."""
 
   def __init__(self, path):
-    self._file = open(path, 'a', encoding='utf-8')
+    _drop_torn_last_line(path)
+    self._file = open(path, 'a', encoding='utf-8', buffering=1)
 
   def write_scalars(self, step, scalars):
     row = {'step': int(step), 'time': time.time()}
@@ -81,6 +85,17 @@ class JsonlWriter:
 
   def close(self):
     self._file.close()
+
+
+def _drop_torn_last_line(path):
+  """Truncates `path` after its last newline (nothing to do if it is missing or ends in one)."""
+  try:
+    with open(path, 'rb+') as f:
+      data = f.read()
+      if data and not data.endswith(b'\n'):
+        f.truncate(data.rfind(b'\n') + 1)
+  except FileNotFoundError:
+    pass
 
 
 class MultiWriter:

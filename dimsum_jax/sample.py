@@ -164,8 +164,15 @@ def sampling_mesh(devices=None):
 
 
 def _read_json(path):
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise SampleError(f'{path} cannot be read as JSON ({e}): export or convert the model again.'
+                      ) from e
+  if not isinstance(value, dict):
+    raise SampleError(f'{path} holds no JSON object: export or convert the model again.')
+  return value
 
 
 def read_config(*, checkpoint_dir=None, workdir=None):
@@ -683,7 +690,7 @@ def _iter_rows(chunk_dir, num_samples, classes, image_dir, write_pngs):
       continue
     if a > pos:
       break
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
       images, labels = z['images'], z['labels']
     take = slice(pos - a, min(b, num_samples) - a)
     if not np.array_equal(labels[take], labels_for(np.arange(a, b), classes)[take]):
@@ -814,7 +821,7 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
     nfe_all = {}
     for (a, _), path in _chunk_files(chunk_dir).items():
       if a % batch == 0 and a // batch < num_batches:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
           nfe_all[a // batch] = int(z['nfe'])
     summary = {
         'num_samples': num_samples, 'num_batches': num_batches,

@@ -630,7 +630,8 @@ def _write_samples(config, workdir, sampler, ema_params, step, writer, is_main):
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   path = os.path.join(workdir, 'samples', f'ema_{step:08d}.png')
-  Image.fromarray(grid).save(path)
+  Image.fromarray(grid).save(path + '.tmp', format='PNG')
+  os.replace(path + '.tmp', path)  # a kill never leaves a cut-off grid
   writer.write_images(step, {'ema_samples': grid[None]})
   logging.info('Wrote %s.', path)
 

@@ -140,7 +140,7 @@ def test_classify_by_stack_and_contents():
 
 
 def test_summarize_sums_kernel_time_per_step_and_category():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   index = profile_step.hlo_index(HLO)
   names = list(EXPECTED)
   events, by_cat, by_part = [], {c: 0.0 for c in profile_step.CATEGORIES}, {}

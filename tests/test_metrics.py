@@ -90,3 +90,15 @@ def test_image_grid_one_class_per_row(seed):
     for ch in range(3):
       np.testing.assert_array_equal(tile[..., ch], expected, err_msg=f'seed {seed}')
   assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all()     # white gaps
+
+
+def test_a_torn_last_line_is_dropped_when_the_run_resumes(tmp_path):
+  """A kill mid-write leaves part of a line; the resumed writer appends after the last whole
+  line, so every line of metrics.jsonl parses."""
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+  writer = metrics.JsonlWriter(str(path))
+  writer.write_scalars(2, {'loss': 0.25})
+  writer.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r['step'], r['loss']) for r in rows] == [(1, 0.5), (2, 0.25)]

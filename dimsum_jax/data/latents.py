@@ -260,8 +260,10 @@ class LatentSource(IndexedSource):
     check_meta(meta, config, self.directory)
     self.latents, self.labels = [], []
     for shard in meta["shards"]:
-      lat = np.load(os.path.join(self.directory, shard["latents"]), mmap_mode="r")
-      lab = np.load(os.path.join(self.directory, shard["labels"]), mmap_mode="r")
+      lat = np.load(os.path.join(self.directory, shard["latents"]), mmap_mode="r",
+                    allow_pickle=False)
+      lab = np.load(os.path.join(self.directory, shard["labels"]), mmap_mode="r",
+                    allow_pickle=False)
       n = shard["num_examples"]
       if lat.shape != (n, *meta["latent_shape"]) or lab.shape != (n,):
         raise LatentSetError(f"Shard {shard['latents']} of {self.directory} holds {lat.shape} and "
