@@ -9,6 +9,18 @@ Paths (`path_type`):
   "Linear"  alpha = t,             sigma = 1 - t
   "VP"      alpha = exp(m(t)), sigma = sqrt(1 - alpha^2),
             m(t) = -(1 - t)^2 (s_max - s_min) / 4 - (1 - t) s_min / 2,  s_min 0.1, s_max 20
+  "ScaledLinear"  DiM's discrete diffusion (reference dim-reference.md section 11): Stable
+            Diffusion's 1000 "scaled linear" betas,
+            beta_n = linspace(sqrt(0.00085), sqrt(0.012), 1000)_n^2,
+            alphabar_n = prod_{i<=n} (1 - beta_i), noise prediction only (`LSimple`). The network
+            takes DiM's time, `network_time(t) = 1000 (1 - t)`: training draws n ~ U{1..1000}
+            (t = 1 - n/1000; `loss_at` snaps t to that grid, so the network sees n exactly and
+            x_t = sqrt(alphabar_n) x1 + sqrt(1 - alphabar_n) x0). Between the grid times (the
+            samplers) log alpha is DPM-Solver's 'discrete' schedule: piecewise linear in
+            t_cont = 1 - t through 0.5 log alphabar_n at t_cont = n/1000 (linear beyond the ends),
+            sigma = sqrt(1 - alpha^2), so the probability-flow ODE below is the one DPM-Solver
+            integrates. Labels are dropped for guidance in the model (`model.label_dropout`).
+            Not reproduced: upstream's bfloat16 rounding of n under mixed precision.
 
 Predictions (`prediction`): what the network outputs at (x_t, t).
   "velocity"  v(x, t) = E[u_t | x_t = x]                 (default; the PF-ODE drift itself)
@@ -32,7 +44,7 @@ Loss (upstream `training_losses`, per sample, mean over all non-batch axes):
 
 Time intervals follow upstream's `check_interval` (see `time_interval`), with its eps defaults:
 VP: train_eps 1e-5, sample_eps 1e-3; GVP/Linear with noise or score: both 1e-3; velocity with
-GVP/Linear: both 0. Two deliberate differences, both to upstream bugs or dead ends:
+GVP/Linear: both 0; ScaledLinear: both 1e-3 (DiM samples down to t_cont = 1/1000). Two deliberate differences, both to upstream bugs or dead ends:
   - upstream's `create_transport` leaves sample_eps = None (and VP sampling then fails) when it is not
     given, because it tests the already-defaulted train_eps; here None means the 1e-3 default.
   - upstream forces train_eps = sample_eps = 0 for velocity with GVP/Linear even when given; here an
@@ -49,9 +61,10 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
-PATH_TYPES = ("GVP", "Linear", "VP")
+PATH_TYPES = ("GVP", "Linear", "VP", "ScaledLinear")
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
 T_SAMPLINGS = ("uniform", "logit_normal")
@@ -60,6 +73,11 @@ DIFFUSION_FORMS = ("none", "constant", "SBDM", "sigma", "linear", "decreasing",
 
 VP_SIGMA_MIN = 0.1
 VP_SIGMA_MAX = 20.0
+
+# DiM's discrete schedule ("ScaledLinear"): Stable Diffusion's betas over 1000 steps.
+DISCRETE_STEPS = 1000
+SD_BETA_START = 0.00085
+SD_BETA_END = 0.012
 
 
 def default_transport_config() -> ml_collections.ConfigDict:
@@ -84,7 +102,8 @@ def _canon(value, choices, what):
   if value is None and what in ("loss_weight", "diffusion_form"):
     value = "none"
   key = str(value).lower().replace("_", "-")
-  aliases = {"logitnormal": "logit_normal", "logit-normal": "logit_normal"}
+  aliases = {"logitnormal": "logit_normal", "logit-normal": "logit_normal",
+             "scaled-linear": "ScaledLinear"}
   key = aliases.get(key, key)
   for choice in choices:
     if key == choice.lower().replace("_", "-") or key == choice:
@@ -110,6 +129,73 @@ def canonical_t_sampling(mode: str) -> str:
 
 def canonical_loss_weight(weight: str | None) -> str:
   return _canon(weight, LOSS_WEIGHTS, "loss_weight")
+
+
+def canonical_objective(path_type: str, prediction: str) -> tuple[str, str]:
+  """(path_type, prediction), refusing the discrete path with anything but noise prediction."""
+  path_type, prediction = canonical_path(path_type), canonical_prediction(prediction)
+  if path_type == "ScaledLinear" and prediction != "noise":
+    raise ValueError(f"transport.path_type='ScaledLinear' is DiM's discrete noise-prediction "
+                     f"objective: set transport.prediction='noise' (not {prediction!r}).")
+  return path_type, prediction
+
+
+# ------------------------------------------------------------------------------------------------
+# DiM's discrete schedule (path "ScaledLinear")
+
+
+def scaled_linear_alphas_cumprod() -> np.ndarray:
+  """alphabar_n, n = 1..1000, float64 (upstream's `stable_diffusion_beta_schedule`)."""
+  betas = np.linspace(SD_BETA_START ** 0.5, SD_BETA_END ** 0.5, DISCRETE_STEPS,
+                      dtype=np.float64) ** 2
+  return np.cumprod(1.0 - betas)
+
+
+_ALPHAS_CUMPROD = scaled_linear_alphas_cumprod()
+_LOG_ALPHA_KNOTS = 0.5 * np.log(_ALPHAS_CUMPROD)    # log alpha at t_cont = n / 1000
+
+
+def discrete_log_alpha(t_cont):
+  """(log alpha, d log alpha / d t_cont) of DPM-Solver's 'discrete' schedule at t_cont (DiM's
+  continuous time, 1 = noise): piecewise linear through the knots, extended linearly beyond
+  them. NumPy in, NumPy (float64) out; JAX in, JAX out in t_cont's float dtype."""
+  n = DISCRETE_STEPS
+  if isinstance(t_cont, (np.ndarray, float, int, np.floating)):
+    xp, knots = np, _LOG_ALPHA_KNOTS
+    t_cont = np.asarray(t_cont, np.float64)
+  else:
+    xp = jnp
+    t_cont = jnp.asarray(t_cont, jnp.result_type(t_cont, jnp.float32))
+    knots = jnp.asarray(_LOG_ALPHA_KNOTS, t_cont.dtype)
+  u = t_cont * n - 1.0
+  i = xp.clip(xp.floor(u), 0, n - 2).astype(np.int32)
+  step = knots[i + 1] - knots[i]
+  return knots[i] + (u - i) * step, step * n
+
+
+def discrete_inverse_lambda(lam):
+  """t_cont with half-log-SNR lambda(t_cont) = lam (NumPy, float64; DPM-Solver's
+  `inverse_lambda` of the 'discrete' schedule, extended linearly beyond the knots)."""
+  lam = np.asarray(lam, np.float64)
+  log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)
+  knots = _LOG_ALPHA_KNOTS                             # decreasing in n
+  i = np.clip(np.searchsorted(-knots, -log_alpha) - 1, 0, DISCRETE_STEPS - 2)
+  frac = (log_alpha - knots[i]) / (knots[i + 1] - knots[i])
+  return (i + 1 + frac) / DISCRETE_STEPS
+
+
+def discrete_index(t):
+  """DiM's step n in 1..1000 of package times t on the training grid t = 1 - n/1000 (int32)."""
+  n = jnp.round(DISCRETE_STEPS * (1.0 - jnp.asarray(t, jnp.float32)))
+  return jnp.clip(n, 1, DISCRETE_STEPS).astype(jnp.int32)
+
+
+def network_time(path_type: str, t):
+  """The time the network is given at package time t: t itself, or DiM's 1000 (1 - t) for the
+  discrete path (its samplers' 1000 t_cont)."""
+  if canonical_path(path_type) == "ScaledLinear":
+    return DISCRETE_STEPS * (1.0 - t)
+  return t
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,6 +229,11 @@ def path_coefficients(path_type: str, t):
     return s, c, half_pi * c, -half_pi * s
   if path_type == "Linear":
     return t, 1.0 - t, jnp.ones_like(t), -jnp.ones_like(t)
+  if path_type == "ScaledLinear":
+    log_alpha, slope = discrete_log_alpha(1.0 - t)      # d/dt = -d/dt_cont
+    alpha = jnp.exp(log_alpha)
+    sigma = jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+    return alpha, sigma, -alpha * slope, alpha ** 2 * slope / sigma
   # VP
   m, dm = _vp_log_mean(t), _vp_d_log_mean(t)
   alpha = jnp.exp(m)
@@ -158,6 +249,8 @@ def d_log_alpha(path_type: str, t):
     return 0.5 * math.pi / jnp.tan(0.5 * math.pi * t)
   if path_type == "Linear":
     return 1.0 / t
+  if path_type == "ScaledLinear":
+    return -discrete_log_alpha(1.0 - t)[1]
   return _vp_d_log_mean(t)
 
 
@@ -267,10 +360,11 @@ def diffusion_coefficient(form: str, t, *, path_type: str, norm: float = 1.0):
 
 def resolve_eps(cfg) -> tuple[float, float]:
   """(train_eps, sample_eps) with upstream's defaults for unset (None) values."""
-  path_type = canonical_path(cfg.path_type)
-  prediction = canonical_prediction(cfg.prediction)
+  path_type, prediction = canonical_objective(cfg.path_type, cfg.prediction)
   if path_type == "VP":
     default_train, default_sample = 1e-5, 1e-3
+  elif path_type == "ScaledLinear":    # t_cont >= 1/1000, the first step (DiM samples to 1e-3)
+    default_train, default_sample = 1e-3, 1e-3
   elif prediction != "velocity":
     default_train, default_sample = 1e-3, 1e-3
   else:
@@ -293,7 +387,7 @@ def time_interval(cfg, *, eval: bool = False, sde: bool = False, diffusion_form:
   eps = sample_eps if eval else train_eps
   t0, t1 = 0.0, 1.0
   end = 1.0 - eps if (not sde or last_step_size == 0) else 1.0 - last_step_size
-  if path_type == "VP":
+  if path_type in ("VP", "ScaledLinear"):
     t1 = end
   elif prediction != "velocity" or sde:
     sbdm = canonical_diffusion_form(diffusion_form) == "SBDM"
@@ -350,9 +444,18 @@ def prediction_loss(pred, x0, x1, t, cfg):
 
 
 def loss_at(model_fn, x0, x1, t, y, cfg, *, return_aux: bool = False):
-  """Per-sample loss at given noise x0, data x1 and times t: calls `model_fn(x_t, t, y)` once."""
-  x_t, _ = interpolate(cfg.path_type, t, x0.astype(x1.dtype), x1)
-  pred = model_fn(x_t, t, y)
+  """Per-sample loss at given noise x0, data x1 and times t: calls `model_fn(x_t, t, y)` once
+  (with DiM's step n instead of t for the discrete path)."""
+  path_type, _ = canonical_objective(cfg.path_type, cfg.prediction)
+  if path_type == "ScaledLinear":
+    n = discrete_index(t)
+    alpha = jnp.asarray(np.sqrt(_ALPHAS_CUMPROD), jnp.float32)[n - 1]
+    sigma = jnp.asarray(np.sqrt(1.0 - _ALPHAS_CUMPROD), jnp.float32)[n - 1]
+    x_t = (expand_t(alpha, x1) * x1 + expand_t(sigma, x1) * x0.astype(x1.dtype)).astype(x1.dtype)
+    pred = model_fn(x_t, n.astype(jnp.float32), y)
+  else:
+    x_t, _ = interpolate(cfg.path_type, t, x0.astype(x1.dtype), x1)
+    pred = model_fn(x_t, t, y)
   loss = prediction_loss(pred, x0, x1, t, cfg)
   if return_aux:
     return loss, {"t": t, "x0": x0, "x_t": x_t, "pred": pred}
@@ -372,8 +475,14 @@ def training_loss(model_fn, x1, rng, y=None, cfg=None, *, return_aux: bool = Fal
 
 
 def draw_noise_and_time(rng, x1, cfg):
-  """The random part of `training_loss`: noise x0 ~ N(0, I) of x1's shape and times t [B]."""
+  """The random part of `training_loss`: noise x0 ~ N(0, I) of x1's shape and times t [B]
+  (for the discrete path with uniform t: t = 1 - n/1000, n ~ U{1..1000} as upstream)."""
   rng_t, rng_x = jax.random.split(rng)
-  t = sample_time(rng_t, x1.shape[0], cfg)
+  path_type, _ = canonical_objective(cfg.path_type, cfg.prediction)
+  if path_type == "ScaledLinear" and canonical_t_sampling(cfg.t_sampling) == "uniform":
+    n = jax.random.randint(rng_t, (x1.shape[0],), 1, DISCRETE_STEPS + 1)
+    t = 1.0 - n.astype(jnp.float32) / DISCRETE_STEPS
+  else:
+    t = sample_time(rng_t, x1.shape[0], cfg)
   x0 = jax.random.normal(rng_x, x1.shape, x1.dtype)
   return x0, t

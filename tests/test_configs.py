@@ -52,8 +52,13 @@ def test_config_is_complete_and_documented(path):
   train.check_choices(config)  # every enum field (transport, solver, model) is a valid choice
   assert (config.model.input_size * (8 if config.model.in_channels == 4 and
                                      config.data.channels == 3 else 1) == config.data.image_size)
-  assert config.optim.b1 == 0.9 and config.optim.b2 == 0.999 and config.optim.eps == 1e-8
-  assert config.optim.weight_decay == 0.0
+  if config.model.name.startswith('DiM-'):  # DiM's own AdamW (dim-reference, training)
+    assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.99, 0.99, 1e-15)
+    assert config.transport.path_type == 'ScaledLinear'
+    assert config.transport.prediction == 'noise'
+  else:  # upstream DiMSUM's AdamW: torch defaults, no weight decay
+    assert config.optim.b1 == 0.9 and config.optim.b2 == 0.999 and config.optim.eps == 1e-8
+    assert config.optim.weight_decay == 0.0
   assert 0.99 <= config.optim.ema_decay < 1
 
 

@@ -1,4 +1,4 @@
-"""Model registry: DiMSUM sizes of upstream's `DiM_models` and the DiT/SiT baselines.
+"""Model registry: DiMSUM sizes of upstream's `DiM_models`, the DiT/SiT baselines and DiM.
 
 `create_model(config.model)` builds a Flax module from a model ConfigDict; see
 `default_model_config()` for every field.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from dimsum_jax.models import dim
 from dimsum_jax.models.dimsum import DiMSUM
 from dimsum_jax.models.dit import DiT
 
@@ -23,7 +24,10 @@ DIMSUM_SIZES = {
 # name -> (depth, hidden, heads); patch from the suffix.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DIT_NAMES = tuple(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
-MODEL_NAMES = tuple(DIMSUM_SIZES) + DIT_NAMES
+# DiM (Teng et al. 2024, models/dim.py): name -> (depth, hidden, patch); 256 or 512 px by
+# input_size (the 512 fine-tune uses dim_padding='rho_pad').
+DIM_SIZES = {"DiM-S/2": (25, 512, 2), "DiM-L/2": (49, 1024, 2), "DiM-H/2": (49, 1536, 2)}
+MODEL_NAMES = tuple(DIMSUM_SIZES) + DIT_NAMES + tuple(DIM_SIZES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -49,6 +53,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       "depth": -1,               # -1: the size's own; set to build smaller test models
       "hidden_size": -1,
       "attn_every": 4,           # shared transformer after every k DiMSUM blocks (0 = never)
+      "dim_padding": dim.DEFAULT_PADDING,   # DiM only: lateral (256 px) or rho_pad (512 px)
   })
 
 
@@ -64,6 +69,9 @@ def create_model(config):
   if cfg.dtype not in DTYPES:
     raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {tuple(DTYPES)}.")
   dtype = DTYPES[cfg.dtype]
+  dim.check_options(cfg, cfg.name in DIM_SIZES)
+  if cfg.name in DIM_SIZES:
+    return dim.from_config(cfg, *DIM_SIZES[cfg.name], dtype)
   if cfg.name in DIMSUM_SIZES:
     depth, hidden, patch = DIMSUM_SIZES[cfg.name]
     return DiMSUM(
