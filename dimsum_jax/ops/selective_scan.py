@@ -10,7 +10,8 @@ Layout is channels-last, the natural one for JAX:
   y_l = C_l · s_l + D u_l;  out = y ⊙ SiLU(z)
 
 The state is always carried in float32; inputs may be bfloat16. `selective_scan` picks the
-implementation: the associative-scan reference here (CPU, TPU), or the Pallas GPU kernel.
+implementation: the associative-scan reference here (TPU), the same recurrence step by step
+(`sequential`, CPU), or the Pallas GPU kernel.
 
 Sharding: XLA's SPMD partitioner cannot split the Pallas kernel (a custom call), so under a
 batch-sharded jit it would gather the whole batch onto every device. When the Pallas path is traced
@@ -31,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from dimsum_jax.sharding import BATCH_AXES
 
-IMPLS = ("auto", "reference", "pallas")
+IMPLS = ("auto", "reference", "sequential", "pallas")
 
 
 def _combine(left, right):
@@ -40,40 +41,80 @@ def _combine(left, right):
   return a_r * a_l, a_r * b_l + b_r
 
 
-def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, initial_state=None,
-                             return_last_state=False):
-  """Selective scan through `jax.lax.associative_scan`; materialises [b, l, d, n]."""
-  dtype = u.dtype
-  f32 = jnp.promote_types(dtype, jnp.float32)   # float32 state; float64 stays float64
+def _inputs(u, delta, A, B, C, delta_bias, delta_softplus):
+  """u, Δ, A, B, C in the state's precision (float32; float64 stays float64)."""
+  f32 = jnp.promote_types(u.dtype, jnp.float32)
   u, delta, A, B, C = (v.astype(f32) for v in (u, delta, A, B, C))
   if delta_bias is not None:
     delta = delta + delta_bias.astype(f32)
   if delta_softplus:
     delta = jax.nn.softplus(delta)
+  return u, delta, A, B, C
+
+
+def _output(y, u, D, z, dtype):
+  """y + D u, gated by SiLU(z), in the input dtype."""
+  if D is not None:
+    y = y + u * D.astype(y.dtype)
+  if z is not None:
+    y = y * jax.nn.silu(z.astype(y.dtype))
+  return y.astype(dtype)
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                             delta_softplus=False, initial_state=None,
+                             return_last_state=False):
+  """Selective scan through `jax.lax.associative_scan`; materialises [b, l, d, n]."""
+  dtype = u.dtype
+  u, delta, A, B, C = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
   decay = jnp.exp(delta[..., None] * A)                          # [b, l, d, n]
   drive = (delta * u)[..., None] * B[:, :, None, :]               # [b, l, d, n]
   if initial_state is not None:
     # Fold h0 into the first input: s_1 = a_1 h0 + b_1.
-    drive = drive.at[:, 0].add(decay[:, 0] * initial_state.astype(f32))
+    drive = drive.at[:, 0].add(decay[:, 0] * initial_state.astype(decay.dtype))
   _, states = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
-  y = jnp.einsum("bldn,bln->bld", states, C)
-  if D is not None:
-    y = y + u * D.astype(f32)
-  if z is not None:
-    y = y * jax.nn.silu(z.astype(f32))
-  y = y.astype(dtype)
+  y = _output(jnp.einsum("bldn,bln->bld", states, C), u, D, z, dtype)
   if return_last_state:
     return y, states[:, -1]
   return y
 
 
+def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                              delta_softplus=False, initial_state=None,
+                              return_last_state=False):
+  """The same recurrence one step at a time (`jax.lax.scan` over the length, an [b, d, n] carry):
+  O(L) work instead of the associative scan's O(L log L) passes over [b, l, d, n], which is
+  3-4x faster forward+backward on a CPU at the sizes the CPU runs (measured: b 64, L 16-64,
+  d 64-128). Equal to the reference up to float rounding."""
+  dtype = u.dtype
+  u, delta, A, B, C = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+  b, _, d = u.shape
+  state = (jnp.zeros((b, d, A.shape[-1]), u.dtype) if initial_state is None
+           else initial_state.astype(u.dtype))
+
+  def step(s, xs):
+    delta_l, u_l, b_l, c_l = xs
+    s = jnp.exp(delta_l[..., None] * A) * s + (delta_l * u_l)[..., None] * b_l[:, None, :]
+    return s, jnp.einsum("bdn,bn->bd", s, c_l)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (delta, u, B, C))
+  last, ys = jax.lax.scan(step, state, xs)
+  y = _output(jnp.moveaxis(ys, 0, 1), u, D, z, dtype)
+  if return_last_state:
+    return y, last
+  return y
+
+
 def resolve_impl(impl: str = "auto") -> str:
-  """'auto' takes the Pallas kernel on GPU and the reference elsewhere."""
+  """'auto' takes the Pallas kernel on GPU, the sequential scan on CPU and the associative-scan
+  reference elsewhere (TPU, where its parallel passes pay)."""
   if impl not in IMPLS:
     raise ValueError(f"Unknown selective-scan implementation {impl!r}; choose one of {IMPLS}.")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+    backend = jax.default_backend()
+    if backend == "gpu" and _pallas_available():
+      return "pallas"
+    return "sequential" if backend == "cpu" else "reference"
   return impl
 
 
@@ -131,8 +172,12 @@ def _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_last_state=False, *, impl: str = "auto"):
   """Selective scan; see the module docstring for shapes. `impl`: auto, reference, pallas."""
-  if resolve_impl(impl) == "pallas":
+  impl = resolve_impl(impl)
+  if impl == "pallas":
     return _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                    return_last_state)
+  if impl == "sequential":
+    return selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     initial_state, return_last_state)
   return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   initial_state, return_last_state)

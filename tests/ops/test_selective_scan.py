@@ -1,4 +1,4 @@
-"""Tests of dimsum_jax.ops.selective_scan (the associative-scan reference).
+"""Tests of dimsum_jax.ops.selective_scan (the associative-scan reference and the sequential scan).
 
 Three oracles:
   * scan.npz from upstream's `selective_scan_ref` (forward, last state, all input gradients),
@@ -17,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax.ops.selective_scan import resolve_impl, selective_scan, selective_scan_reference
+from dimsum_jax.ops.selective_scan import (resolve_impl, selective_scan, selective_scan_reference,
+                                           selective_scan_sequential)
+
+# The two jnp implementations; every oracle test runs on both.
+SCANS = {"reference": selective_scan_reference, "sequential": selective_scan_sequential}
+each_scan = pytest.mark.parametrize("impl", sorted(SCANS))
 from tests import seeds
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -76,9 +81,10 @@ def _golden_run(golden, dtype, scan_fn):
   return out, last, dict(zip(ARGS, grads))
 
 
-def test_golden_float64(golden):
+@each_scan
+def test_golden_float64(golden, impl):
   with jax.enable_x64(True):
-    out, last, grads = _golden_run(golden, jnp.float64, selective_scan_reference)
+    out, last, grads = _golden_run(golden, jnp.float64, SCANS[impl])
     assert out.dtype == last.dtype == jnp.float64
     _close(out, golden["out_f64"], 1e-10)
     _close(last, golden["last_state_f64"], 1e-10)
@@ -87,9 +93,10 @@ def test_golden_float64(golden):
       _close(grads[name], golden[f"grad_{name}_f64"], 1e-10)
 
 
-def test_golden_float32(golden):
-  """Through the dispatcher, as the model calls it (the float64 test calls the reference)."""
-  scan = lambda *args, **kwargs: selective_scan(*args, impl="reference", **kwargs)
+@each_scan
+def test_golden_float32(golden, impl):
+  """Through the dispatcher, as the model calls it (the float64 test calls the functions)."""
+  scan = lambda *args, **kwargs: selective_scan(*args, impl=impl, **kwargs)
   out, last, grads = _golden_run(golden, jnp.float32, scan)
   assert out.dtype == last.dtype == jnp.float32
   _close(out, golden["out_f64"], 5e-6)
@@ -234,8 +241,9 @@ def _case_id(case):
   return f"L{length}-" + ("+".join(on) or "plain")
 
 
+@each_scan
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_numpy_loop_float64(case):
+def test_matches_numpy_loop_float64(case, impl):
   length, flags = case
   options = dict(zip(OPTIONAL, flags))
   softplus = options.pop("delta_softplus")
@@ -249,12 +257,13 @@ def test_matches_numpy_loop_float64(case):
   grads_ref = np_scan_vjp(cot_out, cot_last, **inputs, delta_softplus=softplus)
   grads_ref_out_only = np_scan_vjp(cot_out, None, **inputs, delta_softplus=softplus)
 
+  scan = SCANS[impl]
+
   def run(args, cot_out, cot_last):
     def fn(*values):
-      return selective_scan_reference(**dict(zip(present, values)), delta_softplus=softplus,
-                                      return_last_state=True)
+      return scan(**dict(zip(present, values)), delta_softplus=softplus, return_last_state=True)
     (out, last), pullback = jax.vjp(fn, *args)
-    plain = selective_scan_reference(**dict(zip(present, args)), delta_softplus=softplus)
+    plain = scan(**dict(zip(present, args)), delta_softplus=softplus)
     return (out, last, plain, pullback((cot_out, cot_last)),
             pullback((cot_out, jnp.zeros_like(cot_last))))
 
@@ -272,14 +281,15 @@ def test_matches_numpy_loop_float64(case):
         _close(grad, expected[name], 1e-10)
 
 
-def test_initial_state_carries_over_a_split_sequence():
+@each_scan
+def test_initial_state_carries_over_a_split_sequence(impl):
   """Scanning [0, k) then [k, L) from the first half's last state equals one scan of [0, L)."""
   inputs = _inputs(5, batch=2, length=23, d=4, n=3, initial_state=False)
   inputs.pop("initial_state")
   k = 9
   part = lambda v, sl: v[:, sl] if v.ndim == 3 else v
-  scan = lambda kw, **extra: selective_scan_reference(**kw, delta_softplus=True,
-                                                      return_last_state=True, **extra)
+  scan = lambda kw, **extra: SCANS[impl](**kw, delta_softplus=True, return_last_state=True,
+                                         **extra)
 
   def run(args):
     full = scan(args)
@@ -296,12 +306,13 @@ def test_initial_state_carries_over_a_split_sequence():
 
 
 @seeds.each()
+@each_scan
 @pytest.mark.parametrize("length", [1, 7, 37])
-def test_matches_numpy_loop_float32(length, seed):
+def test_matches_numpy_loop_float32(length, impl, seed):
   """Inputs of seed `length` (seed 0, the default run) or length + 1000 seed."""
   inputs = _inputs(length + 1000 * seed, batch=2, length=length, d=6, n=4)
   out_ref, last_ref, _ = np_scan(**inputs, delta_softplus=True)
-  out, last = jax.jit(lambda kw: selective_scan_reference(
+  out, last = jax.jit(lambda kw: SCANS[impl](
       **kw, delta_softplus=True, return_last_state=True))(
           {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()})
   assert out.dtype == last.dtype == jnp.float32
@@ -345,17 +356,18 @@ def test_bfloat16_inputs_close_to_float32(seed):
 
 def test_dispatch():
   assert resolve_impl("reference") == "reference"
-  if jax.default_backend() != "gpu":
-    assert resolve_impl("auto") == "reference"
+  assert resolve_impl("sequential") == "sequential"
+  if jax.default_backend() == "cpu":
+    assert resolve_impl("auto") == "sequential"
   with pytest.raises(ValueError, match="Unknown selective-scan implementation"):
     resolve_impl("cuda")
   inputs = {k: jnp.asarray(v, jnp.float32) for k, v in _inputs(3, 1, 7, 4, 2).items()}
-  impls = ("reference", "auto") if jax.default_backend() != "gpu" else ("reference",)
+  impls = (("reference", "sequential", "auto") if jax.default_backend() != "gpu"
+           else ("reference", "sequential"))
 
   def run(kw):
-    expected = selective_scan_reference(**kw, delta_softplus=True)
-    return expected, [selective_scan(**kw, delta_softplus=True, impl=impl) for impl in impls]
+    return [(SCANS.get(impl, SCANS[resolve_impl(impl)])(**kw, delta_softplus=True),
+             selective_scan(**kw, delta_softplus=True, impl=impl)) for impl in impls]
 
-  expected, outs = jax.jit(run, compiler_options=FAST_COMPILE)(inputs)
-  for out in outs:
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+  for direct, dispatched in jax.jit(run, compiler_options=FAST_COMPILE)(inputs):
+    np.testing.assert_array_equal(np.asarray(dispatched), np.asarray(direct))
