@@ -14,7 +14,7 @@ it to --out. The kernel's tuning constants can be overridden from the command li
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import statistics
 import time
 
@@ -158,20 +158,12 @@ def main():
   p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
   p.add_argument("--z", choices=["both", "yes", "no"], default="both")
   p.add_argument("--repeats", type=int, default=15)
-  p.add_argument("--chunk", type=int, default=None)
-  p.add_argument("--sub-chunk", type=int, default=None)
-  p.add_argument("--reduce-steps", type=int, default=None,
-                 help="override selective_scan_pallas.REDUCE_STEPS")
-  p.add_argument("--fwd-unroll", type=int, default=None,
-                 help="override selective_scan_pallas.FWD_UNROLL")
-  p.add_argument("--keep-decays", type=int, choices=[0, 1], default=None,
-                 help="override selective_scan_pallas.KEEP_DECAYS")
-  p.add_argument("--reduce-buffers", type=int, choices=[1, 2], default=None,
-                 help="override selective_scan_pallas.REDUCE_BUFFERS")
-  p.add_argument("--bf16-saved-states", type=int, choices=[0, 1], default=None,
-                 help="override selective_scan_pallas.BF16_SAVED_STATES")
-  p.add_argument("--sub-chunk-states", type=int, choices=[0, 1], default=None,
-                 help="override selective_scan_pallas.SAVE_SUB_CHUNK_STATES")
+  p.add_argument("--preset", default="fast", choices=sorted(selective_scan_pallas.PRESETS),
+                 help="selective_scan_pallas.PRESETS entry; the flags below replace its fields")
+  for field in dataclasses.fields(selective_scan_pallas.KernelOptions):
+    if field.name != "interpret":
+      p.add_argument("--" + field.name.replace("_", "-"), type=int, default=None,
+                     help=f"KernelOptions.{field.name} (0/1 for booleans)")
   p.add_argument("--no-ref-timing", action="store_true",
                  help="check against the reference but time only the kernel")
   p.add_argument("--max-err", type=float, default=2e-2,
@@ -181,32 +173,17 @@ def main():
   p.add_argument("--quick", action="store_true", help="5 repeats")
   p.add_argument("--out", default=None, help="also write the table (markdown) here")
   a = p.parse_args()
-  kw = {}
-  if a.chunk:
-    kw["chunk"] = a.chunk
-  if a.sub_chunk:
-    kw["sub_chunk"] = a.sub_chunk
-  if a.reduce_steps:
-    selective_scan_pallas.REDUCE_STEPS = a.reduce_steps
-  if a.fwd_unroll:
-    selective_scan_pallas.FWD_UNROLL = a.fwd_unroll
-  if a.keep_decays is not None:
-    selective_scan_pallas.KEEP_DECAYS = bool(a.keep_decays)
-  if a.reduce_buffers is not None:
-    selective_scan_pallas.REDUCE_BUFFERS = a.reduce_buffers
-  if a.bf16_saved_states is not None:
-    selective_scan_pallas.BF16_SAVED_STATES = bool(a.bf16_saved_states)
-  if a.sub_chunk_states is not None:
-    selective_scan_pallas.SAVE_SUB_CHUNK_STATES = bool(a.sub_chunk_states)
+  options = selective_scan_pallas.PRESETS[a.preset]
+  for field in dataclasses.fields(options):
+    value = getattr(a, field.name, None)
+    if value is not None:
+      options = dataclasses.replace(options, **{field.name: type(getattr(options, field.name))(
+          value)})
+  kw = {"options": options}
   if a.no_ref_timing:
     a.skip_ref_above_gb = 0.0
   zs = {"both": (True, False), "yes": (True,), "no": (False,)}[a.z]
-  ssp = selective_scan_pallas
-  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, chunk {kw.get('chunk', ssp.CHUNK)}, "
-        f"sub_chunk {kw.get('sub_chunk', ssp.SUB_CHUNK)}, reduce_steps {ssp.REDUCE_STEPS}, "
-        f"fwd_unroll {ssp.FWD_UNROLL}, keep_decays {ssp.KEEP_DECAYS}, reduce_buffers "
-        f"{ssp.REDUCE_BUFFERS}, bf16_saved_states {ssp.BF16_SAVED_STATES}, sub_chunk_states "
-        f"{ssp.SAVE_SUB_CHUNK_STATES}")
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {options}")
   rows = []
   for d in a.dims:
     for length in a.lengths:

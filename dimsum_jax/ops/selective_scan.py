@@ -32,7 +32,9 @@ from jax.sharding import PartitionSpec as P
 
 from dimsum_jax.sharding import BATCH_AXES
 
-IMPLS = ("auto", "reference", "sequential", "pallas")
+# "pallas" runs the kernel with its "fast" preset, "pallas_low_memory" with "low_memory"
+# (selective_scan_pallas.PRESETS).
+IMPLS = ("auto", "reference", "sequential", "pallas", "pallas_low_memory")
 
 
 def _combine(left, right):
@@ -146,15 +148,16 @@ def batch_shard_axes(batch: int) -> tuple[str, ...]:
 
 
 def _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-            return_last_state):
+            return_last_state, preset="fast"):
   """The Pallas kernel, per batch shard when a mesh in context splits the batch."""
   from dimsum_jax.ops import selective_scan_pallas
+  options = selective_scan_pallas.PRESETS[preset]
 
   def kernel(batched, shared):
     return selective_scan_pallas.selective_scan_pallas(
         batched["u"], batched["delta"], shared["A"], batched["B"], batched["C"], shared["D"],
         batched["z"], shared["delta_bias"], delta_softplus, batched["initial_state"],
-        return_last_state)
+        return_last_state, options)
 
   batched = dict(u=u, delta=delta, B=B, C=C, z=z, initial_state=initial_state)
   shared = dict(A=A, D=D, delta_bias=delta_bias)
@@ -173,9 +176,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    initial_state=None, return_last_state=False, *, impl: str = "auto"):
   """Selective scan; see the module docstring for shapes. `impl`: auto, reference, pallas."""
   impl = resolve_impl(impl)
-  if impl == "pallas":
+  if impl.startswith("pallas"):
     return _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                   return_last_state)
+                   return_last_state, "low_memory" if impl == "pallas_low_memory" else "fast")
   if impl == "sequential":
     return selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                      initial_state, return_last_state)

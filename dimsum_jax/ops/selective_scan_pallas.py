@@ -17,7 +17,7 @@ Design (Hopper, Mosaic GPU, `plgpu.kernel`, Lane semantics):
   1/4 of the [b, L, d, n] state tensor in f32, 1/8 in bf16).
 * Backward: chunks in reverse; each sub-chunk, last first, is re-run forward from its saved start
   state with its states and decays held in registers (the Python loop is unrolled) and then walked
-  backward. No [b, L, d, n] tensor exists anywhere. (With SAVE_SUB_CHUNK_STATES off, only chunk
+  backward. No [b, L, d, n] tensor exists anywhere. (With save_sub_chunk_states off, only chunk
   starts are saved and an extra forward pass per chunk finds the sub-chunk starts.) dB and dC need
   a sum over channels: the 2n per-thread partials of a step go to shared memory and are read back
   in a layout where 8 lanes share a row (a warp-level transpose), giving one sum per row after 3
@@ -25,8 +25,9 @@ Design (Hopper, Mosaic GPU, `plgpu.kernel`, Lane semantics):
   channel block writes its partial sums and the wrapper adds the (d / 128) blocks.
 * exp is `ex2.approx` on A pre-scaled by log2(e) (`approx_math`); softplus, sigmoid and SiLU use
   exp/log only.
-* The tuning constants below were chosen by measurement on an H200 (BENCHMARKS.md, "Selective
-  scan", with the change log); `chunk`/`sub_chunk` trade saved-state memory for speed.
+* The tuning is a value, `KernelOptions`, with named PRESETS ("fast", the default, chosen by
+  measurement on an H200, BENCHMARKS.md "Selective scan"; "low_memory", a quarter of the saved
+  states); `model.scan_impl="pallas_low_memory"` selects the second from a config.
 
 Why Mosaic GPU and not the Triton backend: the Triton backend of Pallas is deprecated from JAX 0.11
 and warns on every call; Mosaic GPU gives TMA copies, explicit shared-memory buffers and explicit
@@ -35,7 +36,7 @@ reduction). On JAX 0.11.2 and an H200 it compiles, passes the GPU tests and runs
 mamba_ssm's CUDA kernel at every shape where that kernel was measured (2.5x at L=4096), so nothing
 measured argued for Triton. Numbers are in BENCHMARKS.md ("Selective scan").
 
-Interpret mode (CPU tests): `interpret=True` (or the module switch `INTERPRET`) runs the same kernel
+Interpret mode (CPU tests): `interpret=True` (a field of KernelOptions) runs the same kernel
 body through Pallas' generic interpreter (`pl.pallas_call(..., interpret=True)`), with plain copies
 standing in for the TMA copies and barriers; `interpret="mosaic"` runs the Mosaic GPU program itself
 in JAX's GPU interpreter (exact, much slower). With `interpret=None` the kernel is interpreted when
@@ -55,28 +56,45 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # Channels per program: one warpgroup, one channel per thread.
 BLOCK_D = 128
-# Default time steps per chunk (one TMA pipeline stage) and per backward sub-chunk (one register
-# block; with SAVE_SUB_CHUNK_STATES the forward saves the state every sub_chunk steps).
-CHUNK = 4
-SUB_CHUNK = 4
-# Backward steps whose dB/dC partial sums share one reduction (two barriers per group); forward steps
-# unrolled per loop iteration.
-REDUCE_STEPS = 2
-FWD_UNROLL = 4
-# Backward: keep each step's decays from the register re-run of a sub-chunk for its reverse walk
-# (one exp2 per state and step instead of two, for more registers).
-KEEP_DECAYS = True
-# Backward: two dB/dC reduction buffers used in turn (one barrier per group instead of two) when a
-# sub-chunk has an even number of groups.
-REDUCE_BUFFERS = 2
-# For bfloat16 inputs, keep the saved states in bfloat16 (half the bytes of the largest residual,
-# relative gradient error ~2e-3 instead of ~1e-4); the running state is always float32.
-BF16_SAVED_STATES = True
-# Save the state at the start of every sub-chunk (the backward needs no forward re-run pass to find
-# them) rather than of every chunk (chunk / sub_chunk times fewer saved states).
-SAVE_SUB_CHUNK_STATES = True
-# Module switch for interpret mode; the `interpret` keyword overrides it when not None.
-INTERPRET: bool | str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """How the kernel is tuned: a frozen value, so it is part of every jit cache key (it reaches
+  the custom_vjp as static configuration); pick one of PRESETS or replace fields.
+
+  chunk / sub_chunk: time steps per TMA pipeline stage and per backward register block
+  (chunk % sub_chunk == 0, sub_chunk even); with save_sub_chunk_states the forward saves the state
+  every sub_chunk steps, else every chunk steps (the backward then re-runs each chunk to find its
+  sub-chunk starts). reduce_steps: backward steps whose dB/dC partial sums share one reduction;
+  reduce_buffers: 1 or 2 reduction buffers used in turn (one barrier per group instead of two);
+  fwd_unroll: forward steps unrolled per loop iteration; keep_decays: the backward keeps each
+  step's decays from the register re-run for the reverse walk (one exp2 less per state and step,
+  more registers); bf16_saved_states: for bfloat16 inputs the saved states are bfloat16 (half the
+  largest residual; relative gradient error ~2e-3 instead of ~1e-4). interpret: None (interpret
+  off a GPU), False, True (Pallas' generic interpreter) or "mosaic" (JAX's GPU interpreter).
+  The values were chosen by measurement on an H200 (BENCHMARKS.md, "Selective scan").
+  """
+  chunk: int = 4
+  sub_chunk: int = 4
+  reduce_steps: int = 2
+  fwd_unroll: int = 4
+  keep_decays: bool = True
+  reduce_buffers: int = 2
+  bf16_saved_states: bool = True
+  save_sub_chunk_states: bool = True
+  interpret: bool | str | None = None
+
+
+# "fast": the measured defaults. "low_memory": a state saved every 16 steps (a quarter of the
+# default's saved states) for about 1.4x the backward time (BENCHMARKS.md: 0.083 / 0.428 ms at
+# D=1024, L=256 with z, against 0.090 / 0.31).
+PRESETS = {
+    "fast": KernelOptions(),
+    "low_memory": KernelOptions(chunk=16, sub_chunk=8, reduce_steps=1, reduce_buffers=1,
+                                keep_decays=False, save_sub_chunk_states=False),
+}
+DEFAULT = PRESETS["fast"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -100,6 +118,7 @@ class _Config:
   reduce_buffers: int  # 1 or 2; 2 only when a sub-chunk has an even number of groups
   save: int            # steps between saved states: chunk or sub_chunk
   interpret: bool | str  # False, True (generic interpreter) or "mosaic" (GPU interpreter)
+  bf16_saved_states: bool = True
 
   @property
   def num_chunks(self) -> int:
@@ -546,14 +565,14 @@ def _forward(cfg: _Config, u, delta, z, bm, cm, params, h0):
   t_c = cfg.chunk
   args = [u, delta] + ([z] if cfg.has_z else []) + [bm, cm, params, h0]
   out_shapes = [jax.ShapeDtypeStruct((b, lp, d), u.dtype),
-                jax.ShapeDtypeStruct((b, lp // cfg.save, n, d), _saved_state_dtype(u.dtype)),
+                jax.ShapeDtypeStruct((b, lp // cfg.save, n, d), _saved_state_dtype(cfg, u.dtype)),
                 jax.ShapeDtypeStruct((b, n, d), _F32)]
   scratch = [_scratch((2, t_c, BLOCK_D), u.dtype), _scratch((2, t_c, BLOCK_D), delta.dtype)]
   if cfg.has_z:
     scratch.append(_scratch((2, t_c, BLOCK_D), z.dtype))
   scratch += [_scratch((2, t_c, n), bm.dtype), _scratch((2, t_c, n), cm.dtype),
               _scratch((2, t_c, BLOCK_D), u.dtype),
-              _scratch((2, cfg.saves_per_chunk, n, BLOCK_D), _saved_state_dtype(u.dtype)),
+              _scratch((2, cfg.saves_per_chunk, n, BLOCK_D), _saved_state_dtype(cfg, u.dtype)),
               _scratch((n + 2, BLOCK_D), _F32), _scratch((n, BLOCK_D), _F32),
               plgpu.Barrier(num_arrivals=len(args) - 2, num_barriers=2),
               plgpu.Barrier(num_arrivals=2)]
@@ -601,8 +620,8 @@ def _backward(cfg: _Config, u, delta, z, dy, bm, cm, params, hs, dlast):
 # custom_vjp over padded, kernel-layout operands.
 
 
-def _saved_state_dtype(dtype):
-  return jnp.bfloat16 if BF16_SAVED_STATES and dtype == jnp.bfloat16 else _F32
+def _saved_state_dtype(cfg, dtype):
+  return jnp.bfloat16 if cfg.bf16_saved_states and dtype == jnp.bfloat16 else _F32
 
 
 def _pack_params(a, d_skip, bias):
@@ -657,24 +676,23 @@ def _round_up(x: int, m: int) -> int:
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, return_last_state=False,
-                          *, interpret=None, chunk: int | None = None,
-                          sub_chunk: int | None = None):
+                          options: KernelOptions = DEFAULT, *, interpret=None,
+                          chunk: int | None = None, sub_chunk: int | None = None):
   """Selective scan through the Pallas kernel; same arguments and results as the reference.
 
-  interpret: None (the module switch INTERPRET, else interpret off a GPU), True (Pallas' generic
-  interpreter) or "mosaic" (JAX's GPU interpreter). chunk / sub_chunk: time steps per TMA pipeline
-  stage and per backward register block (defaults CHUNK, SUB_CHUNK; chunk % sub_chunk == 0,
-  sub_chunk even); the forward saves the state every sub_chunk steps (every chunk steps with
-  SAVE_SUB_CHUNK_STATES off).
+  options: a KernelOptions (PRESETS["fast"] by default). interpret, chunk, sub_chunk: shortcuts
+  that replace those fields of `options`. Sequences of at most half a chunk run in one shorter
+  chunk unless `chunk` is given here.
   """
-  if interpret is None:
-    interpret = INTERPRET
+  overrides = {k: v for k, v in (("interpret", interpret), ("chunk", chunk),
+                                 ("sub_chunk", sub_chunk)) if v is not None}
+  options = dataclasses.replace(options, **overrides)
+  interpret = options.interpret
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   b, length, d = u.shape
   n = A.shape[-1]
-  t_c = chunk or CHUNK
-  t_s = sub_chunk or SUB_CHUNK
+  t_c, t_s = options.chunk, options.sub_chunk
   if t_c % t_s or t_s % 2:
     raise ValueError(f"chunk ({t_c}) must be a multiple of sub_chunk ({t_s}), which must be even.")
   if length <= t_c // 2 and chunk is None:
@@ -683,14 +701,15 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   dp_ = _round_up(d, BLOCK_D)
   # The dB/dC reduction layout wants 2n % 32 == 0; the generic interpreter has no such limit.
   np_ = n if interpret is True else _round_up(n, 16)
-  save = t_s if SAVE_SUB_CHUNK_STATES else t_c
-  unroll = FWD_UNROLL if save % FWD_UNROLL == 0 else 2
-  group = max(1, min(REDUCE_STEPS, t_s))
-  two_buffers = REDUCE_BUFFERS == 2 and (-(-t_s // group)) % 2 == 0
+  save = t_s if options.save_sub_chunk_states else t_c
+  unroll = options.fwd_unroll if save % options.fwd_unroll == 0 else 2
+  group = max(1, min(options.reduce_steps, t_s))
+  two_buffers = options.reduce_buffers == 2 and (-(-t_s // group)) % 2 == 0
   cfg = _Config(length=length, padded_length=lp, chunk=t_c, sub_chunk=t_s,
                 softplus=bool(delta_softplus), has_z=z is not None,
-                reduce_steps=group, fwd_unroll=unroll, keep_decays=bool(KEEP_DECAYS),
-                reduce_buffers=2 if two_buffers else 1, save=save, interpret=interpret)
+                reduce_steps=group, fwd_unroll=unroll, keep_decays=bool(options.keep_decays),
+                reduce_buffers=2 if two_buffers else 1, save=save, interpret=interpret,
+                bf16_saved_states=bool(options.bf16_saved_states))
 
   def pad_bld(x):
     if x is None:

@@ -78,15 +78,31 @@ CPU = dict(interpret=True, chunk=8, sub_chunk=2)
 
 @pytest.mark.parametrize("keep_decays,reduce_buffers,sub_chunk_states",
                          [(True, 2, True), (False, 1, False)])
-def test_all_inputs_odd_length_float32(monkeypatch, keep_decays, reduce_buffers, sub_chunk_states):
+def test_all_inputs_odd_length_float32(keep_decays, reduce_buffers, sub_chunk_states):
   # 37 = 4 chunks of 8 + 5: the masked tail must not move the last state or the gradients; two
   # register blocks of 4 steps per chunk, their start states saved by the forward or re-run by the
   # backward; two dB/dC reduction groups per block, in one buffer or two.
-  monkeypatch.setattr(ssp, "KEEP_DECAYS", keep_decays)
-  monkeypatch.setattr(ssp, "REDUCE_BUFFERS", reduce_buffers)
-  monkeypatch.setattr(ssp, "SAVE_SUB_CHUNK_STATES", sub_chunk_states)
+  options = ssp.KernelOptions(keep_decays=keep_decays, reduce_buffers=reduce_buffers,
+                              save_sub_chunk_states=sub_chunk_states)
   inputs = _inputs(0, b=2, length=37, d=128, n=4, dtype=jnp.float32)
-  _compare(inputs, softplus=True, tol=1e-5, interpret=True, chunk=8, sub_chunk=4)
+  _compare(inputs, softplus=True, tol=1e-5, options=options, interpret=True, chunk=8,
+           sub_chunk=4)
+
+
+def test_low_memory_preset():
+  """The memory-saving preset (a state saved every 16 steps) computes the same scan."""
+  inputs = _inputs(9, b=2, length=40, d=128, n=4, dtype=jnp.float32)
+  _compare(inputs, softplus=True, tol=1e-5, options=ssp.PRESETS["low_memory"], interpret=True)
+  assert ssp.PRESETS["low_memory"].chunk == 16 and not ssp.PRESETS["low_memory"].keep_decays
+
+
+def test_options_are_a_hashable_value():
+  """Frozen: equal options hash alike (one jit cache entry), others differ (their own entry)."""
+  a, b = ssp.KernelOptions(), ssp.KernelOptions()
+  assert a == b and hash(a) == hash(b) and a is not ssp.PRESETS["low_memory"]
+  assert ssp.PRESETS["low_memory"] != ssp.DEFAULT
+  with pytest.raises(Exception):
+    a.chunk = 8  # noqa - frozen dataclass
 
 
 def test_no_optional_inputs_no_softplus_float32():
@@ -103,7 +119,7 @@ def test_bfloat16_with_z_and_bias():
   _compare(inputs, softplus=True, tol=2e-2, **CPU)
 
 
-def test_dispatch_and_module_switch(monkeypatch):
+def test_dispatch_and_interpret_option():
   inputs = _inputs(4, b=1, length=9, d=64, n=2, dtype=jnp.float32)
   args = [inputs[k] for k in NAMES[:8]]
   ref = selective_scan_reference(*args, True, inputs["initial_state"])
@@ -111,9 +127,12 @@ def test_dispatch_and_module_switch(monkeypatch):
   out = jax.jit(functools.partial(selective_scan, delta_softplus=True, impl="pallas"))(
       *args, initial_state=inputs["initial_state"])
   assert _rel(out, ref) < 1e-5
-  monkeypatch.setattr(ssp, "INTERPRET", True)
-  out = jax.jit(functools.partial(ssp.selective_scan_pallas, delta_softplus=True, chunk=4,
-                                  sub_chunk=2))(*args, initial_state=inputs["initial_state"])
+  low = jax.jit(functools.partial(selective_scan, delta_softplus=True, impl="pallas_low_memory"))(
+      *args, initial_state=inputs["initial_state"])
+  assert _rel(low, ref) < 1e-5
+  options = ssp.KernelOptions(chunk=4, sub_chunk=2, interpret=True)
+  out = jax.jit(functools.partial(ssp.selective_scan_pallas, delta_softplus=True,
+                                  options=options))(*args, initial_state=inputs["initial_state"])
   assert _rel(out, ref) < 1e-5
 
 
@@ -163,14 +182,12 @@ def test_compiled_kernel_on_gpu(dtype, length, z, tol):
         (8, 8, 4, True, 2, True, True), (16, 4, 2, True, 2, True, False),
         (32, 8, 1, False, 2, True, False), (16, 8, 1, False, 1, False, False),
         (16, 4, 1, True, 1, True, True)])
-def test_compiled_kernel_other_chunkings_on_gpu(monkeypatch, chunk, sub_chunk, reduce_steps,
-                                                keep_decays, buffers, bf16_states,
-                                                sub_chunk_states):
+def test_compiled_kernel_other_chunkings_on_gpu(chunk, sub_chunk, reduce_steps, keep_decays,
+                                                buffers, bf16_states, sub_chunk_states):
   _require_gpu()
-  monkeypatch.setattr(ssp, "SAVE_SUB_CHUNK_STATES", sub_chunk_states)
-  monkeypatch.setattr(ssp, "REDUCE_STEPS", reduce_steps)
-  monkeypatch.setattr(ssp, "KEEP_DECAYS", keep_decays)
-  monkeypatch.setattr(ssp, "REDUCE_BUFFERS", buffers)
-  monkeypatch.setattr(ssp, "BF16_SAVED_STATES", bf16_states)
+  options = ssp.KernelOptions(chunk=chunk, sub_chunk=sub_chunk, reduce_steps=reduce_steps,
+                              keep_decays=keep_decays, reduce_buffers=buffers,
+                              bf16_saved_states=bf16_states,
+                              save_sub_chunk_states=sub_chunk_states, interpret=False)
   inputs = _inputs(8, b=2, length=70, d=256, n=16, dtype=jnp.bfloat16, z=False)
-  _compare(inputs, softplus=True, tol=2e-2, interpret=False, chunk=chunk, sub_chunk=sub_chunk)
+  _compare(inputs, softplus=True, tol=2e-2, options=options, chunk=chunk)
