@@ -163,7 +163,8 @@ def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) ->
       memory=common.memory_stats(), memory_plan=setup.plan, loss=loss,
       loss_finite=bool(np.isfinite(loss)),
       params_m=sum(x.size for x in jax.tree.leaves(holder["state"].params)) / 1e6)
-  del holder, state
+  holder.clear()  # frees the state before the next setting
+  del state
   return record
 
 

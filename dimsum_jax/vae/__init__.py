@@ -9,3 +9,7 @@ from dimsum_jax.vae.checkpoint import load_vae, save_vae
 from dimsum_jax.vae.model import (SCALING_FACTOR, AutoencoderKL, abstract_params, decode_latents,
                                   encode, images_to_latents, latents_to_images, to_uint8,
                                   vae_from_config)
+
+__all__ = ['SCALING_FACTOR', 'AutoencoderKL', 'abstract_params', 'decode_latents', 'encode',
+           'images_to_latents', 'latents_to_images', 'load_vae', 'save_vae', 'to_uint8',
+           'vae_from_config']

@@ -9,7 +9,6 @@ Three oracles:
   * the float32 result, for bfloat16 inputs.
 Golden arrays use upstream's layout (u [b, d, l], B/C [b, n, l]); ours is channels-last.
 """
-import itertools
 import pathlib
 
 import jax
