@@ -24,6 +24,7 @@ import numpy as np
 
 from dimsum_jax import models
 from dimsum_jax.models.dimsum import DiMSUM
+from dimsum_jax.models.dit import DiT
 from dimsum_jax.ops import selective_scan
 from dimsum_jax.tools import flops
 
@@ -41,6 +42,7 @@ PEAK_BF16 = {
 # --smoke: models small enough to compile and run on a CPU in seconds.
 SMOKE_MODEL = {"depth": 4, "hidden_size": 64}
 SMOKE_DIT_MODEL = {"depth": 2, "hidden_size": 64}
+SMOKE_DIM_MODEL = {"depth": 3, "hidden_size": 64}  # DiM: an odd depth
 
 
 def environment() -> dict[str, Any]:
@@ -87,14 +89,16 @@ def _jsonable(x):
 
 
 def load_config(name: str):
-  """configs/<name>.py's get_config() (the experiment configs are files, not a package)."""
-  path = os.path.join(ROOT, "configs", f"{name}.py")
+  """configs/<file>.py's get_config(variant) for name 'file' or 'file:variant' (the experiment
+  configs are files, not a package)."""
+  file, _, variant = name.partition(":")
+  path = os.path.join(ROOT, "configs", f"{file}.py")
   if not os.path.exists(path):
     raise FileNotFoundError(f"No config {path}: pick a file name (without .py) from configs/.")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  spec = importlib.util.spec_from_file_location(f"configs_{file}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(variant)
 
 
 def model_config(name: str, input_size: int, *, dtype: str = "bfloat16", scan_impl: str = "auto",
@@ -106,9 +110,11 @@ def model_config(name: str, input_size: int, *, dtype: str = "bfloat16", scan_im
   cfg.name = name
   cfg.input_size = input_size
   cfg.dtype = dtype
-  cfg.scan_impl = scan_impl
+  if "scan_impl" in models.fields_read(name):
+    cfg.scan_impl = scan_impl
   if smoke:
-    cfg.update(SMOKE_MODEL if name.startswith("DiMSUM") else SMOKE_DIT_MODEL)
+    cfg.update({"DiMSUM": SMOKE_MODEL, "DiT": SMOKE_DIT_MODEL,
+                "DiM": SMOKE_DIM_MODEL}[models.family(name)])
   return cfg
 
 
@@ -117,13 +123,19 @@ def is_dimsum(name: str) -> bool:
 
 
 def resolved_scan_impl(cfg) -> str | None:
-  return selective_scan.resolve_impl(cfg.scan_impl) if is_dimsum(cfg.name) else None
+  if "scan_impl" not in models.fields_read(cfg.name):
+    return None
+  return selective_scan.resolve_impl(cfg.scan_impl)
 
 
 def forward_macs(model) -> float:
   """Multiply-accumulates of one forward per image (dimsum_jax.tools.flops' analytic count)."""
-  comps = (flops.dimsum_components(model) if isinstance(model, DiMSUM)
-           else flops.dit_components(model))
+  if isinstance(model, DiMSUM):
+    comps = flops.dimsum_components(model)
+  elif isinstance(model, DiT):
+    comps = flops.dit_components(model)
+  else:
+    comps = flops.dim_components(model)
   return flops.port_macs(comps)
 
 

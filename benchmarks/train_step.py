@@ -1,7 +1,7 @@
 """Training-step throughput of DiMSUM-L/2 and the DiT-L/2 control: images/s, MFU, memory, compile.
 
 What runs is what `python -m dimsum_jax.main` runs: `train.build` and `train.compile_update` on
-configs/imagenet256.py (DiMSUM) or configs/imagenet256_dit.py (DiT), with the model, image size,
+configs/imagenet256.py (DiMSUM) or its dit variant (DiT), with the model, image size,
 global batch and the flags below overriding the config, under the same mesh; the compiled, donated
 step is then fed synthetic latents. Gradient accumulation is the config's
 (`optim.grad_accum_steps`, 0 = as few passes as fit the device: dimsum_jax/memory.py), so the
@@ -38,10 +38,11 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
 from dimsum_jax import memory  # noqa: E402
+from dimsum_jax import models  # noqa: E402
 from dimsum_jax import sharding  # noqa: E402
 from dimsum_jax import train  # noqa: E402
 
-CONFIGS = {"DiMSUM": "imagenet256", "DiT": "imagenet256_dit"}
+CONFIGS = {"DiMSUM": "imagenet256", "DiT": "imagenet256:dit", "DiM": "imagenet256:dim"}
 LEVERS = ("wavelet_impl", "remat", "attention_impl")
 
 
@@ -64,15 +65,15 @@ class Setup:
 
 def experiment_config(name: str, latent_size: int, *, dtype: str, scan_impl: str, smoke: bool,
                       global_batch: int = 256, grad_accum_steps: int = 0, **levers):
-  """The published run's config (imagenet256[_dit]) with this model, size, dtype, scan, batch,
-  passes and any of LEVERS (None keeps the config's value)."""
-  config = common.load_config(CONFIGS["DiMSUM" if common.is_dimsum(name) else "DiT"])
+  """The published run's config (imagenet256.py, its dit or dim variant) with this model, size,
+  dtype, scan, batch, passes and any of LEVERS the model reads (None keeps the config's value)."""
+  config = common.load_config(CONFIGS[models.family(name)])
   config.model = common.model_config(name, latent_size, dtype=dtype, scan_impl=scan_impl,
                                      smoke=smoke, base=config.model)
   for key, value in levers.items():
     if key not in LEVERS:
       raise ValueError(f"Unknown lever {key}; choose from {LEVERS}.")
-    if value is not None:
+    if value is not None and key in models.fields_read(name):
       config.model[key] = value
   config.data.image_size = latent_size
   config.data.global_batch_size = global_batch

@@ -2,19 +2,27 @@
 
   python -m dimsum_jax.main --config=configs/celebahq256.py --workdir=$WORKDIR \
       --config.data.data_dir=$TFDS_DATA_DIR --config.vae.dir=$VAE
+  python -m dimsum_jax.main --config=configs/celebahq256.py:dit --workdir=$WORKDIR_DIT ...
 
 $TFDS_DATA_DIR holds the prepared tfds celeb_a_hq/256 (the data module's error says how to build
 it); $VAE is the converted sd-vae-ft-ema (python -m dimsum_jax.vae.convert). As upstream, each
 step encodes the batch afresh (random flip, one posterior sample) rather than reading latents.
 
-Upstream (reference section 10): AdamW lr 1e-4 constant, no weight decay, grad clip 2.0 (the
-default), EMA 0.9999, global batch 16 (1 GPU), drop path 0.1, fp32, 250 epochs of 27 000 images
-= 250 x 1 688 steps = 422 k steps. Expected: FID-50k 4.62 (released celeb256_225ep).
+Upstream (VinAIResearch/DiMSUM dimsum/train.py, scripts/train.sh): AdamW lr 1e-4 constant, no
+weight decay, grad clip 2.0 (the default), EMA 0.9999, global batch 16 (1 GPU), drop path 0.1,
+fp32, 250 epochs of 27 000 images = 250 x 1 688 steps = 422 k steps. Expected: FID-50k 4.62
+(released celeb256_225ep).
+
+dit: the DiT-XL/2 baseline with the same data pipeline (VAE-encoded each step), objective,
+optimiser and schedule.
 """
 from dimsum_jax import config_utils
 
+VARIANTS = ('', 'dit')
 
-def get_config():
+
+def get_config(arg=''):
+  config_utils.check_variant(arg, VARIANTS, 'configs/celebahq256.py')
   c = config_utils.base_config()
   c.data.name = 'celeb_a_hq'
   c.data.split = 'train'
@@ -43,4 +51,7 @@ def get_config():
   c.sample.every_steps = 20_000
   c.sample.rows = 4
   c.sample.per_row = 8
+
+  if arg == 'dit':
+    config_utils.as_dit(c)
   return c

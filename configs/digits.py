@@ -16,13 +16,19 @@ jobs: 40 minutes (0.7 to 1.9 steps/s with the load; about 23 minutes at 1.9), fi
 at step 2 500 all ten rows read as their class (the 8s the faintest). The selective scan's CPU
 reference takes most of each step: DiM pads a 4x4 token grid to a 54-token sequence.
 
-Smoke variants for tests (seconds on CPU): `configs/digits.py:smoke` (DiMSUM depth 4, hidden 64,
-8x8 inputs) and `configs/digits.py:smoke_dit` (a DiT of the same size).
+Smoke variants for tests (seconds on CPU), a DiMSUM of depth 4 and hidden 64 and a DiT of the
+same size on 8x8 inputs:
+
+  python -m dimsum_jax.main --config=configs/digits.py:smoke --workdir=runs/smoke
+  python -m dimsum_jax.main --config=configs/digits.py:smoke_dit --workdir=runs/smoke_dit
 """
 from dimsum_jax import config_utils
 
+VARIANTS = ('', 'smoke', 'smoke_dit', 'dim')
+
 
 def get_config(arg=''):
+  config_utils.check_variant(arg, VARIANTS, 'configs/digits.py')
   c = config_utils.base_config()
   c.data.name = 'digits'
   c.data.image_size = 16
@@ -84,7 +90,4 @@ def get_config(arg=''):
     c.sample.every_steps = 500
     c.sample.solver = 'heun'
     c.sample.num_steps = 25
-  elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of configs/digits.py: use "", smoke, smoke_dit or '
-                     f'dim.')
   return c

@@ -1,16 +1,34 @@
-"""DiMSUM-L/2 on ImageNet 512 (class-conditional, SD-VAE latents [64, 64, 4]).
+"""ImageNet 512 (class-conditional, SD-VAE latents [64, 64, 4]): DiMSUM, its DiT baseline, DiM.
 
   python -m dimsum_jax.main --config=configs/imagenet512.py --workdir=$WORKDIR \
       --config.data.data_dir=$LATENTS512 --config.vae.dir=$VAE
+  python -m dimsum_jax.main --config=configs/imagenet512.py:dit --workdir=$WORKDIR_DIT ...
+  python -m dimsum_jax.main --config=configs/imagenet512.py:dim --workdir=$WORKDIR_DIM ...
 
-Not an upstream run: DiMSUM publishes no ImageNet 512 model (its 512 px result is CelebA-HQ, see
-configs/celebahq512.py). This keeps the ImageNet 256 recipe (lr 1e-4 constant, clip 1.0, EMA
-0.9999, label dropout 0.15, drop path 0.1) with DiT's 512 px batch of 256 and 1 M steps.
+'' (default), DiMSUM-L/2: not an upstream run (DiMSUM publishes no ImageNet 512 model; its
+512 px result is CelebA-HQ, see configs/celebahq512.py). It keeps the ImageNet 256 recipe (lr 1e-4
+constant, clip 1.0, EMA 0.9999, label dropout 0.15, drop path 0.1) with DiT's 512 px batch of
+256 and 1 M steps.
+
+dit: the DiT-XL/2 baseline with the same data, objective, optimiser and schedule.
+
+dim: DiM-H/2, DiM's fine-tune (tyshiwo1/DiM-DiffusionMamba configs/imagenet512_H_DiM_ft.py): the
+256 px DiM-H/2 at 425 k steps warm-starts the 512 px model (863.6 M parameters: the position table
+resized bilinearly to the 32x32 grid, `dimsum_jax.models.dim_convert.transfer_state_dict`; the pad
+layout switches to rho_pad), then 64 k steps at batch 240 (upstream sets
+gradient_accumulation_steps 2, which its loop may not apply), AdamW lr 1e-4, no weight decay,
+betas (0.99, 0.99), eps 1e-15, linear warm-up over 2 500 steps then constant, grad clip 1.0,
+EMA 0.9999, label dropout 0.15, the discrete schedule with noise prediction; evaluation with
+DPM-Solver (50 steps) and U-ViT guidance 0.7 (cfg_scale 1.7 here). The warm start is not wired
+into this variant yet: without it the run trains from scratch.
 """
 from dimsum_jax import config_utils
 
+VARIANTS = ('', 'dit', 'dim')
 
-def get_config():
+
+def get_config(arg=''):
+  config_utils.check_variant(arg, VARIANTS, 'configs/imagenet512.py')
   c = config_utils.base_config()
   c.data.name = 'latents'
   c.data.image_size = 64
@@ -38,4 +56,16 @@ def get_config():
   c.sample.rows = 8
   c.sample.per_row = 4
   c.sample.cfg_scale = 4.0
+
+  if arg == 'dit':
+    config_utils.as_dit(c)
+  elif arg == 'dim':
+    config_utils.as_dim(c, 'DiM-H/2')
+    c.model.dim_padding = 'rho_pad'
+    c.data.global_batch_size = 240
+    c.num_train_steps = 64_000
+    c.optim.warmup_steps = 2500
+    c.checkpoint_every_steps = 10_000   # upstream's save_interval
+    c.sample.every_steps = 10_000
+    c.sample.cfg_scale = 1.7            # U-ViT scale 0.7
   return c

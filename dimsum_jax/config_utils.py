@@ -66,3 +66,42 @@ def base_config():
   # sample grids of latent models are decoded with it.
   c.vae = ml_collections.ConfigDict({'dir': ''})
   return c
+
+
+def check_variant(arg, variants, path):
+  """Refuses, in one sentence, a `--config=path:arg` variant that the file does not define."""
+  if arg not in variants:
+    names = ', '.join(repr(v) if v == '' else v for v in variants)
+    raise ValueError(f'Unknown variant {arg!r} of {path}: use one of {names}.')
+
+
+def as_dit(c, name='DiT-XL/2'):
+  """The DiT baseline of a DiMSUM config, in place: the same data, objective, optimiser and
+  schedule; the model becomes `name` and the fields it does not read go back to their defaults
+  (create_model refuses them otherwise)."""
+  defaults = models.default_model_config()
+  c.model.name = name
+  for key in defaults:
+    if key not in models.fields_read(name):
+      c.model[key] = defaults[key]
+  return c
+
+
+def as_dim(c, name='DiM-L/2'):
+  """A DiM run on the data of a DiMSUM config, in place: the model becomes `name` (fields DiM does
+  not read back at their defaults) with DiM's own objective (the discrete scaled-linear schedule,
+  noise prediction) and AdamW (betas 0.99/0.99, eps 1e-15, constant lr, clip 1.0, EMA 0.9999);
+  the EMA grids integrate the probability-flow ODE (heun, 25 steps). Learning rate, weight decay,
+  warm-up, batch and length stay the caller's."""
+  as_dit(c, name)  # the same reset: every field the model does not read
+  c.transport.path_type = 'ScaledLinear'
+  c.transport.prediction = 'noise'
+  c.optim.b1 = 0.99
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-15
+  c.optim.schedule = 'constant'
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.9999
+  c.sample.solver = 'heun'
+  c.sample.num_steps = 25
+  return c

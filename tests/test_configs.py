@@ -23,6 +23,18 @@ def load(path, arg=None):
   return module, (module.get_config(arg) if arg is not None else module.get_config())
 
 
+def variants():
+  """(path, variant) of every config file and each variant it declares."""
+  out = []
+  for path in CONFIG_FILES:
+    module, _ = load(path)
+    out += [(path, v) for v in module.VARIANTS]
+  return out
+
+
+VARIANTS = variants()
+
+
 def flat(config, prefix=''):
   out = {}
   for k, v in config.items():
@@ -34,24 +46,30 @@ def flat(config, prefix=''):
 
 
 def test_there_are_configs_for_every_dataset():
-  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-  for base in ('imagenet256', 'imagenet512', 'celebahq256', 'church256'):
-    assert base in names and f'{base}_dit' in names
-  assert 'digits' in names
+  names = {(os.path.basename(p)[:-3], v) for p, v in VARIANTS}
+  for base in ('imagenet256', 'imagenet512', 'celebahq256', 'celebahq512', 'church256'):
+    assert (base, '') in names and (base, 'dit') in names
+  for base in ('imagenet256', 'imagenet512', 'digits'):
+    assert (base, 'dim') in names
+  assert ('digits', '') in names
 
 
-@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
-def test_config_is_complete_and_documented(path):
-  module, config = load(path)
+@pytest.mark.parametrize('path,variant', VARIANTS,
+                         ids=[f'{os.path.basename(p)}:{v}' for p, v in VARIANTS])
+def test_config_is_complete_and_documented(path, variant):
+  module, config = load(path, variant)
   assert isinstance(config, ml_collections.ConfigDict)
-  name = os.path.basename(path)
-  assert f'python -m dimsum_jax.main --config=configs/{name}' in module.__doc__
+  name = os.path.basename(path) + (f':{variant}' if variant else '')
+  assert f'python -m dimsum_jax.main --config=configs/{name} ' in module.__doc__
+  models.create_model(config.model)  # builds: every field it sets is one the model reads
   # Same fields as the base config (an experiment sets values, never adds keys).
   assert set(flat(config)) == set(flat(config_utils.base_config()))
   assert config.model.name in models.MODEL_NAMES
   train.check_choices(config)  # every enum field (transport, solver, model) is a valid choice
   assert (config.model.input_size * (8 if config.model.in_channels == 4 and
                                      config.data.channels == 3 else 1) == config.data.image_size)
+  if variant.startswith('smoke') or (name.startswith('digits') and variant == 'dim'):
+    return  # test and tutorial variants: their own optimiser settings
   if config.model.name.startswith('DiM-'):  # DiM's own AdamW (dim-reference, training)
     assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.99, 0.99, 1e-15)
     assert config.transport.path_type == 'ScaledLinear'
@@ -62,7 +80,7 @@ def test_config_is_complete_and_documented(path):
   assert 0.99 <= config.optim.ema_decay < 1
 
 
-UPSTREAM = {  # reference section 10: (model, global batch, lr, grad clip, label dropout, classes)
+UPSTREAM = {  # DiMSUM's scripts/train.sh and train.py: (model, global batch, lr, grad clip, label dropout, classes)
     'imagenet256': ('DiMSUM-L/2', 704, 1e-4, 1.0, 0.15, 1000),
     'celebahq256': ('DiMSUM-L/2', 16, 1e-4, 2.0, 0.0, 0),
     'celebahq512': ('DiMSUM-L/2', 32, 1e-4, 2.0, 0.0, 0),
@@ -87,10 +105,11 @@ def test_upstream_hyperparameters(name):
                                   'church256'])
 def test_dit_baseline_differs_only_in_the_model(name):
   _, dimsum = load(os.path.join(ROOT, 'configs', f'{name}.py'))
-  _, dit = load(os.path.join(ROOT, 'configs', f'{name}_dit.py'))
+  _, dit = load(os.path.join(ROOT, 'configs', f'{name}.py'), 'dit')
   a, b = flat(dimsum), flat(dit)
-  assert {k for k in a if a[k] != b[k]} == {'model.name'}
-  assert b['model.name'] == 'DiT-XL/2'
+  # The name, and drop path: DiT has none (create_model refuses a field the model ignores).
+  assert {k for k in a if a[k] != b[k]} == {'model.name', 'model.drop_path'}
+  assert b['model.name'] == 'DiT-XL/2' and b['model.drop_path'] == 0.0
 
 
 def test_digits_variants():
@@ -98,7 +117,8 @@ def test_digits_variants():
   for arg, name in (('smoke', 'DiMSUM-L/2'), ('smoke_dit', 'DiT-S/2')):
     _, c = load(path, arg)
     assert c.model.name == name and c.model.depth == 4 and c.model.input_size == 8
-  with pytest.raises(ValueError, match='Unknown variant'):
+  with pytest.raises(ValueError, match=r"Unknown variant 'nope' of configs/digits.py: use one "
+                     r"of '', smoke, smoke_dit, dim\."):
     load(path, 'nope')
 
 

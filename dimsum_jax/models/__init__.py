@@ -57,6 +57,45 @@ def default_model_config() -> ml_collections.ConfigDict:
   })
 
 
+# The fields every model reads; each family adds its own (create_model refuses any other field
+# set away from its default: a DiMSUM option given to a DiT would otherwise be silently ignored).
+COMMON_FIELDS = ("name", "input_size", "in_channels", "num_classes", "label_dropout", "dtype",
+                 "depth", "hidden_size", "remat")
+FAMILY_FIELDS = {
+    "DiMSUM": ("drop_path", "cond_mamba", "scan_type", "scan_impl", "wavelet_impl",
+               "attention_impl", "attn_every"),
+    "DiT": ("attention_impl",),
+    "DiM": ("scan_impl", "dim_padding"),
+}
+
+
+def family(name: str) -> str:
+  """'DiMSUM', 'DiT' or 'DiM' for a registry name."""
+  if name in DIMSUM_SIZES:
+    return "DiMSUM"
+  if name in DIM_SIZES:
+    return "DiM"
+  if name in DIT_NAMES:
+    return "DiT"
+  raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES}.")
+
+
+def fields_read(name: str) -> tuple[str, ...]:
+  """The model config fields that the model `name` reads."""
+  return COMMON_FIELDS + FAMILY_FIELDS[family(name)]
+
+
+def check_fields_read(cfg) -> None:
+  """Refuses, in one sentence, a field that cfg.name's model does not read set away from its
+  default."""
+  defaults = default_model_config()
+  read = fields_read(cfg.name)
+  for key in defaults:
+    if key not in read and cfg[key] != defaults[key]:
+      raise ValueError(f"model.{key}={cfg[key]!r} has no effect on {cfg.name} ({family(cfg.name)} "
+                       f"models do not read it): leave it at its default {defaults[key]!r}.")
+
+
 def create_model(config):
   """Build the Flax module described by a model ConfigDict (or dict)."""
   cfg = default_model_config()
@@ -64,13 +103,12 @@ def create_model(config):
   if unknown:
     raise ValueError(f"Unknown model config keys {sorted(unknown)}; valid keys: {sorted(cfg)}.")
   cfg.update(dict(config))
-  if cfg.name not in MODEL_NAMES:
-    raise ValueError(f"Unknown model {cfg.name!r}; choose one of {MODEL_NAMES}.")
+  check_fields_read(cfg)  # also refuses an unknown name
   if cfg.dtype not in DTYPES:
     raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {tuple(DTYPES)}.")
   dtype = DTYPES[cfg.dtype]
-  dim.check_options(cfg, cfg.name in DIM_SIZES)
   if cfg.name in DIM_SIZES:
+    dim.check_options(cfg)
     return dim.from_config(cfg, *DIM_SIZES[cfg.name], dtype)
   if cfg.name in DIMSUM_SIZES:
     depth, hidden, patch = DIMSUM_SIZES[cfg.name]

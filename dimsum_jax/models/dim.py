@@ -396,19 +396,10 @@ class DiM(nn.Module):
 # Registry hooks (dimsum_jax.models.create_model)
 
 
-def check_options(cfg, is_dim: bool) -> None:
-  """The model config's DiM-only field on another model, or a field DiM cannot take: one
-  sentence each."""
-  if not is_dim:
-    if cfg.dim_padding != DEFAULT_PADDING:
-      raise ValueError(f"model.dim_padding is a DiM option: leave it at {DEFAULT_PADDING!r} "
-                       f"for {cfg.name}.")
-    return
+def check_options(cfg) -> None:
+  """A DiM model config's fields that DiM cannot take: one sentence each."""
   if cfg.dim_padding not in PADDINGS:
     raise ValueError(f"model.dim_padding={cfg.dim_padding!r}; choose one of {PADDINGS}.")
-  if cfg.drop_path:
-    raise ValueError(f"DiM trains without stochastic depth (upstream's drop_path_rate is 0): "
-                     f"set model.drop_path=0 for {cfg.name}.")
 
 
 def from_config(cfg, depth: int, hidden: int, patch: int, dtype) -> DiM:
