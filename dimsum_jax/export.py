@@ -75,5 +75,10 @@ def main(argv):
     raise SystemExit(f'error: {e}') from e
 
 
-if __name__ == '__main__':
+def cli():
+  """The `dimsum-export` console script."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

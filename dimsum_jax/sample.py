@@ -901,6 +901,11 @@ def main(argv):
     raise SystemExit(f'error: {e}') from e
 
 
-if __name__ == '__main__':
+def cli():
+  """The `dimsum-sample` console script."""
   define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

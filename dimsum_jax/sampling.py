@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dimsum_jax import choices
 from dimsum_jax import transport
 
 ODE_SOLVERS = ("dopri5", "euler", "heun")
@@ -89,6 +90,27 @@ def default_sampling_config() -> ml_collections.ConfigDict:
   c.last_step = "Mean"         # Mean | Tweedie | Euler | None
   c.last_step_size = 0.04
   return c
+
+
+def default_grid_config() -> ml_collections.ConfigDict:
+  """`config.sample`: the EMA sample grids that training writes to WORKDIR/samples/ every
+  `every_steps` steps and at the end (0 = only at the end, -1 = never)."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 10_000
+  c.rows = 10                  # one class per row (conditional data)
+  c.per_row = 8
+  c.classes = ()               # row classes; () = spread evenly over all classes
+  c.solver = "euler"           # ODE solver: euler | heun | dopri5
+  c.num_steps = 50             # euler / heun steps from noise (t = 0) to data (t = 1)
+  c.cfg_scale = 1.0            # classifier-free guidance scale (1 = none)
+  c.seed = 0
+  c.png_scale = 0              # integer upscaling of the PNG (0 = to at least 64 px tiles)
+  return c
+
+
+def validate_grid_config(c) -> None:
+  """One sentence (ValueError) for a `config.sample` the grid sampler cannot take."""
+  choices.check("sample.solver", c.solver, ODE_SOLVERS, canonical_solver)
 
 
 # ------------------------------------------------------------------------------------------------

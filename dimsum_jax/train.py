@@ -19,18 +19,15 @@ import optax
 from PIL import Image
 
 from dimsum_jax import checkpoint
+from dimsum_jax import config_utils
 from dimsum_jax import memory
 from dimsum_jax import metrics as metrics_lib
 from dimsum_jax import models
+from dimsum_jax import optim as optim_lib
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
 from dimsum_jax import data as data_lib
-from dimsum_jax.models import layers
-from dimsum_jax.models import mamba
-from dimsum_jax.ops import haar
-from dimsum_jax.ops import scan_orders
-from dimsum_jax.ops import selective_scan
 
 
 @flax.struct.dataclass
@@ -44,39 +41,6 @@ class TrainState:
 
 class SetupError(ValueError):
   """A config/workdir/data mistake that the user fixes; the message says how."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser
-
-
-SCHEDULES = ('constant', 'cosine', 'linear')
-
-
-def learning_rate_schedule(optim, num_train_steps):
-  """Constant (upstream) or cosine / linear decay, each after an optional linear warmup."""
-  lr, warmup = optim.learning_rate, optim.warmup_steps
-  if optim.schedule == 'constant':
-    decay = optax.constant_schedule(lr)
-  elif optim.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(lr, max(num_train_steps - warmup, 1),
-                                        alpha=optim.end_learning_rate / lr)
-  elif optim.schedule == 'linear':
-    decay = optax.linear_schedule(lr, optim.end_learning_rate, max(num_train_steps - warmup, 1))
-  else:
-    raise SetupError(f'config.optim.schedule is {optim.schedule!r}: use constant, cosine or linear.')
-  if warmup <= 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-
-
-def make_optimizer(optim, schedule):
-  """AdamW (torch defaults: eps outside the sqrt, decoupled decay) after global-norm clipping."""
-  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay)
-  if optim.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
-  return adamw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +158,8 @@ def build(config, mesh):
     model = models.create_model(config.model)
   except ValueError as e:  # unknown model name or dtype
     raise SetupError(str(e)) from e
-  schedule = learning_rate_schedule(config.optim, config.num_train_steps)
-  tx = make_optimizer(config.optim, schedule)
+  schedule = optim_lib.learning_rate_schedule(config.optim, config.num_train_steps)
+  tx = optim_lib.make_optimizer(config.optim, schedule)
   conditional = config.model.num_classes > 0
   init = functools.partial(init_state, model=model, tx=tx, image_shape=_image_shape(config),
                            conditional=conditional)
@@ -297,47 +261,18 @@ def compile_update(training, config, mesh):
 # (flag, choices, canonicaliser or None for an exact match): the enum-valued fields. A value
 # passes exactly when the code that reads it would accept it, so the canonicalisers are that
 # code's own (transport and the ODE solver accept other spellings; the model fields do not).
-_CHOICES = (
-    ('transport.path_type', transport.PATH_TYPES, transport.canonical_path),
-    ('transport.prediction', transport.PREDICTIONS, transport.canonical_prediction),
-    ('transport.loss_weight', transport.LOSS_WEIGHTS, transport.canonical_loss_weight),
-    ('transport.t_sampling', transport.T_SAMPLINGS, transport.canonical_t_sampling),
-    ('sample.solver', sampling.ODE_SOLVERS, sampling.canonical_solver),
-    ('model.name', models.MODEL_NAMES, None),
-    ('model.dtype', tuple(models.DTYPES), None),
-    ('model.scan_type', scan_orders.SCAN_TYPES, None),
-    ('model.scan_impl', selective_scan.IMPLS, None),
-    ('model.wavelet_impl', haar.IMPLS, None),
-    ('model.cond_mamba', mamba.COND_MODES, None),
-    ('model.remat', tuple(layers.REMAT_POLICIES), None),
-    ('model.attention_impl', layers.ATTENTION_IMPLS, None),
-    ('optim.schedule', SCHEDULES, None),
-)
-
-
-def _is_choice(value, choices, canon):
-  if canon is None:
-    return value in choices
-  try:
-    canon(value)
-  except (ValueError, TypeError, AttributeError):
-    return False
-  return True
-
-
 def check_choices(config):
-  """SetupError naming the flag and its choices for a misspelt enum value.
+  """SetupError naming the flag and its choices for a misspelt value, from each section's own
+  validation (config_utils.validate).
 
   The transport, solver and model fields are read only when the step or the sampler is traced,
   after the workdir holds checkpoints/ and config.json (which a resumed run would overwrite with
-  the bad value), and loss_weight with velocity prediction is never read at all: a typo has to
+  the bad value), and loss_weight with velocity prediction is never read at all: a mistake has to
   stop the run before anything is written, in one sentence."""
-  for flag, choices, canon in _CHOICES:
-    section, key = flag.split('.')
-    value = config[section][key]
-    if not _is_choice(value, choices, canon):
-      raise SetupError(f'--config.{flag}={value} is not a valid choice: use one of '
-                       f'{", ".join(choices)}.')
+  try:
+    config_utils.validate(config)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
 
 
 def check_config(config, dataset, vae_module=None):

@@ -64,6 +64,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from dimsum_jax import choices
+
 PATH_TYPES = ("GVP", "Linear", "VP", "ScaledLinear")
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
@@ -109,6 +111,15 @@ def _canon(value, choices, what):
     if key == choice.lower().replace("_", "-") or key == choice:
       return choice
   raise ValueError(f"unknown {what} {value!r}; expected one of {choices}")
+
+
+def validate(c) -> None:
+  """One sentence (ValueError) for a transport section field that is not one of its choices
+  (any spelling the canonical_* readers take passes)."""
+  choices.check("transport.path_type", c.path_type, PATH_TYPES, canonical_path)
+  choices.check("transport.prediction", c.prediction, PREDICTIONS, canonical_prediction)
+  choices.check("transport.loss_weight", c.loss_weight, LOSS_WEIGHTS, canonical_loss_weight)
+  choices.check("transport.t_sampling", c.t_sampling, T_SAMPLINGS, canonical_t_sampling)
 
 
 def canonical_path(path_type: str) -> str:

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dimsum_jax import sampling, train, transport
+from dimsum_jax import optim, sampling, train, transport
 from dimsum_jax.models import create_model, default_model_config, dim_convert
 from tests import seeds
 from tests.golden import golden_file
@@ -131,7 +131,7 @@ def test_objective_choices_are_validated():
     sampling.make_sampling_velocity_fn(lambda *a: a[0], path_type="ScaledLinear")
   config = ml_collections.ConfigDict({"transport": _cfg(), "sample": {"solver": "heun"},
                                       "model": default_model_config(),
-                                      "optim": {"schedule": "constant"}})
+                                      "optim": optim.default_optim_config()})
   config.model.name = "DiM-L/2"
   train.check_choices(config)
   assert transport.time_interval(_cfg(), eval=True) == (0.0, 1.0 - 1e-3)

@@ -17,3 +17,21 @@ def test_ruff_finds_nothing():
   done = subprocess.run([ruff, 'check', '--output-format', 'concise', '--no-cache', ROOT],
                         capture_output=True, text=True, cwd=ROOT)
   assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_console_scripts_name_the_module_entry_points():
+  """Every [project.scripts] entry names a top-level function of the module that its
+  `python -m` form runs (the scripts are what `pip install` puts on PATH). Read from the source:
+  importing every CLI into one process would define their absl flags twice."""
+  import ast
+  import tomllib
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as fh:
+    scripts = tomllib.load(fh)['project']['scripts']
+  assert {'dimsum-train', 'dimsum-sample', 'dimsum-evaluate', 'dimsum-export'} <= set(scripts)
+  for name, target in scripts.items():
+    module, _, attr = target.partition(':')
+    path = os.path.join(ROOT, *module.split('.')) + '.py'
+    with open(path) as fh:
+      tree = ast.parse(fh.read())
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert attr in functions, f'{name}: {module} has no function {attr}'

@@ -225,16 +225,17 @@ def make_encode_fn(vae, mesh, *, mode: str, seed: int, flip: bool, out_dtype="fl
 
   Rows come out as [image 0, mirror 0, image 1, mirror 1, ...] with flip, else one per image;
   mode 'sample' draws the noise of row (id, mirror) from fold_in(fold_in(key(seed), id), mirror).
-  The batch is split over the mesh axis 'data'; the parameters are replicated.
+  The batch is split over the mesh's devices (sharding.batch_sharding); the parameters are
+  replicated.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
   from dimsum_jax.vae import model  # pylint: disable=g-import-not-at-top
 
   if mode not in MODES:
     raise EncodeError(f"--mode is {mode!r}; choose one of {MODES}.")
-  batch = jax.sharding.NamedSharding(mesh, jax.P("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   key = jax.random.key(seed)
 
   def fn(params, pixels, ids):
@@ -257,9 +258,11 @@ def make_encode_fn(vae, mesh, *, mode: str, seed: int, flip: bool, out_dtype="fl
 
 
 def local_mesh():
-  """A one-axis mesh ('data') over this process's devices: processes encode independently."""
+  """The training mesh (sharding.make_mesh) over this process's devices only, every device on
+  the batch: processes encode independently."""
   import jax  # pylint: disable=g-import-not-at-top
-  return jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+  from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.local_devices())
 
 
 def load_encoder_vae(directory: str, dtype: str, mesh):
@@ -456,7 +459,8 @@ def encode_part(config: dict, stream, vae, params, vae_name: str, mesh, part_dir
   encode = make_encode_fn(vae, mesh, mode=c["mode"], seed=c["seed"], flip=c["flip"],
                           out_dtype=c["latent_dtype"])
   import jax  # pylint: disable=g-import-not-at-top
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
+  batch_sharding = sharding.batch_sharding(mesh)
   known_bad = {s["position"] for s in skipped}
   workers = c["num_workers"] or min(32, os.cpu_count() or 1)
   pool = concurrent.futures.ThreadPoolExecutor(workers)

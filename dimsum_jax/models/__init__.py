@@ -8,9 +8,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from dimsum_jax import choices
 from dimsum_jax.models import dim
+from dimsum_jax.models import layers
+from dimsum_jax.models import mamba
 from dimsum_jax.models.dimsum import DiMSUM
 from dimsum_jax.models.dit import DiT
+from dimsum_jax.ops import haar
+from dimsum_jax.ops import scan_orders
+from dimsum_jax.ops import selective_scan
 
 # name -> (depth, hidden, patch)
 DIMSUM_SIZES = {
@@ -85,6 +91,28 @@ def fields_read(name: str) -> tuple[str, ...]:
   return COMMON_FIELDS + FAMILY_FIELDS[family(name)]
 
 
+def field_choices() -> dict[str, tuple[str, ...]]:
+  """The allowed values of each model field that is a choice."""
+  return {"name": MODEL_NAMES, "dtype": tuple(DTYPES), "scan_type": scan_orders.SCAN_TYPES,
+          "scan_impl": selective_scan.IMPLS, "wavelet_impl": haar.IMPLS,
+          "cond_mamba": mamba.COND_MODES, "remat": tuple(layers.REMAT_POLICIES),
+          "attention_impl": layers.ATTENTION_IMPLS, "dim_padding": dim.PADDINGS}
+
+
+def validate(config) -> None:
+  """One sentence (ValueError) for a model section that cannot be built: an unknown key, a value
+  that is not one of its field's choices, or a field the model does not read set away from its
+  default. Sizes that do not fit (depth, input size) are the modules' own checks."""
+  cfg = default_model_config()
+  unknown = set(dict(config)) - set(cfg)
+  if unknown:
+    raise ValueError(f"Unknown model config keys {sorted(unknown)}; valid keys: {sorted(cfg)}.")
+  cfg.update(dict(config))
+  for key, allowed in field_choices().items():
+    choices.check(f"model.{key}", cfg[key], allowed)
+  check_fields_read(cfg)
+
+
 def check_fields_read(cfg) -> None:
   """Refuses, in one sentence, a field that cfg.name's model does not read set away from its
   default."""
@@ -98,17 +126,11 @@ def check_fields_read(cfg) -> None:
 
 def create_model(config):
   """Build the Flax module described by a model ConfigDict (or dict)."""
+  validate(config)
   cfg = default_model_config()
-  unknown = set(dict(config)) - set(cfg)
-  if unknown:
-    raise ValueError(f"Unknown model config keys {sorted(unknown)}; valid keys: {sorted(cfg)}.")
   cfg.update(dict(config))
-  check_fields_read(cfg)  # also refuses an unknown name
-  if cfg.dtype not in DTYPES:
-    raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {tuple(DTYPES)}.")
   dtype = DTYPES[cfg.dtype]
   if cfg.name in DIM_SIZES:
-    dim.check_options(cfg)
     return dim.from_config(cfg, *DIM_SIZES[cfg.name], dtype)
   if cfg.name in DIMSUM_SIZES:
     depth, hidden, patch = DIMSUM_SIZES[cfg.name]

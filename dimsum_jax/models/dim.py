@@ -396,12 +396,6 @@ class DiM(nn.Module):
 # Registry hooks (dimsum_jax.models.create_model)
 
 
-def check_options(cfg) -> None:
-  """A DiM model config's fields that DiM cannot take: one sentence each."""
-  if cfg.dim_padding not in PADDINGS:
-    raise ValueError(f"model.dim_padding={cfg.dim_padding!r}; choose one of {PADDINGS}.")
-
-
 def from_config(cfg, depth: int, hidden: int, patch: int, dtype) -> DiM:
   """The DiM of a registry size (depth/hidden_size overrides of -1 keep the size's own),
   checked now so that a bad size fails at construction."""

@@ -370,5 +370,10 @@ def main(argv):
   report(cfg, rolled_only=FLAGS.rolled)
 
 
-if __name__ == '__main__':
+def cli():
+  """The `dimsum-flops` console script."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimsum_jax import convert
+from dimsum_jax import models
 from dimsum_jax.models import create_model, default_model_config
 from dimsum_jax.models.dimsum import DiMSUMBlock, SharedTransformerBlock
 from dimsum_jax.models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
@@ -25,6 +26,11 @@ def tiny_config(**overrides):
   mc.update(name="DiMSUM-L/2", hidden_size=32, depth=2, attn_every=1, input_size=8,
             num_classes=10, label_dropout=0.1, scan_impl="reference")
   mc.update(overrides)
+  defaults = default_model_config()
+  for key in ("scan_impl", "attn_every"):  # back to the default where the model does not read it
+    if (key not in overrides and mc.name in models.MODEL_NAMES
+        and key not in models.fields_read(mc.name)):
+      mc[key] = defaults[key]
   return mc
 
 

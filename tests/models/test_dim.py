@@ -412,12 +412,13 @@ def test_bad_input_is_one_sentence_each():
       (dict(depth=4), "odd depth"),
       (dict(depth=1), "odd depth"),
       (dict(input_size=7), "not divisible by patch_size"),
-      (dict(dim_padding="zigzag"), "choose one of"),
+      (dict(dim_padding="zigzag"), "dim_padding=zigzag is not a valid choice: use one of lateral"),
       (dict(drop_path=0.1), r"model.drop_path=0.1 has no effect on DiM-L/2"),
       (dict(wavelet_impl="jaxwt"), r"model.wavelet_impl='jaxwt' has no effect on DiM-L/2"),
       (dict(name="DiMSUM-L/2", dim_padding="rho_pad"), "has no effect on DiMSUM-L/2"),
       (dict(name="DiT-S/2", scan_impl="auto", dim_padding="rho_pad"), "has no effect on DiT-S/2"),
-      (dict(name="DiT-S/2", scan_impl="auto", scan_type="sweep_4"), r"model.scan_type='sweep_4' has no effect"),
+      (dict(name="DiT-S/2", scan_impl="auto", scan_type="sweep_4"),
+       r"model.scan_type='sweep_4' has no effect"),
       (dict(name="DiT-S/2", scan_impl="auto", drop_path=0.1), "leave it at its default 0.0"),
   ]
   for overrides, text in cases:

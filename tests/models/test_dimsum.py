@@ -274,8 +274,10 @@ def _init_shapes(mc, x_shape=None):
     (dict(input_size=9), "input_size 9 is not divisible by patch_size 2: pick an image/latent "
                          "size that is a multiple of it."),
     (dict(input_size=12), "The 6x6 token grid must be divisible by 4 for 2 wavelet levels"),
-    (dict(scan_type="zigzag_8"), "Unknown scan type 'zigzag_8'; valid names: none, v2, sweep_8"),
-    (dict(cond_mamba="prefix"), "cond_mamba='prefix'; choose one of ('none', 'h0')"),
+    (dict(scan_type="zigzag_8"), "--config.model.scan_type=zigzag_8 is not a valid choice: use "
+                                 "one of none, v2, sweep_8"),
+    (dict(cond_mamba="prefix"), "--config.model.cond_mamba=prefix is not a valid choice: use one "
+                               "of none, h0."),
     (dict(depth=3, attn_every=2), "depth 3 must be a multiple of attn_every 2"),
 ])
 def test_impossible_model_raises_clear_error(overrides, message):
@@ -284,8 +286,9 @@ def test_impossible_model_raises_clear_error(overrides, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(name="DiMSUM-M/2"), "Unknown model 'DiMSUM-M/2'; choose one of ('DiMSUM-B/2'"),
-    (dict(dtype="float16"), "Unknown dtype 'float16'; choose one of"),
+    (dict(name="DiMSUM-M/2"), "--config.model.name=DiMSUM-M/2 is not a valid choice: use one of "
+                              "DiMSUM-B/2, "),
+    (dict(dtype="float16"), "--config.model.dtype=float16 is not a valid choice: use one of"),
     (dict(heads=4), "Unknown model config keys ['heads']; valid keys:"),
 ])
 def test_unknown_names_raise(overrides, message):
@@ -540,7 +543,7 @@ def test_remat_changes_memory_not_values(name, overrides):
 
 
 def test_unknown_remat_is_refused():
-  with pytest.raises(ValueError, match="remat='some'; choose one of"):
+  with pytest.raises(ValueError, match="--config.model.remat=some is not a valid choice"):
     create_model(common.tiny_config(remat="some")).init(
         jax.random.PRNGKey(0), *common.inputs(common.tiny_config(), batch=1))
 
@@ -552,7 +555,7 @@ def test_cudnn_attention_off_gpu_names_the_fix():
   mc = common.tiny_config(attention_impl="cudnn", dtype="bfloat16")
   with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
     create_model(mc).init(jax.random.PRNGKey(0), *common.inputs(mc, batch=1))
-  with pytest.raises(ValueError, match="attention_impl='flash'; choose one of"):
+  with pytest.raises(ValueError, match="--config.model.attention_impl=flash is not a valid choice"):
     create_model(common.tiny_config(attention_impl="flash")).init(
         jax.random.PRNGKey(0), *common.inputs(mc, batch=1))
 

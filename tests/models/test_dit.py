@@ -173,5 +173,5 @@ def test_impossible_dit_raises_clear_error(overrides, message):
 
 
 def test_unknown_dit_size():
-  with pytest.raises(ValueError, match=re.escape("Unknown model 'DiT-M/2'; choose one of")):
+  with pytest.raises(ValueError, match=re.escape("--config.model.name=DiT-M/2 is not a valid choice: use one of")):
     create_model(common.tiny_config(name="DiT-M/2", hidden_size=48))
