@@ -9,7 +9,7 @@ Paths (`path_type`):
   "Linear"  alpha = t,             sigma = 1 - t
   "VP"      alpha = exp(m(t)), sigma = sqrt(1 - alpha^2),
             m(t) = -(1 - t)^2 (s_max - s_min) / 4 - (1 - t) s_min / 2,  s_min 0.1, s_max 20
-  "ScaledLinear"  DiM's discrete diffusion (reference dim-reference.md section 11): Stable
+  "ScaledLinear"  DiM's discrete diffusion (upstream DiM train_ldm_discrete.py): Stable
             Diffusion's 1000 "scaled linear" betas,
             beta_n = linspace(sqrt(0.00085), sqrt(0.012), 1000)_n^2,
             alphabar_n = prod_{i<=n} (1 - beta_i), noise prediction only (`LSimple`). The network

@@ -7,7 +7,7 @@
 
 --dataset is imagenet2012, celeb_a_hq, lsun_church (tfds; see dimsum_jax.data.tfds_images for how
 to prepare them) or image_folder; --vae is a VAE converted by `python -m dimsum_jax.vae.convert`.
-As upstream's ImageNet latents (reference section 10), every image is ADM centre-cropped (CelebA-HQ
+As upstream's ImageNet latents (dimsum/datasets_prep), every image is ADM centre-cropped (CelebA-HQ
 and LSUN: Resize + CenterCrop), scaled to [-1, 1] and encoded together with its horizontal mirror
 (--noflip turns the mirror off), each as one posterior sample times 0.18215 (--mode=mean stores
 the posterior mean instead).

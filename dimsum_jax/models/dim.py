@@ -19,7 +19,7 @@ where grid cell (r, c) holds a patch for r < h, c < w and a learned pad vector e
 'rho_pad': the pads cycle p_0 p_1 p_2 over the pad cells in row-major order).
 The learned position table [E + n, D] covers the extra tokens and the n = h0 w0 patches of the
 model's own grid; another grid (w = floor(sqrt(h w)), as upstream's layout requires) resizes the
-table's grid part bilinearly on every call, as upstream does (section 10).
+table's grid part bilinearly on every call, as upstream does (utils.py).
 
 Blocks (4.5-4.8): block 0, then `(depth - 1) / 2` skip producers and as many consumers (an odd
 depth). Each block first permutes the grid part of the stream from the previous block's scan
@@ -34,9 +34,9 @@ Parameters (`dim_convert` maps upstream's state dict): x_embedder (patch conv), 
 timestep MLP), adaLN_modulation (its Linear D -> 3D), pad_token / pad_token_dec_split [3, D],
 first_smoother / last_smoother, block_0, in_blocks/block and out_blocks/block (stacked over the
 scan; consumers add skip_linear, or skip_linear_0 and _1 when D > 512), norm_out, proj_out_1,
-proj_out_2. Initialisation as upstream's (section 5). Compute runs in `dtype`; the residual
-stream, the adaLN modulations and the RMSNorm statistics stay float32 (upstream's
-residual_in_fp32).
+proj_out_2. Initialisation as upstream's (mamba_2d.py, init_weights.py). Compute runs in
+`dtype`; the residual stream, the adaLN modulations and the RMSNorm statistics stay float32
+(upstream's residual_in_fp32).
 DiM-only options: `padding` (model config `dim_padding`) and `skip_tune` (upstream's
 is_skip_tune, for its Upsample Guidance runs; not in the model config).
 """
@@ -60,7 +60,7 @@ Dtype = Any
 
 PADDINGS = ("lateral", "rho_pad")
 DEFAULT_PADDING = "lateral"
-PAD_LEN = 3                     # pad tokens per row / column = mamba_d_conv (section 4.4)
+PAD_LEN = 3                     # pad tokens per row / column = mamba_d_conv (mamba_2d.py)
 SCAN_IDS = (0, -2, 1, -1)       # row-major, reversed, column-major, reversed column-major
 SPLIT_SKIP_WIDTH = 512          # wider models split skip_linear into two Linear(D, D)
 D_STATE, D_CONV, EXPAND = 16, 3, 2
@@ -83,7 +83,7 @@ def check_grid(h: int, w: int) -> None:
 
 
 def scan_patterns(depth: int) -> list[int]:
-  """Scan pattern id of every block (section 4.5): up the cycle SCAN_IDS over the producers,
+  """Scan pattern id of every block (mamba_2d.py): up the cycle SCAN_IDS over the producers,
   back down over the consumers, row-major (0) for block 0 and the last block."""
   mid = 1 + (depth - 1) // 2
   c, out = 0, []
@@ -150,7 +150,7 @@ def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def resize_grid_table(table, src: tuple[int, int], dst: tuple[int, int], extra: int):
   """A position table [extra + hs ws, D] resized to [extra + hd wd, D] (the extra rows kept);
-  NumPy or JAX arrays (`pos_embed_inteplot`, section 10)."""
+  NumPy or JAX arrays (`pos_embed_inteplot`, utils.py)."""
   if tuple(src) == tuple(dst):
     return table
   xp = jnp if isinstance(table, jax.Array) else np
@@ -167,7 +167,7 @@ def resize_grid_table(table, src: tuple[int, int], dst: tuple[int, int], extra: 
 
 
 class DiMBlock(nn.Module):
-  """One DiM block (section 4.6) on the stream [b, L, D]; `skip` 'none', 'concat' (D <= 512:
+  """One DiM block (mamba_2d.py) on the stream [b, L, D]; `skip` 'none', 'concat' (D <= 512:
   Linear(2D -> D) of [stream, skip]) or 'split' (Linear(D -> D) of each, summed)."""
   hidden_size: int
   depth: int
@@ -272,7 +272,7 @@ class DiM(nn.Module):
 
   def skip_factors(self, n_out: int) -> np.ndarray:
     """Per consumer: the scale of its skip (1 without skip tune; upstream's formula with its
-    constant t = 1/1000 otherwise, section 12)."""
+    constant t = 1/1000 otherwise, as make_ufg_nnet)."""
     if self.skip_tune is None:
       return np.ones(n_out)
     top, bottom = self.skip_tune

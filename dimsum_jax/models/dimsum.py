@@ -99,7 +99,8 @@ class CrossAttentionFusion(nn.Module):
 
 
 class DiMSUMBlock(nn.Module):
-  """One DiMSUM block: (h, r) -> (h', r'). See reference section 3 for the order of operations."""
+  """One DiMSUM block: (h, r) -> (h', r'), in the order of operations of upstream's
+  `DiMBlockCombined` (dimsum/models_dim.py)."""
   hidden_size: int
   depth: int
   grid: tuple[int, int]

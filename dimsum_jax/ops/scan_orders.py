@@ -19,10 +19,10 @@ sweep_4, zigma_8, jpeg_8; jpeg_2 is used by the DCT ablation): eight paths, two 
   - the spatial Mamba sees exactly the path (no extra flip or transpose);
   - the wavelet branch uses the row-first window scan in every block, and, because its mixer is
     built from the same `CondMamba` partial (same layer_idx, same `zigzag_paths`), the mixer also
-    gathers the window-ordered sequence with the same path (reference section 4). `wavelet_orders`
-    with scan_type composes the two. (Paths reach the mixer only with `--cond-mamba`, which every
+    gathers the window-ordered sequence with the same path (upstream dimsum/models_dim.py).
+    `wavelet_orders` with scan_type composes the two. (Paths reach the mixer only with `--cond-mamba`, which every
     published script sets; `create_block` passes no paths to the plain `Mamba` partial. The final
-    upstream mixer code with the gather was not readable here; this follows reference section 4.)
+    upstream mixer code with the gather was not readable here; this follows its forward.)
 
 "v2" (bidirectional Vim): `DiM.__init__` gives reverse = transpose = False to every block (the flags
 are set only when scan_type == "none"), so both branches see a fixed order in every block: spatial
