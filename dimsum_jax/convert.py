@@ -375,6 +375,7 @@ def model_config_from_upstream(cfg: dict, state_dict=None) -> ml_collections.Con
                        "--config=configs/<experiment>.py.")
   mc.in_channels = int(cfg.get("in_channels", cfg.get("num_in_channels", 4)))
   mc.scan_type = cfg.get("scan_type", cfg.get("bimamba_type", "none"))
+  mc.bidirectional = mc.scan_type == "v2"   # upstream's v2: the flipped sequence in every mixer
   mc.attn_every = max(int(cfg.get("use_attn_every_k_layers", 4)), 0)   # upstream: -1 = none
   mc.label_dropout = max(float(cfg.get("label_dropout", 0.1)), 0.0)
   mc.num_classes = _num_classes(cfg, state_dict, mc.label_dropout)

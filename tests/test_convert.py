@@ -339,6 +339,7 @@ def test_flags_without_effect_on_the_forward_are_accepted(golden):
                   dict(bimamba_type="v2"), dict(bimamba_type="sweep_8")):
     mc = convert.model_config_from_upstream(dict(TRAIN_ARGS, **changes))
     assert mc.scan_type == changes.get("bimamba_type", "none")
+    assert mc.bidirectional == (mc.scan_type == "v2")
   assert convert.model_config_from_upstream(cfg).name == "DiMSUM-B/2"
 
 

@@ -49,6 +49,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       "cond_mamba": "none",      # "none" (as released) or "h0" (condition sets the initial state)
       "scan_type": "none",       # published orders; v2 (bidirectional); or the ablations sweep_4,
                                  # sweep_8, zigma_8, jpeg_8, jpeg_2
+      "bidirectional": False,    # a second SSM reads each sequence reversed (upstream's
+                                 # --bimamba-type v2 is scan_type v2 with this on)
       "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
       "wavelet_impl": "direct",  # Haar packet: direct (butterflies) or jaxwt (convolutions)
       "remat": "dots",           # backward recomputation per block group: none, dots, full
@@ -68,8 +70,8 @@ def default_model_config() -> ml_collections.ConfigDict:
 COMMON_FIELDS = ("name", "input_size", "in_channels", "num_classes", "label_dropout", "dtype",
                  "depth", "hidden_size", "remat")
 FAMILY_FIELDS = {
-    "DiMSUM": ("drop_path", "cond_mamba", "scan_type", "scan_impl", "wavelet_impl",
-               "attention_impl", "attn_every"),
+    "DiMSUM": ("drop_path", "cond_mamba", "scan_type", "bidirectional", "scan_impl",
+               "wavelet_impl", "attention_impl", "attn_every"),
     "DiT": ("attention_impl",),
     "DiM": ("scan_impl", "dim_padding"),
 }
@@ -139,7 +141,8 @@ def create_model(config):
         hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
         depth=depth if cfg.depth < 0 else cfg.depth, num_classes=cfg.num_classes,
         label_dropout=cfg.label_dropout, drop_path=cfg.drop_path, attn_every=cfg.attn_every,
-        cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, scan_impl=cfg.scan_impl,
+        cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, bidirectional=cfg.bidirectional,
+        scan_impl=cfg.scan_impl,
         wavelet_impl=cfg.wavelet_impl, remat=cfg.remat, attention_impl=cfg.attention_impl,
         dtype=dtype)
   size, patch = cfg.name[len("DiT-"):].split("/")

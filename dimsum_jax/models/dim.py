@@ -232,7 +232,7 @@ class _Consumer(nn.Module):
     return self.spec.clone(name="block", parent=self)(s, mods, skip, perm, inverse, tune), None
 
 
-class DiM(nn.Module):
+class DiM(nn.Module, kw_only=True):
   input_size: int | tuple[int, int] = 32   # latent size (or (height, width)) of the table
   in_channels: int = 4
   patch_size: int = 2

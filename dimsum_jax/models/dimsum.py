@@ -98,7 +98,7 @@ class CrossAttentionFusion(nn.Module):
                     name="proj")(jnp.concatenate([x12, x21], axis=-1))
 
 
-class DiMSUMBlock(nn.Module):
+class DiMSUMBlock(nn.Module, kw_only=True):
   """One DiMSUM block: (h, r) -> (h', r'), in the order of operations of upstream's
   `DiMBlockCombined` (dimsum/models_dim.py)."""
   hidden_size: int
@@ -197,7 +197,7 @@ class BlockGroup(nn.Module):
     return (h, r), None
 
 
-class DiMSUM(nn.Module):
+class DiMSUM(nn.Module, kw_only=True):
   input_size: int = 32
   in_channels: int = 4
   patch_size: int = 2
@@ -214,6 +214,7 @@ class DiMSUM(nn.Module):
   wavelet_impl: str = "direct"  # Haar packet: 'direct' (butterflies) or 'jaxwt' (convolutions)
   cond_mamba: str = "none"
   scan_type: str = "none"
+  bidirectional: bool = False   # a second SSM per mixer reads the sequence reversed (Vim "v2")
   scan_impl: str = "auto"
   remat: str = "none"           # recompute in the backward: none, dots or full (REMAT_POLICIES)
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
@@ -224,6 +225,9 @@ class DiMSUM(nn.Module):
     if self.input_size % self.patch_size:
       raise ValueError(f"input_size {self.input_size} is not divisible by patch_size "
                        f"{self.patch_size}: pick an image/latent size that is a multiple of it.")
+    if self.scan_type == "v2" and not self.bidirectional:
+      raise ValueError("scan_type 'v2' is upstream's bidirectional Vim scan: set "
+                       "model.bidirectional=True as well (or pick another scan_type).")
     g = self.input_size // self.patch_size
     step = 2 ** self.wavelet_levels
     if g % step:
@@ -281,9 +285,11 @@ class DiMSUM(nn.Module):
 
     size = self.attn_every or self.depth
     groups = self.depth // size
-    block = DiMSUMBlock(self.hidden_size, self.depth, (g, g), self.wavelet_levels,
-                        self.fusion_heads, self.mlp_ratio, self.cond_mamba, self.scan_impl,
-                        self.dtype, self.scan_type == "v2", wavelet_impl=self.wavelet_impl,
+    block = DiMSUMBlock(hidden_size=self.hidden_size, depth=self.depth, grid=(g, g),
+                        wavelet_levels=self.wavelet_levels, fusion_heads=self.fusion_heads,
+                        mlp_ratio=self.mlp_ratio, cond_mamba=self.cond_mamba,
+                        scan_impl=self.scan_impl, dtype=self.dtype,
+                        bidirectional=self.bidirectional, wavelet_impl=self.wavelet_impl,
                         attention_impl=self.attention_impl, parent=None)
     shared, shared_params = None, None
     if self.attn_every:

@@ -48,7 +48,7 @@ class _ScannedDiTBlock(nn.Module):
                     name="block")(x, c), None
 
 
-class DiT(nn.Module):
+class DiT(nn.Module, kw_only=True):
   input_size: int = 32
   in_channels: int = 4
   patch_size: int = 2

@@ -96,9 +96,10 @@ def unrolled_forward(model, params, shared, x, t, y, block_orders):
   h = PatchEmbed(D, p, dt).apply({"params": params["x_embedder"]}, x.astype(dt))
   h = h + params["pos_embed"].astype(dt)
   r = jnp.zeros(h.shape, jnp.promote_types(dt, jnp.float32))
-  block = DiMSUMBlock(D, model.depth, (g, g), model.wavelet_levels, model.fusion_heads,
-                      model.mlp_ratio, model.cond_mamba, model.scan_impl, dt,
-                      model.scan_type == "v2")
+  block = DiMSUMBlock(hidden_size=D, depth=model.depth, grid=(g, g),
+                      wavelet_levels=model.wavelet_levels, fusion_heads=model.fusion_heads,
+                      mlp_ratio=model.mlp_ratio, cond_mamba=model.cond_mamba,
+                      scan_impl=model.scan_impl, dtype=dt, bidirectional=model.bidirectional)
   attn = SharedTransformerBlock(model.attn_heads, model.mlp_ratio, dt)
   applications = 0
   for i in range(model.depth):

@@ -383,7 +383,7 @@ def test_every_scan_type_gives_valid_permutations_and_a_different_output(seed):
   x, t, y = common.inputs(mc0, batch=2, seed=seed)
   outs = {}
   for scan_type in scan_orders.SCAN_TYPES:
-    mc = common.tiny_config(depth=DEPTH, scan_type=scan_type)
+    mc = common.tiny_config(depth=DEPTH, scan_type=scan_type, bidirectional=scan_type == "v2")
     model, f = common.forward(mc)
     for perms in common.orders(scan_type, DEPTH, grid):
       assert perms.shape == (DEPTH, n)
