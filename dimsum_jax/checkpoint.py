@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dimsum_jax import io_utils
 from dimsum_jax import sharding
 
 DATA_STATE_BYTES = 8192  # Room for one process's data-iterator state as JSON.
@@ -409,11 +410,9 @@ class WorkdirLock:
 def save_config(workdir, config):
   """WORKDIR/config.json, replaced whole (a run killed while writing it leaves the old one)."""
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'config.json')
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    io_utils.atomic_write(os.path.join(workdir, 'config.json'),
+                          lambda f: f.write(config.to_json_best_effort(indent=2, sort_keys=True)),
+                          binary=False)
 
 
 def load_config(workdir):

@@ -15,6 +15,8 @@ import time
 from absl import logging
 import numpy as np
 
+from dimsum_jax import io_utils
+
 
 class _QuietLibraries:
   """Drops INFO lines of chatty libraries (Orbax logs ~40 per checkpoint); warnings pass."""
@@ -161,7 +163,7 @@ class ReportProgress:
     self._writer.write_scalars(step, scalars)
     logging.info('Step %d/%d (%.1f%%): %.3g steps/s, %.4g images/s, ETA %s%s', step, self._total,
                  100 * step / self._total, steps_per_sec, scalars['images_per_sec'],
-                 _hms(eta), f' (time in {shares})' if shares else '')
+                 io_utils.hms(eta), f' (time in {shares})' if shares else '')
     self._last_step, self._last_time, self._timings = step, now, {}
 
   @contextlib.contextmanager
@@ -171,11 +173,6 @@ class ReportProgress:
       yield
     finally:
       self._timings[name] = self._timings.get(name, 0.0) + time.monotonic() - start
-
-
-def _hms(seconds):
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
 
 
 def image_grid(images, rows):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dimsum_jax import checkpoint
 from dimsum_jax import config_utils
+from dimsum_jax import io_utils
 from dimsum_jax import memory
 from dimsum_jax import metrics as metrics_lib
 from dimsum_jax import models
@@ -565,8 +566,8 @@ def _write_samples(config, workdir, sampler, ema_params, step, writer, is_main):
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   path = os.path.join(workdir, 'samples', f'ema_{step:08d}.png')
-  Image.fromarray(grid).save(path + '.tmp', format='PNG')
-  os.replace(path + '.tmp', path)  # a kill never leaves a cut-off grid
+  # A kill never leaves a cut-off grid.
+  io_utils.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
   writer.write_images(step, {'ema_samples': grid[None]})
   logging.info('Wrote %s.', path)
 

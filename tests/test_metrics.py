@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from dimsum_jax import io_utils
 from dimsum_jax import metrics
 from tests import seeds
 
@@ -39,7 +40,7 @@ def test_report_progress_steps_per_second_images_and_eta(monkeypatch):
   progress(200)
   assert writer.scalars[1][1]['steps_per_sec'] == pytest.approx(25.0)
   assert 'time_share/data' not in writer.scalars[1][1]   # shares restart each report
-  assert metrics._hms((1000 - 200) / 25.0) == '0h00m32s'  # pylint: disable=protected-access
+  assert io_utils.hms((1000 - 200) / 25.0) == '0h00m32s'
 
 
 @seeds.each()

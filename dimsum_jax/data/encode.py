@@ -58,6 +58,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from dimsum_jax import io_utils
 from dimsum_jax.data import latents as latents_lib
 from dimsum_jax.data.crop import crop_pil
 from dimsum_jax.data.image_folder import BadImageError, class_labels, list_images
@@ -375,7 +376,7 @@ def part_name(process_index: int, process_count: int) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-  latents_lib._write_json_atomic(path, obj)  # pylint: disable=protected-access
+  io_utils.write_json(path, obj)
 
 
 def _read_json(path: str, default=None):

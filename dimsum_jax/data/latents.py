@@ -37,6 +37,7 @@ import os
 
 import numpy as np
 
+from dimsum_jax import io_utils
 from dimsum_jax.data.source import IndexedSource
 
 FORMAT = "dimsum_jax.latents"
@@ -54,22 +55,8 @@ class LatentSetError(ValueError):
   """A latent set that is missing, incomplete, or does not fit the config."""
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  io_utils.atomic_write(path, lambda f: np.save(f, array))
 
 
 def _shard_names(k: int, total: int | None) -> tuple[str, str]:
@@ -181,7 +168,7 @@ class LatentShardWriter:
     _save_npy_atomic(os.path.join(self.directory, lab_name), labels[:count])
     _save_npy_atomic(os.path.join(self.directory, lat_name), latents[:count])
     self.shards.append({"latents": lat_name, "labels": lab_name, "num_examples": int(count)})
-    _write_json_atomic(os.path.join(self.directory, PROGRESS),
+    io_utils.write_json(os.path.join(self.directory, PROGRESS),
                        {**self.identity, "shards": self.shards})
     self._latents, self._labels = [latents[count:]], [labels[count:]]
     self._buffered -= count
@@ -203,7 +190,7 @@ class LatentShardWriter:
       shard["latents"], shard["labels"] = final
     meta = {"format": FORMAT, "version": VERSION, **self.identity,
             "num_examples": self.num_written, "extra": self.extra, "shards": self.shards}
-    _write_json_atomic(os.path.join(self.directory, META), meta)
+    io_utils.write_json(os.path.join(self.directory, META), meta)
     os.remove(os.path.join(self.directory, PROGRESS))
     self.finalized = True
     return meta
