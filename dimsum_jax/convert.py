@@ -11,6 +11,9 @@ missing, unknown or mis-shaped keys, by upstream key and PyTorch shape, before a
 The mapping itself is `from_upstream(state_dict, model, abstract_params)`: NumPy arrays under
 upstream names in, a Flax parameter tree out. torch is needed only to read .pt files.
 
+DiM's released `nnet_ema.pth` (tyshiwo1/DiM-DiffusionMamba, a plain state dict) converts the
+same way with a DiM --config (`convert_dim`: the two models are told apart by their keys).
+
 A .pt file is unpickled by torch's weights_only loader, which builds tensors and plain Python
 values only; the one class upstream's train.py adds, the argparse.Namespace of its arguments, is
 allowlisted (SAFE_GLOBALS). A file that asks for anything else (a function, another class) is
@@ -589,6 +592,9 @@ def convert_checkpoint(upstream: str, out: str, config: str | None = None,
   _check_out_dir(out)
   model_cfg = load_model_config(config) if config else None   # a bad --config fails fast
   state, up_args = load_torch_checkpoint(upstream, entry)
+  from dimsum_jax import convert_dim
+  if convert_dim.uses_dim(upstream, state, model_cfg, config):   # Teng et al.'s DiM
+    return convert_dim.convert(upstream, out, state, model_cfg)
   if model_cfg is not None:
     if up_args:
       check_published_flags(up_args)
@@ -612,7 +618,9 @@ def main(argv=None):
   and exit status 1, not a traceback."""
   import argparse
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--upstream", required=True, help="upstream .pt checkpoint or state dict")
+  parser.add_argument("--upstream", required=True,
+                      help="upstream .pt checkpoint or state dict (DiMSUM's, or DiM's "
+                           "nnet_ema.pth with a DiM --config)")
   parser.add_argument("--config", default=None,
                       help="config file (configs/*.py, or path.py:arg); its `model` section must "
                            "fit the weights. Default: the model of the checkpoint's `args`")

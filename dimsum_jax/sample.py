@@ -3,6 +3,11 @@
   python -m dimsum_jax.sample --checkpoint=runs/digits/export --num_samples=100 --out=samples/digits
   python -m dimsum_jax.sample --workdir=runs/imagenet256 --num_samples=50000 --cfg_scale=1.4 \\
       --solver=dopri5 --seed=0 --out=samples/imagenet256_cfg1.4
+  python -m dimsum_jax.sample --workdir=runs/in256_dim --mode=dpm --cfg_scale=1.4 --out=samples/dim
+
+--mode=dpm is DiM's sampler for DiM's discrete noise-prediction models (transport path
+ScaledLinear): DPM-Solver++ of order 3 ('fast', time-uniform, `sampling.sample_dpm_solver`)
+with --dpm_steps model evaluations (50), and guidance --cfg_scale = 1 + DiM's U-ViT scale.
 
 --checkpoint is a directory written by `python -m dimsum_jax.export` (config.json + ema_params/) or
 by `python -m dimsum_jax.convert` (model_config.json + params/); --workdir is a training directory,
@@ -80,8 +85,11 @@ def sampling_options(**overrides) -> ml_collections.ConfigDict:
                       f'{sorted(opts)}.')
   opts.update(overrides)
   opts.mode = str(opts.mode).lower()
-  if opts.mode not in ('ode', 'sde'):
-    raise SampleError(f'Unknown --mode={opts.mode}: use ode or sde.')
+  if opts.mode not in ('ode', 'sde', 'dpm'):
+    raise SampleError(f'Unknown --mode={opts.mode}: use ode, sde or dpm.')
+  if opts.mode == 'dpm' and opts.dpm_steps < 3:
+    raise SampleError(f'--dpm_steps={opts.dpm_steps} is too few for DPM-Solver of order 3: use '
+                      f'at least 3 (DiM uses {sampling.DPM_STEPS}).')
   if str(opts.solver).lower() not in sampling.ODE_SOLVERS:
     raise SampleError(f'Unknown --solver={opts.solver}: choose one of '
                       f'{", ".join(sampling.ODE_SOLVERS)}.')
@@ -114,6 +122,8 @@ def _key_settings(opts) -> dict:
   if opts.mode == 'ode':
     keys += ['solver'] + (['atol', 'rtol', 'per_sample'] if opts.solver == 'dopri5'
                           else ['num_steps'])
+  elif opts.mode == 'dpm':
+    keys += ['dpm_steps']
   else:
     keys += ['sde_method', 'num_steps', 'diffusion_form', 'diffusion_norm', 'last_step',
              'last_step_size']
@@ -197,6 +207,8 @@ def read_config(*, checkpoint_dir=None, workdir=None):
   elif os.path.exists(os.path.join(where, 'model_config.json')):
     config = base
     config.model.update(_read_json(os.path.join(where, 'model_config.json')))
+    if config.model.get('name') in models.DIM_SIZES:   # DiM's released weights: its objective
+      config.transport.update(path_type='ScaledLinear', prediction='noise')
     layout = 'converted'
   else:
     raise SampleError(f'{where} holds no model: pass a directory written by '
@@ -357,6 +369,15 @@ def check_classes(loaded: LoadedModel, classes: Sequence[int] | None) -> tuple[i
   return tuple(int(c) for c in classes)
 
 
+def check_mode(loaded: LoadedModel, opts) -> None:
+  """--mode=dpm only on a model of DiM's discrete noise-prediction objective."""
+  path = loaded.config.transport.path_type
+  if opts.mode == 'dpm' and transport.canonical_path(path) != 'ScaledLinear':
+    raise SampleError(f'--mode=dpm (DPM-Solver) samples models of DiM\'s discrete '
+                      f'noise-prediction objective (transport path ScaledLinear), and this one '
+                      f'was trained on path {path}: use --mode=ode or --mode=sde.')
+
+
 def check_guidance(loaded: LoadedModel, opts) -> None:
   if float(opts.cfg_scale) == 1.0:
     return
@@ -387,7 +408,7 @@ def batch_size_for(num_samples: int, batch_size: int, num_devices: int) -> int:
 
 
 def time_interval(config, opts) -> tuple[float, float]:
-  if opts.mode == 'ode':
+  if opts.mode != 'sde':
     return transport.time_interval(config.transport, eval=True)
   return transport.time_interval(
       config.transport, eval=True, sde=True, diffusion_form=opts.diffusion_form,
@@ -425,6 +446,14 @@ def sample_batch(params, vae_params, indices, labels, *, model, config, opts, im
                              max_steps=opts.max_steps, per_sample=bool(opts.per_sample),
                              args=args)
     x1, nfe, status, steps = res.x1, res.nfe, jnp.max(res.status), jnp.max(res.num_steps)
+  elif opts.mode == 'dpm':   # DiM's sampler, in DiM's time 1 - t; U-ViT scale cfg_scale - 1
+    noise = sampling.make_noise_fn(model_fn, cfg_scale=float(opts.cfg_scale) - 1.0,
+                                   null_label=num_classes if num_classes else None)
+    x1, nfe = sampling.sample_dpm_solver(
+        noise, x0, steps=opts.dpm_steps, t_end=transport.resolve_eps(config.transport)[1],
+        args=args)
+    nfe = jnp.asarray(nfe, jnp.int32)
+    status = steps = jnp.zeros([], jnp.int32)
   else:
     # One key per global batch: the Brownian increments of a sample depend on its batch.
     batch_key = jax.random.fold_in(sde_key, indices[0])
@@ -511,6 +540,7 @@ def generate(loaded: LoadedModel, num_samples: int, *, classes=None, batch_size:
   opts = sampling_options() if opts is None else opts
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
+  check_mode(loaded, opts)
   batch = batch_size_for(num_samples, batch_size, loaded.mesh.devices.size)
   sampler = BatchSampler(loaded, opts, batch, output=output)
   images, nfes = [], []
@@ -751,6 +781,7 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
     raise SampleError(f'--out={out} is a file: choose a directory.')
   loaded = load_model(checkpoint_dir=checkpoint, workdir=workdir, step=step, vae_dir=vae_dir,
                       mesh=sampling_mesh(devices))
+  check_mode(loaded, opts)
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
   num_devices = loaded.mesh.devices.size
@@ -782,7 +813,8 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
                  'batches of %d, %d already done; %s, cfg %.3g, seed %d; writing to %s.',
                  num_samples, loaded.config.model.name, loaded.step, num_devices,
                  jax.process_count(), num_batches, batch, num_batches - len(todo),
-                 opts.solver if opts.mode == 'ode' else f'SDE {opts.sde_method}',
+                 {'ode': opts.solver, 'dpm': f'DPM-Solver ({opts.dpm_steps} steps)'}.get(
+                     opts.mode, f'SDE {opts.sde_method}'),
                  opts.cfg_scale, opts.seed, out)
 
   sample_seconds = 0.0
@@ -862,7 +894,9 @@ def define_flags():
   flags.DEFINE_list('classes', [], 'Class indices the samples cycle through (default: all).')
   flags.DEFINE_string('vae_dir', None, 'VAE for latent models (default: config.vae.dir).')
   flags.DEFINE_boolean('pngs', True, 'Write one PNG per sample under OUT/images/.')
-  flags.DEFINE_string('mode', 'ode', 'ode (probability flow) or sde (Euler-Maruyama / Heun).')
+  flags.DEFINE_string('mode', 'ode', 'ode (probability flow), sde (Euler-Maruyama / Heun) or dpm '
+                      "(DPM-Solver, DiM's sampler for its discrete noise-prediction models).")
+  flags.DEFINE_integer('dpm_steps', sampling.DPM_STEPS, '--mode=dpm: model evaluations.')
   flags.DEFINE_string('solver', 'dopri5', 'ODE solver: dopri5 (adaptive), euler or heun.')
   flags.DEFINE_integer('num_steps', 250, 'euler/heun steps; SDE grid points; unused by dopri5.')
   flags.DEFINE_float('atol', 1e-6, 'dopri5 absolute tolerance.')
@@ -879,7 +913,8 @@ def define_flags():
 
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
-             'pngs', 'mode', 'solver', 'num_steps', 'atol', 'rtol', 'max_steps', 'per_sample',
+             'pngs', 'mode', 'dpm_steps', 'solver', 'num_steps', 'atol', 'rtol', 'max_steps',
+             'per_sample',
              'cfg_scale', 'sde_method', 'diffusion_form', 'diffusion_norm', 'last_step',
              'last_step_size', 'seed')
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)

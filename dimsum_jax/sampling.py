@@ -76,7 +76,7 @@ STATUS_OTHER = 2
 def default_sampling_config() -> ml_collections.ConfigDict:
   """The `sampling` section (upstream sample.py / SiT parse_ode_args and parse_sde_args defaults)."""
   c = ml_collections.ConfigDict()
-  c.mode = "ode"               # ode | sde
+  c.mode = "ode"               # ode | sde | dpm (DPM-Solver, for DiM models)
   c.solver = "dopri5"          # ODE: dopri5 | euler | heun
   c.num_steps = 250            # euler/heun steps; SDE grid points; unused by dopri5
   c.atol = 1e-6
@@ -89,6 +89,7 @@ def default_sampling_config() -> ml_collections.ConfigDict:
   c.diffusion_norm = 1.0
   c.last_step = "Mean"         # Mean | Tweedie | Euler | None
   c.last_step_size = 0.04
+  c.dpm_steps = DPM_STEPS      # dpm: model evaluations (order 3, 'fast', time-uniform, as DiM)
   return c
 
 
@@ -450,6 +451,7 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
 # path_type='ScaledLinear', prediction='noise')` with the ODE solvers above.
 
 DPM_METHODS = ("fast", "multistep")
+DPM_STEPS = 50        # DiM's evaluation: 50 model calls
 DPM_SKIP_TYPES = ("time_uniform", "logSNR")
 
 
@@ -604,7 +606,7 @@ def _multistep(ms, ts, t, predict_x0):
   return _combo(base, terms)
 
 
-def dpm_solver_plan(steps: int = 50, order: int = 3, method: str = "fast",
+def dpm_solver_plan(steps: int = DPM_STEPS, order: int = 3, method: str = "fast",
                     skip_type: str = "time_uniform", t_start: float = 1.0, t_end: float = 1e-3,
                     predict_x0: bool = True) -> DPMPlan:
   """The model calls and update coefficients of upstream's `DPM_Solver.sample` (U-ViT's
@@ -671,7 +673,7 @@ def dpm_solver_plan(steps: int = 50, order: int = 3, method: str = "fast",
                  predict_x0=predict_x0)
 
 
-def sample_dpm_solver(noise_fn: Callable, x_T, *, steps: int = 50, order: int = 3,
+def sample_dpm_solver(noise_fn: Callable, x_T, *, steps: int = DPM_STEPS, order: int = 3,
                       method: str = "fast", skip_type: str = "time_uniform",
                       t_start: float = 1.0, t_end: float = 1e-3, predict_x0: bool = True,
                       args=None):

@@ -206,3 +206,65 @@ def test_report_prints(capsys):
   text = capsys.readouterr().out
   assert "parameters:" in text and "scans unrolled" in text and "paper convention" in text
   assert result["params"] == sum(result["params_per_module"].values())
+
+
+# ---------------------------------------------------------------- DiM
+
+# DiM at DiM-L/2's width (the split skip form), 4x4 tokens: a sequence of L = 2 + 3 + 7 x 7.
+DIM_SMALL = dict(name="DiM-L/2", hidden_size=1024, input_size=8, num_classes=10)
+
+
+def _hand_count_small_dim(depth, D=1024, h=4, w=4):
+  """Multiply-accumulates of every matmul and convolution of DIM_SMALL, written out: each
+  block's Mamba (d_inner E = 2D, dt_rank D/16, d_state 16) over the whole padded sequence, one
+  skip Linear (2D -> D) per consumer, and the layers outside the blocks (patch conv, time MLP,
+  adaLN-single, the two depthwise 3x3 smoothers, proj_out_1 and proj_out_2)."""
+  L, N, E, n = 2 + 3 + (h + 3) * (w + 3), h * w, 2 * D, 16
+  r = D // 16
+  mixer = L * D * 2 * E + L * E * (r + 2 * n) + L * r * E + L * E * D
+  top = (N * 4 * 2 * 2 * D + 256 * D + D * D + D * 3 * D + 2 * N * D * 9 + D * 2 * D
+         + N * D * 2 * 2 * 4)
+  return depth * mixer + (depth - 1) // 2 * L * 2 * D * D + top
+
+
+def _dim_scan_terms(depth, D=1024, L=54):
+  """The causal conv1d (3 taps) and the selective scan (3 products per state) of every block."""
+  return depth * (L * 2 * D * 3 + 3 * L * 2 * D * 16)
+
+
+def test_xla_count_matches_hand_count_dim(capsys):
+  """XLA's unrolled count of DiM against the hand count, at depths 3 and 5; the difference
+  (two blocks and one skip Linear) too. XLA adds the elementwise work (norms, SiLU, softplus,
+  the associative scan's combines): under 6 %."""
+  result = flops.report(_cfg(depth=3, **DIM_SMALL))
+  text = capsys.readouterr().out
+  assert "mamba.in_proj" in text and "skip_linear" in text and "paper convention" not in text
+  counts = {3: result["xla_flops"] / 2}
+  _, forward, args = _forward_and_args(_cfg(depth=5, **DIM_SMALL))
+  assert flops.loops(forward, *args) == {"scan": [2, 2], "while": []}
+  counts[5] = flops.xla_flops(forward, *args) / 2
+  # As compiled, each 2-trip scan body counts once: one block of each scan is missing.
+  assert flops.xla_flops(forward, *args, unroll=False) < 0.8 * 2 * counts[5]
+  for depth, macs in counts.items():
+    hand = _hand_count_small_dim(depth) + _dim_scan_terms(depth)
+    model = models.create_model(_cfg(depth=depth, **DIM_SMALL))
+    assert flops.port_macs(flops.dim_components(model)) == hand
+    assert hand <= macs <= 1.06 * hand, (depth, macs, hand)
+  two = _hand_count_small_dim(5) - _hand_count_small_dim(3) + _dim_scan_terms(2)
+  assert two <= counts[5] - counts[3] <= 1.06 * two
+
+
+@pytest.mark.parametrize("name,input_size,params,gmacs", [
+    ("DiM-L/2", 32, 386_063_376, 139.0),
+    ("DiM-H/2", 32, 862_407_184, 310.5),
+    ("DiM-H/2", 64, 863_586_832, 1043.5),
+])
+def test_dim_published_sizes(name, input_size, params, gmacs):
+  """The README's DiM rows: parameters (jax.eval_shape; the official counts) and the analytic
+  multiply-accumulates per image."""
+  cfg = _cfg(name=name, input_size=input_size, num_classes=1000,
+             dim_padding="rho_pad" if input_size == 64 else "lateral")
+  model = models.create_model(cfg)
+  total, _ = flops.param_counts(flops.abstract_params(model, flops.example_inputs(cfg)))
+  assert total == params
+  assert round(flops.port_macs(flops.dim_components(model)) / 1e9, 1) == gmacs

@@ -253,7 +253,8 @@ def test_bad_input_is_one_clear_sentence_and_writes_nothing(run_dirs, tmp_path):
        r'^Class 10 is out of range: this model has 10 classes \(0 to 9\)\.$'),
       (dict(checkpoint=str(export_dir), solver='rk4'),
        r'^Unknown --solver=rk4: choose one of dopri5, euler, heun\.$'),
-      (dict(checkpoint=str(export_dir), mode='ddim'), r'^Unknown --mode=ddim: use ode or sde\.$'),
+      (dict(checkpoint=str(export_dir), mode='ddim'),
+       r'^Unknown --mode=ddim: use ode, sde or dpm\.$'),
       (dict(checkpoint=str(export_dir), workdir=str(workdir)), r'exactly one of --checkpoint'),
       (dict(), r'exactly one of --checkpoint'),
   ]

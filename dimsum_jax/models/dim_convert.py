@@ -9,6 +9,8 @@ Block k of `transformer_blocks.k.` lives at `block_0` (k = 0), `in_blocks/block[
 (the skip producers 1..(L-1)/2) or `out_blocks/block[k - 1 - (L-1)/2]` (the consumers).
 
 `from_upstream(state_dict, model)` -> params; `to_upstream(params, model)` inverts it;
+`upstream_shapes(model)` is the official key set with PyTorch shapes (nothing allocated) and
+`check_state_dict(shapes, model)` names every key that does not fit it;
 `model_kwargs(config_nnet)` builds the DiM of upstream's hyperparameters (a golden file's
 `config_json`), refusing by name the options this port does not compute.
 `transfer_state_dict(src, dst)` is upstream's `load_pretrained_model` (section 10): same-shape
@@ -146,51 +148,67 @@ def abstract_params(model, grid: tuple[int, int] | None = None):
                                            y))["params"]
 
 
-def from_upstream(state_dict, model, abstract=None, dtype=np.float32):
-  """Map an upstream DiM state dict (NumPy arrays by upstream key) onto `model`'s parameters.
-
-  Raises DiMConvertError naming every missing, unexpected or mis-shaped key (shapes in
-  upstream's layout)."""
+def upstream_shapes(model, abstract=None) -> dict[str, tuple[int, ...]]:
+  """{upstream key: PyTorch-layout shape} of every parameter of `model` (nothing allocated: the
+  layouts are applied to zero-stride views)."""
   abstract = abstract_params(model) if abstract is None else abstract
-  target = _flatten(abstract)
-  filled, unexpected, bad_shape = {}, [], []
-  for key, value in state_dict.items():
-    try:
-      path, index, fn = _locate(key, model.depth)
-    except KeyError:
+  back = {ours: up for _, (ours, _, up) in _TOP.items()}
+  inner = {ours: up for _, (ours, _, up) in _BLOCK.items()}
+  out = {}
+  for path, spec in _flatten(abstract).items():
+    stacked = path[0] in ("in_blocks", "out_blocks")
+    shape = spec.shape[1:] if stacked else spec.shape
+    up = inner[path[2:] if stacked else path[1:]] if path[0] in (
+        "block_0", "in_blocks", "out_blocks") else back[path]
+    view = np.broadcast_to(np.zeros((), np.float32), tuple(shape))
+    shape = tuple(_TO_UPSTREAM[up](view).shape)
+    for i in range(spec.shape[0]) if stacked else [None]:
+      out[_upstream_key(path, i, model.depth)] = shape
+  return out
+
+
+def check_state_dict(shapes, model, abstract=None) -> None:
+  """Raise DiMConvertError naming every mis-shaped (with both shapes), unexpected and missing
+  key of a state dict given as {upstream key: shape} (or arrays), in upstream's layout."""
+  want = upstream_shapes(model, abstract)
+  bad_shape, unexpected = [], []
+  for key, value in shapes.items():
+    shape = tuple(int(n) for n in (value if isinstance(value, (tuple, list))
+                                   else np.shape(value)))
+    if key not in want:
       unexpected.append(key)
-      continue
-    if path not in target:
-      unexpected.append(key)
-      continue
-    value = _TO_OURS[fn](np.asarray(value))
-    want = target[path].shape[1:] if index is not None else target[path].shape
-    if tuple(value.shape) != tuple(want):
-      bad_shape.append(f"{key}: {list(np.shape(state_dict[key]))}")
-      continue
-    if index is None:
-      filled[path] = value
-    else:
-      filled.setdefault(path, {})[index] = value
-  out, missing = {}, []
-  for path, spec in target.items():
-    v = filled.get(path)
-    if isinstance(v, dict):
-      absent = [i for i in range(spec.shape[0]) if i not in v]
-      if absent:
-        missing += [_upstream_key(path, i, model.depth) for i in absent]
-        continue
-      v = np.stack([v[i] for i in range(spec.shape[0])])
-    elif v is None:
-      stack = range(spec.shape[0]) if path[0] in ("in_blocks", "out_blocks") else [None]
-      missing += [_upstream_key(path, i, model.depth) for i in stack]
-      continue
-    out[path] = np.asarray(v, dtype)
+    elif shape != want[key]:
+      bad_shape.append(f"{key}: {list(shape)}, expected {list(want[key])}")
+  missing = [key for key in want if key not in shapes]
   if unexpected or bad_shape or missing:
     parts = [f"{name} ({len(keys)}): {', '.join(keys[:8])}" for name, keys in
              (("mis-shaped", bad_shape), ("unexpected", unexpected), ("missing", missing)) if keys]
     raise DiMConvertError("The DiM state dict does not fit this model (check depth, width, "
                           "classes and image size): " + "; ".join(parts) + ".")
+
+
+def from_upstream(state_dict, model, abstract=None, dtype=np.float32):
+  """Map an upstream DiM state dict (NumPy arrays by upstream key) onto `model`'s parameters.
+
+  Raises DiMConvertError naming every missing, unexpected or mis-shaped key (shapes in
+  upstream's layout, `check_state_dict`) before anything is converted."""
+  abstract = abstract_params(model) if abstract is None else abstract
+  check_state_dict(state_dict, model, abstract)
+  target = _flatten(abstract)
+  filled = {}
+  for key, value in state_dict.items():
+    path, index, fn = _locate(key, model.depth)
+    value = _TO_OURS[fn](np.asarray(value))
+    if index is None:
+      filled[path] = value
+    else:
+      filled.setdefault(path, {})[index] = value
+  out = {}
+  for path, spec in target.items():
+    v = filled[path]
+    if isinstance(v, dict):
+      v = np.stack([v[i] for i in range(spec.shape[0])])
+    out[path] = np.asarray(v, dtype)
   return _unflatten(out)
 
 

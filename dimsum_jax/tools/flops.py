@@ -2,6 +2,7 @@
 
   python -m dimsum_jax.tools.flops --config=configs/imagenet256.py [--config.model.name=DiT-L/2]
   python -m dimsum_jax.tools.flops --model=DiMSUM-L/2 --input_size=32 --num_classes=1000
+  python -m dimsum_jax.tools.flops --model=DiM-L/2      # DiM (Teng et al.): --model=DiM-H/2
 
 Without --config the model section is `dimsum_jax.models.default_model_config()`; --model,
 --input_size, --num_classes, --depth and --hidden_size override it (with or without --config).
@@ -10,11 +11,13 @@ Printed:
   * parameters: total and per top-level module (jax.eval_shape, nothing is allocated);
   * XLA: `jax.jit(forward).lower(...).compile().cost_analysis()['flops']` at batch 1, float32,
     and multiply-accumulates = flops / 2;
-  * analytic multiply-accumulates by component (matmuls, attention scores, selective scan);
+  * analytic multiply-accumulates by component (matmuls, attention scores, selective scan;
+    `dimsum_components`, `dit_components`, `dim_components`);
   * for DiMSUM, the count in the paper's convention (see below).
 
 XLA and loops. HLO cost analysis counts the body of a while loop once, whatever its trip count.
-The DiMSUM stack is an `nn.scan` over groups of `attn_every` blocks (DiT: over blocks), so the
+The DiMSUM stack is an `nn.scan` over groups of `attn_every` blocks (DiT: over blocks; DiM: two
+scans, the skip producers and the consumers), so the
 plain count holds one group only (tiny models of depth 8 and 16 get the same count; for
 DiMSUM-L/2 at 256 px it reports 49.6 G instead of 198.2 G, for DiT-L/2 6.8 G instead of
 161.9 G). This tool therefore counts an unrolled copy: the forward is traced to a jaxpr, and
@@ -54,6 +57,7 @@ import numpy as np
 
 from dimsum_jax import convert
 from dimsum_jax import models
+from dimsum_jax.models import dim
 from dimsum_jax.models.dimsum import DiMSUM
 from dimsum_jax.models.mamba import MambaMixer
 
@@ -80,7 +84,8 @@ def model_config(config=None, **overrides) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
     if value is not None:
       cfg[key] = value
-  cfg.scan_impl = 'reference'      # the Pallas kernel is opaque to cost analysis
+  if 'scan_impl' in models.fields_read(cfg.name):
+    cfg.scan_impl = 'reference'    # the Pallas kernel is opaque to cost analysis
   cfg.dtype = 'float32'
   return cfg
 
@@ -281,6 +286,35 @@ def dit_components(model) -> dict[str, float]:
   }
 
 
+def dim_components(model: dim.DiM) -> dict[str, float]:
+  """Multiply-accumulates per image of DiM (models/dim.py) at its own token grid h x w: every
+  block's Mamba runs over the whole padded sequence of L = E + 3 + (h + 3)(w + 3) tokens (E = 2
+  extra tokens, 1 unconditional), the skip Linear (2D -> D, either form) once per consumer, the
+  two depthwise 3x3 smoothers over the h w patches; adaLN-single's Linear runs once."""
+  D, depth, p = model.hidden_size, model.depth, model.patch_size
+  h, w = model.table_grid()
+  N = h * w
+  extra = 2 if model.num_classes else 1
+  L = extra + dim.PAD_LEN + (h + dim.PAD_LEN) * (w + dim.PAD_LEN)
+  E, n, k = dim.EXPAND * D, dim.D_STATE, dim.D_CONV
+  r = math.ceil(D / 16)
+  consumers = (depth - 1) // 2
+  return {
+      'x_embedder': N * model.in_channels * p * p * D,
+      't_embedder': 256 * D + D * D,
+      'adaln_single': D * 3 * D,
+      'smoothers': 2 * N * D * 3 * 3,
+      'mamba.in_proj': depth * L * D * 2 * E,
+      'mamba.conv1d': depth * L * E * k,
+      'mamba.x_proj': depth * L * E * (r + 2 * n),
+      'mamba.dt_proj': depth * L * r * E,
+      'mamba.scan': depth * 3 * L * E * n,     # a*s + b, (delta u) * B, C . s
+      'mamba.out_proj': depth * L * E * D,
+      'skip_linear': consumers * L * 2 * D * D,
+      'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
+  }
+
+
 def port_macs(components: dict[str, float]) -> float:
   """Everything this port computes: all components without a '*'."""
   return sum(v for key, v in components.items() if not key.endswith('*'))
@@ -331,8 +365,12 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   out(f'XLA flops, scans unrolled: {flops / 1e9:.3f} GFLOPs = {flops / 2e9:.3f} G '
       f'multiply-accumulates  [{time.perf_counter() - start:.1f} s]')
 
-  components = (dimsum_components(model) if isinstance(model, DiMSUM)
-                else dit_components(model))
+  if isinstance(model, DiMSUM):
+    components = dimsum_components(model)
+  elif isinstance(model, dim.DiM):
+    components = dim_components(model)
+  else:
+    components = dit_components(model)
   result['components'] = components
   port = port_macs(components)
   scale, unit = (1e9, 'G') if port >= 1e9 else (1e6, 'M')

@@ -17,6 +17,10 @@ row by row. Arrays the tool does not know are listed as "not compared". Exit sta
 array misses its tolerance, or, with one sentence on stderr, when the file cannot be read or
 checked. The file is read without unpickling (allow_pickle=False): one holding Python objects is
 refused.
+
+DiM (Teng et al.) golden files, recognised by their config_json or weight keys, and DiM's
+position-table file are checked by `parity_dim` with DiM's tolerances (2e-4 in float32, 1e-12 in
+float64); `--fill_seed=7` supplies the weights that wide.npz gives by formula.
 """
 from __future__ import annotations
 
@@ -186,17 +190,30 @@ def _forward(model, mc):
   return _FORWARDS[key]
 
 
-def check(path: str, float64: bool = False) -> Report:
-  """Compares the port with every array of the golden file at `path` that it can compare."""
+def check(path: str, float64: bool = False, fill_seed: int | None = None) -> Report:
+  """Compares the port with every array of the golden file at `path` that it can compare.
+
+  DiM golden files (their config_json or weight keys say so) and DiM's position-table file are
+  checked by `parity_dim`; `fill_seed` generates the weights of a DiM file that stores none."""
   import jax
+  from dimsum_jax.tools import parity_dim
   arrays = read_golden(path)        # before anything is built: a bad file fails fast
+  if parity_dim.is_position_tables(arrays):
+    return parity_dim.check_position_tables(path, arrays, float64)
+  dim_file = parity_dim.is_dim(arrays)
+  if fill_seed is not None and not dim_file:
+    raise ParityError(f"{path} is a DiMSUM golden file, and --fill_seed generates the weights "
+                      "of DiM files only (wide.npz): drop --fill_seed.")
   with jax.enable_x64(float64):     # scoped: float64 does not leak to later computations
+    if dim_file:
+      return parity_dim.check(path, arrays, float64, fill_seed)
     return _check(path, arrays, float64)
 
 
-def run_parity(path: str, float64: bool = False, verbose: bool = True) -> list[tuple]:
+def run_parity(path: str, float64: bool = False, verbose: bool = True,
+               fill_seed: int | None = None) -> list[tuple]:
   """Rows (name, max_abs, rel, tol, ok) for every output the golden file lets us check."""
-  report = check(path, float64)
+  report = check(path, float64, fill_seed)
   if verbose:
     print_report(report)
   return report.rows
@@ -354,12 +371,15 @@ def _check(path, arrays, float64):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description="Compare this port with a golden file of the "
-                                   "official PyTorch DiMSUM.")
+                                   "official PyTorch DiMSUM or DiM.")
   parser.add_argument("--golden", required=True, help="self-contained golden .npz")
   parser.add_argument("--float64", action="store_true", help="run the port in float64")
+  parser.add_argument("--fill_seed", type=int, default=None,
+                      help="DiM files that store no weights (wide.npz: 7): generate them by the "
+                           "golden README's formula with this seed")
   args = parser.parse_args(argv)
   try:
-    report = check(args.golden, args.float64)
+    report = check(args.golden, args.float64, args.fill_seed)
   except ParityError as e:
     raise SystemExit(f"error: {e}") from None
   print_report(report)
@@ -373,4 +393,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Run the imported module's main, so that parity_dim raises the ParityError caught there
+  # (under `python -m` this file is also `__main__`, a second module object).
+  from dimsum_jax.tools import parity as _parity
+  sys.exit(_parity.main())
