@@ -1,14 +1,16 @@
 """The full training ConfigDict with every field and its default; configs/*.py start from it.
 
 Sections: model (dimsum_jax.models), transport (dimsum_jax.transport), data (dimsum_jax.data),
-optim, mesh + sharding_rules, sample, vae, and the loop's own fields below. Every field exists
-here, so `--config.x.y=v` overrides are type-checked and unknown keys are refused.
+optim, mesh + sharding_rules, sample, eval (dimsum_jax.evaluate.config), vae, and the loop's own
+fields below. Every field exists here, so `--config.x.y=v` overrides are type-checked and unknown
+keys are refused.
 """
 import ml_collections
 
 from dimsum_jax import models
 from dimsum_jax import transport
 from dimsum_jax.data import config as data_config
+from dimsum_jax.evaluate import config as eval_config
 
 
 def base_config():
@@ -60,6 +62,11 @@ def base_config():
   c.sample.cfg_scale = 1.0            # classifier-free guidance scale (1 = none)
   c.sample.seed = 0
   c.sample.png_scale = 0              # integer upscaling of the PNG (0 = to at least 64 px tiles)
+
+  # Evaluation during training (off by default): every `every_steps` steps and at the end,
+  # `num_samples` EMA samples scored with `features` (digits | inception + a reference batch);
+  # eval/<metric> scalars, and the checkpoint of the best `best_metric` is kept.
+  c.eval = eval_config.default_eval_config()
 
   # SD VAE converted by `python -m dimsum_jax.vae.convert` ('' = none). With pixel data and a
   # latent model, each batch is encoded (a fresh posterior sample every step, as upstream);

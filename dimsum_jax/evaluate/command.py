@@ -103,6 +103,7 @@ def eval_args(**overrides) -> argparse.Namespace:
 def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
   """(feature net, reference, metrics) for samples of `image_shape` (H, W, C), after every check
   that can fail: call it before making the samples, so that a wrong flag costs no sampling."""
+  from dimsum_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import reference as reference_lib  # pylint: disable=g-import-not-at-top
@@ -115,7 +116,7 @@ def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
                 "dimsum_jax.evaluate.reference`).")
   ref = reference_lib.load_reference(args.reference) if args.reference else None
   requested = metrics_lib.parse_metrics(args.metrics) if args.metrics else None
-  config = features_lib.default_eval_config()
+  config = eval_config.default_eval_config()
   config.update(features=args.features, inception_weights=args.inception,
                 preprocess=args.preprocess, batch_size=args.batch_size,
                 cache_dir=args.cache_dir or config.cache_dir)
