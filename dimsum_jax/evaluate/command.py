@@ -5,10 +5,11 @@
   python -m dimsum_jax.evaluate --samples=samples/digits --features=digits
 
 --samples is what `python -m dimsum_jax.sample` writes (arr_0: uint8 [N, H, W, C], labels: [N]),
-or its output folder (then FOLDER/samples.npz); it is streamed, never loaded whole. --reference is an ADM reference batch (mu, sigma, mu_s,
-sigma_s, arr_0) or one written by `python -m dimsum_jax.evaluate.reference`; with
---features=digits it may be left out (then: all 1 797 digits at the samples' size). --inception
-is pytorch-fid's weight file (or its .npz), read once from disk; nothing is downloaded.
+or its output folder (then FOLDER/samples.npz); it is streamed, never loaded whole. --reference
+is an ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0) or one written by `python -m
+dimsum_jax.evaluate.reference`; with --features=digits it may be left out (then: all 1 797
+digits at the samples' size). --inception is pytorch-fid's weight file (or its .npz), read once
+from disk; nothing is downloaded.
 
 Prints one line per metric and writes them, with what was compared, as JSON beside the samples:
 OUT/evaluation-<reference name>.json (--out to choose), replaced atomically. Every input is

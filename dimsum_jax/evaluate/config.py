@@ -56,11 +56,12 @@ def _flag(key, value):
   return f"--config.eval.{key}={value}"
 
 
-def validate(c, model_config=None, num_devices: int = 1) -> None:
+def validate(c, model_config=None, num_devices: int = 1, vae_dir: str = "") -> None:
   """EvalConfigError for a mistake in config.eval `c`. The choices and counts are checked
   whether or not evaluation is on (a typo is refused either way); with every_steps > 0 also what
-  the run needs: weights and a reference for Inception, guidance the model can give
-  (model_config), a sample batch that splits over `num_devices`, enough samples."""
+  the run needs: weights and a reference for Inception, images to score (a latent model needs
+  config.vae.dir), guidance the model can give (model_config), a sample batch that splits over
+  `num_devices`, enough samples."""
   for key, choices in (("features", FEATURES), ("preprocess", PREPROCESS),
                        ("solver", sampling.ODE_SOLVERS)):
     if str(c[key]) not in choices:
@@ -89,6 +90,10 @@ def validate(c, model_config=None, num_devices: int = 1) -> None:
                           "--config.eval.reference to an ADM-style .npz (e.g. "
                           "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
                           "dimsum_jax.evaluate.reference`).")
+  if model_config is not None and model_config.in_channels not in (1, 3) and not vae_dir:
+    raise EvalConfigError("Evaluation scores images, and this model's samples are "
+                          f"{model_config.in_channels}-channel latents: set --config.vae.dir to "
+                          "the VAE that decodes them, or --config.eval.every_steps=0.")
   if c.sample_batch_size % num_devices:
     raise EvalConfigError(f"{_flag('sample_batch_size', c.sample_batch_size)} does not divide "
                           f"over {num_devices} devices: use a multiple of {num_devices}.")

@@ -6,8 +6,9 @@ from dimsum_jax import config_utils
 from dimsum_jax.evaluate import config as eval_config
 
 
-def model(num_classes=10, label_dropout=0.1):
-  return ml_collections.ConfigDict(dict(num_classes=num_classes, label_dropout=label_dropout))
+def model(num_classes=10, label_dropout=0.1, in_channels=1):
+  return ml_collections.ConfigDict(dict(num_classes=num_classes, label_dropout=label_dropout,
+                                        in_channels=in_channels))
 
 
 def digits_eval(**overrides):
@@ -22,6 +23,7 @@ def test_the_training_config_carries_the_section_with_its_defaults():
   assert config_utils.base_config().eval.to_dict() == eval_config.default_eval_config().to_dict()
   eval_config.validate(eval_config.default_eval_config())   # off: Inception needs nothing yet
   eval_config.validate(digits_eval(), model(), num_devices=8)
+  eval_config.validate(digits_eval(), model(in_channels=4), vae_dir='vae')
 
 
 BAD = [  # (case, overrides, model, devices, message)
@@ -51,6 +53,9 @@ BAD = [  # (case, overrides, model, devices, message)
      'The Inception features need a reference batch: set --config.eval.reference to an '
      'ADM-style .npz (e.g. VIRTUAL_imagenet256_labeled.npz, or one written by `python -m '
      'dimsum_jax.evaluate.reference`).'),
+    ('latents', dict(), model(in_channels=4), 1,
+     "Evaluation scores images, and this model's samples are 4-channel latents: set "
+     "--config.vae.dir to the VAE that decodes them, or --config.eval.every_steps=0."),
     ('devices', dict(sample_batch_size=12), model(), 8,
      '--config.eval.sample_batch_size=12 does not divide over 8 devices: use a multiple of 8.'),
     ('cfg_unconditional', dict(metrics='fid'), model(num_classes=0), 1,
