@@ -78,9 +78,11 @@ class Manager(ocp.CheckpointManager):
 
   def best(self):
     """(step, metrics) of the checkpoint with the best tracked metric, or None (no metric is
-    tracked, or no checkpoint holds one)."""
+    tracked, or no checkpoint holds one). Waits for a save in flight: its metrics are read back
+    from disk, where they exist only once it is committed."""
     if self._options.best_fn is None:
       return None
+    self.wait_until_finished()
     step = self.best_step()
     metrics = None if step is None else self.metrics(step)
     return None if metrics is None else (step, dict(metrics))

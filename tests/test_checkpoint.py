@@ -243,6 +243,13 @@ def test_best_checkpoint_is_kept_besides_the_last_and_survives_reopening(tmp_pat
   assert manager.best() == (2, {'fid': 2.0, 'accuracy': 0.5})
   assert _save_state(manager, 6) == [2, 6] and _save_state(manager, 7) == [2, 7]
   assert _save_state(manager, 8, fid=1.0) == [8]
+  # A save still in flight counts: best() waits for it (its metrics are read back from disk).
+  data = checkpoint.encode_data_state({'index': 9}, train_util.one_device_mesh())
+  checkpoint.save(manager, 9, {'x': jax.numpy.zeros([2])}, data, force=True, metrics={'fid': 9.0})
+  assert manager.best() == (8, {'fid': 1.0})
+  checkpoint.save(manager, 10, {'x': jax.numpy.zeros([2])}, data, force=True,
+                  metrics={'fid': 0.5})
+  assert manager.best() == (10, {'fid': 0.5})
   manager.close()
   # Highest is best for the other metrics.
   manager = checkpoint.create_manager(str(tmp_path / 'm'), keep=1, best=('accuracy', 'max'))
@@ -290,7 +297,8 @@ def test_a_kill_between_a_new_best_and_the_old_ones_removal_keeps_the_new(tmp_pa
   workdir = str(tmp_path / 'w')
   manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))
   _save_state(manager, 2, fid=2.0)
-  monkeypatch.setattr(manager._checkpoint_deleter, 'delete_steps', lambda steps: None)  # pylint: disable=protected-access
+  deleter = manager._checkpoint_deleter  # pylint: disable=protected-access
+  monkeypatch.setattr(deleter, 'delete_steps', lambda steps: None)
   _save_state(manager, 4, fid=1.0)   # "killed" before its finalize deleted step 2
   manager.close()
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['2', '4']
