@@ -9,6 +9,15 @@ WORKDIR/samples/ema_00001000.png and ema_00002000.png hold 10 x 10 EMA samples w
 one digit class per row (0 at the top to 9 at the bottom): 0-6 readable at step 1 000, all ten at
 step 2 000.
 
+Evaluation during training (config.eval, dimsum_jax.evaluate.training): every 250 steps, 1 000
+unguided EMA samples (Euler, 10 steps) scored with the digits features against all 1 797 digits,
+as eval/fid, eval/precision, eval/recall and eval/accuracy in metrics.jsonl; the checkpoint of
+the lowest FID is kept. Measured (2 CPU cores shared with other jobs, where the whole run took 20
+minutes): FID-like distance 1227, 248, 158, 49.6, 13.9, 8.09, 7.21, 6.66 at steps 250 to 2 000;
+sample accuracy 0.09 at step 250, 0.52 at 1 000, 0.90 at 2 000; 9-13 s per evaluation and 14 s
+to compile its sampler, 102 s in all. The grid's guidance 3 would hide the progress: at step
+2 000 it gives FID 166 at accuracy 0.999 (scale 1.5: 36; 2: 83).
+
 DiM variant: `python -m dimsum_jax.main --config=configs/digits.py:dim --workdir=runs/digits_dim`
 trains a DiM (depth 3, hidden 64, 0.15 M parameters) with DiM's discrete noise-prediction
 objective on the native 8x8 digits, 2 500 steps. Measured on 2 CPU cores shared with other
@@ -57,6 +66,16 @@ def get_config(arg=''):
   c.sample.per_row = 10
   c.sample.num_steps = 50
   c.sample.cfg_scale = 3.0            # guidance makes every row clearly its class
+  if not arg:  # scored as it trains (dimsum_jax.evaluate.training); the variants keep eval off
+    c.eval.every_steps = 250          # and at the end: eval/... scalars in metrics.jsonl
+    c.eval.features = 'digits'        # the digits net's FID-like distance: no download
+    c.eval.metrics = 'fid,precision,recall,accuracy'
+    c.eval.num_samples = 1000
+    c.eval.sample_batch_size = 500
+    c.eval.num_steps = 10             # Euler, 10 model evaluations per sample
+    # No guidance: the grid's scale 3 makes every sample a prototype of its class (accuracy
+    # 0.999 at step 2000) and the FID-like distance then grows as training sharpens them.
+    c.eval.cfg_scale = 1.0
 
   if arg in ('smoke', 'smoke_dit'):
     c.data.image_size = 8

@@ -5,8 +5,12 @@ Layout of a workdir:
                                workdir; it names that process (pid, host) while held
   WORKDIR/config.json          the config of the run (written by process 0 at start)
   WORKDIR/checkpoints/<step>/  one Orbax checkpoint: item `state` (step, params, EMA, optimiser
-                               state, rng) and item `data` (each process's data-iterator state)
+                               state, rng), item `data` (each process's data-iterator state) and,
+                               at a step evaluated during training, `metrics` ({name: value})
   WORKDIR/checkpoints_unreadable/<step>/  checkpoints that failed to restore, moved aside (kept)
+The last `keep` checkpoints are kept and, when the manager tracks a metric (config.eval's
+best_metric), also the one whose `metrics` hold its best value (Orbax's BestN preservation
+policy): the values live in the checkpoints, so a resumed run keeps honouring them.
 A save that fails (disk full, no permission) stops the run with CheckpointError: Orbax writes
 each step into a temporary directory renamed into place only when complete, so the previous
 checkpoints stay as they were and the half-written one is never restored (Orbax removes it when
@@ -16,7 +20,9 @@ Exported inference weights (python -m dimsum_jax.export):
 """
 import errno
 import fcntl
+import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -71,6 +77,17 @@ class Manager(ocp.CheckpointManager):
       raise self._failed(step, e) from e
     self._pending = None
 
+  def best(self):
+    """(step, metrics) of the checkpoint with the best tracked metric, or None (no metric is
+    tracked, or no checkpoint holds one). Waits for a save in flight: its metrics are read back
+    from disk, where they exist only once it is committed."""
+    if self._options.best_fn is None:
+      return None
+    self.wait_until_finished()
+    step = self.best_step()
+    metrics = None if step is None else self.metrics(step)
+    return None if metrics is None else (step, dict(metrics))
+
   def _failed(self, step, error):
     _NoOrbaxTracebacks.reported = True
     self.reload()
@@ -100,24 +117,62 @@ class _NoOrbaxTracebacks:
     return True
 
 
+class _NoUntrackedSaveWarnings:
+  """Drops Orbax's warning that a save carries no metrics while a best metric is tracked: only
+  the evaluated steps carry them, by design."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Requested `tracked_metric`')
+
+
 def _quiet_orbax_tracebacks():
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _NoOrbaxTracebacks) for f in handler.filters):
     handler.addFilter(_NoOrbaxTracebacks())
   _NoOrbaxTracebacks.reported = False
+  logger = logging.get_absl_logger()   # every handler: the log file, pytest's capture
+  if not any(isinstance(f, _NoUntrackedSaveWarnings) for f in logger.filters):
+    logger.addFilter(_NoUntrackedSaveWarnings())
 
 
-def create_manager(workdir, *, keep):
-  """An async CheckpointManager keeping the last `keep` checkpoints (see Manager)."""
+def _metric_value(metrics, *, key, mode):
+  """metrics[key] for Orbax's ranking; a missing or non-finite value ranks worst."""
+  try:
+    value = float(metrics[key])
+  except (KeyError, TypeError, ValueError):
+    value = math.nan
+  if math.isfinite(value):
+    return value
+  return math.inf if mode == 'min' else -math.inf
+
+
+def create_manager(workdir, *, keep, best=None):
+  """An async CheckpointManager keeping the last `keep` checkpoints (see Manager).
+
+  best: (metric, 'min' | 'max') also keeps the checkpoint whose saved metrics (save(...,
+  metrics={metric: value, ...})) hold the lowest / highest value of `metric`; Manager.best()
+  names it. Checkpoints saved without metrics are kept by recency alone."""
   _quiet_orbax_tracebacks()
+  best_options = {}
   try:  # orbax >= 0.11.x: preservation policies; max_to_keep is deprecated.
     from orbax.checkpoint import checkpoint_managers  # pylint: disable=g-import-not-at-top
-    keep_policy = dict(preservation_policy=checkpoint_managers.LatestN(n=keep))
+    policy = checkpoint_managers.LatestN(n=keep)
+    if best is not None:
+      key, mode = best
+      rank = functools.partial(_metric_value, key=key, mode=mode)
+      policy = checkpoint_managers.AnyPreservationPolicy([policy, checkpoint_managers.BestN(
+          get_metric_fn=rank, reverse=mode == 'min', n=1, keep_checkpoints_without_metrics=False)])
+      best_options = dict(best_fn=rank, best_mode=mode)  # writes the metrics, ranks best_step()
+    keep_policy = dict(preservation_policy=policy)
     ocp.CheckpointManagerOptions(**keep_policy)
   except (ImportError, AttributeError, TypeError):
-    keep_policy = dict(max_to_keep=keep)
+    keep_policy, best_options = dict(max_to_keep=keep), {}
+    if best is not None:
+      logging.warning('This Orbax has no preservation policies: the checkpoint of the best %s '
+                      'is kept only while it is among the last %d.', best[0], keep)
   options = ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True, **keep_policy)
+      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True, **keep_policy,
+      **best_options)
   return Manager(checkpoint_dir(workdir), options=options, item_handlers=_item_handlers())
 
 
@@ -169,9 +224,11 @@ def decode_data_state(rows, mesh):
   return json.loads(bytes(row[row != 0]).decode())
 
 
-def save(manager, step, state, data_array, *, force=False):
-  """Starts an async save of (state, data); returns at once. Only finite states may come here."""
-  return manager.save(step, force=force, args=ocp.args.Composite(
+def save(manager, step, state, data_array, *, force=False, metrics=None):
+  """Starts an async save of (state, data); returns at once. Only finite states may come here.
+  metrics: {name: float} of an evaluation at this step (kept with it when the manager tracks a
+  best metric)."""
+  return manager.save(step, force=force, metrics=metrics, args=ocp.args.Composite(
       state=_save_args(state), data=_save_args({'data': data_array})))
 
 

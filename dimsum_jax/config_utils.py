@@ -1,8 +1,9 @@
 """The full training ConfigDict with every field and its default; configs/*.py start from it.
 
 Sections: model (dimsum_jax.models), transport (dimsum_jax.transport), data (dimsum_jax.data),
-optim, mesh + sharding_rules, sample, vae, and the loop's own fields below. Every field exists
-here, so `--config.x.y=v` overrides are type-checked and unknown keys are refused.
+optim, mesh + sharding_rules, sample, eval (dimsum_jax.evaluate.config), vae, and the loop's own
+fields below. Every field exists here, so `--config.x.y=v` overrides are type-checked and unknown
+keys are refused.
 """
 import ml_collections
 
@@ -11,6 +12,7 @@ from dimsum_jax import optim
 from dimsum_jax import sampling
 from dimsum_jax import transport
 from dimsum_jax.data import config as data_config
+from dimsum_jax.evaluate import config as eval_config
 
 
 def base_config():
@@ -38,6 +40,11 @@ def base_config():
 
   # EMA sample grids written to WORKDIR/samples/ (sampling.default_grid_config).
   c.sample = sampling.default_grid_config()
+
+  # Evaluation during training (off by default): every `every_steps` steps and at the end,
+  # `num_samples` EMA samples scored with `features` (digits | inception + a reference batch);
+  # eval/<metric> scalars, and the checkpoint of the best `best_metric` is kept.
+  c.eval = eval_config.default_eval_config()
 
   # SD VAE converted by `python -m dimsum_jax.vae.convert` ('' = none). With pixel data and a
   # latent model, each batch is encoded (a fresh posterior sample every step, as upstream);

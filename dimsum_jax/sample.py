@@ -31,6 +31,13 @@ sequence per sample), so a sample depends on its batch mates within the solver t
 Several processes need an --out on a file system they all share (process 0 assembles the result).
 
 Latent models (4 channels) are decoded by the VAE of config.vae.dir or --vae_dir.
+
+--evaluate=REF.npz scores samples.npz once it is written (dimsum_jax.evaluate): FID, sFID, IS,
+precision/recall against an ADM-style reference batch with the Inception features of --inception
+(pytorch-fid's weight file); --evaluate=digits uses the digits features against every digit at the
+samples' size (no download). --features, --metrics and --preprocess are those of `python -m
+dimsum_jax.evaluate`. Every evaluation check (weights, reference resolution, sample counts) runs
+before any sampling; the scores go to OUT/evaluation-<reference name>.json and into summary.json.
 """
 from __future__ import annotations
 
@@ -763,13 +770,60 @@ def _hms(seconds):
 # The command
 
 
+def _prepare_evaluation(evaluate, eval_options, loaded, num_samples):
+  """(evaluate.command args, what its prepare() returned) for --evaluate, or None; SampleError
+  for any setting that would fail, before anything is sampled."""
+  eval_options = dict(eval_options or {})
+  if not evaluate:
+    if eval_options:
+      names = ', '.join(f'--{k}' for k in sorted(eval_options))
+      raise SampleError(f'{names} {"applies" if len(eval_options) == 1 else "apply"} only with '
+                        '--evaluate: pass --evaluate=REF.npz (or --evaluate=digits), or leave '
+                        f'{"it" if len(eval_options) == 1 else "them"} out.')
+    return None
+  from dimsum_jax.evaluate import command  # pylint: disable=g-import-not-at-top
+  if evaluate == 'digits':
+    if eval_options.setdefault('features', 'digits') != 'digits':
+      raise SampleError(f'--evaluate=digits scores with the digits features, not '
+                        f'--features={eval_options["features"]}: leave --features out, or pass '
+                        '--evaluate=REF.npz.')
+  try:
+    args = command.eval_args(reference='' if evaluate == 'digits' else evaluate, **eval_options)
+    prepared = command.prepare(args, loaded.output_shape, num_samples,
+                               has_labels=loaded.num_classes > 0)
+  except ValueError as e:  # EvaluationError, WeightsError, NpzError: one sentence each
+    raise SampleError(str(e)) from e
+  args.metrics = ','.join(prepared[2])
+  return args, prepared
+
+
+def _evaluate(evaluation, samples_path):
+  """evaluate.command.run on the written samples: its result (also written as JSON beside)."""
+  from dimsum_jax.evaluate import command  # pylint: disable=g-import-not-at-top
+  args, prepared = evaluation
+  args.samples = samples_path
+  try:
+    result = command.run(args, prepared)
+  except ValueError as e:
+    raise SampleError(str(e)) from e
+  logging.info('Evaluation (%d samples, %s features): %s; written to %s.', result['num_samples'],
+               result['feature_net'], ', '.join(f'{label} {result[key]:.6g}' for key, label in
+                                                command.LABELS.items() if key in result),
+               result['written_to'])
+  return result
+
+
 def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_size=64,
-        classes=None, vae_dir=None, pngs=True, devices=None, **options):
+        classes=None, vae_dir=None, pngs=True, devices=None, evaluate=None, eval_options=None,
+        **options):
   """The CLI without flags (see the module docstring); returns the summary dict (process 0).
 
   options: `sampling_options` fields (mode, solver, num_steps, atol, rtol, max_steps, per_sample,
   cfg_scale, sde_method, diffusion_form, diffusion_norm, last_step, last_step_size, seed).
   devices: the devices to use (default: all of every process).
+  evaluate: a reference batch .npz or 'digits' to score samples.npz once written; eval_options:
+  options of `python -m dimsum_jax.evaluate` (features, inception, metrics, preprocess,
+  batch_size, split_size, cache_dir).
   """
   opts = sampling_options(**options)  # flags first: nothing loaded or written on a typo
   if not out:
@@ -784,6 +838,7 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
   check_mode(loaded, opts)
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
+  evaluation = _prepare_evaluation(evaluate, eval_options, loaded, num_samples)
   num_devices = loaded.mesh.devices.size
   batch = batch_size_for(num_samples, batch_size, num_devices)
   manifest = _manifest(loaded, opts, batch, classes)
@@ -872,6 +927,10 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
                labels_for(np.arange(num_samples), classes))
     logging.info('Wrote %d samples to %s (samples.npz, grid.png%s); NFE per batch: mean %.1f.',
                  num_samples, out, ', images/' if pngs else '', summary['nfe_mean'] or 0)
+    if evaluation is not None:
+      summary['evaluation'] = _evaluate(evaluation, os.path.join(out, 'samples.npz'))
+      _atomic_write(os.path.join(out, 'summary.json'),
+                    lambda f: f.write(json.dumps(summary, indent=2).encode()))
   _sync('dimsum_jax.sample.done')
   return summary
 
@@ -910,6 +969,16 @@ def define_flags():
   flags.DEFINE_string('last_step', 'Mean', 'SDE last step: Mean, Tweedie, Euler or None.')
   flags.DEFINE_float('last_step_size', 0.04, 'SDE last step size.')
   flags.DEFINE_integer('seed', 0, 'Sample i starts from the noise of fold_in(key(seed), i).')
+  flags.DEFINE_string('evaluate', None, 'Score samples.npz once written: an ADM-style reference '
+                      'batch .npz (Inception features), or "digits" (the digits features).')
+  flags.DEFINE_string('inception', None, "With --evaluate: pytorch-fid's "
+                      'pt_inception-2015-12-05-6726825d.pth (read from disk, never downloaded).')
+  flags.DEFINE_enum('features', None, ['inception', 'digits'], 'With --evaluate: the features '
+                    '(default: inception; digits with --evaluate=digits).')
+  flags.DEFINE_string('metrics', None, 'With --evaluate: a subset of '
+                      'fid,sfid,is,precision,recall,accuracy (default: all that apply).')
+  flags.DEFINE_enum('preprocess', None, ['pytorch_fid', 'tf'], 'With --evaluate and Inception '
+                    "features: pytorch-fid's input resize (default) or the TF graph's.")
 
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
@@ -917,6 +986,7 @@ RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size'
              'per_sample',
              'cfg_scale', 'sde_method', 'diffusion_form', 'diffusion_norm', 'last_step',
              'last_step_size', 'seed')
+EVAL_FLAGS = ('inception', 'features', 'metrics', 'preprocess')  # options of dimsum_jax.evaluate
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)
 
 
@@ -930,7 +1000,10 @@ def main(argv):
       raise SampleError(f'--classes={",".join(FLAGS.classes)} must be integers, e.g. '
                         '--classes=0,3,7.') from e
     sharding.initialize_distributed()
-    run(classes=classes, **{name: FLAGS[name].value for name in RUN_FLAGS})
+    eval_options = {name: FLAGS[name].value for name in EVAL_FLAGS
+                    if FLAGS[name].value is not None}
+    run(classes=classes, evaluate=FLAGS.evaluate, eval_options=eval_options,
+        **{name: FLAGS[name].value for name in RUN_FLAGS})
   except USER_ERRORS as e:
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from e

@@ -4,6 +4,9 @@ Each step: x1 = a batch of data (or VAE latents), t ~ U[0, 1], x0 ~ N(0, I), los
 |v_theta(x_t, t, y) - u_t|^2 (dimsum_jax.transport), AdamW on the clipped gradient, then
 ema <- decay * ema + (1 - decay) * params. The same code runs on one device, a multi-GPU host and
 a multi-host pod: sharding.py holds every placement decision, checkpoint.py the Orbax side.
+With config.eval on, EMA samples are scored every eval.every_steps steps and at the end
+(dimsum_jax.evaluate.training): eval/<metric> scalars, the scores saved in that step's checkpoint,
+and the checkpoint of the best eval.best_metric kept besides the last keep_checkpoints.
 """
 import functools
 import os
@@ -29,6 +32,8 @@ from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
 from dimsum_jax import data as data_lib
+from dimsum_jax.evaluate import config as eval_config
+from dimsum_jax.evaluate import training as eval_training
 
 
 @flax.struct.dataclass
@@ -316,7 +321,8 @@ def check_config(config, dataset, vae_module=None):
 
 
 # Errors whose message is the whole story: the run stops with it and no traceback.
-USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError)
+USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError,
+               eval_config.EvalConfigError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +351,8 @@ def _train_and_evaluate(config, workdir):
     sharding.check_batch_size(config.data.global_batch_size, mesh)
   except ValueError as e:
     raise SetupError(str(e)) from e
+  # config.eval's settings; its files are read by eval_training.prepare.
+  eval_config.validate(config.eval, config.model, mesh.size, config.vae.dir)
   # Traced under the mesh, the Pallas selective scan (a custom call XLA cannot partition) runs on
   # each device's share of the batch instead of on an all-gathered batch.
   with jax.set_mesh(mesh), checkpoint.WorkdirLock(workdir) as lock:
@@ -364,6 +372,9 @@ def _train(config, workdir, mesh, lock):
   vae = _load_vae(config, mesh) if config.vae.dir else None
   latent_from_vae = check_config(config, dataset, vae_module=vae[1] if vae else None)
   training = build(config, mesh)
+  # config.eval: the feature net, the reference and the sampler, before anything is written.
+  evaluator = eval_training.prepare(config, mesh, training.model,
+                                    training.abstract_state.ema_params, vae)
   # The jitted, donated step, compiled ahead (before the workdir is touched) to check its memory.
   training, seconds = compile_update(training, config, mesh)
   update = training.update
@@ -375,7 +386,8 @@ def _train(config, workdir, mesh, lock):
   # Resume from the workdir, or start afresh.
   os.makedirs(workdir, exist_ok=True)
   lock.acquire()  # one run per workdir: stops, naming the other run, before anything is written
-  manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
+  manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints,
+                                      best=eval_config.best(config.eval))
   restored = checkpoint.restore_latest(manager, abstract_state, mesh)
   if restored is not None:
     state, data_state = restored
@@ -424,7 +436,9 @@ def _train(config, workdir, mesh, lock):
 
         preempted = preemption.reached(step, manager)
         done = step == config.num_train_steps
-        save_now = preempted or done or step % config.checkpoint_every_steps == 0
+        # config.eval (not when preempted: save now): its scores go into this step's checkpoint.
+        evaluate = evaluator is not None and not preempted and evaluator.due(step, done)
+        save_now = preempted or done or step % config.checkpoint_every_steps == 0 or evaluate
         if save_now or step % config.log_every_steps == 0:
           on_host += jax.device_get(on_device)
           on_device = []
@@ -434,8 +448,12 @@ def _train(config, workdir, mesh, lock):
           on_host = []
           progress(step)  # after the metrics fetch, so steps/s counts finished steps
         if save_now:
+          scores = None
+          if evaluate:
+            with progress.timed('eval'):
+              scores = evaluator(step, state.ema_params, writer, manager)
           with progress.timed('checkpoint'):
-            _save(manager, step, state, dataset, mesh)
+            _save(manager, step, state, dataset, mesh, metrics=scores)
           last_saved = step
         if _sample_due(config.sample.every_steps, step, done):
           with progress.timed('sample'):
@@ -457,9 +475,9 @@ def _train(config, workdir, mesh, lock):
   return state
 
 
-def _save(manager, step, state, dataset, mesh):
+def _save(manager, step, state, dataset, mesh, metrics=None):
   data_state = checkpoint.encode_data_state(dataset.get_state(), mesh)
-  checkpoint.save(manager, step, state, data_state, force=True)
+  checkpoint.save(manager, step, state, data_state, force=True, metrics=metrics)
 
 
 def _stop_if_not_finite(host_metrics, step, last_saved, manager):

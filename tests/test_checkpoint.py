@@ -214,3 +214,97 @@ def test_export_writes_the_ema_alone_with_its_config(run, tmp_path):
     export.export(str(tmp_path / 'empty'), str(tmp_path / 'export2'))
   with pytest.raises(checkpoint.CheckpointError, match='holds no export'):
     checkpoint.load_exported(str(tmp_path / 'empty'))
+
+
+# --- the best checkpoint (config.eval.best_metric) ----------------------------------------------
+
+def _save_state(manager, step, **metrics):
+  """A small checkpoint of `step` with `metrics` (none when empty); the steps kept after it."""
+  data = checkpoint.encode_data_state({'index': step}, train_util.one_device_mesh())
+  state = {'x': jax.numpy.full([2], float(step))}
+  checkpoint.save(manager, step, state, data, force=True, metrics=metrics or None)
+  manager.wait_until_finished()
+  return sorted(manager.all_steps())
+
+
+def test_best_checkpoint_is_kept_besides_the_last_and_survives_reopening(tmp_path):
+  """Orbax's preservation with keep=1: the lowest FID stays, saves without metrics rotate, a
+  NaN score never counts as best; a reopened manager (a resumed run) ranks against it."""
+  workdir = str(tmp_path / 'w')
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))
+  assert manager.best() is None
+  assert _save_state(manager, 1, fid=5.0, accuracy=0.1) == [1]
+  assert _save_state(manager, 2, fid=2.0, accuracy=0.5) == [2]
+  assert _save_state(manager, 3) == [2, 3]
+  assert _save_state(manager, 4, fid=3.0, accuracy=0.9) == [2, 4]
+  assert _save_state(manager, 5, fid=float('nan')) == [2, 5]
+  manager.close()
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))   # a resumed run
+  assert manager.best() == (2, {'fid': 2.0, 'accuracy': 0.5})
+  assert _save_state(manager, 6) == [2, 6] and _save_state(manager, 7) == [2, 7]
+  assert _save_state(manager, 8, fid=1.0) == [8]
+  # A save still in flight counts: best() waits for it (its metrics are read back from disk).
+  data = checkpoint.encode_data_state({'index': 9}, train_util.one_device_mesh())
+  checkpoint.save(manager, 9, {'x': jax.numpy.zeros([2])}, data, force=True, metrics={'fid': 9.0})
+  assert manager.best() == (8, {'fid': 1.0})
+  checkpoint.save(manager, 10, {'x': jax.numpy.zeros([2])}, data, force=True,
+                  metrics={'fid': 0.5})
+  assert manager.best() == (10, {'fid': 0.5})
+  manager.close()
+  # Highest is best for the other metrics.
+  manager = checkpoint.create_manager(str(tmp_path / 'm'), keep=1, best=('accuracy', 'max'))
+  for step, accuracy in ((1, 0.3), (2, 0.9), (3, 0.4)):
+    _save_state(manager, step, accuracy=accuracy)
+  assert sorted(manager.all_steps()) == [2, 3] and manager.best() == (2, {'accuracy': 0.9})
+  manager.close()
+  # Without a tracked metric: the last k only, and no best.
+  manager = checkpoint.create_manager(str(tmp_path / 'm'), keep=1)
+  assert manager.best() is None and _save_state(manager, 4, accuracy=1.0) == [4]
+  manager.close()
+
+
+@pytest.mark.filterwarnings('ignore:Sharding info not provided:UserWarning')
+def test_best_checkpoint_survives_a_failed_save_of_a_better_one(tmp_path):
+  """The save of a new best fails at its commit (as a full disk, or a kill before the rename,
+  leaves it): the old best and the last checkpoint stay, whole and restorable, and the
+  half-written step neither counts as best nor survives the next start."""
+  workdir = str(tmp_path / 'w')
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))
+  _save_state(manager, 2, fid=2.0)
+  _save_state(manager, 3)
+  real = fail_the_save_of(4, 'commit')
+  try:
+    with pytest.raises(checkpoint.CheckpointError, match='step 4 could not be written'):
+      _save_state(manager, 4, fid=1.0)
+  finally:
+    ocp.PyTreeCheckpointHandler.async_save = real
+  manager.close()
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))   # the next start
+  try:
+    assert sorted(manager.all_steps()) == [2, 3] and manager.best() == (2, {'fid': 2.0})
+    for step in (2, 3):
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+      assert float(restored.state['x'][0]) == step
+    assert _save_state(manager, 5) == [2, 5]
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['2', '5']
+  finally:
+    manager.close()
+
+
+def test_a_kill_between_a_new_best_and_the_old_ones_removal_keeps_the_new(tmp_path, monkeypatch):
+  """Orbax removes old steps only after the new one is committed; a run killed in between
+  leaves both, and the next start ranks them and removes the old one at its next save."""
+  workdir = str(tmp_path / 'w')
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))
+  _save_state(manager, 2, fid=2.0)
+  deleter = manager._checkpoint_deleter  # pylint: disable=protected-access
+  monkeypatch.setattr(deleter, 'delete_steps', lambda steps: None)
+  _save_state(manager, 4, fid=1.0)   # "killed" before its finalize deleted step 2
+  manager.close()
+  assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['2', '4']
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))
+  try:
+    assert manager.best() == (4, {'fid': 1.0})
+    assert _save_state(manager, 5) == [4, 5]
+  finally:
+    manager.close()

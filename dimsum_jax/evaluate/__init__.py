@@ -4,11 +4,13 @@
                       and the importer of pytorch-fid's weight file
   digits_features.py  a small classifier of the offline digits set (fitted once, cached): features
                       for an FID-like metric and the sample accuracy, no download
-  features.py         FeatureNet, `build_feature_net(config)`, `default_eval_config()`, and the
-                      Extractor (jitted, batched, split over every device)
+  config.py           the `config.eval` block: `default_eval_config()` and its `validate`
+  features.py         FeatureNet, `build_feature_net(config)`, and the Extractor (jitted,
+                      batched, split over every device)
   metrics.py          Fréchet distance, IS, k-NN precision/recall, `evaluate_images`
   reference.py        ADM reference batches: read, and written from our data sources (resumable)
   sweep.py            FID versus NFE / guidance, one cached set of initial noises for all settings
+  training.py         config.eval during training: sample with the EMA, score, keep the best
   command.py          python -m dimsum_jax.evaluate --samples=... --reference=... --inception=...
                       (__main__.py runs it); prepare() checks the inputs before sampling
 
@@ -27,7 +29,7 @@ import importlib
 
 _EXPORTS = {
     "FeatureNet": "features", "Extractor": "features", "build_feature_net": "features",
-    "default_eval_config": "features",
+    "default_eval_config": "config", "EvalConfigError": "config",
     "EvaluationError": "metrics", "evaluate_images": "metrics", "evaluate_features": "metrics",
     "frechet_distance": "metrics", "inception_score": "metrics", "precision_recall": "metrics",
     "Reference": "reference", "load_reference": "reference", "save_reference": "reference",

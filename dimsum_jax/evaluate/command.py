@@ -2,13 +2,14 @@
 
   python -m dimsum_jax.evaluate --samples=OUT/samples.npz --reference=REF.npz \\
       --inception=pt_inception-2015-12-05-6726825d.pth
-  python -m dimsum_jax.evaluate --samples=samples/digits/samples.npz --features=digits
+  python -m dimsum_jax.evaluate --samples=samples/digits --features=digits
 
---samples is what `python -m dimsum_jax.sample` writes (arr_0: uint8 [N, H, W, C], labels: [N]);
-it is streamed, never loaded whole. --reference is an ADM reference batch (mu, sigma, mu_s,
-sigma_s, arr_0) or one written by `python -m dimsum_jax.evaluate.reference`; with
---features=digits it may be left out (then: all 1 797 digits at the samples' size). --inception
-is pytorch-fid's weight file (or its .npz), read once from disk; nothing is downloaded.
+--samples is what `python -m dimsum_jax.sample` writes (arr_0: uint8 [N, H, W, C], labels: [N]),
+or its output folder (then FOLDER/samples.npz); it is streamed, never loaded whole. --reference
+is an ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0) or one written by `python -m
+dimsum_jax.evaluate.reference`; with --features=digits it may be left out (then: all 1 797
+digits at the samples' size). --inception is pytorch-fid's weight file (or its .npz), read once
+from disk; nothing is downloaded.
 
 Prints one line per metric and writes them, with what was compared, as JSON beside the samples:
 OUT/evaluation-<reference name>.json (--out to choose), replaced atomically. Every input is
@@ -16,11 +17,12 @@ checked before anything is computed: a samples file of another layout or dtype, 
 another resolution or feature size, a weight file of another network, or fewer samples than a
 metric needs is one sentence on stderr and exit status 1, and an earlier result stays as it was.
 --metrics picks a subset (fid,sfid,is,precision,recall,accuracy; default: all that the features
-and the reference allow).
+and the reference allow, without accuracy for samples that carry no labels).
 
 For other entry points: `prepare(eval_args(reference=..., inception=...), image_shape, n)` runs
 every check before samples exist (what `python -m dimsum_jax.sample --evaluate` needs first), and
-`run(args)` evaluates a written samples.npz and writes the JSON.
+`run(args, prepared)` evaluates a written samples.npz with what prepare returned and writes the
+JSON.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ import numpy as np
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m dimsum_jax.evaluate",
                               description="Evaluate samples.npz (see the module docstring).")
-  p.add_argument("--samples", required=True, help="samples.npz (arr_0 uint8 [N, H, W, C])")
+  p.add_argument("--samples", required=True,
+                 help="samples.npz (arr_0 uint8 [N, H, W, C]), or the folder that holds it")
   p.add_argument("--reference", default="", help="reference batch .npz")
   p.add_argument("--features", default="inception", choices=("inception", "digits"))
   p.add_argument("--inception", default="", help="pytorch-fid's pt_inception-2015-12-05-*.pth")
@@ -103,6 +106,7 @@ def eval_args(**overrides) -> argparse.Namespace:
 def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
   """(feature net, reference, metrics) for samples of `image_shape` (H, W, C), after every check
   that can fail: call it before making the samples, so that a wrong flag costs no sampling."""
+  from dimsum_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import reference as reference_lib  # pylint: disable=g-import-not-at-top
@@ -115,7 +119,7 @@ def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
                 "dimsum_jax.evaluate.reference`).")
   ref = reference_lib.load_reference(args.reference) if args.reference else None
   requested = metrics_lib.parse_metrics(args.metrics) if args.metrics else None
-  config = features_lib.default_eval_config()
+  config = eval_config.default_eval_config()
   config.update(features=args.features, inception_weights=args.inception,
                 preprocess=args.preprocess, batch_size=args.batch_size,
                 cache_dir=args.cache_dir or config.cache_dir)
@@ -123,7 +127,8 @@ def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
   if ref is None:   # digits: every digit at the samples' size
     from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
     ref = digits_features.digits_reference(net, image_shape[0], image_shape[-1])
-  metrics = requested or metrics_lib.available_metrics(net, ref)
+  metrics = requested or tuple(m for m in metrics_lib.available_metrics(net, ref)
+                               if has_labels or m != "accuracy")
   ref.check_compatible(net, tuple(image_shape), metrics)
   metrics_lib.check_counts(metrics, num_samples, ref.num_images, args.split_size)
   if "accuracy" in metrics and not has_labels:
@@ -132,13 +137,22 @@ def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
   return net, ref, metrics
 
 
-def run(args) -> dict:
-  """Everything but the printing; raises the user errors (EvaluationError, WeightsError, ...)."""
+def run(args, prepared=None) -> dict:
+  """Everything but the printing; raises the user errors (EvaluationError, WeightsError, ...).
+  prepared: what prepare() returned for these samples (its net, reference and metrics are used
+  as they are, after the samples' shape and count are checked against them)."""
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import npz  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(args.samples):   # the output folder of python -m dimsum_jax.sample
+    args.samples = os.path.join(args.samples, "samples.npz")
   images, labels = read_samples(args.samples)
-  net, ref, metrics = prepare(args, images.shape[1:], images.shape[0], labels is not None)
+  if prepared is None:
+    net, ref, metrics = prepare(args, images.shape[1:], images.shape[0], labels is not None)
+  else:
+    net, ref, metrics = prepared
+    ref.check_compatible(net, tuple(images.shape[1:]), metrics)
+    metrics_lib.check_counts(metrics, images.shape[0], ref.num_images, args.split_size)
   start = time.monotonic()
   kinds = sorted({metrics_lib.NEEDS[m] for m in metrics})
   extractor = features_lib.Extractor(net, kinds=kinds)

@@ -12,7 +12,7 @@ with the kinds
 
 Two nets exist: `inception` (dimsum_jax.evaluate.inception, weights from pytorch-fid's file) and
 `digits` (dimsum_jax.evaluate.digits_features, fitted on first use, no download). Build either
-from a small config with `build_feature_net(config)` (`default_eval_config()` lists the fields).
+from a small config with `build_feature_net(config)` (the fields of dimsum_jax.evaluate.config).
 
 `Extractor(net, devices)` runs a net over any number of images: global batches of
 `net.batch_size * len(devices)` images, split over the devices of a ('data', 'fsdp') mesh
@@ -32,13 +32,12 @@ from typing import Any, Callable, Iterable
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
 from dimsum_jax import sharding
+from dimsum_jax.evaluate.config import FEATURES
 
 KINDS = ("pool", "spatial", "is_logits", "logits")
-FEATURES = ("inception", "digits")
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,31 +51,8 @@ class FeatureNet:
   info: dict = dataclasses.field(default_factory=dict)
 
 
-def default_eval_config() -> ml_collections.ConfigDict:
-  """The evaluation block: which features, which reference, which metrics (see build_feature_net
-  and dimsum_jax.evaluate.metrics.evaluate_images); the fields a training run would add under
-  `config.eval` are the sampling ones at the end."""
-  c = ml_collections.ConfigDict()
-  c.features = "inception"        # inception | digits
-  c.inception_weights = ""        # pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz)
-  c.preprocess = "pytorch_fid"    # Inception input: pytorch_fid | tf (the TF graph's resize)
-  c.reference = ""                # ADM-style reference batch .npz ('' with digits: the digits set)
-  c.metrics = ""                  # e.g. "fid,sfid,is,precision,recall" ('' = all possible)
-  c.batch_size = 50               # images per device per extraction step
-  c.cache_dir = "~/.cache/dimsum_jax"   # the fitted digits net
-  # Sampling for an evaluation during training (0 = never).
-  c.every_steps = 0
-  c.num_samples = 10_000
-  c.sample_batch_size = 256
-  c.solver = "euler"
-  c.num_steps = 50
-  c.cfg_scale = 1.0
-  c.seed = 0
-  return c
-
-
 def build_feature_net(config) -> FeatureNet:
-  """The `inception` or `digits` net of `config` (fields of default_eval_config())."""
+  """The `inception` or `digits` net of `config` (fields of config.default_eval_config())."""
   features = str(config.features)
   if features == "inception":
     from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top

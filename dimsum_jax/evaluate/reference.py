@@ -211,7 +211,7 @@ def reference_from_images(images, net: FeatureNet, *, extractor=None, source: st
 
 
 def reference_for(config, net: FeatureNet, image_shape) -> Reference:
-  """The reference of an evaluation config (features.default_eval_config): config.reference, or
+  """The reference of an evaluation config (config.default_eval_config): config.reference, or
   with the digits features and no file, every digit at the samples' (H, W, C)."""
   if config.reference:
     return load_reference(os.path.expanduser(config.reference))
@@ -468,6 +468,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+  from dimsum_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
@@ -478,7 +479,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
       raise EvaluationError(f"{args.out} exists: choose another --out, or delete it to write "
                             "it again.")
-    config = features_lib.default_eval_config()
+    config = eval_config.default_eval_config()
     config.update(features=args.features, inception_weights=args.inception,
                   preprocess=args.preprocess, batch_size=args.batch_size,
                   cache_dir=args.cache_dir or config.cache_dir)

@@ -40,6 +40,7 @@ import numpy as np
 
 from dimsum_jax import sampling
 from dimsum_jax import sharding
+from dimsum_jax.evaluate import config as eval_config
 from dimsum_jax.evaluate import features as features_lib
 from dimsum_jax.evaluate import metrics as metrics_lib
 from dimsum_jax.evaluate import npz
@@ -276,7 +277,7 @@ def parse_args(argv):
   p.add_argument("--atol", type=float, default=1e-6)
   p.add_argument("--rtol", type=float, default=1e-3)
   p.add_argument("--reference", default="")
-  p.add_argument("--features", default="inception", choices=features_lib.FEATURES)
+  p.add_argument("--features", default="inception", choices=eval_config.FEATURES)
   p.add_argument("--inception", default="")
   p.add_argument("--preprocess", default="pytorch_fid", choices=("pytorch_fid", "tf"))
   p.add_argument("--metrics", default="fid")
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
   try:
     settings = settings_grid(args.solver.split(","), [int(v) for v in _floats(args.num_steps)],
                              _floats(args.cfg_scale), args.atol, args.rtol)
-    config = features_lib.default_eval_config()
+    config = eval_config.default_eval_config()
     config.update(features=args.features, inception_weights=args.inception,
                   preprocess=args.preprocess, batch_size=args.feature_batch_size,
                   cache_dir=args.cache_dir or config.cache_dir)

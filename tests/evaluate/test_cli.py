@@ -77,6 +77,18 @@ def test_digits_command_line(files, digits_cache, digits_net):
   assert result["accuracy"] > 0.95 and result["precision"] > 0.9, (result, f"seed {SEED}")
 
 
+def test_a_sample_folder_is_its_samples_npz(files, digits_cache, capsys, tmp_path):
+  results = []
+  for samples in (files["samples"].parent, files["samples"]):
+    out = tmp_path / f"{len(results)}.json"
+    code, _, err = _run(capsys, f"--samples={samples}", "--features=digits",
+                        f"--cache_dir={digits_cache}", f"--out={out}")
+    assert code == 0, err
+    results.append(json.loads(out.read_text()))
+  assert results[0]["samples"] == results[1]["samples"] == str(files["samples"])
+  assert results[0]["fid"] == results[1]["fid"] and results[0]["recall"] == results[1]["recall"]
+
+
 @pytest.mark.parametrize("case,argv,phrase", [
     ("float samples", ["--samples={float}", "--features=digits"], "dtype float32, not uint8"),
     ("flat samples", ["--samples={flat}", "--features=digits"], "not images [N, H, W, C]"),
