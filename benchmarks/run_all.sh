@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
 #
-#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample encode scaling
+#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample encode evaluate scaling
 #                                               profile profile_dit (default: train sample
 #                                               scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
@@ -68,11 +68,13 @@ for stage in $stages; do
       else
         echo "== encode: benchmarks/encode.py not found, skipped" | tee -a "$log"
       fi ;;
+    evaluate)  # the Inception features of the evaluation (target: >= 2000 images/s at 256 px)
+      step evaluate "${EVALUATE_LIMIT:-240}" benchmarks/evaluate_features.py --out "$results" ;;
     scaling)
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample encode scaling profile profile_dit)" >&2
+      echo "unknown stage $stage (train baseline sample encode evaluate scaling profile profile_dit)" >&2
       exit 2 ;;
   esac
 done
