@@ -25,6 +25,7 @@ from dimsum_jax import models
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
+from dimsum_jax import warm_start
 from dimsum_jax import data as data_lib
 from dimsum_jax.models import layers
 from dimsum_jax.models import mamba
@@ -380,7 +381,8 @@ def check_config(config, dataset, vae_module=None):
 
 
 # Errors whose message is the whole story: the run stops with it and no traceback.
-USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError)
+USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError,
+               warm_start.WarmStartError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +430,7 @@ def _train(config, workdir, mesh, lock):
   vae = _load_vae(config, mesh) if config.vae.dir else None
   latent_from_vae = check_config(config, dataset, vae_module=vae[1] if vae else None)
   training = build(config, mesh)
+  start = warm_start.prepare(config, workdir, training.abstract_state.params, mesh)  # reads only
   # The jitted, donated step, compiled ahead (before the workdir is touched) to check its memory.
   training, seconds = compile_update(training, config, mesh)
   update = training.update
@@ -449,6 +452,8 @@ def _train(config, workdir, mesh, lock):
       raise SetupError(str(e)) from e
   else:
     state = training.init(jax.random.PRNGKey(config.seed))
+    if start is not None:  # config.init_from: its weights, a fresh optimiser at step 0
+      state = state.replace(**warm_start.place(start, training.state_sharding.params))
   checkpoint.save_config(workdir, config)
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.create_writer(workdir, just_logging=not is_main)
