@@ -26,6 +26,12 @@ sequence per sample), so a sample depends on its batch mates within the solver t
 Several processes need an --out on a file system they all share (process 0 assembles the result).
 
 Latent models (4 channels) are decoded by the VAE of config.vae.dir or --vae_dir.
+
+--image_size=N samples at N px instead of the trained size: the model is rebuilt for the new
+token grid (its scan orders and wavelet windows follow it) with the learned position table
+interpolated (dimsum_jax.warm_start; --interpolation: auto = bicubic for DiMSUM, bilinear for
+DiM; DiT's sin-cos table is rebuilt). A size that the patch or DiMSUM's wavelet layout cannot
+take is refused by name.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from dimsum_jax import models
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
+from dimsum_jax import warm_start
 
 GRID_MAX = 100
 MANIFEST = 'manifest.json'
@@ -133,6 +140,7 @@ class LoadedModel:
   source: str                         # absolute path of the checkpoint / workdir
   step: int | None                    # training step of the weights, when known
   vae: Any = None                     # (vae module, vae params) for latent models
+  interpolation: str | None = None    # how the position table was resized (--image_size)
 
   @property
   def num_classes(self) -> int:
@@ -298,9 +306,12 @@ def check_vae(config, vae_dir=None) -> str | None:
   return vae_dir
 
 
-def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None,
-               mesh=None) -> LoadedModel:
-  """The EMA weights of an export, a conversion or a training workdir, replicated over `mesh`."""
+def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, mesh=None,
+               image_size=None, interpolation='auto') -> LoadedModel:
+  """The EMA weights of an export, a conversion or a training workdir, replicated over `mesh`;
+  with `image_size` (px) other than the trained one, the model rebuilt for that size
+  (warm_start.resize_model: the position table interpolated, `interpolation` 'auto' = the
+  family's own; scan orders and wavelet windows follow the new token grid)."""
   config, layout = read_config(checkpoint_dir=checkpoint_dir, workdir=workdir)
   vae_path = check_vae(config, vae_dir)
   mesh = sampling_mesh() if mesh is None else mesh
@@ -334,8 +345,19 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None,
     vae = vae_lib.load_vae(vae_path, sharding=replicated)
     with config.ignore_type():
       config.vae.dir = vae_path
+  factor = vae[0].downsampling_factor if vae is not None else 1
+  resized = None
+  if image_size is not None and image_size != config.model.input_size * factor:
+    try:
+      size = warm_start.check_image_size(config.model, image_size, factor)
+      config.model, model, params = warm_start.resize_model(config.model, params, size,
+                                                            interpolation)
+    except warm_start.WarmStartError as e:
+      raise SampleError(f'--image_size={image_size}: {e}') from e
+    params = warm_start.to_global(params, replicated)
+    resized = interpolation
   return LoadedModel(config=config, model=model, params=params, mesh=mesh, source=where,
-                     step=step, vae=vae)
+                     step=step, vae=vae, interpolation=resized)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,6 +654,7 @@ def _manifest(loaded, opts, batch, classes):
       'image_shape': list(loaded.output_shape),
       'batch_size': batch,
       'classes': list(classes),
+      'interpolation': loaded.interpolation,
       **_key_settings(opts),
   }
 
@@ -734,12 +757,14 @@ def _hms(seconds):
 
 
 def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_size=64,
-        classes=None, vae_dir=None, pngs=True, devices=None, **options):
+        classes=None, vae_dir=None, pngs=True, devices=None, image_size=None,
+        interpolation='auto', **options):
   """The CLI without flags (see the module docstring); returns the summary dict (process 0).
 
   options: `sampling_options` fields (mode, solver, num_steps, atol, rtol, max_steps, per_sample,
   cfg_scale, sde_method, diffusion_form, diffusion_norm, last_step, last_step_size, seed).
   devices: the devices to use (default: all of every process).
+  image_size, interpolation: sample at another size than trained (see load_model).
   """
   opts = sampling_options(**options)  # flags first: nothing loaded or written on a typo
   if not out:
@@ -749,8 +774,12 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
   out = os.path.abspath(out)
   if os.path.exists(out) and not os.path.isdir(out):
     raise SampleError(f'--out={out} is a file: choose a directory.')
+  if interpolation not in warm_start.INTERPOLATIONS:
+    raise SampleError(f'Unknown --interpolation={interpolation}: use one of '
+                      f'{", ".join(warm_start.INTERPOLATIONS)}.')
   loaded = load_model(checkpoint_dir=checkpoint, workdir=workdir, step=step, vae_dir=vae_dir,
-                      mesh=sampling_mesh(devices))
+                      mesh=sampling_mesh(devices), image_size=image_size,
+                      interpolation=interpolation)
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
   num_devices = loaded.mesh.devices.size
@@ -876,12 +905,15 @@ def define_flags():
   flags.DEFINE_string('last_step', 'Mean', 'SDE last step: Mean, Tweedie, Euler or None.')
   flags.DEFINE_float('last_step_size', 0.04, 'SDE last step size.')
   flags.DEFINE_integer('seed', 0, 'Sample i starts from the noise of fold_in(key(seed), i).')
+  flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).')
+  flags.DEFINE_string('interpolation', 'auto', 'With --image_size: the position table\'s '
+                      'resizing, auto (the family\'s own), bicubic or bilinear.')
 
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
              'pngs', 'mode', 'solver', 'num_steps', 'atol', 'rtol', 'max_steps', 'per_sample',
              'cfg_scale', 'sde_method', 'diffusion_form', 'diffusion_norm', 'last_step',
-             'last_step_size', 'seed')
+             'last_step_size', 'seed', 'image_size', 'interpolation')
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)
 
 

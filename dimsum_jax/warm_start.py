@@ -369,9 +369,16 @@ def prepare(config, workdir, shapes, mesh) -> Start | None:
   return Start(params, ema)
 
 
+def to_global(tree, shardings):
+  """A NumPy tree (whole on every process) as global arrays with `shardings` (a tree, or one
+  sharding for every leaf)."""
+  if not isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(to_global, tree, shardings)
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), shardings, lambda index: np.asarray(a)[index]), tree)
+
+
 def place(start: Start, params_sharding) -> dict:
-  """{'params', 'ema_params'} as global arrays with the run's parameter shardings (each process
-  holds the whole NumPy trees)."""
-  put = lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index])
-  return {'params': jax.tree.map(put, start.params, params_sharding),
-          'ema_params': jax.tree.map(put, start.ema_params, params_sharding)}
+  """{'params', 'ema_params'} as global arrays with the run's parameter shardings."""
+  return {'params': to_global(start.params, params_sharding),
+          'ema_params': to_global(start.ema_params, params_sharding)}
