@@ -84,7 +84,19 @@ def get_config(arg=''):
     c.sample.every_steps = 500
     c.sample.solver = 'heun'
     c.sample.num_steps = 25
+  elif arg == 'finetune32':
+    # The default run's weights at twice the resolution: 32x32 digits, an 8x8 token grid (the
+    # position table interpolated bicubically, dimsum_jax.warm_start), a short low-lr fine-tune.
+    c.init_from.path = 'runs/digits'
+    c.data.image_size = 32
+    c.model.input_size = 32
+    c.num_train_steps = 400
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 20
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 200
+    c.sample.every_steps = 0          # the grid at the end only
   elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of configs/digits.py: use "", smoke, smoke_dit or '
-                     f'dim.')
+    raise ValueError(f'Unknown variant {arg!r} of configs/digits.py: use "", smoke, smoke_dit, '
+                     f'dim or finetune32.')
   return c

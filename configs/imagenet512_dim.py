@@ -10,13 +10,24 @@ layout switches to rho_pad), then 64 k steps at batch 240 (upstream sets
 gradient_accumulation_steps 2, which its loop may not apply), AdamW lr 1e-4, no weight decay,
 betas (0.99, 0.99), eps 1e-15, linear warm-up over 2 500 steps then constant, grad clip 1.0,
 EMA 0.9999, label dropout 0.15, the discrete schedule with noise prediction; evaluation with
-DPM-Solver (50 steps) and U-ViT guidance 0.7 (cfg_scale 1.7 here). The warm start is not wired
-into this config yet: without it the run trains from scratch.
+DPM-Solver (50 steps) and U-ViT guidance 0.7 (cfg_scale 1.7 here). The default trains from
+scratch; `:finetune` is upstream's warm start (dimsum_jax.warm_start; the position table resized
+bilinearly, DiM's own interpolation):
+
+  python -m dimsum_jax.main --config=configs/imagenet512_dim.py:finetune --workdir=$WORKDIR512 \
+      --config.init_from.path=$WORKDIR256_H --config.data.data_dir=$LATENTS512 --config.vae.dir=$VAE
+
+with $WORKDIR256_H the DiM-H/2 run of configs/imagenet256_dim.py:H (or its export). Upstream
+starts both the weights and the EMA from the 256 px model's online weights when it has them
+(its EMA otherwise); a workdir gives its params and its EMA here, an export its EMA for both.
 """
 from dimsum_jax import config_utils
 
 
-def get_config():
+def get_config(arg=''):
+  if arg not in ('', 'finetune'):
+    raise ValueError(f'Unknown variant {arg!r} of configs/imagenet512_dim.py: use "" or '
+                     f'finetune.')
   c = config_utils.base_config()
   c.data.name = 'latents'
   c.data.image_size = 64
@@ -56,4 +67,6 @@ def get_config():
   c.sample.solver = 'heun'
   c.sample.num_steps = 25
   c.sample.cfg_scale = 1.7            # U-ViT scale 0.7
+  if arg == 'finetune':
+    c.init_from.path = 'runs/imagenet256_dim_H'   # --config.init_from.path= the 256 px H run
   return c
