@@ -24,8 +24,9 @@ model config `target` (parameter shapes `shapes`):
                   (+ bias [p p C]) of another patch size keep their top-left p x p block and
                   their first p p C outputs: cropped as upstream DiMSUM's --model-ckpt does for
                   patch 4 -> 2; a larger patch is zero-padded.
-  label table     [n + 1, D] <-> [n, D] (only the null row, the last, differs): the class rows
-                  are copied, the null row dropped or started at zero.
+  label table     a table of the n classes without the null row ([n, D]: an upstream model
+                  trained without label dropout) into a model of n classes ([n + 1, D]): the
+                  class rows copied, the null row (the last) started at zero.
 Every other parameter must have the same shape; the first that does not stops with one
 sentence naming it and both shapes. `check_image_size` and `resize_model` give a trained model
 another input size for sampling (the scan orders and the wavelet windows follow the grid).
@@ -176,8 +177,8 @@ def _carry(name, value, shape, src: Layout, dst: Layout, method: str):
   if name in _PATCH and src.patch != dst.patch and same_elsewhere:
     return _fit(value, shape), (f'{name} {list(value.shape)} -> {list(shape)} (patch '
                                 f'{src.patch} -> {dst.patch})')
-  if name in _LABELS and value.shape[1:] == shape[1:] and abs(value.shape[0] - shape[0]) == 1:
-    return _fit(value, shape), f'{name} null row {"dropped" if shape[0] < len(value) else "added"}'
+  if name in _LABELS and value.shape[1:] == shape[1:] and value.shape[0] + 1 == shape[0]:
+    return _fit(value, shape), f'{name} null row added'
   return None
 
 

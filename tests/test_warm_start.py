@@ -237,6 +237,10 @@ def test_label_table_gains_a_zero_null_row():
      'init_from does not fit this DiMSUM-L/2: y_embedder/embedding_table/embedding is [13, 64] '
      'there and [11, 64] here (check model.name, depth, hidden_size, in_channels and '
      'num_classes).'),
+    (dict(num_classes=10), dict(num_classes=9),
+     'init_from does not fit this DiMSUM-L/2: y_embedder/embedding_table/embedding is [11, 64] '
+     'there and [10, 64] here (check model.name, depth, hidden_size, in_channels and '
+     'num_classes).'),
     (dict(attn_every=0), {},
      'init_from has no parameter attn_block/adaLN_modulation/linear/bias (this DiMSUM-L/2 needs '
      '[384]): the checkpoint is of another architecture.'),
@@ -246,7 +250,8 @@ def test_label_table_gains_a_zero_null_row():
     (dict(name='DiT-S/2', hidden_size=48, depth=1), {},
      'init_from holds a DiT-S/2, which cannot start a DiMSUM-L/2: use weights of the same model '
      'family.'),
-], ids=['width', 'depth', 'channels', 'classes', 'missing', 'extra', 'family'])
+], ids=['width', 'depth', 'channels', 'classes', 'fewer-classes', 'missing', 'extra',
+        'family'])
 def test_mismatch_is_one_sentence_naming_the_first_parameter(source, target, message):
   source, target = _config(**source), _config(**target)
   with pytest.raises(warm_start.WarmStartError) as e:
