@@ -31,7 +31,10 @@ Latent models (4 channels) are decoded by the VAE of config.vae.dir or --vae_dir
 token grid (its scan orders and wavelet windows follow it) with the learned position table
 interpolated (dimsum_jax.warm_start; --interpolation: auto = bicubic for DiMSUM, bilinear for
 DiM; DiT's sin-cos table is rebuilt). A size that the patch or DiMSUM's wavelet layout cannot
-take is refused by name.
+take is refused by name. At m times the trained size, --upsample_guidance=THETA (--ug_eta)
+adds Upsample Guidance from the model at its trained size (sampling.make_upsample_guided_model_fn:
+the velocity form for flow matching, upstream's noise form for DiM), one trained-size evaluation
+per guided step on top of the counted NFE.
 """
 from __future__ import annotations
 
@@ -124,6 +127,8 @@ def _key_settings(opts) -> dict:
   else:
     keys += ['sde_method', 'num_steps', 'diffusion_form', 'diffusion_norm', 'last_step',
              'last_step_size']
+  if float(opts.upsample_guidance):
+    keys += ['upsample_guidance', 'ug_eta']
   return {k: opts[k] for k in keys}
 
 
@@ -141,6 +146,7 @@ class LoadedModel:
   step: int | None                    # training step of the weights, when known
   vae: Any = None                     # (vae module, vae params) for latent models
   interpolation: str | None = None    # how the position table was resized (--image_size)
+  base: Any = None                    # (model, params) at the trained size, with --image_size
 
   @property
   def num_classes(self) -> int:
@@ -350,6 +356,7 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
   if image_size is not None and image_size != config.model.input_size * factor:
     try:
       size = warm_start.check_image_size(config.model, image_size, factor)
+      base = (model, params)
       config.model, model, params = warm_start.resize_model(config.model, params, size,
                                                             interpolation)
     except warm_start.WarmStartError as e:
@@ -357,7 +364,8 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     params = warm_start.to_global(params, replicated)
     resized = interpolation
   return LoadedModel(config=config, model=model, params=params, mesh=mesh, source=where,
-                     step=step, vae=vae, interpolation=resized)
+                     step=step, vae=vae, interpolation=resized,
+                     base=base if resized else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,6 +396,29 @@ def check_guidance(loaded: LoadedModel, opts) -> None:
   if float(loaded.config.model.label_dropout) <= 0:
     raise SampleError('This model was trained without label dropout, so its null class was never '
                       'trained and guidance is meaningless: use --cfg_scale=1.')
+
+
+def check_upsample_guidance(loaded: LoadedModel, opts) -> int:
+  """The factor m of --upsample_guidance (0 when off); SampleError when it cannot apply."""
+  theta, eta = float(opts.upsample_guidance), float(opts.ug_eta)
+  if theta == 0:
+    return 0
+  if not (math.isfinite(theta) and theta > 0 and 0 <= eta <= 1):
+    raise SampleError(f'--upsample_guidance={theta} --ug_eta={eta}: the scale must be positive '
+                      'and ug_eta in [0, 1].')
+  trained = loaded.base[0].input_size if loaded.base is not None else loaded.image_shape[0]
+  m, rest = divmod(loaded.image_shape[0], trained)
+  if loaded.base is None or rest or m < 2:
+    raise SampleError(f'--upsample_guidance needs --image_size at a whole multiple (2 or more) '
+                      f'of the trained size; the model takes {trained}x{trained} inputs and is '
+                      f'sampled at {loaded.image_shape[0]}.')
+  transport_config = loaded.config.transport
+  try:
+    sampling.make_upsample_guided_model_fn(None, None, m, path_type=transport_config.path_type,
+                                           prediction=transport_config.prediction, theta=theta)
+  except ValueError as e:
+    raise SampleError(f'--upsample_guidance: {e}') from e
+  return m
 
 
 def labels_for(indices, classes: Sequence[int]) -> np.ndarray:
@@ -422,20 +453,31 @@ def to_uint8(images):
 
 
 def sample_batch(params, vae_params, indices, labels, *, model, config, opts, image_shape,
-                 vae_module=None, output='uint8'):
+                 vae_module=None, output='uint8', base_model=None):
   """One global batch: noise of sample indices -> ODE/SDE -> (VAE) -> images. Pure, jit-able.
 
   Returns (images, nfe, status, num_steps, finite): images uint8 (or float32 in [-1, 1] when
-  output='float', or the latents before the VAE when output='latents').
+  output='float', or the latents before the VAE when output='latents'). With Upsample Guidance
+  (opts.upsample_guidance), params is (params, trained-size params of `base_model`) and nfe
+  counts the sampled-size evaluations only.
   """
   num_classes = int(config.model.num_classes)
   noise_key, sde_key = jax.random.split(jax.random.PRNGKey(opts.seed))
   x0 = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), image_shape,
                                             jnp.float32))(indices)
 
+  if base_model is not None:
+    params, base_params = params
   def model_fn(x, t, y):
     return model.apply({'params': params}, x, t, y if num_classes else None)
 
+  if base_model is not None:
+    model_fn = sampling.make_upsample_guided_model_fn(
+        model_fn, lambda x, t, y: base_model.apply({'params': base_params}, x, t,
+                                                   y if num_classes else None),
+        image_shape[0] // base_model.input_size, path_type=config.transport.path_type,
+        prediction=config.transport.prediction, theta=float(opts.upsample_guidance),
+        eta=float(opts.ug_eta))
   velocity = sampling.make_sampling_velocity_fn(
       model_fn, path_type=config.transport.path_type, prediction=config.transport.prediction,
       cfg_scale=float(opts.cfg_scale), null_label=num_classes if num_classes else None)
@@ -480,21 +522,24 @@ class BatchSampler:
     replicated = sharding.replicated(mesh)
     vae_module, vae_params = loaded.vae if loaded.vae is not None else (None, None)
     self._vae_params = vae_params
+    base_model = loaded.base[0] if float(opts.upsample_guidance) else None
+    self._params = (loaded.params, loaded.base[1]) if base_model else loaded.params
     key = json.dumps([loaded.config.model.to_dict(), loaded.config.transport.to_dict(),
                       loaded.config.vae.dir if vae_module is not None else None, opts.to_dict(),
                       batch_size, [d.id for d in mesh.devices.flat], list(mesh.devices.shape),
-                      output], sort_keys=True, default=str)
+                      output, base_model and base_model.input_size], sort_keys=True, default=str)
     start = time.monotonic()
     if key not in _COMPILED:
       fn = functools.partial(sample_batch, model=loaded.model, config=loaded.config, opts=opts,
-                             image_shape=loaded.image_shape, vae_module=vae_module, output=output)
+                             image_shape=loaded.image_shape, vae_module=vae_module, output=output,
+                             base_model=base_model)
       abstract = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype,
                                                     sharding=self.batch_sharding)
       # Under the mesh, the Pallas selective scan runs on each device's share of the batch.
       with jax.set_mesh(mesh):
         _COMPILED[key] = jax.jit(
             fn, out_shardings=(self.batch_sharding, replicated, replicated, replicated, replicated)
-        ).lower(loaded.params, vae_params, abstract(jnp.int32), abstract(jnp.int32)).compile()
+        ).lower(self._params, vae_params, abstract(jnp.int32), abstract(jnp.int32)).compile()
     self._compiled = _COMPILED[key]
     self.compile_seconds = time.monotonic() - start
 
@@ -503,7 +548,7 @@ class BatchSampler:
 
   def __call__(self, indices, labels):
     """Global arrays for sample `indices` [batch] (numpy, the same on every process)."""
-    out = self._compiled(self.loaded.params, self._vae_params,
+    out = self._compiled(self._params, self._vae_params,
                          self._global(np.asarray(indices, np.int32)),
                          self._global(np.asarray(labels, np.int32)))
     return out
@@ -533,6 +578,7 @@ def generate(loaded: LoadedModel, num_samples: int, *, classes=None, batch_size:
   opts = sampling_options() if opts is None else opts
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
+  check_upsample_guidance(loaded, opts)
   batch = batch_size_for(num_samples, batch_size, loaded.mesh.devices.size)
   sampler = BatchSampler(loaded, opts, batch, output=output)
   images, nfes = [], []
@@ -782,6 +828,7 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
                       interpolation=interpolation)
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
+  check_upsample_guidance(loaded, opts)
   num_devices = loaded.mesh.devices.size
   batch = batch_size_for(num_samples, batch_size, num_devices)
   manifest = _manifest(loaded, opts, batch, classes)
@@ -908,12 +955,17 @@ def define_flags():
   flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).')
   flags.DEFINE_string('interpolation', 'auto', 'With --image_size: the position table\'s '
                       'resizing, auto (the family\'s own), bicubic or bilinear.')
+  flags.DEFINE_float('upsample_guidance', 0.0, 'With --image_size m times the trained size: '
+                     'Upsample Guidance scale (0 = off).')
+  flags.DEFINE_float('ug_eta', 0.3, 'Upsample Guidance acts over the first ug_eta of the way '
+                     'from noise.')
 
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
              'pngs', 'mode', 'solver', 'num_steps', 'atol', 'rtol', 'max_steps', 'per_sample',
              'cfg_scale', 'sde_method', 'diffusion_form', 'diffusion_norm', 'last_step',
-             'last_step_size', 'seed', 'image_size', 'interpolation')
+             'last_step_size', 'seed', 'image_size', 'interpolation', 'upsample_guidance',
+             'ug_eta')
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)
 
 
