@@ -352,7 +352,7 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     with config.ignore_type():
       config.vae.dir = vae_path
   factor = vae[0].downsampling_factor if vae is not None else 1
-  resized = None
+  resized, base = None, None
   if image_size is not None and image_size != config.model.input_size * factor:
     try:
       size = warm_start.check_image_size(config.model, image_size, factor)
@@ -364,8 +364,7 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     params = warm_start.to_global(params, replicated)
     resized = interpolation
   return LoadedModel(config=config, model=model, params=params, mesh=mesh, source=where,
-                     step=step, vae=vae, interpolation=resized,
-                     base=base if resized else None)
+                     step=step, vae=vae, interpolation=resized, base=base)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,6 +467,7 @@ def sample_batch(params, vae_params, indices, labels, *, model, config, opts, im
 
   if base_model is not None:
     params, base_params = params
+
   def model_fn(x, t, y):
     return model.apply({'params': params}, x, t, y if num_classes else None)
 

@@ -307,9 +307,7 @@ def read_source(path: str, mesh) -> Source:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                            sharding=sharding.replicated(mesh)),
                             abstract)
-    state, step = checkpoint.restore_newest(
-        path, {'step': jax.ShapeDtypeStruct((), np.int32, sharding=sharding.replicated(mesh)),
-               'params': abstract, 'ema_params': abstract})
+    state, step = checkpoint.restore_newest(path, {'params': abstract, 'ema_params': abstract})
     params, ema = (jax.tree.map(np.asarray, jax.device_get(state[k]))
                    for k in ('params', 'ema_params'))
     return Source('workdir', model_config, params, ema, step)
