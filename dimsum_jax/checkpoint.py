@@ -480,6 +480,34 @@ def load_config(workdir):
 # --- export for inference ---------------------------------------------------------------------
 
 
+def restore_newest(workdir, target, *, step=None):
+  """(the `state` items of `target`, their step) from WORKDIR's newest checkpoint that restores
+  them (or from `step`), read only: a failed one is logged and the next older one tried.
+
+  `target`: a subset of the TrainState's fields, e.g. {'step': ..., 'ema_params': ...}, as
+  ShapeDtypeStructs with their shardings. CheckpointError when none restores."""
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  try:
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first, or pass '
+                            'the workdir of a run that saved one.')
+    for s in steps:
+      try:
+        return manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))['state'], s
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('Checkpoint %s/%d could not be restored: %s', manager.directory, s,
+                      str(e).split('\n')[0][:500])
+    raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)} could be restored with '
+                          'its config.json; see the errors above.')
+  finally:
+    manager.close()
+
+
 def export_ema(workdir, out, *, abstract_state, step=None):
   """Writes the EMA parameters of WORKDIR's newest good checkpoint (or `step`) to OUT.
 
@@ -489,27 +517,7 @@ def export_ema(workdir, out, *, abstract_state, step=None):
   if os.path.exists(os.path.join(out, 'ema_params')):
     raise CheckpointError(f'{out} already holds an export: choose another --out or remove it.')
   target = {'step': abstract_state.step, 'ema_params': abstract_state.ema_params}
-  manager = ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first, or pass the '
-                          'workdir of a run that saved one.')
-  restored = None
-  for s in steps:
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))['state']
-      break
-    except Exception as e:  # pylint: disable=broad-except
-      logging.error('Checkpoint %s/%d could not be restored: %s', manager.directory, s,
-                    str(e).split('\n')[0][:500])
-  manager.close()
-  if restored is None:
-    raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)} could be restored with '
-                          'its config.json; see the errors above.')
+  restored, _ = restore_newest(workdir, target, step=step)
   os.makedirs(out, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out, 'ema_params'), restored['ema_params'])

@@ -1,9 +1,9 @@
 """The full training ConfigDict with every field and its default; configs/*.py start from it.
 
 Sections: model (dimsum_jax.models), transport (dimsum_jax.transport), data (dimsum_jax.data),
-optim, mesh + sharding_rules, sample, eval (dimsum_jax.evaluate.config), vae, and the loop's own
-fields below. Every field exists here, so `--config.x.y=v` overrides are type-checked and unknown
-keys are refused.
+init_from (dimsum_jax.warm_start), optim, mesh + sharding_rules, sample, eval
+(dimsum_jax.evaluate.config), vae, and the loop's own fields below. Every field exists here, so
+`--config.x.y=v` overrides are type-checked and unknown keys are refused.
 """
 import ml_collections
 
@@ -11,6 +11,7 @@ from dimsum_jax import models
 from dimsum_jax import optim
 from dimsum_jax import sampling
 from dimsum_jax import transport
+from dimsum_jax import warm_start
 from dimsum_jax.data import config as data_config
 from dimsum_jax.evaluate import config as eval_config
 
@@ -21,6 +22,7 @@ def base_config():
   c.model = models.default_model_config()
   c.transport = transport.default_transport_config()
   c.data = data_config.default_data_config()
+  c.init_from = warm_start.default_config()   # start from another run's weights ('' = none)
 
   c.num_train_steps = 100_000
   c.log_every_steps = 100

@@ -38,6 +38,15 @@ precision/recall against an ADM-style reference batch with the Inception feature
 samples' size (no download). --features, --metrics and --preprocess are those of `python -m
 dimsum_jax.evaluate`. Every evaluation check (weights, reference resolution, sample counts) runs
 before any sampling; the scores go to OUT/evaluation-<reference name>.json and into summary.json.
+
+--image_size=N samples at N px instead of the trained size: the model is rebuilt for the new
+token grid (its scan orders and wavelet windows follow it) with the learned position table
+interpolated (dimsum_jax.warm_start; --interpolation: auto = bicubic for DiMSUM, bilinear for
+DiM; DiT's sin-cos table is rebuilt). A size that the patch or DiMSUM's wavelet layout cannot
+take is refused by name. At m times the trained size, --upsample_guidance=THETA (--ug_eta)
+adds Upsample Guidance from the model at its trained size (sampling.make_upsample_guided_model_fn:
+the velocity form for flow matching, upstream's noise form for DiM), one trained-size evaluation
+per guided step on top of the counted NFE.
 """
 from __future__ import annotations
 
@@ -67,6 +76,7 @@ from dimsum_jax import models
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
+from dimsum_jax import warm_start
 
 GRID_MAX = 100
 MANIFEST = 'manifest.json'
@@ -134,6 +144,8 @@ def _key_settings(opts) -> dict:
   else:
     keys += ['sde_method', 'num_steps', 'diffusion_form', 'diffusion_norm', 'last_step',
              'last_step_size']
+  if float(opts.upsample_guidance):
+    keys += ['upsample_guidance', 'ug_eta']
   return {k: opts[k] for k in keys}
 
 
@@ -150,6 +162,8 @@ class LoadedModel:
   source: str                         # absolute path of the checkpoint / workdir
   step: int | None                    # training step of the weights, when known
   vae: Any = None                     # (vae module, vae params) for latent models
+  interpolation: str | None = None    # how the position table was resized (--image_size)
+  base: Any = None                    # (model, params) at the trained size, with --image_size
 
   @property
   def num_classes(self) -> int:
@@ -317,9 +331,12 @@ def check_vae(config, vae_dir=None) -> str | None:
   return vae_dir
 
 
-def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None,
-               mesh=None) -> LoadedModel:
-  """The EMA weights of an export, a conversion or a training workdir, replicated over `mesh`."""
+def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, mesh=None,
+               image_size=None, interpolation='auto') -> LoadedModel:
+  """The EMA weights of an export, a conversion or a training workdir, replicated over `mesh`;
+  with `image_size` (px) other than the trained one, the model rebuilt for that size
+  (warm_start.resize_model: the position table interpolated, `interpolation` 'auto' = the
+  family's own; scan orders and wavelet windows follow the new token grid)."""
   config, layout = read_config(checkpoint_dir=checkpoint_dir, workdir=workdir)
   vae_path = check_vae(config, vae_dir)
   mesh = sampling_mesh() if mesh is None else mesh
@@ -353,8 +370,20 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None,
     vae = vae_lib.load_vae(vae_path, sharding=replicated)
     with config.ignore_type():
       config.vae.dir = vae_path
+  factor = vae[0].downsampling_factor if vae is not None else 1
+  resized, base = None, None
+  if image_size is not None and image_size != config.model.input_size * factor:
+    try:
+      size = warm_start.check_image_size(config.model, image_size, factor)
+      base = (model, params)
+      config.model, model, params = warm_start.resize_model(config.model, params, size,
+                                                            interpolation)
+    except warm_start.WarmStartError as e:
+      raise SampleError(f'--image_size={image_size}: {e}') from e
+    params = warm_start.to_global(params, replicated)
+    resized = interpolation
   return LoadedModel(config=config, model=model, params=params, mesh=mesh, source=where,
-                     step=step, vae=vae)
+                     step=step, vae=vae, interpolation=resized, base=base)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,6 +425,29 @@ def check_guidance(loaded: LoadedModel, opts) -> None:
                       'trained and guidance is meaningless: use --cfg_scale=1.')
 
 
+def check_upsample_guidance(loaded: LoadedModel, opts) -> int:
+  """The factor m of --upsample_guidance (0 when off); SampleError when it cannot apply."""
+  theta, eta = float(opts.upsample_guidance), float(opts.ug_eta)
+  if theta == 0:
+    return 0
+  if not (math.isfinite(theta) and theta > 0 and 0 <= eta <= 1):
+    raise SampleError(f'--upsample_guidance={theta} --ug_eta={eta}: the scale must be positive '
+                      'and ug_eta in [0, 1].')
+  trained = loaded.base[0].input_size if loaded.base is not None else loaded.image_shape[0]
+  m, rest = divmod(loaded.image_shape[0], trained)
+  if loaded.base is None or rest or m < 2:
+    raise SampleError(f'--upsample_guidance needs --image_size at a whole multiple (2 or more) '
+                      f'of the trained size; the model takes {trained}x{trained} inputs and is '
+                      f'sampled at {loaded.image_shape[0]}.')
+  transport_config = loaded.config.transport
+  try:
+    sampling.make_upsample_guided_model_fn(None, None, m, path_type=transport_config.path_type,
+                                           prediction=transport_config.prediction, theta=theta)
+  except ValueError as e:
+    raise SampleError(f'--upsample_guidance: {e}') from e
+  return m
+
+
 def labels_for(indices, classes: Sequence[int]) -> np.ndarray:
   """Label of each sample index: classes[i % len(classes)] (zeros when unconditional)."""
   indices = np.asarray(indices, np.int64)
@@ -428,20 +480,32 @@ def to_uint8(images):
 
 
 def sample_batch(params, vae_params, indices, labels, *, model, config, opts, image_shape,
-                 vae_module=None, output='uint8'):
+                 vae_module=None, output='uint8', base_model=None):
   """One global batch: noise of sample indices -> ODE/SDE -> (VAE) -> images. Pure, jit-able.
 
   Returns (images, nfe, status, num_steps, finite): images uint8 (or float32 in [-1, 1] when
-  output='float', or the latents before the VAE when output='latents').
+  output='float', or the latents before the VAE when output='latents'). With Upsample Guidance
+  (opts.upsample_guidance), params is (params, trained-size params of `base_model`) and nfe
+  counts the sampled-size evaluations only.
   """
   num_classes = int(config.model.num_classes)
   noise_key, sde_key = jax.random.split(jax.random.PRNGKey(opts.seed))
   x0 = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), image_shape,
                                             jnp.float32))(indices)
 
+  if base_model is not None:
+    params, base_params = params
+
   def model_fn(x, t, y):
     return model.apply({'params': params}, x, t, y if num_classes else None)
 
+  if base_model is not None:
+    model_fn = sampling.make_upsample_guided_model_fn(
+        model_fn, lambda x, t, y: base_model.apply({'params': base_params}, x, t,
+                                                   y if num_classes else None),
+        image_shape[0] // base_model.input_size, path_type=config.transport.path_type,
+        prediction=config.transport.prediction, theta=float(opts.upsample_guidance),
+        eta=float(opts.ug_eta))
   velocity = sampling.make_sampling_velocity_fn(
       model_fn, path_type=config.transport.path_type, prediction=config.transport.prediction,
       cfg_scale=float(opts.cfg_scale), null_label=num_classes if num_classes else None)
@@ -494,21 +558,24 @@ class BatchSampler:
     replicated = sharding.replicated(mesh)
     vae_module, vae_params = loaded.vae if loaded.vae is not None else (None, None)
     self._vae_params = vae_params
+    base_model = loaded.base[0] if float(opts.upsample_guidance) else None
+    self._params = (loaded.params, loaded.base[1]) if base_model else loaded.params
     key = json.dumps([loaded.config.model.to_dict(), loaded.config.transport.to_dict(),
                       loaded.config.vae.dir if vae_module is not None else None, opts.to_dict(),
                       batch_size, [d.id for d in mesh.devices.flat], list(mesh.devices.shape),
-                      output], sort_keys=True, default=str)
+                      output, base_model and base_model.input_size], sort_keys=True, default=str)
     start = time.monotonic()
     if key not in _COMPILED:
       fn = functools.partial(sample_batch, model=loaded.model, config=loaded.config, opts=opts,
-                             image_shape=loaded.image_shape, vae_module=vae_module, output=output)
+                             image_shape=loaded.image_shape, vae_module=vae_module, output=output,
+                             base_model=base_model)
       abstract = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype,
                                                     sharding=self.batch_sharding)
       # Under the mesh, the Pallas selective scan runs on each device's share of the batch.
       with jax.set_mesh(mesh):
         _COMPILED[key] = jax.jit(
             fn, out_shardings=(self.batch_sharding, replicated, replicated, replicated, replicated)
-        ).lower(loaded.params, vae_params, abstract(jnp.int32), abstract(jnp.int32)).compile()
+        ).lower(self._params, vae_params, abstract(jnp.int32), abstract(jnp.int32)).compile()
     self._compiled = _COMPILED[key]
     self.compile_seconds = time.monotonic() - start
 
@@ -517,7 +584,7 @@ class BatchSampler:
 
   def __call__(self, indices, labels):
     """Global arrays for sample `indices` [batch] (numpy, the same on every process)."""
-    out = self._compiled(self.loaded.params, self._vae_params,
+    out = self._compiled(self._params, self._vae_params,
                          self._global(np.asarray(indices, np.int32)),
                          self._global(np.asarray(labels, np.int32)))
     return out
@@ -548,6 +615,7 @@ def generate(loaded: LoadedModel, num_samples: int, *, classes=None, batch_size:
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
   check_mode(loaded, opts)
+  check_upsample_guidance(loaded, opts)
   batch = batch_size_for(num_samples, batch_size, loaded.mesh.devices.size)
   sampler = BatchSampler(loaded, opts, batch, output=output)
   images, nfes = [], []
@@ -669,6 +737,7 @@ def _manifest(loaded, opts, batch, classes):
       'image_shape': list(loaded.output_shape),
       'batch_size': batch,
       'classes': list(classes),
+      'interpolation': loaded.interpolation,
       **_key_settings(opts),
   }
 
@@ -814,8 +883,8 @@ def _evaluate(evaluation, samples_path):
 
 
 def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_size=64,
-        classes=None, vae_dir=None, pngs=True, devices=None, evaluate=None, eval_options=None,
-        **options):
+        classes=None, vae_dir=None, pngs=True, devices=None, image_size=None,
+        interpolation='auto', evaluate=None, eval_options=None, **options):
   """The CLI without flags (see the module docstring); returns the summary dict (process 0).
 
   options: `sampling_options` fields (mode, solver, num_steps, atol, rtol, max_steps, per_sample,
@@ -824,6 +893,7 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
   evaluate: a reference batch .npz or 'digits' to score samples.npz once written; eval_options:
   options of `python -m dimsum_jax.evaluate` (features, inception, metrics, preprocess,
   batch_size, split_size, cache_dir).
+  image_size, interpolation: sample at another size than trained (see load_model).
   """
   opts = sampling_options(**options)  # flags first: nothing loaded or written on a typo
   if not out:
@@ -833,11 +903,16 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
   out = os.path.abspath(out)
   if os.path.exists(out) and not os.path.isdir(out):
     raise SampleError(f'--out={out} is a file: choose a directory.')
+  if interpolation not in warm_start.INTERPOLATIONS:
+    raise SampleError(f'Unknown --interpolation={interpolation}: use one of '
+                      f'{", ".join(warm_start.INTERPOLATIONS)}.')
   loaded = load_model(checkpoint_dir=checkpoint, workdir=workdir, step=step, vae_dir=vae_dir,
-                      mesh=sampling_mesh(devices))
+                      mesh=sampling_mesh(devices), image_size=image_size,
+                      interpolation=interpolation)
   check_mode(loaded, opts)
   classes = check_classes(loaded, classes)
   check_guidance(loaded, opts)
+  check_upsample_guidance(loaded, opts)
   evaluation = _prepare_evaluation(evaluate, eval_options, loaded, num_samples)
   num_devices = loaded.mesh.devices.size
   batch = batch_size_for(num_samples, batch_size, num_devices)
@@ -979,13 +1054,21 @@ def define_flags():
                       'fid,sfid,is,precision,recall,accuracy (default: all that apply).')
   flags.DEFINE_enum('preprocess', None, ['pytorch_fid', 'tf'], 'With --evaluate and Inception '
                     "features: pytorch-fid's input resize (default) or the TF graph's.")
+  flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).')
+  flags.DEFINE_string('interpolation', 'auto', 'With --image_size: the position table\'s '
+                      'resizing, auto (the family\'s own), bicubic or bilinear.')
+  flags.DEFINE_float('upsample_guidance', 0.0, 'With --image_size m times the trained size: '
+                     'Upsample Guidance scale (0 = off).')
+  flags.DEFINE_float('ug_eta', 0.3, 'Upsample Guidance acts over the first ug_eta of the way '
+                     'from noise.')
 
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
              'pngs', 'mode', 'dpm_steps', 'solver', 'num_steps', 'atol', 'rtol', 'max_steps',
              'per_sample',
              'cfg_scale', 'sde_method', 'diffusion_form', 'diffusion_norm', 'last_step',
-             'last_step_size', 'seed')
+             'last_step_size', 'seed', 'image_size', 'interpolation', 'upsample_guidance',
+             'ug_eta')
 EVAL_FLAGS = ('inception', 'features', 'metrics', 'preprocess')  # options of dimsum_jax.evaluate
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)
 

@@ -84,6 +84,10 @@ def default_sampling_config() -> ml_collections.ConfigDict:
   c.max_steps = 4096           # dopri5 step budget (accepted + rejected)
   c.per_sample = False         # dopri5: per-sample step sizes (vmap) instead of batch-shared
   c.cfg_scale = 1.0            # 1.0 = no guidance (no unconditional evaluation)
+  # Upsample Guidance scale theta (0 = off) for a model sampled at m times its trained size,
+  # active over the first ug_eta of the way from noise (`make_upsample_guided_model_fn`).
+  c.upsample_guidance = 0.0
+  c.ug_eta = 0.3
   c.sde_method = "euler"       # euler (Euler-Maruyama) | heun
   c.diffusion_form = "sigma"
   c.diffusion_norm = 1.0
@@ -730,26 +734,31 @@ def upsample_guidance_times(t_cont, m: int):
   return index, tau
 
 
+def _avg_pool(a, m: int):
+  """[B, H, W, C] -> [B, H/m, W/m, C]: the mean of every m x m block."""
+  b, h, w, c = a.shape
+  return a.reshape(b, h // m, m, w // m, m, c).mean(axis=(2, 4))
+
+
+def _nearest_up(a, m: int):
+  return jnp.repeat(jnp.repeat(a, m, axis=1), m, axis=2)
+
+
 def make_upsample_guided_noise_fn(guided_fn, m: int = 2, *, theta: float = 1.0,
-                                  eta: float = 0.3, T: float = 1.0):
+                                  eta: float = 0.3, T: float = 1.0, low_fn=None):
   """Upstream's Upsample Guidance (arXiv 2404.01709; `make_ufg_nnet`, section 12) for sampling
   an m-times larger latent than the model was trained at, as `noise_fn(x, t_cont, labels)`.
 
   guided_fn(x, network_time [B], labels) is the guided noise prediction (e.g. U-ViT guidance of
   a DiM, whose position table is resized for the grid of x). With w = theta [t >= (1 - eta) T]:
     pred = guided_fn(x, 1000 t);  x_low = AvgPool_m(x) / sqrt(alphabar + (1 - alphabar) / m^2)
-    out = pred + w NearestUp_m(guided_fn(x_low, 1000 tau) / m - AvgPool_m(pred))
-  The low-resolution call runs only when some w > 0 (lax.cond). Use it with
+    out = pred + w NearestUp_m(low_fn(x_low, 1000 tau) / m - AvgPool_m(pred))
+  with low_fn = guided_fn unless given (the same network at the trained size). The
+  low-resolution call runs only when some w > 0 (lax.cond). Use it with
   `sample_dpm_solver(..., predict_x0=False)`, as upstream does.
   """
   alphabar, _, _ = _upsample_tables()
-
-  def pool(a):
-    b, h, w, c = a.shape
-    return a.reshape(b, h // m, m, w // m, m, c).mean(axis=(2, 4))
-
-  def up(a):
-    return jnp.repeat(jnp.repeat(a, m, axis=1), m, axis=2)
+  low_fn = guided_fn if low_fn is None else low_fn
 
   def noise_fn(x, t_cont, labels=None):
     dtype = x.dtype
@@ -760,9 +769,97 @@ def make_upsample_guided_noise_fn(guided_fn, m: int = 2, *, theta: float = 1.0,
 
     def guided(pred):
       ab = jnp.asarray(alphabar, dtype)[index][:, None, None, None]
-      x_low = pool(x) / jnp.sqrt(ab + (1.0 - ab) / m ** 2)
-      low = guided_fn(x_low, transport.DISCRETE_STEPS * tau, labels)
-      return pred + w * up(low / m - pool(pred))
+      x_low = _avg_pool(x, m) / jnp.sqrt(ab + (1.0 - ab) / m ** 2)
+      low = low_fn(x_low, transport.DISCRETE_STEPS * tau, labels)
+      return pred + w * _nearest_up(low / m - _avg_pool(pred, m), m)
 
     return jax.lax.cond(jnp.any(w > 0), guided, lambda p: p, pred)
   return noise_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Upsample Guidance for the flow-matching models
+#
+# The same idea for x_t = alpha_t x1 + sigma_t x0 (x0 noise, t = 0 noise, t = 1 data) and a
+# velocity network. Write P = AvgPool_m. P(x0) = x0' / m with x0' ~ N(0, I), so
+#   P(x_t) = alpha_t P(x1) + (sigma_t / m) x0' = c (alpha_tau x1' + sigma_tau x0'),  x1' = P(x1):
+# a sample of the trained-size problem at the time tau whose signal-to-noise ratio is m^2 that of
+# t, alpha_tau / sigma_tau = m alpha_t / sigma_t, scaled by c = sqrt(alpha_t^2 + sigma_t^2 / m^2)
+# / sqrt(alpha_tau^2 + sigma_tau^2). For GVP (alpha = sin(pi t/2), sigma = cos(pi t/2))
+# tau = (2/pi) atan(m tan(pi t / 2)) and c = sqrt(alpha_t^2 + sigma_t^2 / m^2); for Linear
+# (alpha = t, sigma = 1 - t) tau = m t / (1 - t + m t) and c = t / tau. The trained-size network
+# at (x_low = P(x_t) / c, tau) estimates x1' and x0' (its data and noise predictions, affine in
+# its velocity: transport.data_from_velocity / noise_from_velocity), hence the velocity of the
+# pooled path, d/dt P(x_t) = alpha'_t P(x1) + sigma'_t P(x0):
+#   v_low = alpha'_t x1'^ + (sigma'_t / m) x0'^.
+# P(v) is the block mean of the full-size velocity; the guidance moves w of it onto v_low and
+# keeps the detail within the blocks:
+#   v_g = v + w NearestUp_m(v_low - P(v)),   w = theta [t <= 1 - (1 - eta) T]
+# (DiM's schedule w = theta [t_cont >= (1 - eta) T] with t_cont = 1 - t: the first eta of the
+# way from noise). With w = 1 the block means of v_g are v_low exactly. The noise form above is
+# the same statement for x0: P(eps_g) = eps_low / m. Both are affine in the network outputs
+# with weights summing to one, so they commute with classifier-free guidance.
+
+UPSAMPLE_PATHS = ("GVP", "Linear")
+
+
+def upsample_guidance_time(path_type: str, t, m: int):
+  """(tau, c) of the flow-matching Upsample Guidance at package times t (see above)."""
+  path_type = transport.canonical_path(path_type)
+  t = jnp.asarray(t, jnp.result_type(t, jnp.float32))
+  if path_type == "GVP":
+    half_pi = 0.5 * np.pi
+    tau = jnp.arctan2(m * jnp.sin(half_pi * t), jnp.cos(half_pi * t)) / half_pi
+  elif path_type == "Linear":
+    tau = m * t / (1.0 - t + m * t)
+  else:
+    raise ValueError(f"Upsample Guidance is derived for the {' and '.join(UPSAMPLE_PATHS)} paths "
+                     f"(and DiM's discrete one), not {path_type}.")
+  alpha, sigma, _, _ = transport.path_coefficients(path_type, t)
+  alpha_tau, sigma_tau, _, _ = transport.path_coefficients(path_type, tau)
+  c = jnp.sqrt((alpha ** 2 + sigma ** 2 / m ** 2) / (alpha_tau ** 2 + sigma_tau ** 2))
+  return tau, c
+
+
+def make_upsample_guided_velocity_fn(model_fn, low_fn, m: int = 2, *, path_type: str = "GVP",
+                                     theta: float = 1.0, eta: float = 0.3, T: float = 1.0):
+  """`fn(x, t, y)`: the velocity of `model_fn(x, t, y)` (a velocity network at the sampled size,
+  package time t [B]) with Upsample Guidance from `low_fn(x_low, tau, y)` (the same network at
+  the trained size), as derived above. The trained-size call runs only when some w > 0."""
+  def fn(x, t, y):
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.result_type(t, jnp.float32)), x.shape[:1])
+    v = model_fn(x, t, y)
+    w = (theta * (t <= 1.0 - (1.0 - eta) * T)).astype(v.dtype)[:, None, None, None]
+
+    def guided(v):
+      tau, c = upsample_guidance_time(path_type, t, m)
+      x_low = _avg_pool(x, m) / transport.expand_t(c, x).astype(x.dtype)
+      v_low = low_fn(x_low, tau, y)
+      x1 = transport.data_from_velocity(v_low, x_low, tau, path_type)
+      x0 = transport.noise_from_velocity(v_low, x_low, tau, path_type)
+      _, _, d_alpha, d_sigma = (transport.expand_t(a, x) for a in
+                                transport.path_coefficients(path_type, t))
+      pooled = (d_alpha * x1 + d_sigma / m * x0).astype(v.dtype)
+      return v + w * _nearest_up(pooled - _avg_pool(v, m), m)
+
+    return jax.lax.cond(jnp.any(w > 0), guided, lambda v: v, v)
+  return fn
+
+
+def make_upsample_guided_model_fn(model_fn, low_fn, m: int, *, path_type: str, prediction: str,
+                                  theta: float, eta: float = 0.3, T: float = 1.0):
+  """`model_fn(x, network_time, y)` with Upsample Guidance for an m-times larger sample:
+  the velocity form above for flow-matching velocity networks (GVP, Linear), upstream's noise
+  form for DiM's discrete noise prediction (network time 1000 t_cont). `low_fn` is the same
+  network at the trained size. Guidance is affine in the outputs, so CFG may wrap this."""
+  path_type, prediction = transport.canonical_objective(path_type, prediction)
+  if path_type == "ScaledLinear":
+    noise_fn = make_upsample_guided_noise_fn(model_fn, m, theta=theta, eta=eta, T=T,
+                                             low_fn=low_fn)
+    return lambda x, t_net, y: noise_fn(x, t_net / transport.DISCRETE_STEPS, y)
+  if prediction != "velocity" or path_type not in UPSAMPLE_PATHS:
+    raise ValueError(f"Upsample Guidance is derived for velocity prediction on the "
+                     f"{' or '.join(UPSAMPLE_PATHS)} path and for DiM's noise prediction, not "
+                     f"{prediction} on {path_type}.")
+  return make_upsample_guided_velocity_fn(model_fn, low_fn, m, path_type=path_type, theta=theta,
+                                          eta=eta, T=T)

@@ -31,6 +31,7 @@ from dimsum_jax import optim as optim_lib
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
+from dimsum_jax import warm_start
 from dimsum_jax import data as data_lib
 from dimsum_jax.evaluate import config as eval_config
 from dimsum_jax.evaluate import training as eval_training
@@ -322,7 +323,7 @@ def check_config(config, dataset, vae_module=None):
 
 # Errors whose message is the whole story: the run stops with it and no traceback.
 USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError,
-               eval_config.EvalConfigError)
+               eval_config.EvalConfigError, warm_start.WarmStartError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +376,7 @@ def _train(config, workdir, mesh, lock):
   # config.eval: the feature net, the reference and the sampler, before anything is written.
   evaluator = eval_training.prepare(config, mesh, training.model,
                                     training.abstract_state.ema_params, vae)
+  start = warm_start.prepare(config, workdir, training.abstract_state.params, mesh)  # reads only
   # The jitted, donated step, compiled ahead (before the workdir is touched) to check its memory.
   training, seconds = compile_update(training, config, mesh)
   update = training.update
@@ -397,6 +399,8 @@ def _train(config, workdir, mesh, lock):
       raise SetupError(str(e)) from e
   else:
     state = training.init(jax.random.PRNGKey(config.seed))
+    if start is not None:  # config.init_from: its weights, a fresh optimiser at step 0
+      state = state.replace(**warm_start.place(start, training.state_sharding.params))
   checkpoint.save_config(workdir, config)
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.create_writer(workdir, just_logging=not is_main)

@@ -118,7 +118,7 @@ def test_digits_variants():
     _, c = load(path, arg)
     assert c.model.name == name and c.model.depth == 4 and c.model.input_size == 8
   with pytest.raises(ValueError, match=r"Unknown variant 'nope' of configs/digits.py: use one "
-                     r"of '', smoke, smoke_dit, dim\."):
+                     r"of '', smoke, smoke_dit, dim, finetune32\."):
     load(path, 'nope')
 
 
@@ -144,3 +144,23 @@ def test_wrong_type_is_refused_with_its_name(tmp_path):
   assert '--config.model.depth=two' in r.stderr
   assert 'Traceback' not in r.stderr
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('name,arg,source,source_arg', [
+    ('imagenet512', 'finetune', 'imagenet256', None),
+    ('imagenet512', 'dim_finetune', 'imagenet256', 'dim_h'),
+    ('digits', 'finetune32', 'digits', ''),
+])
+def test_finetune_variants_warm_start_the_same_model_at_twice_the_size(name, arg, source,
+                                                                        source_arg):
+  """The weak-to-strong configs: another model input size than their source's, the same
+  network otherwise (dimsum_jax.warm_start carries the weights across), and a source named."""
+  _, c = load(os.path.join(ROOT, 'configs', f'{name}.py'), arg)
+  _, base = load(os.path.join(ROOT, 'configs', f'{source}.py'), source_arg)
+  assert c.init_from.path and c.init_from.interpolation == 'auto'
+  assert c.model.input_size == 2 * base.model.input_size
+  same = ('name', 'in_channels', 'num_classes', 'depth', 'hidden_size', 'attn_every')
+  assert all(c.model[k] == base.model[k] for k in same)
+  train.check_choices(c)
+  with pytest.raises(ValueError, match='Unknown variant'):
+    load(os.path.join(ROOT, 'configs', f'{name}.py'), 'nope')
