@@ -255,52 +255,64 @@ def test_offline_default_evaluates_and_the_smoke_variants_do_not(digits_cache):
       'fid', 'is', 'precision', 'recall')
 
 
-KILL_SEED, KILLS = 5, 3   # the kill moments (fractions of the straight run's busy time)
+KILL_SEED, KILLS, KILL_STEPS = 5, 3, 18   # seed of the kill moments, kills, steps of the run
 
 
 @pytest.mark.slow
 def test_killed_at_random_moments_keeps_the_best_checkpoint(tmp_path, tmp_path_factory,
                                                             digits_cache):
-  """`python -m dimsum_jax.main` evaluating every 2 of 12 steps (keep_checkpoints=1), SIGKILLed
-  KILLS times at random moments (evaluations and async saves included) and rerun: the final
-  state, the checkpoints kept (the last and the best) and their scores equal those of a run
-  never killed, and the last logged row of every evaluated step equals the straight run's."""
+  """`python -m dimsum_jax.main` evaluating every 2 of KILL_STEPS steps (keep_checkpoints=1),
+  SIGKILLed KILLS times and rerun each time: the final state, the checkpoints kept (the last and
+  the best) and their scores equal those of a run never killed, and so does the last logged row
+  of every evaluated step. The run climbs its loss (a negative learning rate, the EMA equal to
+  the parameters), so that an early evaluation stays the best and its checkpoint must survive
+  every rotation and restart. Each kill comes a random moment (seed KILL_SEED) of up to 0.3 s
+  after an evaluation logs its scores, while its checkpoint is written or the next steps run."""
   rng = np.random.default_rng(KILL_SEED)
   xla = train_util.xla_cache(tmp_path_factory)
 
   def args(workdir):
     return ['-m', 'dimsum_jax.main', f'--workdir={workdir}', *train_util.flags(
-        'smoke_dit', num_train_steps=12, checkpoint_every_steps=100, log_every_steps=2,
+        'smoke_dit', num_train_steps=KILL_STEPS, checkpoint_every_steps=100, log_every_steps=2,
         keep_checkpoints=1, sample__every_steps=-1, compilation_cache_dir=xla,
-        eval__cache_dir=digits_cache, **{k: v for k, v in EVAL.items() if k != 'eval__metrics'},
-        eval__metrics='fid,accuracy')]
+        optim__learning_rate=-0.01, optim__ema_decay=0.0, eval__cache_dir=digits_cache,
+        **{**EVAL, 'eval__metrics': 'fid,accuracy'})]
 
   def evals(workdir):
     rows = {}
     with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
       for row in map(json.loads, f):
-        if 'eval/fid' in row:
+        if 'eval/fid' in row:   # a step evaluated again after a kill: its last row
           rows[row['step']] = {k: v for k, v in row.items() if k not in ('time', 'eval/seconds')}
     return rows
 
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-  text = test_kills.run_to_the_end(args(straight), str(tmp_path / 'straight.log'), KILL_SEED)
-  seconds = test_kills.loop_seconds(text, 'Training from step', 'Finished at step')
+  test_kills.run_to_the_end(args(straight), str(tmp_path / 'straight.log'), KILL_SEED)
   moments = []
-  for i in range(KILLS):
+  for i, step in enumerate(sorted(rng.choice(np.arange(2, KILL_STEPS, 2), KILLS, replace=False))):
     log = str(tmp_path / f'run_{i}.log')
     proc = test_kills.launch(args(killed), log)
     try:
-      delay = rng.uniform(0, 0.6 * seconds / KILLS)
-      if test_kills.kill_at(proc, log, 'Training from step', delay):
-        moments.append(f'{delay:.2f} s (kept {test_kills.checkpoint_steps(killed)})')
+      delay = rng.uniform(0, 0.3)
+      if test_kills.kill_at(proc, log, f'Evaluation at step {step} ', delay):
+        moments.append(f'{delay:.2f} s after step {step} (kept '
+                       f'{test_kills.checkpoint_steps(killed)})')
     finally:
       if proc.poll() is None:
         proc.kill()
   test_kills.run_to_the_end(args(killed), str(tmp_path / 'last.log'), KILL_SEED)
   what = f'seed {KILL_SEED}, kills at {moments}'
-  assert test_kills.checkpoint_steps(killed) == test_kills.checkpoint_steps(straight), what
-  assert evals(killed) == evals(straight), what
+  print(what)
+  assert len(moments) == KILLS, f'{what}: a run ended before its kill'
+  rows = evals(straight)
+  assert evals(killed) == rows, what
+  for step, row in rows.items():   # the best so far, ties to the newer step
+    fids = {s: r['eval/fid'] for s, r in rows.items() if s <= step}
+    assert row['eval/best_step'] == min(fids, key=lambda s: (fids[s], -s)), (what, rows)
+  best_step = int(rows[KILL_STEPS]['eval/best_step'])
+  assert best_step < KILL_STEPS - 2, f'{what}: the best is not an early step ({best_step})'
+  assert test_kills.checkpoint_steps(killed) == test_kills.checkpoint_steps(straight) == [
+      best_step, KILL_STEPS], what
   config = train_util.digits_config('smoke_dit')
   train_util.assert_trees_equal(train_util.restore(killed, config)[0],
                                 train_util.restore(straight, config)[0], what=what)
@@ -311,4 +323,4 @@ def test_killed_at_random_moments_keeps_the_best_checkpoint(tmp_path, tmp_path_f
       bests.append(manager.best())
     finally:
       manager.close()
-  assert bests[0] == bests[1] and bests[0][0] == evals(straight)[12]['eval/best_step'], what
+  assert bests[0] == bests[1] and bests[0][0] == best_step, what
