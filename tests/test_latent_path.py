@@ -155,6 +155,7 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
   config.sample.every_steps = -1
   config.model.name = "DiT-S/2"      # the encoding is the point: the cheapest model to compile
   config.model.hidden_size = 48      # 6 heads of 8
+  config.model.attn_every = 4        # a DiMSUM field: back at its default for the DiT
   # A model sized for an 8x VAE is refused with the size this VAE gives, before any writing.
   config.model.input_size = SIZE // 8
   with pytest.raises(SystemExit) as error:
