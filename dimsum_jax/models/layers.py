@@ -179,15 +179,38 @@ class SelfAttention(nn.Module):
     return nn.Dense(c, kernel_init=self.kernel_init, dtype=self.dtype, name="proj")(out)
 
 
+class SplitDense(nn.Module):
+  """One Dense layer [in, parts * features] applied as `parts` separate matmuls.
+
+  The parameters (`kernel` [in, parts * features], `bias` [parts * features]) and their init
+  are those of `nn.Dense(parts * features)`, so checkpoints and converted weights do not change.
+  Returning the parts of one matmul by slicing its output makes the backward pass concatenate
+  their cotangents into one [tokens, parts * features] buffer; with one matmul per part the
+  gradient of the input is a sum of matmuls and only the (small) kernel gradient is joined.
+  """
+  features: int
+  parts: int
+  kernel_init: Any = torch_default_kernel
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = self.parts * self.features
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], width), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (width,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    cut = lambda i: slice(i * self.features, (i + 1) * self.features)  # noqa: E731
+    return [jnp.dot(x, kernel[:, cut(i)]) + bias[cut(i)] for i in range(self.parts)]
+
+
 class GatedMLP(nn.Module):
-  """w12 = Linear(D -> 2H) split (a, b); GELU_tanh(a) * b; w3 = Linear(H -> D)."""
+  """w12 = Linear(D -> 2H) as (a, b); GELU_tanh(a) * b; w3 = Linear(H -> D)."""
   hidden: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    a, b = jnp.split(nn.Dense(2 * self.hidden, kernel_init=torch_default_kernel, dtype=self.dtype,
-                              name="w12")(x), 2, axis=-1)
+    a, b = SplitDense(self.hidden, 2, dtype=self.dtype, name="w12")(x)
     h = nn.gelu(a, approximate=True) * b
     return nn.Dense(x.shape[-1], kernel_init=torch_default_kernel, dtype=self.dtype, name="w3")(h)
 
