@@ -165,7 +165,7 @@ def frame_category(info) -> str | None:
     if found is None:
       if "/optax/" in file:
         found = "optimizer"
-      elif func == "_permute":
+      elif func == "permute_tokens":
         found = "permutes"
       elif func.startswith("RMSNorm.") or file.endswith("flax/linen/normalization.py"):
         found = "norms"

@@ -3,7 +3,7 @@
   python -m dimsum_jax.convert --upstream=nnet_ema.pth --config=configs/imagenet256.py:dim \\
       --out=converted/dim_l256
 
-`nnet_ema.pth` is a plain state dict of the EMA weights (reference section 9): the keys of
+`nnet_ema.pth` is a plain state dict of the EMA weights (written by upstream `train_ldm_discrete.py`, read by `eval_ldm_discrete.py`): the keys of
 section 3 (`transformer_blocks.K.attn1.in_proj.weight`, `additional_embed` [1, 2 + n, D],
 `a4m_adapter.pad_token` [1, D, 3], ...) in PyTorch layouts. It carries no hyperparameters, so
 --config names the model: its `model` section must be a DiM (`DiM-L/2`, `DiM-H/2`, `DiM-S/2`

@@ -707,9 +707,9 @@ def sample_dpm_solver(noise_fn: Callable, x_T, *, steps: int = DPM_STEPS, order:
   return x, len(plan.t)
 
 
-def _upsample_tables():
+def upsample_tables():
   """(alphabar [1001], snr [1001] with index 0 the clean end, preset SNRs [1000] float32) of
-  upstream's `Schedule` and its Upsample Guidance preset table (reference section 12)."""
+  upstream's `Schedule` and its Upsample Guidance preset table (upstream `eval_ldm_discrete.py`, `Schedule`; `upsample_guidance.py`)."""
   alphabar = np.concatenate([[1.0], transport.scaled_linear_alphas_cumprod()])
   with np.errstate(divide="ignore"):
     snr = alphabar / (1.0 - alphabar)
@@ -724,7 +724,7 @@ def upsample_guidance_times(t_cont, m: int):
   """(index, tau) of upstream's Upsample Guidance at DiM times t_cont [B]: the table index
   trunc(1000 t) and the low-resolution time tau = min(1 - j*/999, t[0]), j* the first preset
   SNR closest to m^2 snr(t) (`get_tau`)."""
-  _, snr, preset = _upsample_tables()
+  _, snr, preset = upsample_tables()
   dtype = jnp.result_type(t_cont, jnp.float32)
   t_cont = jnp.asarray(t_cont, dtype)
   index = jnp.floor(t_cont * transport.DISCRETE_STEPS).astype(jnp.int32)
@@ -757,7 +757,7 @@ def make_upsample_guided_noise_fn(guided_fn, m: int = 2, *, theta: float = 1.0,
   low-resolution call runs only when some w > 0 (lax.cond). Use it with
   `sample_dpm_solver(..., predict_x0=False)`, as upstream does.
   """
-  alphabar, _, _ = _upsample_tables()
+  alphabar, _, _ = upsample_tables()
   low_fn = guided_fn if low_fn is None else low_fn
 
   def noise_fn(x, t_cont, labels=None):

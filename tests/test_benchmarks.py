@@ -32,7 +32,7 @@ FunctionNames
 4 "MambaMixer.__call__"
 5 "wavedec2"
 6 "scale_by_adam"
-7 "_permute"
+7 "permute_tokens"
 8 "SelfAttention.__call__"
 
 FileLocations

@@ -1,6 +1,6 @@
 """`python -m dimsum_jax.convert` on DiM's released format (convert_dim, dim_convert).
 
-DiM's `nnet_ema.pth` is a plain torch state dict under the official keys (reference section 9).
+DiM's `nnet_ema.pth` is a plain torch state dict under the official keys (upstream `train_ldm_discrete.py`).
 The files here are written the same way: the official key set of the golden tiny model
 (shared/golden/dim/manifest.json, D = 64, 5 blocks, 10 classes) with random tensors of a stated
 seed, or the golden tiny.npz weights themselves. A conversion is read back as the sampler reads

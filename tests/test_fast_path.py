@@ -56,11 +56,11 @@ def test_permutation_gradient_is_the_inverse_gather(order):
   weight = jnp.asarray(rng.standard_normal((2, h * w, 3)), jnp.float32)
 
   def ours(x):
-    return jnp.sum(dimsum._permute(x, perm, inverse) * weight)
+    return jnp.sum(dimsum.permute_tokens(x, perm, inverse) * weight)
 
   def plain(x):
     return jnp.sum(x[:, perm] * weight)
-  np.testing.assert_array_equal(dimsum._permute(x, perm, inverse), np.asarray(x)[:, perm])
+  np.testing.assert_array_equal(dimsum.permute_tokens(x, perm, inverse), np.asarray(x)[:, perm])
   # d/dx sum(x[:, perm] * w) = w[:, inverse]: exact (a permutation moves values, adds nothing).
   np.testing.assert_array_equal(jax.grad(ours)(x), np.asarray(weight)[:, inverse])
   np.testing.assert_array_equal(jax.grad(ours)(x), jax.grad(plain)(x))

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimsum_jax.models.dimsum import _permute
+from dimsum_jax.models.dimsum import permute_tokens
 from dimsum_jax.models.layers import (REMAT_POLICIES, AdaLN, RMSNorm, TimestepEmbedder, modulate,
                                       rematerialised, timestep_frequencies, torch_default_bias,
                                       torch_default_kernel, unpatchify)
@@ -193,7 +193,7 @@ class DiMBlock(nn.Module):
         s = dense("skip_linear_0")(s) + tail
       s = s.astype(stream)
       self.sow("intermediates", "skip_linear_out", s)
-    r = s if perm is None else _permute(s, perm, inverse)
+    r = s if perm is None else permute_tokens(s, perm, inverse)
     table = self.param("scale_shift_table", nn.initializers.normal(d ** -0.5), (3, d))
     shift, scale, gate = (mods[:, i] + table[i] for i in range(3))
     u = RMSNorm(1e-5, self.dtype, name="norm1")(r)

@@ -1,6 +1,6 @@
 """DiM's official state dict <-> this port's parameter tree, and the 256 -> 512 px warm start.
 
-Upstream keys (reference section 3; `shared/golden/dim/manifest.json`) and layouts, PyTorch:
+Upstream keys (`Mamba2DModel.state_dict()` of upstream `mamba_2d.py`) and layouts, PyTorch:
 Linear weight [out, in] (here kernel [in, out]), Conv2d [out, in/groups, kh, kw] (here
 [kh, kw, in/groups, out]), Mamba conv1d [E, 1, 3] (here [3, E]), dt_proj [E, R] (here [R, E]),
 `additional_embed` [1, E + n, D] and `a4m_adapter.pad_token_dec_split` [1, 3, D] (here without

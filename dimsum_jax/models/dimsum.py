@@ -47,7 +47,7 @@ def _gather_tokens_bwd(res, ct):
 _gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 
 
-def _permute(x, perm, inverse):
+def permute_tokens(x, perm, inverse):
   """x [b, N, d] with its tokens reordered: x[:, perm]; `inverse` is perm's inverse."""
   return _gather_tokens(x, jnp.asarray(perm), jnp.asarray(inverse))
 
@@ -126,12 +126,12 @@ class DiMSUMBlock(nn.Module, kw_only=True):
     self.sow("intermediates", "norm_out", u)
     u1, u2 = u[..., :d], u[..., d:]
 
-    s = _permute(branch("spatial_mamba", "spatial")(_permute(u1, s_perm, s_inv), c), s_inv,
+    s = permute_tokens(branch("spatial_mamba", "spatial")(permute_tokens(u1, s_perm, s_inv), c), s_inv,
                  s_perm)
     self.sow("intermediates", "spatial_out", s)
 
     w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels, self.wavelet_impl)
-    w1 = _permute(branch("freq_mamba", "wavelet")(_permute(w0, w_perm, w_inv), c), w_inv,
+    w1 = permute_tokens(branch("freq_mamba", "wavelet")(permute_tokens(w0, w_perm, w_inv), c), w_inv,
                   w_perm)
     w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels, self.wavelet_impl)
     self.sow("intermediates", "wavelet_out", w)

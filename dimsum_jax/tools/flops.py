@@ -219,7 +219,7 @@ def dimsum_components(model: DiMSUM) -> dict[str, float]:
   """Multiply-accumulates per image by component (forward, batch 1), written out by hand.
 
   Keys ending in '*' are not in this port's forward: 'cond_proj*' exists upstream only (dead
-  layers, see reference section 9); with cond_mamba='h0' the port has it too.
+  layers: upstream's `causal_conv1d_fwd_cond` overwrites the condition it is given); with cond_mamba='h0' the port has it too.
   """
   D, depth, p = model.hidden_size, model.depth, model.patch_size
   g = model.input_size // p

@@ -391,7 +391,7 @@ def _check_upsample(path, model, params, cfg, inputs, refs, not_compared, float6
       for j, (column, exact) in enumerate(DPM_COLUMNS):
         pairs[f"{key}.{column}"] = (ours[:, j], ref[:, j], 0.0 if exact else TABLE_TOL)
     elif key == "preset_snrs_f32":
-      presets = sampling._upsample_tables()[2]  # pylint: disable=protected-access
+      presets = sampling.upsample_tables()[2]
       pairs[key] = (presets, ref, TABLE_TOL)
     elif key == "normed_timesteps_f32":
       not_compared.append((key, "the time grid of the preset table, an input of "

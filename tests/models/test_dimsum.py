@@ -447,7 +447,7 @@ def initialised():
 
 @seeds.each()
 def test_initialisation_follows_upstream(initialised, seed):
-  """Upstream's DiM.initialize_weights + _init_weights + Mamba's init (reference sections 2, 4),
+  """Upstream's DiM.initialize_weights + _init_weights + Mamba's init (upstream `dimsum/models_dim.py`, `mamba_ssm/modules/mamba_simple.py`),
   from the init key PRNGKey(seed)."""
   model, init = initialised
   p = jax.tree_util.tree_map(np.asarray, init(jax.random.PRNGKey(seed)))
