@@ -72,6 +72,7 @@ from PIL import Image
 
 from dimsum_jax import checkpoint
 from dimsum_jax import config_utils
+from dimsum_jax import io_utils
 from dimsum_jax import models
 from dimsum_jax import sampling
 from dimsum_jax import sharding
@@ -196,14 +197,9 @@ def sampling_mesh(devices=None):
 
 def _read_json(path):
   try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise SampleError(f'{path} cannot be read as JSON ({e}): export or convert the model again.'
-                      ) from e
-  if not isinstance(value, dict):
-    raise SampleError(f'{path} holds no JSON object: export or convert the model again.')
-  return value
+    return io_utils.read_json(path)
+  except ValueError as e:
+    raise SampleError(f'{e}: export or convert the model again.') from e
 
 
 def read_config(*, checkpoint_dir=None, workdir=None):

@@ -33,7 +33,6 @@ another input size for sampling (the scan orders and the wavelet windows follow 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -47,6 +46,7 @@ import orbax.checkpoint as ocp
 
 from dimsum_jax import checkpoint
 from dimsum_jax import convert
+from dimsum_jax import io_utils
 from dimsum_jax import models
 from dimsum_jax import sharding
 from dimsum_jax.models import dim
@@ -282,13 +282,9 @@ def _model_config(config_dict) -> ml_collections.ConfigDict:
 
 def _read_json(path, where):
   try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise WarmStartError(f'{where}: {path} cannot be read as JSON ({e}).') from e
-  if not isinstance(value, dict):
-    raise WarmStartError(f'{where}: {path} holds no JSON object.')
-  return value
+    return io_utils.read_json(path)
+  except ValueError as e:
+    raise WarmStartError(f'{where}: {e}.') from e
 
 
 def read_source(path: str, mesh) -> Source:
