@@ -240,16 +240,6 @@ def read_config(*, checkpoint_dir=None, workdir=None):
   return config, layout
 
 
-def _abstract_params(model, model_config):
-  size, ch = model_config.input_size, model_config.in_channels
-  x = jnp.zeros((1, size, size, ch), jnp.float32)
-  t = jnp.zeros((1,), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32) if model_config.num_classes > 0 else None
-  return jax.eval_shape(
-      lambda: model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
-                         x, t, y))['params']
-
-
 def _metadata_tree(path):
   meta = ocp.StandardCheckpointer().metadata(path)
   meta = getattr(meta, 'item_metadata', meta)  # StepMetadata -> TreeMetadata -> the tree
@@ -339,7 +329,7 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
   where = os.path.abspath(checkpoint_dir or workdir)
   try:
     model = models.create_model(config.model)
-    abstract = _abstract_params(model, config.model)
+    abstract = models.abstract_params(model, config.model)
   except ValueError as e:
     raise SampleError(f'The config in {where} does not describe a model this code can build: '
                       f'{e}') from e

@@ -45,7 +45,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dimsum_jax import checkpoint
-from dimsum_jax import convert
 from dimsum_jax import io_utils
 from dimsum_jax import models
 from dimsum_jax import sharding
@@ -253,7 +252,7 @@ def resize_model(model_config, params, input_size: int, interpolation: str = 'au
   target = ml_collections.ConfigDict(model_config.to_dict())
   target.input_size = input_size
   model = models.create_model(target)
-  shapes = convert.abstract_params(model, target)
+  shapes = models.abstract_params(model, target)
   resized, notes = adapt(params, model_config, target, shapes, interpolation,
                          where='the checkpoint')
   if notes:
@@ -300,7 +299,7 @@ def read_source(path: str, mesh) -> Source:
     config = _read_json(os.path.join(path, 'config.json'), where)
     model_config = _model_config(config.get('model', {}))
     model = models.create_model(model_config)
-    abstract = convert.abstract_params(model, model_config)
+    abstract = models.abstract_params(model, model_config)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                            sharding=sharding.replicated(mesh)),
                             abstract)
