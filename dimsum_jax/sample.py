@@ -67,7 +67,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
 from dimsum_jax import checkpoint
@@ -240,64 +239,19 @@ def read_config(*, checkpoint_dir=None, workdir=None):
   return config, layout
 
 
-def _metadata_tree(path):
-  meta = ocp.StandardCheckpointer().metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)  # StepMetadata -> TreeMetadata -> the tree
-  return getattr(meta, 'tree', meta)
-
-
-def _restore_export(path, abstract, where):
+def _restore_export(path, abstract):
   try:
-    saved = _metadata_tree(path)
-  except Exception as e:  # pylint: disable=broad-except
-    raise SampleError(f'{path} is not a readable parameter checkpoint '
-                      f'({str(e).splitlines()[0][:200]}).') from e
-  mismatch = checkpoint.first_mismatch(saved, abstract, needed_by='the config')
-  if mismatch:
-    raise SampleError(f'The weights in {where} do not fit its config ({mismatch}): the '
-                      'checkpoint and the config come from different models.')
-  return ocp.StandardCheckpointer().restore(path, abstract)
+    return checkpoint.restore_params(path, abstract)
+  except checkpoint.CheckpointError as e:
+    raise SampleError(str(e)) from e
 
 
 def _restore_workdir(workdir, abstract, step):
-  ckdir = checkpoint.checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={'state': ocp.PyTreeCheckpointHandler()})
   try:
-    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-    if step is not None and step not in manager.all_steps():
-      raise SampleError(f'{ckdir} has no checkpoint of step {step}; it has '
-                        f'{sorted(manager.all_steps()) or "none"}.')
-    if not steps:
-      raise SampleError(f'{ckdir} holds no checkpoint yet: train longer, or pass the --workdir '
-                        'of a run that saved one.')
-    target = {'ema_params': abstract}
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-    failures = []
-    for s in steps:
-      state_path = os.path.join(ckdir, str(s), 'state')
-      try:
-        saved = _metadata_tree(state_path)
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(f'step {s}: {str(e).splitlines()[0][:200]}')
-        continue
-      mismatch = checkpoint.first_mismatch(saved.get('ema_params', {}), abstract,
-                                          needed_by='the config')
-      if mismatch:
-        raise SampleError(f'The checkpoint of step {s} in {ckdir} does not fit config.json '
-                          f'({mismatch}): the checkpoint and the config come from different '
-                          'models.')
-      try:
-        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)))
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(f'step {s}: {str(e).splitlines()[0][:200]}')
-        logging.error('Checkpoint %s/%d could not be restored: %s', ckdir, s, failures[-1])
-        continue
-      return restored['state']['ema_params'], s
-    raise SampleError(f'No checkpoint in {ckdir} could be restored ({"; ".join(failures)}).')
-  finally:
-    manager.close()
+    state, step = checkpoint.restore_newest(workdir, {'ema_params': abstract}, step=step)
+  except checkpoint.CheckpointError as e:
+    raise SampleError(str(e)) from e
+  return state['ema_params'], step
 
 
 def check_vae(config, vae_dir=None) -> str | None:
@@ -344,7 +298,7 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     if step is not None:
       raise SampleError('--step applies to --workdir only; an export holds one step.')
     params = _restore_export(
-        os.path.join(where, 'ema_params' if layout == 'export' else 'params'), abstract, where)
+        os.path.join(where, 'ema_params' if layout == 'export' else 'params'), abstract)
     step_file = os.path.join(where, 'step.txt')
     step = None
     if os.path.exists(step_file):

@@ -42,7 +42,6 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from dimsum_jax import checkpoint
 from dimsum_jax import io_utils
@@ -319,7 +318,7 @@ def read_source(path: str, mesh) -> Source:
 def _restore(path, where):
   """An Orbax parameter tree (an export's ema_params/, a conversion's params/) as NumPy."""
   try:
-    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+    return checkpoint.restore_params(path)
   except Exception as e:  # pylint: disable=broad-except
     raise WarmStartError(f'{where}: {path} cannot be read ({str(e).splitlines()[0][:200]}): '
                          'export or convert the model again.') from e
