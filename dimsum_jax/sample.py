@@ -248,6 +248,17 @@ def _broadcast(array):
 FLAGS = flags.FLAGS
 
 
+_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+
+
+def define_option_flags(flag_values=FLAGS):
+  """One flag per sampling option of sampling.SAMPLING_OPTIONS: its name, its default, the type
+  of its default and its help."""
+  for name, (default, help_text) in sampling.SAMPLING_OPTIONS.items():
+    _DEFINE[type(default)](name, default, help_text, flag_values=flag_values)
+
+
 def define_flags():
   """The CLI flags (defined only when run as a program, so that importing this module next to
   other entry points, e.g. in a notebook, defines nothing)."""
@@ -260,22 +271,7 @@ def define_flags():
   flags.DEFINE_list('classes', [], 'Class indices the samples cycle through (default: all).')
   flags.DEFINE_string('vae_dir', None, 'VAE for latent models (default: config.vae.dir).')
   flags.DEFINE_boolean('pngs', True, 'Write one PNG per sample under OUT/images/.')
-  flags.DEFINE_string('mode', 'ode', 'ode (probability flow), sde (Euler-Maruyama / Heun) or dpm '
-                      "(DPM-Solver, DiM's sampler for its discrete noise-prediction models).")
-  flags.DEFINE_integer('dpm_steps', sampling.DPM_STEPS, '--mode=dpm: model evaluations.')
-  flags.DEFINE_string('solver', 'dopri5', 'ODE solver: dopri5 (adaptive), euler or heun.')
-  flags.DEFINE_integer('num_steps', 250, 'euler/heun steps; SDE grid points; unused by dopri5.')
-  flags.DEFINE_float('atol', 1e-6, 'dopri5 absolute tolerance.')
-  flags.DEFINE_float('rtol', 1e-3, 'dopri5 relative tolerance.')
-  flags.DEFINE_integer('max_steps', 4096, 'dopri5 step budget per batch (accepted + rejected).')
-  flags.DEFINE_boolean('per_sample', False, 'dopri5: step sizes per sample instead of per batch.')
-  flags.DEFINE_float('cfg_scale', 1.0, 'Classifier-free guidance scale (1 = none).')
-  flags.DEFINE_string('sde_method', 'euler', 'SDE: euler (Euler-Maruyama) or heun.')
-  flags.DEFINE_string('diffusion_form', 'sigma', 'SDE diffusion form (transport.DIFFUSION_FORMS).')
-  flags.DEFINE_float('diffusion_norm', 1.0, 'SDE diffusion scale.')
-  flags.DEFINE_string('last_step', 'Mean', 'SDE last step: Mean, Tweedie, Euler or None.')
-  flags.DEFINE_float('last_step_size', 0.04, 'SDE last step size.')
-  flags.DEFINE_integer('seed', 0, 'Sample i starts from the noise of fold_in(key(seed), i).')
+  define_option_flags()
   flags.DEFINE_string('evaluate', None, 'Score samples.npz once written: an ADM-style reference '
                       'batch .npz (Inception features), or "digits" (the digits features).')
   flags.DEFINE_string('inception', None, "With --evaluate: pytorch-fid's "
@@ -289,18 +285,10 @@ def define_flags():
   flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).')
   flags.DEFINE_string('interpolation', 'auto', 'With --image_size: the position table\'s '
                       'resizing, auto (the family\'s own), bicubic or bilinear.')
-  flags.DEFINE_float('upsample_guidance', 0.0, 'With --image_size m times the trained size: '
-                     'Upsample Guidance scale (0 = off).')
-  flags.DEFINE_float('ug_eta', 0.3, 'Upsample Guidance acts over the first ug_eta of the way '
-                     'from noise.')
 
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
-             'pngs', 'mode', 'dpm_steps', 'solver', 'num_steps', 'atol', 'rtol', 'max_steps',
-             'per_sample',
-             'cfg_scale', 'sde_method', 'diffusion_form', 'diffusion_norm', 'last_step',
-             'last_step_size', 'seed', 'image_size', 'interpolation', 'upsample_guidance',
-             'ug_eta')
+             'pngs', 'image_size', 'interpolation', *sampling.SAMPLING_OPTIONS)
 EVAL_FLAGS = ('inception', 'features', 'metrics', 'preprocess')  # options of dimsum_jax.evaluate
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)
 

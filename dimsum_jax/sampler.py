@@ -36,9 +36,8 @@ from dimsum_jax.model_loading import SampleError
 
 
 def sampling_options(**overrides) -> ml_collections.ConfigDict:
-  """`sampling.default_sampling_config()` plus the seed, with `overrides`, checked."""
+  """`sampling.default_sampling_config()` (the seed among them) with `overrides`, checked."""
   opts = sampling.default_sampling_config()
-  opts.seed = 0
   unknown = set(overrides) - set(opts)
   if unknown:
     raise SampleError(f'Unknown sampling option(s) {sorted(unknown)}: valid ones are '

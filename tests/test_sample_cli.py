@@ -278,6 +278,22 @@ def test_failed_batches_are_reported():
   assert sampler.check_batch_result((images, z(20), z(0), z(3), True), opts, '0-7') == (20, 3)
 
 
+def test_every_sampling_option_is_a_flag_made_from_its_default():
+  """sampling.SAMPLING_OPTIONS gives the command its flags (name, default, type, help) and run()
+  its keyword options, so that an option is added in one place."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FlagValues()
+  sample.define_option_flags(flag_values)
+  assert set(sample.sampling_options()) == set(sampling.SAMPLING_OPTIONS) == set(flag_values)
+  assert set(sampling.SAMPLING_OPTIONS) <= set(sample.RUN_FLAGS)
+  for name, (default, help_text) in sampling.SAMPLING_OPTIONS.items():
+    assert flag_values[name].default == default and flag_values[name].help == help_text, name
+    assert type(flag_values[name].value) is type(default), name
+  flag_values(['sample', '--num_steps=7', '--per_sample', '--atol=1e-4', '--last_step=None'])
+  assert (flag_values.num_steps, flag_values.per_sample, flag_values.atol,
+          flag_values.last_step) == (7, True, 1e-4, 'None')
+
+
 def test_command_line_errors_exit_nonzero(run_dirs, tmp_path):
   _, export_dir, _ = run_dirs
   env = dict(os.environ, JAX_PLATFORMS='cpu')
