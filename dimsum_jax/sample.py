@@ -133,8 +133,9 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
         interpolation='auto', evaluate=None, eval_options=None, **options):
   """The CLI without flags (see the module docstring); returns the summary dict (process 0).
 
-  options: `sampling_options` fields (mode, solver, num_steps, atol, rtol, max_steps, per_sample,
-  cfg_scale, sde_method, diffusion_form, diffusion_norm, last_step, last_step_size, seed).
+  options: the sampling options of `sampling.SAMPLING_OPTIONS` (mode, solver, num_steps, atol,
+  rtol, max_steps, per_sample, cfg_scale, upsample_guidance, ug_eta, sde_method, diffusion_form,
+  diffusion_norm, last_step, last_step_size, dpm_steps, seed), checked by `sampling_options`.
   devices: the devices to use (default: all of every process).
   evaluate: a reference batch .npz or 'digits' to score samples.npz once written; eval_options:
   options of `python -m dimsum_jax.evaluate` (features, inception, metrics, preprocess,
