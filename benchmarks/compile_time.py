@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dimsum_jax.models import create_model, default_model_config
+from dimsum_jax.models import abstract_params, create_model, default_model_config
 
 
 def step_fn(model):
@@ -46,9 +46,7 @@ def measure(config, batch: int) -> dict:
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   start, cpu = time.perf_counter(), time.process_time()
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape),
-                                             jnp.zeros(t.shape), jnp.zeros(y.shape, y.dtype)))
-  params = params["params"]
+  params = abstract_params(model, config)
   lowered = jax.jit(step_fn(model)).lower(params, x, t, y, x, rng)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()

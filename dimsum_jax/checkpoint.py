@@ -17,6 +17,10 @@ checkpoints stay as they were and the half-written one is never restored (Orbax 
 the next run opens the directory).
 Exported inference weights (python -m dimsum_jax.export):
   OUT/config.json + OUT/ema_params/   the EMA parameters alone, read back with load_exported(OUT).
+Parameters are read back by two functions only: `restore_newest` (a workdir's newest good
+checkpoint, or a given step: export, sampling, init_from) and `restore_params` (an export's
+ema_params/ or a conversion's params/), each checking the saved shapes against the model's before
+anything is restored.
 """
 import errno
 import fcntl
@@ -477,35 +481,88 @@ def load_config(workdir):
     return ml_collections.ConfigDict(json.load(f))
 
 
-# --- export for inference ---------------------------------------------------------------------
+# --- reading parameters back: workdirs and exports ---------------------------------------------
+
+
+def saved_tree(path):
+  """The tree that the Orbax checkpoint at `path` holds, from its metadata alone (leaves with
+  .shape): what first_mismatch compares before anything is restored."""
+  meta = ocp.StandardCheckpointer().metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)  # StepMetadata -> TreeMetadata -> the tree
+  return getattr(meta, 'tree', meta)
+
+
+def _first_line(error):
+  return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def restore_newest(workdir, target, *, step=None):
   """(the `state` items of `target`, their step) from WORKDIR's newest checkpoint that restores
-  them (or from `step`), read only: a failed one is logged and the next older one tried.
+  them (or from `step`), read only: the one reader of a workdir's parameters, for export, sampling
+  and init_from.
 
   `target`: a subset of the TrainState's fields, e.g. {'step': ..., 'ema_params': ...}, as
-  ShapeDtypeStructs with their shardings. CheckpointError when none restores."""
-  manager = ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  ShapeDtypeStructs whose shardings say where the arrays go. A checkpoint whose saved shapes differ
+  from `target`'s holds another model: CheckpointError at once, naming the first difference. One
+  that cannot be read is logged and the next older one tried. CheckpointError when none restores,
+  when there is none, or when `step` is not there."""
+  ckdir = checkpoint_dir(workdir)
+  manager = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={'state': ocp.PyTreeCheckpointHandler()})
   try:
-    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-    if not steps:
-      raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first, or pass '
-                            'the workdir of a run that saved one.')
-    for s in steps:
+    saved_steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in saved_steps:
+      raise CheckpointError(f'{ckdir} has no checkpoint of step {step}; it has '
+                            f'{sorted(saved_steps) or "none"}.')
+    if not saved_steps:
+      raise CheckpointError(f'{ckdir} holds no checkpoint yet: train longer, or pass the --workdir '
+                            'of a run that saved one.')
+    failures = []
+    for s in [step] if step is not None else saved_steps:
       try:
-        return manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))['state'], s
+        saved = saved_tree(os.path.join(ckdir, str(s), 'state'))
       except Exception as e:  # pylint: disable=broad-except
-        logging.error('Checkpoint %s/%d could not be restored: %s', manager.directory, s,
-                      str(e).split('\n')[0][:500])
-    raise CheckpointError(f'No checkpoint in {checkpoint_dir(workdir)} could be restored with '
-                          'its config.json; see the errors above.')
+        failures.append(f'step {s}: {_first_line(e)}')
+        logging.error('Checkpoint %s/%d could not be read: %s', ckdir, s, failures[-1])
+        continue
+      for name, tree in target.items():
+        mismatch = first_mismatch(saved.get(name, {}), tree, needed_by='the config')
+        if mismatch:
+          raise CheckpointError(f'The checkpoint of step {s} in {ckdir} does not fit config.json '
+                                f'({mismatch}): the checkpoint and the config come from different '
+                                'models.')
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f'step {s}: {_first_line(e)}')
+        logging.error('Checkpoint %s/%d could not be restored: %s', ckdir, s, failures[-1])
+        continue
+      return restored['state'], s
+    raise CheckpointError(f'No checkpoint in {ckdir} could be restored ({"; ".join(failures)}).')
   finally:
     manager.close()
+
+
+def restore_params(path, abstract=None):
+  """A parameter tree saved whole by Orbax, an export's OUT/ema_params/ or a conversion's
+  params/: the one reader of both. With `abstract` (ShapeDtypeStructs with shardings) the saved
+  shapes are checked first (CheckpointError naming the first difference) and the arrays placed as
+  `abstract` says; without, a nested dict of NumPy arrays (Orbax's own error when unreadable)."""
+  if abstract is None:
+    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+  try:
+    saved = saved_tree(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'{path} is not a readable parameter checkpoint ({_first_line(e)}).'
+                          ) from e
+  mismatch = first_mismatch(saved, abstract, needed_by='the config')
+  if mismatch:
+    raise CheckpointError(f'The weights in {os.path.dirname(os.path.abspath(path))} do not fit its '
+                          f'config ({mismatch}): the checkpoint and the config come from different '
+                          'models.')
+  return ocp.StandardCheckpointer().restore(path, abstract)
 
 
 def export_ema(workdir, out, *, abstract_state, step=None):
@@ -539,6 +596,4 @@ def load_exported(directory):
   if not os.path.isdir(path):
     raise CheckpointError(f'{directory} holds no export (no ema_params/): write one with '
                           'python -m dimsum_jax.export --workdir=WORKDIR --out=' + directory + '.')
-  config = load_config(directory)
-  params = ocp.StandardCheckpointer().restore(path)
-  return config, jax.tree.map(np.asarray, params)
+  return load_config(directory), restore_params(path)

@@ -1,4 +1,5 @@
-"""Small file helpers every writer shares: whole-file replacement and a time format.
+"""Small file helpers every reader and writer shares: whole-file replacement, JSON objects and a
+time format.
 
 A file written with `atomic_write` is either its old content or its new one, never a cut-off
 mixture: the bytes go to a hidden temporary name beside it (unique per process), are flushed and
@@ -37,6 +38,20 @@ def write_json(path: str, obj: Any, **dump_args) -> None:
   """obj as JSON (indent 1 unless given), replacing `path` whole."""
   dump_args.setdefault('indent', 1)
   atomic_write(path, lambda f: json.dump(obj, f, **dump_args), binary=False)
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in `path`. ValueError when the file cannot be read, is not JSON or holds no
+  object; its message names the file and the reason, without a full stop, for the caller to add
+  what to do."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path} cannot be read as JSON ({e})') from e
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds no JSON object')
+  return value
 
 
 def hms(seconds: float) -> str:

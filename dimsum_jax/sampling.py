@@ -72,29 +72,40 @@ STATUS_OK = 0
 STATUS_MAX_STEPS = 1
 STATUS_OTHER = 2
 
+DPM_STEPS = 50        # DiM's evaluation: 50 model calls
+
+# Every sampling option: (default, help). `default_sampling_config()` and the flags of
+# `python -m dimsum_jax.sample` (one per option, of its default's type) are both made from this
+# table, so a new option is added here once. Defaults: upstream sample.py / SiT parse_ode_args and
+# parse_sde_args.
+SAMPLING_OPTIONS = {
+    "mode": ("ode", "ode (probability flow), sde (Euler-Maruyama / Heun) or dpm (DPM-Solver, "
+             "DiM's sampler for its discrete noise-prediction models)."),
+    "solver": ("dopri5", "ODE solver: dopri5 (adaptive), euler or heun."),
+    "num_steps": (250, "euler/heun steps; SDE grid points; unused by dopri5."),
+    "atol": (1e-6, "dopri5 absolute tolerance."),
+    "rtol": (1e-3, "dopri5 relative tolerance."),
+    "max_steps": (4096, "dopri5 step budget per batch (accepted + rejected)."),
+    "per_sample": (False, "dopri5: step sizes per sample instead of per batch."),
+    "cfg_scale": (1.0, "Classifier-free guidance scale (1 = none: no unconditional evaluation)."),
+    "upsample_guidance": (0.0, "With --image_size m times the trained size: Upsample Guidance "
+                          "scale (0 = off; make_upsample_guided_model_fn)."),
+    "ug_eta": (0.3, "Upsample Guidance acts over the first ug_eta of the way from noise."),
+    "sde_method": ("euler", "SDE: euler (Euler-Maruyama) or heun."),
+    "diffusion_form": ("sigma", "SDE diffusion form (transport.DIFFUSION_FORMS)."),
+    "diffusion_norm": (1.0, "SDE diffusion scale."),
+    "last_step": ("Mean", "SDE last step: Mean, Tweedie, Euler or None."),
+    "last_step_size": (0.04, "SDE last step size."),
+    "dpm_steps": (DPM_STEPS, "--mode=dpm: model evaluations (order 3, 'fast', time-uniform, as "
+                  "DiM)."),
+    "seed": (0, "Sample i starts from the noise of fold_in(key(seed), i)."),
+}
+
 
 def default_sampling_config() -> ml_collections.ConfigDict:
-  """The `sampling` section (upstream sample.py / SiT parse_ode_args and parse_sde_args defaults)."""
-  c = ml_collections.ConfigDict()
-  c.mode = "ode"               # ode | sde | dpm (DPM-Solver, for DiM models)
-  c.solver = "dopri5"          # ODE: dopri5 | euler | heun
-  c.num_steps = 250            # euler/heun steps; SDE grid points; unused by dopri5
-  c.atol = 1e-6
-  c.rtol = 1e-3
-  c.max_steps = 4096           # dopri5 step budget (accepted + rejected)
-  c.per_sample = False         # dopri5: per-sample step sizes (vmap) instead of batch-shared
-  c.cfg_scale = 1.0            # 1.0 = no guidance (no unconditional evaluation)
-  # Upsample Guidance scale theta (0 = off) for a model sampled at m times its trained size,
-  # active over the first ug_eta of the way from noise (`make_upsample_guided_model_fn`).
-  c.upsample_guidance = 0.0
-  c.ug_eta = 0.3
-  c.sde_method = "euler"       # euler (Euler-Maruyama) | heun
-  c.diffusion_form = "sigma"
-  c.diffusion_norm = 1.0
-  c.last_step = "Mean"         # Mean | Tweedie | Euler | None
-  c.last_step_size = 0.04
-  c.dpm_steps = DPM_STEPS      # dpm: model evaluations (order 3, 'fast', time-uniform, as DiM)
-  return c
+  """The sampling options at their defaults (SAMPLING_OPTIONS), the seed among them."""
+  return ml_collections.ConfigDict({name: default
+                                    for name, (default, _) in SAMPLING_OPTIONS.items()})
 
 
 def default_grid_config() -> ml_collections.ConfigDict:
@@ -455,7 +466,6 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
 # path_type='ScaledLinear', prediction='noise')` with the ODE solvers above.
 
 DPM_METHODS = ("fast", "multistep")
-DPM_STEPS = 50        # DiM's evaluation: 50 model calls
 DPM_SKIP_TYPES = ("time_uniform", "logSNR")
 
 

@@ -33,7 +33,6 @@ another input size for sampling (the scan orders and the wavelet windows follow 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -43,10 +42,9 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from dimsum_jax import checkpoint
-from dimsum_jax import convert
+from dimsum_jax import io_utils
 from dimsum_jax import models
 from dimsum_jax import sharding
 from dimsum_jax.models import dim
@@ -253,7 +251,7 @@ def resize_model(model_config, params, input_size: int, interpolation: str = 'au
   target = ml_collections.ConfigDict(model_config.to_dict())
   target.input_size = input_size
   model = models.create_model(target)
-  shapes = convert.abstract_params(model, target)
+  shapes = models.abstract_params(model, target)
   resized, notes = adapt(params, model_config, target, shapes, interpolation,
                          where='the checkpoint')
   if notes:
@@ -282,13 +280,9 @@ def _model_config(config_dict) -> ml_collections.ConfigDict:
 
 def _read_json(path, where):
   try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise WarmStartError(f'{where}: {path} cannot be read as JSON ({e}).') from e
-  if not isinstance(value, dict):
-    raise WarmStartError(f'{where}: {path} holds no JSON object.')
-  return value
+    return io_utils.read_json(path)
+  except ValueError as e:
+    raise WarmStartError(f'{where}: {e}.') from e
 
 
 def read_source(path: str, mesh) -> Source:
@@ -304,7 +298,7 @@ def read_source(path: str, mesh) -> Source:
     config = _read_json(os.path.join(path, 'config.json'), where)
     model_config = _model_config(config.get('model', {}))
     model = models.create_model(model_config)
-    abstract = convert.abstract_params(model, model_config)
+    abstract = models.abstract_params(model, model_config)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                            sharding=sharding.replicated(mesh)),
                             abstract)
@@ -324,7 +318,7 @@ def read_source(path: str, mesh) -> Source:
 def _restore(path, where):
   """An Orbax parameter tree (an export's ema_params/, a conversion's params/) as NumPy."""
   try:
-    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+    return checkpoint.restore_params(path)
   except Exception as e:  # pylint: disable=broad-except
     raise WarmStartError(f'{where}: {path} cannot be read ({str(e).splitlines()[0][:200]}): '
                          'export or convert the model again.') from e

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dimsum_jax import convert
+from dimsum_jax import model_loading
 from dimsum_jax import sample
 from dimsum_jax.models import create_model
 from dimsum_jax.tools import parity
@@ -82,7 +83,7 @@ def _forward(out_dir, inputs):
   """Output [B, C, H, W] of the model in a converted directory, read as the sampler reads it
   (its VAE check is skipped: a latent model would need a VAE only to decode samples)."""
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(sample, "check_vae", lambda config, vae_dir=None: None)
+    m.setattr(model_loading, "check_vae", lambda config, vae_dir=None: None)
     loaded = sample.load_model(checkpoint_dir=str(out_dir))
   key = json.dumps(loaded.config.model.to_dict(), sort_keys=True)
   if key not in _FORWARDS:
@@ -175,7 +176,7 @@ def test_failed_save_leaves_no_complete_looking_directory(tmp_path, upstream_ckp
     convert.main([f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
   assert not (out_dir / "model_config.json").exists()
   with pytest.raises(sample.SampleError, match="holds no model"):
-    sample.read_config(checkpoint_dir=str(out_dir))
+    model_loading.read_config(checkpoint_dir=str(out_dir))
 
 
 # --- checkpoints that do not fit ---------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax import convert, convert_dim, sample
+from dimsum_jax import convert, convert_dim, model_loading, sample
 from dimsum_jax.models import create_model, dim_convert
 from tests import seeds
 from tests.golden import golden_file
@@ -82,7 +82,7 @@ def _config_file(tmp_path, name="DiM-L/2", **model):
 def _load(out_dir):
   """The conversion as `dimsum_jax.sample --checkpoint` loads it (VAE check skipped)."""
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(sample, "check_vae", lambda config, vae_dir=None: None)
+    m.setattr(model_loading, "check_vae", lambda config, vae_dir=None: None)
     return sample.load_model(checkpoint_dir=str(out_dir))
 
 

@@ -29,3 +29,18 @@ def test_hms():
   assert io_utils.hms(0) == '0h00m00s'
   assert io_utils.hms(3725.9) == '1h02m05s'   # truncated, as a progress line
   assert io_utils.hms(100 * 3600 + 59) == '100h00m59s'
+
+
+def test_read_json_names_the_file_and_the_reason(tmp_path):
+  good, bad, listed = (str(tmp_path / name) for name in ('good.json', 'bad.json', 'list.json'))
+  io_utils.write_json(good, {'a': 1})
+  with open(bad, 'w') as f:
+    f.write('{"a": ')
+  io_utils.write_json(listed, [1, 2])
+  assert io_utils.read_json(good) == {'a': 1}
+  with pytest.raises(ValueError, match=r'bad\.json cannot be read as JSON \(Expecting value'):
+    io_utils.read_json(bad)
+  with pytest.raises(ValueError, match=r'list\.json holds no JSON object$'):
+    io_utils.read_json(listed)
+  with pytest.raises(ValueError, match=r'missing\.json cannot be read as JSON \(\[Errno 2\]'):
+    io_utils.read_json(str(tmp_path / 'missing.json'))

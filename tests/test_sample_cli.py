@@ -25,6 +25,7 @@ from PIL import Image
 from dimsum_jax import checkpoint
 from dimsum_jax import models
 from dimsum_jax import sample
+from dimsum_jax import sampler
 from dimsum_jax import sampling
 from tests import seeds
 
@@ -167,7 +168,7 @@ def test_interrupted_run_resumes_without_redoing_or_skipping(run_dirs, tmp_path,
   _, export_dir, ref_out = run_dirs
   reference, _ = load_npz(ref_out / 'samples.npz')
   out = tmp_path / 'out'
-  real_check = sample.check_batch_result
+  real_check = sampler.check_batch_result
   calls = []
 
   def interrupt_second_batch(*args, **kwargs):
@@ -176,7 +177,7 @@ def test_interrupted_run_resumes_without_redoing_or_skipping(run_dirs, tmp_path,
       raise KeyboardInterrupt
     return real_check(*args, **kwargs)
 
-  monkeypatch.setattr(sample, 'check_batch_result', interrupt_second_batch)
+  monkeypatch.setattr(sampler, 'check_batch_result', interrupt_second_batch)
   with pytest.raises(KeyboardInterrupt):
     sample.run(checkpoint=str(export_dir), out=str(out), **SETTINGS)
   # Nothing looks complete: batch 0 is saved, batch 1 and the final files are not.
@@ -184,16 +185,16 @@ def test_interrupted_run_resumes_without_redoing_or_skipping(run_dirs, tmp_path,
   assert not (out / 'samples.npz').exists() and not (out / 'grid.png').exists()
   assert len(os.listdir(out / 'images')) == 8
   (out / 'chunks' / '.000000008-000000016.npz.tmp-0-1').write_bytes(b'torn write')
-  monkeypatch.setattr(sample, 'check_batch_result', real_check)
+  monkeypatch.setattr(sampler, 'check_batch_result', real_check)
 
   sampled = []
-  real_call = sample.BatchSampler.__call__
+  real_call = sampler.BatchSampler.__call__
 
   def counting(self, indices, labels):
     sampled.append(int(indices[0]))
     return real_call(self, indices, labels)
 
-  monkeypatch.setattr(sample.BatchSampler, '__call__', counting)
+  monkeypatch.setattr(sampler.BatchSampler, '__call__', counting)
   caplog.set_level(logging.INFO, logger='absl')  # whatever verbosity earlier tests left
   summary = sample.run(checkpoint=str(export_dir), out=str(out), **SETTINGS)
   assert sampled == [8]          # only the missing batch
@@ -270,11 +271,27 @@ def test_failed_batches_are_reported():
   z = lambda v: jnp.asarray(v, jnp.int32)
   with pytest.raises(sampling.ODESolveError, match=r'samples 8-9 stopped at --max_steps=64 .*'
                      r'raise --max_steps, loosen --atol/--rtol, or use a fixed-step solver'):
-    sample.check_batch_result((images, z(392), z(sampling.STATUS_MAX_STEPS), z(64), True), opts,
-                              '8-9')
+    sampler.check_batch_result((images, z(392), z(sampling.STATUS_MAX_STEPS), z(64), True), opts,
+                               '8-9')
   with pytest.raises(sample.SampleError, match=r'NaN or inf for samples 0-7'):
-    sample.check_batch_result((images, z(20), z(0), z(3), False), opts, '0-7')
-  assert sample.check_batch_result((images, z(20), z(0), z(3), True), opts, '0-7') == (20, 3)
+    sampler.check_batch_result((images, z(20), z(0), z(3), False), opts, '0-7')
+  assert sampler.check_batch_result((images, z(20), z(0), z(3), True), opts, '0-7') == (20, 3)
+
+
+def test_every_sampling_option_is_a_flag_made_from_its_default():
+  """sampling.SAMPLING_OPTIONS gives the command its flags (name, default, type, help) and run()
+  its keyword options, so that an option is added in one place."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FlagValues()
+  sample.define_option_flags(flag_values)
+  assert set(sample.sampling_options()) == set(sampling.SAMPLING_OPTIONS) == set(flag_values)
+  assert set(sampling.SAMPLING_OPTIONS) <= set(sample.RUN_FLAGS)
+  for name, (default, help_text) in sampling.SAMPLING_OPTIONS.items():
+    assert flag_values[name].default == default and flag_values[name].help == help_text, name
+    assert type(flag_values[name].value) is type(default), name
+  flag_values(['sample', '--num_steps=7', '--per_sample', '--atol=1e-4', '--last_step=None'])
+  assert (flag_values.num_steps, flag_values.per_sample, flag_values.atol,
+          flag_values.last_step) == (7, True, 1e-4, 'None')
 
 
 def test_command_line_errors_exit_nonzero(run_dirs, tmp_path):

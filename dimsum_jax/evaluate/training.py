@@ -13,7 +13,7 @@ ShapeDtypeStructs with shardings). Every failure is one EvalConfigError sentence
 the training loop touches its workdir.
 
 Every `every_steps` steps and at the last step, `num_samples` images uint8 [N, H, W, C] are drawn
-with the EMA parameters by dimsum_jax.sample.sample_batch in global batches of
+with the EMA parameters by dimsum_jax.sampler.sample_batch in global batches of
 `sample_batch_size` split over every device of the training mesh (FSDP-sharded parameters are
 used where they lie): sample i starts from the noise fold_in(split(PRNGKey(seed))[0], i) and has
 label i % num_classes, as `python -m dimsum_jax.sample --seed=SEED` draws them, so a checkpoint
@@ -38,7 +38,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from dimsum_jax import sample as sample_lib
+from dimsum_jax import model_loading
+from dimsum_jax import sampler
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax.evaluate import command
@@ -87,15 +88,15 @@ class Evaluator:
     self.every_steps, self.num_samples = c.every_steps, c.num_samples
     self.net, self.reference, self.metrics = net, reference, tuple(metrics)
     self.best = eval_config.best(c)
-    self.opts = sample_lib.sampling_options(solver=c.solver, num_steps=c.num_steps,
-                                            cfg_scale=c.cfg_scale, seed=c.seed)
-    self.batch = sample_lib.batch_size_for(c.num_samples, c.sample_batch_size, mesh.size)
+    self.opts = sampler.sampling_options(solver=c.solver, num_steps=c.num_steps,
+                                         cfg_scale=c.cfg_scale, seed=c.seed)
+    self.batch = sampler.batch_size_for(c.num_samples, c.sample_batch_size, mesh.size)
     self.classes = tuple(range(config.model.num_classes))
-    self.labels = sample_lib.labels_for(np.arange(self.num_samples), self.classes)
+    self.labels = sampler.labels_for(np.arange(self.num_samples), self.classes)
     self.conditional = bool(self.classes)
     vae_module, self._vae_params = (vae[1], vae[2]) if vae is not None else (None, None)
     m = config.model
-    fn = functools.partial(sample_lib.sample_batch, model=model, config=config, opts=self.opts,
+    fn = functools.partial(sampler.sample_batch, model=model, config=config, opts=self.opts,
                            image_shape=(m.input_size, m.input_size, m.in_channels),
                            vae_module=vae_module)
     self._batch_sharding = sharding.batch_sharding(mesh)
@@ -122,9 +123,9 @@ class Evaluator:
       indices = np.arange(start, start + self.batch, dtype=np.int32)
       put = lambda a: jax.device_put(a, self._batch_sharding)   # the same on every process
       out = self._sample(ema_params, self._vae_params, put(indices),
-                         put(sample_lib.labels_for(indices, self.classes)))
+                         put(sampler.labels_for(indices, self.classes)))
       last = min(start + self.batch, self.num_samples) - 1
-      nfes.append(sample_lib.check_batch_result(out, self.opts, f"{start}-{last}")[0])
+      nfes.append(sampler.check_batch_result(out, self.opts, f"{start}-{last}")[0])
       images.append(np.asarray(jax.device_get(out[0])))
     return np.concatenate(images)[:self.num_samples], nfes
 
@@ -139,7 +140,7 @@ class Evaluator:
         result = metrics_lib.evaluate_images(
             images, self.labels if self.conditional else None, self.reference, self.net,
             metrics=self.metrics, extractor=self._extractor)
-      except (sampling.ODESolveError, sample_lib.SampleError, metrics_lib.EvaluationError) as e:
+      except (sampling.ODESolveError, model_loading.SampleError, metrics_lib.EvaluationError) as e:
         logging.error("No evaluation at step %d: %s", step, e)
         return None
     scores = {k: float(v) for k, v in result.items() if k not in ("num_samples", "feature_net")}

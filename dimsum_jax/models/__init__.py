@@ -1,10 +1,13 @@
 """Model registry: DiMSUM sizes of upstream's `DiM_models`, the DiT/SiT baselines and DiM.
 
 `create_model(config.model)` builds a Flax module from a model ConfigDict; see
-`default_model_config()` for every field.
+`default_model_config()` for every field. `abstract_params(model, config.model)` is its parameter
+tree as jax.ShapeDtypeStructs (nothing allocated), from the init on one NHWC image
+[1, input_size, input_size, in_channels].
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -152,3 +155,19 @@ def create_model(config):
              depth=depth if cfg.depth < 0 else cfg.depth, num_heads=heads,
              num_classes=cfg.num_classes, label_dropout=cfg.label_dropout, remat=cfg.remat,
              attention_impl=cfg.attention_impl, dtype=dtype)
+
+
+def abstract_params(model, config):
+  """The parameters of `model` (built from the model config `config`) as jax.ShapeDtypeStructs:
+  jax.eval_shape of its init, so nothing is allocated or computed. The init sees one image
+  x [1, input_size, input_size, in_channels] float32, t [1] and, when the model is conditional
+  (num_classes > 0), a label y [1] int32; the tree does not depend on the batch size."""
+  size, channels, conditional = config.input_size, config.in_channels, config.num_classes > 0
+
+  def init():
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if conditional else None
+    return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, t, y)
+
+  return jax.eval_shape(init)["params"]

@@ -98,8 +98,11 @@ def example_inputs(cfg, batch: int = 1):
 
 
 def abstract_params(model, inputs):
-  """Parameter shapes from jax.eval_shape of init: nothing is allocated."""
-  return jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *inputs)
+  """{'params': models.abstract_params} of `model` for its `example_inputs` (x gives the size)."""
+  _, size, _, channels = inputs[0].shape
+  shape = ml_collections.ConfigDict(dict(input_size=size, in_channels=channels,
+                                         num_classes=model.num_classes))
+  return {'params': models.abstract_params(model, shape)}
 
 
 def param_counts(variables) -> tuple[int, dict[str, int]]:

@@ -23,6 +23,7 @@ from dimsum_jax import checkpoint
 from dimsum_jax import export
 from dimsum_jax import models
 from dimsum_jax import sample
+from dimsum_jax import sampler
 from dimsum_jax import train
 from dimsum_jax.evaluate import command
 from dimsum_jax.evaluate import config as eval_config
@@ -113,7 +114,7 @@ def test_scores_are_those_of_the_checkpoint_recomputed_in_float64(run, digits_ne
   state, _ = train_util.restore(workdir, config, step=6)
   model = models.create_model(config.model)
   opts = sample.sampling_options(solver='euler', num_steps=2, cfg_scale=3.0, seed=SEED)
-  fn = jax.jit(lambda p, i, y: sample.sample_batch(p, None, i, y, model=model, config=config,
+  fn = jax.jit(lambda p, i, y: sampler.sample_batch(p, None, i, y, model=model, config=config,
                                                     opts=opts, image_shape=(8, 8, 1))[0])
   indices = np.arange(100, dtype=np.int32)
   labels = indices % 10
