@@ -719,7 +719,8 @@ def sample_dpm_solver(noise_fn: Callable, x_T, *, steps: int = DPM_STEPS, order:
 
 def upsample_tables():
   """(alphabar [1001], snr [1001] with index 0 the clean end, preset SNRs [1000] float32) of
-  upstream's `Schedule` and its Upsample Guidance preset table (upstream `eval_ldm_discrete.py`, `Schedule`; `upsample_guidance.py`)."""
+  upstream's `Schedule` (`eval_ldm_discrete.py`) and its Upsample Guidance preset table
+  (`upsample_guidance.py`)."""
   alphabar = np.concatenate([[1.0], transport.scaled_linear_alphas_cumprod()])
   with np.errstate(divide="ignore"):
     snr = alphabar / (1.0 - alphabar)
