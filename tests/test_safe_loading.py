@@ -16,6 +16,7 @@ import pickle
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax import convert
 from dimsum_jax.data import encode
 from dimsum_jax.data import latents as latents_lib
@@ -97,7 +98,7 @@ def test_convert_refuses_a_harmful_checkpoint(tmp_path, kind, where):
   _assert_harmful(lambda: torch.load(path, map_location="cpu", weights_only=False), marker)
   out_dir = tmp_path / "out"
   with pytest.raises(SystemExit) as e:
-    convert.main([f"--upstream={path}", f"--out={out_dir}"])
+    command_line.call(convert, [f"--upstream={path}", f"--out={out_dir}"])
   _assert_one_sentence(str(e.value.code), str(path), name, "refused without running it")
   assert not marker.exists()
   assert not out_dir.exists()
@@ -130,7 +131,7 @@ def test_an_upstream_checkpoint_with_namespace_args_still_converts(tmp_path):
   for key in ("pos_embed", "blocks.3.freq_mamba.mixer.A_log", "final_layer.linear.weight"):
     np.testing.assert_array_equal(loaded[key], state[key], err_msg=key)
   out_dir = tmp_path / "converted"
-  convert.main([f"--upstream={path}", f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={path}", f"--out={out_dir}"])
   assert (out_dir / "model_config.json").exists() and (out_dir / "params").is_dir()
 
 
