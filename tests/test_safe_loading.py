@@ -149,7 +149,7 @@ def test_vae_import_refuses_a_harmful_bin(tmp_path, kind):
   torch.save({"encoder.conv_in.weight": torch.zeros(1), "evil": cls(marker)}, path)
   _assert_harmful(lambda: torch.load(path, map_location="cpu", weights_only=False), marker)
   with pytest.raises(SystemExit) as e:
-    vae_convert.main([f"--diffusers={folder}", f"--out={tmp_path / 'out'}"])
+    command_line.call(vae_convert, [f"--diffusers={folder}", f"--out={tmp_path / 'out'}"])
   _assert_one_sentence(str(e.value.code), str(path), name, "refused without running it")
   assert not marker.exists()
   assert not (tmp_path / "out").exists()
