@@ -167,7 +167,7 @@ def test_parity_refuses_an_npz_holding_objects(tmp_path, kind):
   np.savez(path, **arrays, notes=np.array([cls(marker)], dtype=object))
   _assert_harmful(lambda: np.load(path, allow_pickle=True)["notes"], marker)
   with pytest.raises(SystemExit) as e:
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
   _assert_one_sentence(str(e.value.code), str(path), "'notes'", "Python objects")
   assert not marker.exists()
 
@@ -180,7 +180,7 @@ def test_parity_refuses_a_bare_pickle(tmp_path):
     pickle.dump(RunsPython(marker), f)
   _assert_harmful(lambda: np.load(path, allow_pickle=True), marker)
   with pytest.raises(SystemExit) as e:
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
   _assert_one_sentence(str(e.value.code), str(path), "not an .npz archive")
   assert not marker.exists()
 
