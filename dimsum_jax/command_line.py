@@ -48,3 +48,18 @@ def call(command: types.ModuleType, argv) -> int | None:
   rest = command.FLAGS([command.__name__, *(str(a) for a in argv)])
   return command.main(rest)
 
+
+def defaults(flag_values: flags.FlagValues, **overrides) -> types.SimpleNamespace:
+  """A command's settings without its command line: every flag at its default, then `overrides`
+  (a name that is not one of its flags is a ValueError)."""
+  settings = {name: flag_values[name].default for name in flag_values}
+  unknown = sorted(set(overrides) - set(settings))
+  if unknown:
+    raise ValueError(f"Unknown option {unknown[0]!r}: the options are "
+                     f"{', '.join(sorted(settings))}.")
+  return types.SimpleNamespace(**{**settings, **overrides})
+
+
+def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """A command's parsed flags as a namespace (attributes that may be set, unlike FLAGS's)."""
+  return types.SimpleNamespace(**flag_values.flag_values_dict())
