@@ -638,7 +638,7 @@ def main(argv):
   try:
     summary = convert_checkpoint(FLAGS.upstream, FLAGS.out, FLAGS.config, FLAGS.entry)
   except ValueError as e:   # ConvertError, or a config that create_model refuses
-    raise SystemExit(f"dimsum_jax.convert: {e}") from None
+    raise SystemExit(f"error: {e}") from None
   print(summary)
 
 

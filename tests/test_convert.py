@@ -206,7 +206,7 @@ def test_mismatched_checkpoint_fails_with_the_upstream_key(tmp_path, golden, kin
   with pytest.raises(SystemExit) as e:
     command_line.call(convert, [f"--upstream={path}", f"--out={out_dir}"])
   msg = str(e.value.code)
-  assert msg.startswith("dimsum_jax.convert: The upstream checkpoint does not match")
+  assert msg.startswith("error: The upstream checkpoint does not match")
   for part in expected:
     assert part in msg
   assert not out_dir.exists()

@@ -90,7 +90,7 @@ def _refusal(argv):
   with pytest.raises(SystemExit) as e:
     command_line.call(convert, argv)
   text = str(e.value.code)
-  assert text.startswith("dimsum_jax.convert: ") and "\n" not in text, text
+  assert text.startswith("error: ") and "\n" not in text, text
   return text
 
 
@@ -224,6 +224,6 @@ def test_cli_process_refuses_in_one_line(tmp_path):
                      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 1, r.stderr
-  line = [s for s in r.stderr.splitlines() if s.startswith("dimsum_jax.convert:")]
+  line = [s for s in r.stderr.splitlines() if s.startswith("error: ")]
   assert len(line) == 1 and "additional_embed: [1, 66, 64], expected [1, 18, 64]" in line[0]
   assert "Traceback" not in r.stderr and not out_dir.exists()
