@@ -26,10 +26,14 @@ import contextlib
 import json
 import re
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from dimsum_jax import command_line
 
 # Upstream keys that carry no parameters of ours: fixed Haar filter buffers.
 BUFFER_PATTERNS = (r"\.dwt\.w_(ll|lh|hl|hh)$", r"\.idwt\.filters$")
@@ -613,27 +617,34 @@ def convert_checkpoint(upstream: str, out: str, config: str | None = None,
   return f"Wrote {n:,} parameters ({entry}) of {describe(model_cfg)} to {os.path.abspath(out)}"
 
 
-def main(argv=None):
-  """Command line; user mistakes (ConvertError, a config's ValueError) end it with their message
-  and exit status 1, not a traceback."""
-  import argparse
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--upstream", required=True,
-                      help="upstream .pt checkpoint or state dict (DiMSUM's, or DiM's "
-                           "nnet_ema.pth with a DiM --config)")
-  parser.add_argument("--config", default=None,
-                      help="config file (configs/*.py, or path.py:arg); its `model` section must "
-                           "fit the weights. Default: the model of the checkpoint's `args`")
-  parser.add_argument("--entry", default="ema", choices=("ema", "model"),
-                      help="which weights of a train.py checkpoint: ema (as upstream samples) or "
-                           "model (the raw weights)")
-  parser.add_argument("--out", required=True, help="output directory (Orbax checkpoint)")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string("upstream", None, "Upstream .pt checkpoint or state dict (DiMSUM's, or DiM's "
+                    "nnet_ema.pth with a DiM --config).", flag_values=FLAGS)
+flags.DEFINE_string("config", None, "Config file (configs/*.py, or path.py:arg); its `model` "
+                    "section must fit the weights. Default: the model of the checkpoint's `args`.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("entry", "ema", ["ema", "model"], "Which weights of a train.py checkpoint: ema "
+                  "(as upstream samples) or model (the raw weights).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output directory (params/ + model_config.json).",
+                    flag_values=FLAGS)
+flags.mark_flags_as_required(["upstream", "out"], flag_values=FLAGS)
+
+
+def main(argv):
+  """User mistakes (ConvertError, a config's ValueError) end the command with their message and
+  exit status 1, not a traceback."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    summary = convert_checkpoint(args.upstream, args.out, args.config, args.entry)
+    summary = convert_checkpoint(FLAGS.upstream, FLAGS.out, FLAGS.config, FLAGS.entry)
   except ValueError as e:   # ConvertError, or a config that create_model refuses
-    raise SystemExit(f"dimsum_jax.convert: {e}") from None
+    raise SystemExit(f"error: {e}") from None
   print(summary)
+
+
+def cli():
+  """The `dimsum-convert` console script."""
+  command_line.run(main, FLAGS)
 
 
 def save_params(out_dir, params, model_cfg):
@@ -657,4 +668,4 @@ def save_params(out_dir, params, model_cfg):
 
 
 if __name__ == "__main__":
-  main()
+  cli()

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax import convert
 from dimsum_jax import model_loading
 from dimsum_jax import sample
@@ -75,7 +76,7 @@ def upstream_ckpt(tmp_path_factory, golden):
 def converted(tmp_path_factory, upstream_ckpt):
   """The conversion without --config (the model read from the checkpoint's args)."""
   out = tmp_path_factory.mktemp("converted") / "tiny"
-  convert.main([f"--upstream={upstream_ckpt}", f"--out={out}"])
+  command_line.call(convert, [f"--upstream={upstream_ckpt}", f"--out={out}"])
   return out
 
 
@@ -131,8 +132,8 @@ def test_converts_ema_from_the_checkpoint_args(converted, golden, capsys):
 def test_converts_with_a_config_file(tmp_path, upstream_ckpt, golden, capsys):
   _, inputs, refs, cfg = golden
   out_dir = tmp_path / "with_config"
-  convert.main([f"--upstream={upstream_ckpt}", f"--config={_config_file(tmp_path, cfg)}",
-                f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={upstream_ckpt}",
+                              f"--config={_config_file(tmp_path, cfg)}", f"--out={out_dir}"])
   summary = capsys.readouterr().out
   # Not called "DiMSUM-B/2" bare: the summary gives the real depth and width.
   assert "depth 4, hidden 96, patch 2, not a published size" in summary
@@ -144,7 +145,7 @@ def test_converts_with_a_config_file(tmp_path, upstream_ckpt, golden, capsys):
 def test_entry_model_takes_the_raw_weights(tmp_path, upstream_ckpt, golden):
   state, inputs, refs, _ = golden
   out_dir = tmp_path / "raw"
-  convert.main([f"--upstream={upstream_ckpt}", "--entry=model", f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={upstream_ckpt}", "--entry=model", f"--out={out_dir}"])
   out, loaded = _forward(out_dir, inputs)
   assert _rel_err(out, refs["out"]) > 100 * REL_TOL, f"seed {SEED}"
   # The perturbed arrays, in the PyTorch layouts of the golden README ([out, in] Linear,
@@ -166,14 +167,14 @@ def test_failed_save_leaves_no_complete_looking_directory(tmp_path, upstream_ckp
   interrupted re-conversion is not taken for a good one."""
   import orbax.checkpoint as ocp
   out_dir = tmp_path / "again"
-  convert.main([f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
   assert (out_dir / "model_config.json").exists()
 
   def fail(*args, **kwargs):
     raise OSError("disk full")
   monkeypatch.setattr(ocp.StandardCheckpointer, "save", fail)
   with pytest.raises(OSError, match="disk full"):
-    convert.main([f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
+    command_line.call(convert, [f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
   assert not (out_dir / "model_config.json").exists()
   with pytest.raises(sample.SampleError, match="holds no model"):
     model_loading.read_config(checkpoint_dir=str(out_dir))
@@ -204,9 +205,9 @@ def test_mismatched_checkpoint_fails_with_the_upstream_key(tmp_path, golden, kin
   path = _save_torch(tmp_path / "broken.pt", broken, args=cfg)
   out_dir = tmp_path / "out"
   with pytest.raises(SystemExit) as e:
-    convert.main([f"--upstream={path}", f"--out={out_dir}"])
+    command_line.call(convert, [f"--upstream={path}", f"--out={out_dir}"])
   msg = str(e.value.code)
-  assert msg.startswith("dimsum_jax.convert: The upstream checkpoint does not match")
+  assert msg.startswith("error: The upstream checkpoint does not match")
   for part in expected:
     assert part in msg
   assert not out_dir.exists()
@@ -249,7 +250,7 @@ def test_unreadable_files_fail_in_one_line(tmp_path, make, message):
   path = tmp_path / "file.pt"
   make(path)
   with pytest.raises(SystemExit) as e:
-    convert.main([f"--upstream={path}", "--entry=model", f"--out={tmp_path / 'out'}"])
+    command_line.call(convert, [f"--upstream={path}", "--entry=model", f"--out={tmp_path / 'out'}"])
   assert message in str(e.value.code) and "\n" not in str(e.value.code)
   assert not (tmp_path / "out").exists()
 
@@ -259,7 +260,7 @@ def test_refuses_an_out_dir_holding_something_else(tmp_path, upstream_ckpt):
   out_dir.mkdir()
   (out_dir / "config.json").write_text("{}")
   with pytest.raises(SystemExit, match=r"already holds \['config.json'\]"):
-    convert.main([f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
+    command_line.call(convert, [f"--upstream={upstream_ckpt}", f"--out={out_dir}"])
   assert sorted(os.listdir(out_dir)) == ["config.json"]
 
 
@@ -350,6 +351,6 @@ def test_config_path_still_refuses_unpublished_flags(tmp_path, golden):
   state, _, _, cfg = golden
   path = _save_torch(tmp_path / "snake.pt", state, args=dict(cfg, scanning_continuity=True))
   with pytest.raises(SystemExit, match="scanning_continuity=True"):
-    convert.main([f"--upstream={path}", f"--config={_config_file(tmp_path, cfg)}",
-                  f"--out={tmp_path / 'out'}"])
+    command_line.call(convert, [f"--upstream={path}", f"--config={_config_file(tmp_path, cfg)}",
+                                f"--out={tmp_path / 'out'}"])
   assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax import convert, convert_dim, model_loading, sample
+from dimsum_jax import command_line, convert, convert_dim, model_loading, sample
 from dimsum_jax.models import create_model, dim_convert
 from tests import seeds
 from tests.golden import golden_file
@@ -88,9 +88,9 @@ def _load(out_dir):
 
 def _refusal(argv):
   with pytest.raises(SystemExit) as e:
-    convert.main(argv)
+    command_line.call(convert, argv)
   text = str(e.value.code)
-  assert text.startswith("dimsum_jax.convert: ") and "\n" not in text, text
+  assert text.startswith("error: ") and "\n" not in text, text
   return text
 
 
@@ -103,8 +103,8 @@ def test_official_key_set_round_trips_through_the_cli(tmp_path, capsys, seed):
   state = _random_state(seed)
   path = _save(tmp_path / "nnet_ema.pth", state)
   out_dir = tmp_path / "converted"
-  convert.main([f"--upstream={path}", f"--config={_config_file(tmp_path)}",
-                f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={path}", f"--config={_config_file(tmp_path)}",
+                              f"--out={out_dir}"])
   summary = capsys.readouterr().out
   assert "Wrote 228,176 parameters of a DiM of depth 5, hidden 64, patch 2" in summary
   assert "lateral padding" in summary and "nnet_ema.pth" in summary
@@ -124,8 +124,8 @@ def test_golden_weights_give_the_official_output(tmp_path):
   data = np.load(golden_file("dim/tiny.npz"))
   path = _save(tmp_path / "nnet_ema.pth", _golden_state())
   out_dir = tmp_path / "converted"
-  convert.main([f"--upstream={path}", f"--config={_config_file(tmp_path)}",
-                f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={path}", f"--config={_config_file(tmp_path)}",
+                              f"--out={out_dir}"])
   loaded = _load(out_dir)
   x = jnp.asarray(np.transpose(data["x"], (0, 2, 3, 1)))
   with jax.default_matmul_precision("highest"):
@@ -224,6 +224,6 @@ def test_cli_process_refuses_in_one_line(tmp_path):
                      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 1, r.stderr
-  line = [s for s in r.stderr.splitlines() if s.startswith("dimsum_jax.convert:")]
+  line = [s for s in r.stderr.splitlines() if s.startswith("error: ")]
   assert len(line) == 1 and "additional_embed: [1, 66, 64], expected [1, 18, 64]" in line[0]
   assert "Traceback" not in r.stderr and not out_dir.exists()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax import convert
 from dimsum_jax.models import create_model, default_model_config
 from dimsum_jax.tools import hashfill, parity
@@ -53,7 +54,7 @@ def test_tiny_float64_matches_to_roundoff():
 
 
 def test_cli_exit_codes(tmp_path, capsys):
-  assert parity.main([f"--golden={golden_file('tiny.npz')}"]) == 0
+  assert command_line.call(parity, [f"--golden={golden_file('tiny.npz')}"]) == 0
   text = capsys.readouterr().out
   assert "out " in text and "all " in text and "FAIL" not in text
   # A 1 % change of one weight deep in the stack must make the tool fail.
@@ -62,7 +63,7 @@ def test_cli_exit_codes(tmp_path, capsys):
   data[key] = data[key] * 1.01
   bad = tmp_path / "bad.npz"
   np.savez(bad, **data)
-  assert parity.main([f"--golden={bad}"]) == 1
+  assert command_line.call(parity, [f"--golden={bad}"]) == 1
   text = capsys.readouterr().out
   assert "FAILED:" in text and "blocks_hidden_out" in text
   # Block 2's output is wrong, blocks 0 and 1 are not: the intermediates localise the error.
@@ -76,7 +77,7 @@ def test_cli_refuses_file_without_config(tmp_path):
   path = tmp_path / "noconfig.npz"
   np.savez(path, **data)
   with pytest.raises(SystemExit, match="config_json"):
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
 
 
 @pytest.mark.parametrize("key", [
@@ -263,7 +264,7 @@ def test_unconditional_with_the_label_embedding_per_row(tmp_path, capsys):
           "attn_block_out", "final_layer_out"} <= names and "cfg_out" not in names
   _assert_all_ok(rows)
   assert max(r[2] for r in rows) < 2e-5
-  assert parity.main([f"--golden={path}"]) == 0
+  assert command_line.call(parity, [f"--golden={path}"]) == 0
   assert "all 19 outputs within tolerance" in capsys.readouterr().out
   # The label row is really compared: changing it fails y_emb, c and the output.
   arrays["y_embedder.embedding_table.weight"] = arrays["y_embedder.embedding_table.weight"] * 1.01
@@ -323,7 +324,7 @@ def test_a_reference_of_another_shape_fails_by_name(tmp_path, capsys):
   data["c_f64"] = data["c_f64"][:, :50]
   path = tmp_path / "bad_shape.npz"
   np.savez(path, **data)
-  assert parity.main([f"--golden={path}"]) == 1
+  assert command_line.call(parity, [f"--golden={path}"]) == 1
   text = capsys.readouterr().out
   assert "shape [3, 50] in the file, [3, 96] here" in text and "FAILED: c" in text
   rows = {r[0]: r for r in parity.run_parity(str(path), verbose=False)}
@@ -346,7 +347,7 @@ def test_files_that_cannot_be_checked_are_one_sentence(tmp_path, change, message
   path = tmp_path / "golden.npz"
   np.savez(path, **data)
   with pytest.raises(SystemExit) as e:
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
   text = str(e.value.code)
   assert text.startswith(f"error: {path}") and message in text and "\n" not in text, text
 
@@ -362,7 +363,7 @@ def test_missing_and_unreadable_files_are_one_sentence(tmp_path):
                         (junk, "is not an .npz archive"),
                         (truncated, "is not a readable .npz file")):
     with pytest.raises(SystemExit) as e:
-      parity.main([f"--golden={path}"])
+      command_line.call(parity, [f"--golden={path}"])
     text = str(e.value.code)
     assert text.startswith(f"error: --golden={path}") and message in text, text
     assert "\n" not in text, text

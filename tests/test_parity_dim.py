@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax.models import dim, dim_convert
 from dimsum_jax.tools import parity, parity_dim
 from tests import seeds
@@ -111,7 +112,7 @@ def test_wide_fill_reproduces_the_manifest_checksums():
 # ---------------------------------------------------------------- the command line
 
 def test_cli_exit_codes_and_localisation(tmp_path, capsys):
-  assert parity.main([f"--golden={_path('tiny')}"]) == 0
+  assert command_line.call(parity, [f"--golden={_path('tiny')}"]) == 0
   text = capsys.readouterr().out
   assert "all 25 outputs within tolerance" in text and "FAIL" not in text
   # A 1 % change of block 3's out_proj: block 0, the smoothers and the skip input still match,
@@ -121,7 +122,7 @@ def test_cli_exit_codes_and_localisation(tmp_path, capsys):
   data[key] = data[key] * 1.01
   path = tmp_path / "bad.npz"
   np.savez(path, **data)
-  assert parity.main([f"--golden={path}"]) == 1
+  assert command_line.call(parity, [f"--golden={path}"]) == 1
   text = capsys.readouterr().out
   assert "FAILED:" in text and "blocks_stream" in text
   rows = {r[0]: r for r in parity.check(str(path)).rows}
@@ -171,7 +172,7 @@ def test_a_reference_of_another_shape_fails_by_name(tmp_path, capsys):
   data["adaln_c_f64"] = data["adaln_c_f64"][:, :50]
   path = tmp_path / "bad_shape.npz"
   np.savez(path, **data)
-  assert parity.main([f"--golden={path}"]) == 1
+  assert command_line.call(parity, [f"--golden={path}"]) == 1
   text = capsys.readouterr().out
   assert "shape [2, 50] in the file, [2, 64] here" in text and "FAILED: adaln_c" in text
 
@@ -199,16 +200,16 @@ def test_files_that_cannot_be_checked_are_one_sentence(tmp_path, change, message
   path = tmp_path / "golden.npz"
   np.savez(path, **data)
   with pytest.raises(SystemExit) as e:
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
   text = str(e.value.code)
   assert text.startswith(f"error: {path}") and message in text and "\n" not in text, text
 
 
 def test_fill_seed_only_where_weights_are_missing():
   with pytest.raises(SystemExit, match="stores its own weights: drop --fill_seed"):
-    parity.main([f"--golden={_path('tiny')}", "--fill_seed=7"])
+    command_line.call(parity, [f"--golden={_path('tiny')}", "--fill_seed=7"])
   with pytest.raises(SystemExit, match="is a DiMSUM golden file"):
-    parity.main([f"--golden={golden_file('tiny.npz')}", "--fill_seed=7"])
+    command_line.call(parity, [f"--golden={golden_file('tiny.npz')}", "--fill_seed=7"])
   # Another seed than the formula's: the weights differ, so the output misses.
   rows = {r[0]: r for r in parity.check(_path("wide"), fill_seed=8).rows}
   assert not rows["out"][4]

@@ -16,6 +16,7 @@ import pickle
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax import convert
 from dimsum_jax.data import encode
 from dimsum_jax.data import latents as latents_lib
@@ -97,7 +98,7 @@ def test_convert_refuses_a_harmful_checkpoint(tmp_path, kind, where):
   _assert_harmful(lambda: torch.load(path, map_location="cpu", weights_only=False), marker)
   out_dir = tmp_path / "out"
   with pytest.raises(SystemExit) as e:
-    convert.main([f"--upstream={path}", f"--out={out_dir}"])
+    command_line.call(convert, [f"--upstream={path}", f"--out={out_dir}"])
   _assert_one_sentence(str(e.value.code), str(path), name, "refused without running it")
   assert not marker.exists()
   assert not out_dir.exists()
@@ -130,7 +131,7 @@ def test_an_upstream_checkpoint_with_namespace_args_still_converts(tmp_path):
   for key in ("pos_embed", "blocks.3.freq_mamba.mixer.A_log", "final_layer.linear.weight"):
     np.testing.assert_array_equal(loaded[key], state[key], err_msg=key)
   out_dir = tmp_path / "converted"
-  convert.main([f"--upstream={path}", f"--out={out_dir}"])
+  command_line.call(convert, [f"--upstream={path}", f"--out={out_dir}"])
   assert (out_dir / "model_config.json").exists() and (out_dir / "params").is_dir()
 
 
@@ -148,7 +149,7 @@ def test_vae_import_refuses_a_harmful_bin(tmp_path, kind):
   torch.save({"encoder.conv_in.weight": torch.zeros(1), "evil": cls(marker)}, path)
   _assert_harmful(lambda: torch.load(path, map_location="cpu", weights_only=False), marker)
   with pytest.raises(SystemExit) as e:
-    vae_convert.main([f"--diffusers={folder}", f"--out={tmp_path / 'out'}"])
+    command_line.call(vae_convert, [f"--diffusers={folder}", f"--out={tmp_path / 'out'}"])
   _assert_one_sentence(str(e.value.code), str(path), name, "refused without running it")
   assert not marker.exists()
   assert not (tmp_path / "out").exists()
@@ -166,7 +167,7 @@ def test_parity_refuses_an_npz_holding_objects(tmp_path, kind):
   np.savez(path, **arrays, notes=np.array([cls(marker)], dtype=object))
   _assert_harmful(lambda: np.load(path, allow_pickle=True)["notes"], marker)
   with pytest.raises(SystemExit) as e:
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
   _assert_one_sentence(str(e.value.code), str(path), "'notes'", "Python objects")
   assert not marker.exists()
 
@@ -179,7 +180,7 @@ def test_parity_refuses_a_bare_pickle(tmp_path):
     pickle.dump(RunsPython(marker), f)
   _assert_harmful(lambda: np.load(path, allow_pickle=True), marker)
   with pytest.raises(SystemExit) as e:
-    parity.main([f"--golden={path}"])
+    command_line.call(parity, [f"--golden={path}"])
   _assert_one_sentence(str(e.value.code), str(path), "not an .npz archive")
   assert not marker.exists()
 

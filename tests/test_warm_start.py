@@ -328,7 +328,7 @@ def test_finetune_starts_from_the_low_resolution_weights_and_trains(source_run, 
   steps = 6
   tuned = _at_16px(num_train_steps=steps, checkpoint_every_steps=steps,
                    init_from__path=str(source_run))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):  # whatever verbosity earlier tests left
     state = train.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
   fresh_loss, tuned_losses = _losses(tmp_path / 'fresh')[0], _losses(tmp_path / 'tuned')
   assert int(state.step) == steps and len(tuned_losses) == steps
@@ -340,7 +340,7 @@ def test_finetune_starts_from_the_low_resolution_weights_and_trains(source_run, 
   # init_from, which now names nothing usable.
   caplog.clear()
   tuned.init_from.path = str(tmp_path / 'nowhere')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):  # whatever verbosity earlier tests left
     assert warm_start.prepare(tuned, str(tmp_path / 'tuned'), None, None) is None
   assert 'holds checkpoints: resuming them; config.init_from.path=' in caplog.text
 

@@ -38,7 +38,6 @@ stops, --on_bad_image=skip logs a warning, leaves the image out and lists it in 
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import glob
@@ -55,9 +54,12 @@ import threading
 import time
 from typing import Any, Iterator
 
+from absl import app
+from absl import flags
 import numpy as np
 from PIL import Image
 
+from dimsum_jax import command_line
 from dimsum_jax import io_utils
 from dimsum_jax.data import latents as latents_lib
 from dimsum_jax.data.crop import crop_pil
@@ -754,39 +756,74 @@ def encode_dataset(config: dict) -> dict | None:
   return meta
 
 
-def _bool(text: str) -> bool:
-  if text.lower() in ("1", "true", "yes"):
-    return True
-  if text.lower() in ("0", "false", "no"):
-    return False
-  raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+_D = default_config()   # the flags are its settings, by the same names and defaults
+flags.DEFINE_string("dataset", _D["dataset"], f"{', '.join(DATASETS[:-1])} (tfds; see "
+                    "dimsum_jax.data.tfds_images) or image_folder.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", _D["data_dir"], "The tfds data_dir ('' = tfds's default) or the "
+                    "image folder.", flag_values=FLAGS)
+flags.DEFINE_string("split", _D["split"], "tfds split; slicing allowed (train[:120000]).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tfds_name", _D["tfds_name"], "tfds builder ('' = the usual one of "
+                    "--dataset, tfds_images.TFDS_NAMES).", flag_values=FLAGS)
+flags.DEFINE_string("vae", _D["vae"], "A VAE converted by python -m dimsum_jax.vae.convert.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", _D["out"], "The latent set directory to write (or to resume).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("image_size", _D["image_size"], "Pixels; latents are image_size / 8 for the "
+                     "SD VAE.", flag_values=FLAGS)
+flags.DEFINE_string("crop", _D["crop"], "adm, resize_center or none ('' = the dataset's: ADM's "
+                    "centre crop for ImageNet and image folders, else resize_center).",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("class_conditional", _D["class_conditional"], "Store labels (default: for "
+                     "imagenet2012 only; an image folder's labels are its subfolders).",
+                     flag_values=FLAGS)
+flags.DEFINE_boolean("flip", _D["flip"], "Also encode the horizontal mirror of every image.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("mode", _D["mode"], "sample: one posterior sample (as upstream); mean: the "
+                    "posterior mean.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", _D["seed"], "Noise of the posterior samples.", flag_values=FLAGS)
+flags.DEFINE_string("dtype", _D["dtype"], "VAE compute dtype: float32 (as upstream) or bfloat16.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("latent_dtype", _D["latent_dtype"], "Stored dtype: float32 or float16.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", _D["batch_size"], "Images per step of this process; 0 = 32 per "
+                     "local device.", flag_values=FLAGS)
+flags.DEFINE_integer("shard_size", _D["shard_size"], "Latent rows per shard file (even when "
+                     "mirrors are encoded).", flag_values=FLAGS)
+flags.DEFINE_string("on_bad_image", _D["on_bad_image"], "An image that does not decode: fail "
+                    "(stop, naming it) or skip (warn, leave it out, list it in the manifest).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_workers", _D["num_workers"], "Decoding threads; 0 = the CPU count (at "
+                     "most 32).", flag_values=FLAGS)
+flags.DEFINE_integer("prefetch", _D["prefetch"], "Batches decoded ahead.", flag_values=FLAGS)
+flags.DEFINE_float("log_every_s", _D["log_every_s"], "Seconds between progress lines.",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("process_index", _D["process_index"], "This process's part (default: from "
+                     "JAX's distributed runtime); for independent jobs sharing --out.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("process_count", _D["process_count"], "How many parts, with "
+                     "--process_index.", flag_values=FLAGS)
+del _D
 
 
-def main(argv=None) -> None:
-  defaults = default_config()
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  for key, value in defaults.items():
-    if key in ("flip", "class_conditional"):
-      continue
-    kind = {bool: _bool, int: int, float: float, str: str}.get(type(value), int)
-    parser.add_argument(f"--{key}", type=kind, default=value)
-  parser.add_argument("--flip", dest="flip", action="store_true", default=True,
-                      help="encode every image and its mirror (default)")
-  parser.add_argument("--noflip", dest="flip", action="store_false")
-  parser.add_argument("--class_conditional", dest="class_conditional", action="store_true",
-                      default=None, help="store labels (default: imagenet2012 only)")
-  parser.add_argument("--noclass_conditional", dest="class_conditional", action="store_false")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for name in ("absl", "jax"):  # Orbax's and JAX's chatter
     logging.getLogger(name).setLevel(logging.WARNING)
   try:
-    encode_dataset(vars(args))
+    encode_dataset({key: FLAGS[key].value for key in default_config()})
   except (EncodeError, FloatingPointError, latents_lib.LatentSetError, ImportError) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:
     sys.exit("Interrupted; run the same command to resume.")
 
 
+def cli():
+  """The `dimsum-encode` console script."""
+  command_line.run(main, FLAGS)
+
+
 if __name__ == "__main__":
-  main()
+  cli()

@@ -2,9 +2,7 @@
 
 See dimsum_jax/evaluate/command.py for the options, the output and the refusals.
 """
-import sys
-
-from dimsum_jax.evaluate.command import main
+from dimsum_jax.evaluate.command import cli
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

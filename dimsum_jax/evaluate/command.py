@@ -26,30 +26,40 @@ JSON.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+import types
 
+from absl import app
+from absl import flags
 import numpy as np
 
+from dimsum_jax import command_line
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m dimsum_jax.evaluate",
-                              description="Evaluate samples.npz (see the module docstring).")
-  p.add_argument("--samples", required=True,
-                 help="samples.npz (arr_0 uint8 [N, H, W, C]), or the folder that holds it")
-  p.add_argument("--reference", default="", help="reference batch .npz")
-  p.add_argument("--features", default="inception", choices=("inception", "digits"))
-  p.add_argument("--inception", default="", help="pytorch-fid's pt_inception-2015-12-05-*.pth")
-  p.add_argument("--preprocess", default="pytorch_fid", choices=("pytorch_fid", "tf"),
-                 help="Inception input: pytorch-fid's resize, or the TF graph's")
-  p.add_argument("--metrics", default="", help="comma-separated subset (default: all possible)")
-  p.add_argument("--batch_size", type=int, default=50, help="images per device per step")
-  p.add_argument("--split_size", type=int, default=5000, help="Inception Score split size")
-  p.add_argument("--cache_dir", default="", help="digits features cache (~/.cache/dimsum_jax)")
-  p.add_argument("--out", default="", help="the JSON file (default: beside the samples)")
-  return p.parse_args(argv)
+
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string("samples", None, "samples.npz (arr_0 uint8 [N, H, W, C]), or the folder that "
+                    "holds it.", flag_values=FLAGS)
+flags.DEFINE_string("reference", "", "Reference batch .npz: ADM's, or one written by python -m "
+                    "dimsum_jax.evaluate.reference (with --features=digits: may be left out).",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("features", "inception", ["inception", "digits"], "The feature net.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("inception", "", "pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz), "
+                    "read from disk, never downloaded.", flag_values=FLAGS)
+flags.DEFINE_enum("preprocess", "pytorch_fid", ["pytorch_fid", "tf"], "Inception input: "
+                  "pytorch-fid's resize, or the TF graph's.", flag_values=FLAGS)
+flags.DEFINE_string("metrics", "", "Comma-separated subset of fid,sfid,is,precision,recall,"
+                    "accuracy (default: all that the features and the reference allow).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 50, "Images per device per step.", flag_values=FLAGS)
+flags.DEFINE_integer("split_size", 5000, "Inception Score split size.", flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", "", "Digits features cache ('' = ~/.cache/dimsum_jax).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", "", "The JSON file (default: evaluation-<reference name>.json beside "
+                    "the samples).", flag_values=FLAGS)
+flags.mark_flag_as_required("samples", flag_values=FLAGS)
 
 
 def read_samples(path):
@@ -92,15 +102,13 @@ def default_out(samples, reference, features):
   return os.path.join(os.path.dirname(os.path.abspath(samples)), f"evaluation-{stem}.json")
 
 
-def eval_args(**overrides) -> argparse.Namespace:
-  """The command's options as a Namespace (its defaults, then `overrides`), for callers such as
-  `python -m dimsum_jax.sample --evaluate`."""
-  args = parse_args(["--samples="])
-  for key, value in overrides.items():
-    if not hasattr(args, key):
-      raise ValueError(f"Unknown evaluation option {key!r}.")
-    setattr(args, key, value)
-  return args
+def eval_args(**overrides) -> types.SimpleNamespace:
+  """The command's options as a namespace (its flags' defaults, then `overrides`), for callers
+  such as `python -m dimsum_jax.sample --evaluate`."""
+  unknown = sorted(set(overrides) - set(FLAGS))
+  if unknown:
+    raise ValueError(f"Unknown evaluation option {unknown[0]!r}.")
+  return command_line.defaults(FLAGS, **overrides)
 
 
 def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
@@ -177,15 +185,14 @@ LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score",
           "precision": "Precision", "recall": "Recall", "accuracy": "Accuracy"}
 
 
-def main(argv=None) -> int:
-  from absl import logging  # pylint: disable=g-import-not-at-top
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import npz  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate.metrics import EvaluationError  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
-  args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    result = run(args)
+    result = run(command_line.values(FLAGS))
   except (EvaluationError, inception.WeightsError, npz.NpzError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -197,3 +204,6 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The `dimsum-evaluate` console script (and python -m dimsum_jax.evaluate)."""
+  command_line.run(main, FLAGS)

@@ -67,12 +67,15 @@ import os
 import sys
 from typing import Any
 
+from absl import app
+from absl import flags
 import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimsum_jax import command_line
 from dimsum_jax.data.digits import resize_matrix
 
 NAME = "inception-2015-12-05 (pytorch-fid port)"
@@ -411,13 +414,19 @@ def load_variables(path: str, net: InceptionV3 | None = None) -> dict:
   return variables_from_state_dict(load_state_dict(path), source=os.fspath(path), net=net)
 
 
-def main(argv=None) -> int:
-  """python -m dimsum_jax.evaluate.inception --convert=IN.pth --out=OUT.npz (checked first)."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=main.__doc__)
-  parser.add_argument("--convert", required=True, help="pytorch-fid's .pth weight file")
-  parser.add_argument("--out", required=True, help="the .npz to write")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string("convert", None, "pytorch-fid's .pth weight file "
+                    "(pt_inception-2015-12-05-6726825d.pth).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The .npz to write (read without torch).", flag_values=FLAGS)
+flags.mark_flags_as_required(["convert", "out"], flag_values=FLAGS)
+
+
+def main(argv) -> int:
+  """python -m dimsum_jax.evaluate.inception --convert=IN.pth --out=OUT.npz: the weight file as
+  an .npz, for hosts without torch (checked first)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = command_line.values(FLAGS)
   try:
     state = load_state_dict(args.convert)
     variables_from_state_dict(state, source=args.convert)
@@ -432,5 +441,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """python -m dimsum_jax.evaluate.inception."""
+  command_line.run(main, FLAGS)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

@@ -39,8 +39,12 @@ import shutil
 import sys
 import time
 
+from absl import app
+from absl import flags
 from absl import logging
 import numpy as np
+
+from dimsum_jax import command_line
 
 from dimsum_jax.evaluate import metrics as metrics_lib
 from dimsum_jax.evaluate import npz
@@ -436,43 +440,61 @@ class _Rows:
 # Command line
 
 
-def parse_args(argv):
-  import argparse  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="python -m dimsum_jax.evaluate.reference",
-                              description="Write an ADM-style reference batch (see the module "
-                              "docstring).")
-  p.add_argument("--dataset", required=True, choices=DATASETS)
-  p.add_argument("--data_dir", default="", help="image folder, tfds data_dir or latent set")
-  p.add_argument("--split", default="train", help="tfds split")
-  p.add_argument("--tfds_name", default="", help="tfds builder ('' = the usual one of --dataset)")
-  p.add_argument("--image_size", type=int, default=None, help="256 (digits: 16)")
-  p.add_argument("--channels", type=int, default=None, help="3 (digits: 1)")
-  p.add_argument("--crop", default="adm", help="adm | resize_center | none")
-  p.add_argument("--vae_dir", default="", help="latent sets: the converted VAE that decodes them")
-  p.add_argument("--num_images", type=int, default=0, help="0: all")
-  p.add_argument("--pr_images", type=int, default=10_000, help="images kept in arr_0")
-  p.add_argument("--chunk_size", type=int, default=10_000)
-  p.add_argument("--read_batch", type=int, default=256)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--features", default="inception", choices=("inception", "digits"))
-  p.add_argument("--inception", default="", help="pytorch-fid's pt_inception-2015-12-05-*.pth")
-  p.add_argument("--preprocess", default="pytorch_fid", choices=("pytorch_fid", "tf"))
-  p.add_argument("--batch_size", type=int, default=50, help="images per device per step")
-  p.add_argument("--cache_dir", default="", help="digits features cache")
-  p.add_argument("--out", required=True)
-  args = p.parse_args(argv)
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_enum("dataset", None, list(DATASETS), "Where the images come from (read through "
+                  "dimsum_jax.data; latents: decoded through --vae_dir).", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "Image folder, tfds data_dir or latent set.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("split", "train", "tfds split.", flag_values=FLAGS)
+flags.DEFINE_string("tfds_name", "", "tfds builder ('' = the usual one of --dataset).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("image_size", None, "Pixels (default: 256; digits: 16).", flag_values=FLAGS)
+flags.DEFINE_integer("channels", None, "Image channels (default: 3; digits: 1).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("crop", "adm", "adm, resize_center or none.", flag_values=FLAGS)
+flags.DEFINE_string("vae_dir", "", "Latent sets: the converted VAE that decodes them.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_images", 0, "Images whose statistics are taken, the first of a seeded "
+                     "shuffle (0: all, in file order).", flag_values=FLAGS)
+flags.DEFINE_integer("pr_images", 10_000, "Images kept in arr_0 (precision/recall).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("chunk_size", 10_000, "Images per saved chunk (what a rerun resumes after).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("read_batch", 256, "Images read per batch.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Shuffle (with --num_images) and arr_0's positions.",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("features", "inception", ["inception", "digits"], "The feature net.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("inception", "", "pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz).",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("preprocess", "pytorch_fid", ["pytorch_fid", "tf"], "Inception input: "
+                  "pytorch-fid's resize, or the TF graph's.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 50, "Images per device per step of the feature net.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", "", "Digits features cache ('' = ~/.cache/dimsum_jax).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The .npz to write (never overwritten; OUT.partial/ holds the "
+                    "chunks until it is).", flag_values=FLAGS)
+flags.mark_flags_as_required(["dataset", "out"], flag_values=FLAGS)
+
+
+def writer_args(**settings):
+  """The command's settings as write_reference reads them: its flags' defaults, then `settings`,
+  then the dataset's image_size and channels where they are None."""
+  args = command_line.defaults(FLAGS, **settings)
   digits = args.dataset == "digits"
   args.image_size = args.image_size or (16 if digits else 256)
   args.channels = args.channels or (1 if digits else 3)
   return args
 
 
-def main(argv=None) -> int:
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from dimsum_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args = writer_args(**FLAGS.flag_values_dict())
   try:
     if args.chunk_size < 1 or args.pr_images < 0 or args.read_batch < 1:
       raise EvaluationError("--chunk_size and --read_batch must be positive, --pr_images >= 0.")
@@ -494,5 +516,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """python -m dimsum_jax.evaluate.reference."""
+  command_line.run(main, FLAGS)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

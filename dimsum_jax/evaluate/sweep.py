@@ -33,11 +33,14 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimsum_jax import command_line
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax.evaluate import config as eval_config
@@ -254,48 +257,70 @@ def format_table(rows) -> str:
 # Command line
 
 
-def _floats(text):
-  return [float(v) for v in str(text).split(",") if v.strip()]
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string("checkpoint", None, "Exported (dimsum_jax.export) or converted model "
+                    "directory.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Training workdir: its newest good checkpoint (or --step).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step.", flag_values=FLAGS)
+flags.DEFINE_string("vae_dir", None, "VAE for latent models (default: config.vae.dir).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Directory for sweep.json and the noise cache (a rerun resumes "
+                    "there).", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 1000, "Samples per setting.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Global sampling batch (over all devices).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Sample i starts from the noise of fold_in(key(seed), i), as in "
+                     "python -m dimsum_jax.sample.", flag_values=FLAGS)
+flags.DEFINE_list("classes", [], "Class indices the samples cycle through (default: all).",
+                  flag_values=FLAGS)
+flags.DEFINE_list("solver", ["euler"], "Comma list of euler, heun, dopri5.", flag_values=FLAGS)
+flags.DEFINE_list("num_steps", ["50"], "Comma list of step counts (euler, heun).",
+                  flag_values=FLAGS)
+flags.DEFINE_list("cfg_scale", ["1"], "Comma list of guidance scales (1 = none).",
+                  flag_values=FLAGS)
+flags.DEFINE_float("atol", 1e-6, "dopri5 absolute tolerance.", flag_values=FLAGS)
+flags.DEFINE_float("rtol", 1e-3, "dopri5 relative tolerance.", flag_values=FLAGS)
+flags.DEFINE_string("reference", "", "Reference batch .npz (the digits features have a built-in "
+                    "one).", flag_values=FLAGS)
+flags.DEFINE_enum("features", "inception", list(eval_config.FEATURES), "The feature net.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("inception", "", "pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz).",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("preprocess", "pytorch_fid", list(eval_config.PREPROCESS), "Inception input: "
+                  "pytorch-fid's resize, or the TF graph's.", flag_values=FLAGS)
+flags.DEFINE_string("metrics", "fid", "Comma-separated subset of fid,sfid,is,precision,recall,"
+                    "accuracy.", flag_values=FLAGS)
+flags.DEFINE_integer("feature_batch_size", 50, "Images per device per step of the feature net.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", "", "Digits features cache ('' = ~/.cache/dimsum_jax).",
+                    flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
 
 
-def parse_args(argv):
-  import argparse  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="python -m dimsum_jax.evaluate.sweep",
-                              description="FID versus NFE and guidance (see the docstring).")
-  p.add_argument("--checkpoint", default=None, help="exported or converted model directory")
-  p.add_argument("--workdir", default=None, help="training workdir (newest good checkpoint)")
-  p.add_argument("--step", type=int, default=None)
-  p.add_argument("--vae_dir", default=None)
-  p.add_argument("--out", required=True, help="directory for sweep.json and the noise cache")
-  p.add_argument("--num_samples", type=int, default=1000)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--classes", default="", help="classes the samples cycle through (default all)")
-  p.add_argument("--solver", default="euler", help="comma list of euler, heun, dopri5")
-  p.add_argument("--num_steps", default="50", help="comma list (euler/heun)")
-  p.add_argument("--cfg_scale", default="1", help="comma list")
-  p.add_argument("--atol", type=float, default=1e-6)
-  p.add_argument("--rtol", type=float, default=1e-3)
-  p.add_argument("--reference", default="")
-  p.add_argument("--features", default="inception", choices=eval_config.FEATURES)
-  p.add_argument("--inception", default="")
-  p.add_argument("--preprocess", default="pytorch_fid", choices=("pytorch_fid", "tf"))
-  p.add_argument("--metrics", default="fid")
-  p.add_argument("--feature_batch_size", type=int, default=50)
-  p.add_argument("--cache_dir", default="")
-  return p.parse_args(argv)
+def _numbers(name, values, kind=float):
+  """A comma-list flag's values as numbers of `kind` (empty items left out); EvaluationError
+  naming the flag when one is not."""
+  try:
+    return [kind(v) for v in values if v.strip()]
+  except ValueError as e:
+    what = "integers" if kind is int else "numbers"
+    raise metrics_lib.EvaluationError(f"--{name}={','.join(values)} is not a comma list of "
+                                      f"{what}.") from e
 
 
-def main(argv=None) -> int:
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from dimsum_jax import sample  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import reference as reference_lib  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args = command_line.values(FLAGS)
   try:
-    settings = settings_grid(args.solver.split(","), [int(v) for v in _floats(args.num_steps)],
-                             _floats(args.cfg_scale), args.atol, args.rtol)
+    settings = settings_grid([v for v in args.solver if v.strip()],
+                             _numbers("num_steps", args.num_steps, int),
+                             _numbers("cfg_scale", args.cfg_scale), args.atol, args.rtol)
     config = eval_config.default_eval_config()
     config.update(features=args.features, inception_weights=args.inception,
                   preprocess=args.preprocess, batch_size=args.feature_batch_size,
@@ -311,7 +336,7 @@ def main(argv=None) -> int:
     if ref is None:
       h, _, c = loaded.output_shape
       ref = digits_features.digits_reference(net, h, c)
-    classes = [int(c) for c in args.classes.split(",") if c.strip()] or None
+    classes = _numbers("classes", args.classes, int) or None
     os.makedirs(args.out, exist_ok=True)
     rows = run_sweep(sm, settings, reference=ref, feature_net=net, num_samples=args.num_samples,
                      seed=args.seed, classes=classes, metrics=args.metrics,
@@ -324,5 +349,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """python -m dimsum_jax.evaluate.sweep."""
+  command_line.run(main, FLAGS)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

@@ -24,14 +24,16 @@ float64); `--fill_seed=7` supplies the weights that wide.npz gives by formula.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
-import sys
 
+from absl import app
+from absl import flags
 import numpy as np
+
+from dimsum_jax import command_line
 
 INPUT_KEYS = {"x", "t", "y", "cfg_x", "cfg_t", "cfg_y", "config_json"}
 CFG_INPUTS = ("cfg_x", "cfg_t", "cfg_y")
@@ -369,17 +371,22 @@ def _check(path, arrays, float64):
   return Report(rows, not_compared, notes)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description="Compare this port with a golden file of the "
-                                   "official PyTorch DiMSUM or DiM.")
-  parser.add_argument("--golden", required=True, help="self-contained golden .npz")
-  parser.add_argument("--float64", action="store_true", help="run the port in float64")
-  parser.add_argument("--fill_seed", type=int, default=None,
-                      help="DiM files that store no weights (wide.npz: 7): generate them by the "
-                           "golden README's formula with this seed")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string("golden", None, "Self-contained golden .npz (the format of tiny.npz).",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("float64", False, "Run the port in float64.", flag_values=FLAGS)
+flags.DEFINE_integer("fill_seed", None, "DiM files that store no weights (wide.npz: 7): generate "
+                     "them by the golden README's formula with this seed.", flag_values=FLAGS)
+flags.mark_flag_as_required("golden", flag_values=FLAGS)
+
+
+def main(argv):
+  """Compares this port with a golden file of the official PyTorch DiMSUM or DiM; returns the
+  exit status (1 when an array misses its tolerance)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    report = check(args.golden, args.float64, args.fill_seed)
+    report = check(FLAGS.golden, FLAGS.float64, FLAGS.fill_seed)
   except ParityError as e:
     raise SystemExit(f"error: {e}") from None
   print_report(report)
@@ -392,8 +399,13 @@ def main(argv=None):
   return 0
 
 
+def cli():
+  """The `dimsum-parity` console script."""
+  command_line.run(main, FLAGS)
+
+
 if __name__ == "__main__":
-  # Run the imported module's main, so that parity_dim raises the ParityError caught there
+  # Run the imported module's command, so that parity_dim raises the ParityError caught there
   # (under `python -m` this file is also `__main__`, a second module object).
   from dimsum_jax.tools import parity as _parity
-  sys.exit(_parity.main())
+  _parity.cli()

@@ -16,16 +16,18 @@ they are renamed to `to_q/to_k/to_v/to_out.0` first.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import sys
 
+from absl import app
+from absl import flags
 import flax.traverse_util
 import numpy as np
 
+from dimsum_jax import command_line
 from dimsum_jax.vae import checkpoint, model
 
 SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"
@@ -208,19 +210,30 @@ def convert_diffusers_vae(diffusers_dir: str, out_dir: str | None = None, overwr
   return vae, params
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--diffusers", required=True, help="local diffusers AutoencoderKL folder")
-  parser.add_argument("--out", required=True, help="output folder (config.json + Orbax params)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string("diffusers", None, "Local diffusers AutoencoderKL folder (or a pipeline "
+                    "folder with a vae/ subfolder).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder (config.json + Orbax params).", flag_values=FLAGS)
+flags.DEFINE_boolean("overwrite", False, "Replace an existing conversion in --out.",
+                     flag_values=FLAGS)
+flags.mark_flags_as_required(["diffusers", "out"], flag_values=FLAGS)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    _, params = convert_diffusers_vae(args.diffusers, args.out, overwrite=args.overwrite)
+    _, params = convert_diffusers_vae(FLAGS.diffusers, FLAGS.out, overwrite=FLAGS.overwrite)
   except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
     sys.exit(f"error: {e}")
   count = sum(leaf.size for leaf in flax.traverse_util.flatten_dict(params).values())
-  print(f"Wrote {count:,} VAE parameters to {os.path.abspath(args.out)}")
+  print(f"Wrote {count:,} VAE parameters to {os.path.abspath(FLAGS.out)}")
+
+
+def cli():
+  """The `dimsum-vae-convert` console script."""
+  command_line.run(main, FLAGS)
 
 
 if __name__ == "__main__":
-  main()
+  cli()

@@ -11,11 +11,13 @@ import shutil
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from dimsum_jax import command_line
 from dimsum_jax.data import create_dataset, default_data_config, encode
 from dimsum_jax.data.image_folder import load_image
 from dimsum_jax.vae import checkpoint, model
@@ -298,10 +300,22 @@ def test_bad_settings_are_one_sentence(tmp, tmp_path):
   cases.append((["--dataset=image_folder", f"--vae={other}"], "'UNet2DModel', not 'AutoencoderKL'"))
   for args, message in cases:
     with pytest.raises(SystemExit) as error:
-      encode.main(base + args)
+      command_line.call(encode, base + args)
     text = str(error.value)
     assert text.startswith("error: ") and message in text, text
     assert text.count("\n") == 0
+
+
+def test_the_flags_are_the_settings():
+  """One flag per setting of default_config, by its name and with its default, each with a help
+  string; a flag that is not a setting is absl's error, before anything runs."""
+  defaults = encode.default_config()
+  assert sorted(encode.FLAGS) == sorted(defaults)
+  for name, value in defaults.items():
+    assert encode.FLAGS[name].default == value, name
+    assert encode.FLAGS[name].help, name
+  with pytest.raises(flags.UnrecognizedFlagError, match="image_sise"):
+    command_line.call(encode, ["--image_sise=16"])
 
 
 @pytest.fixture(scope="module")

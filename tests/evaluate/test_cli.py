@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dimsum_jax import command_line
 from dimsum_jax.evaluate import command as cli
 from dimsum_jax.evaluate import digits_features
 from dimsum_jax.evaluate import metrics
@@ -54,7 +55,7 @@ def files(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
+  code = command_line.call(cli, [str(a) for a in argv])
   captured = capsys.readouterr()
   return code, captured.out, captured.err.strip().splitlines()
 

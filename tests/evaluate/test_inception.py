@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dimsum_jax import command_line
 from dimsum_jax.evaluate import inception
 from tests import seeds
 from tests.evaluate import torch_inception
@@ -153,7 +154,7 @@ def test_weight_files(torch_net, tmp_path):
   pth = tmp_path / "pt_inception.pth"
   torch.save(state, pth)
   v = inception.load_variables(str(pth))
-  assert inception.main(["--convert", str(pth), "--out", str(tmp_path / "w.npz")]) == 0
+  assert command_line.call(inception, ["--convert", pth, "--out", tmp_path / "w.npz"]) == 0
   w = inception.load_variables(str(tmp_path / "w.npz"))
   leaves = jax.tree.leaves
   assert all(np.array_equal(x, y) for x, y in zip(leaves(v), leaves(w)))

@@ -4,13 +4,13 @@ The writer runs with the digits features (no Inception at 299 px on a CPU) over 
 of real digits (PNGs, two class folders), a latent set decoded by a tiny random VAE, and the
 built-in digits set. Resumed runs must equal uninterrupted ones bit for bit.
 """
-import argparse
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dimsum_jax import command_line
 from dimsum_jax.evaluate import digits_features
 from dimsum_jax.evaluate import metrics
 from dimsum_jax.evaluate import reference
@@ -18,10 +18,9 @@ from tests.data.test_encode import make_vae_dir
 
 
 def _args(out, **kw):
-  a = reference.parse_args(["--dataset=image_folder", f"--out={out}"])
-  a = argparse.Namespace(**{**vars(a), "image_size": 16, "channels": 1, "chunk_size": 7,
-                            "pr_images": 10, "read_batch": 5, **kw})
-  return a
+  return reference.writer_args(**{"dataset": "image_folder", "out": str(out), "image_size": 16,
+                                  "channels": 1, "chunk_size": 7, "pr_images": 10,
+                                  "read_batch": 5, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +122,18 @@ def test_latent_set_is_decoded_without_mirrors(tmp_path, digits_net):
 
 def test_cli_digits_reference_and_refusals(tmp_path, digits_cache, capsys):
   out = tmp_path / "digits.npz"
-  assert reference.main(["--dataset=digits", "--features=digits", f"--cache_dir={digits_cache}",
-                         "--num_images=200", "--pr_images=150", f"--out={out}"]) == 0
+  assert command_line.call(reference, ["--dataset=digits", "--features=digits",
+                                       f"--cache_dir={digits_cache}", "--num_images=200",
+                                       "--pr_images=150", f"--out={out}"]) == 0
   ref = reference.load_reference(out)
   assert ref.num_stat_images == 200 and ref.num_images == 150
   assert ref.images.shape[1:] == (16, 16, 1)
-  assert reference.main(["--dataset=digits", "--features=digits", f"--out={out}"]) == 1
+  assert command_line.call(reference,
+                           ["--dataset=digits", "--features=digits", f"--out={out}"]) == 1
   assert "exists: choose another --out" in capsys.readouterr().err
-  assert reference.main(["--dataset=image_folder", f"--data_dir={tmp_path / 'none'}",
-                         "--features=digits", f"--cache_dir={digits_cache}",
-                         f"--out={tmp_path / 'x.npz'}"]) == 1
+  assert command_line.call(reference, ["--dataset=image_folder", f"--data_dir={tmp_path / 'none'}",
+                                       "--features=digits", f"--cache_dir={digits_cache}",
+                                       f"--out={tmp_path / 'x.npz'}"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: Image folder") and "does not exist" in err[0]
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax import models
 from dimsum_jax import sampling
 from dimsum_jax.data import digits as digits_data
@@ -128,10 +129,12 @@ def test_fid_falls_with_nfe_for_the_exact_field(tmp_path, digits_net):
     (["--checkpoint={root}/absent", "--features=digits"], "no such directory"),
     (["--checkpoint={root}", "--features=inception"], "Pass --reference=REF.npz"),
     (["--checkpoint={root}", "--features=digits", "--solver=rk4"], "unknown ODE solver"),
+    (["--checkpoint={root}", "--features=digits", "--num_steps=8,2.5"],
+     "--num_steps=8,2.5 is not a comma list of integers"),
 ])
 def test_command_line_refusals(tmp_path, digits_cache, capsys, argv, phrase):
-  code = sweep.main([a.format(root=tmp_path) for a in argv] +
-                    [f"--out={tmp_path / 'out'}", f"--cache_dir={digits_cache}"])
+  code = command_line.call(sweep, [a.format(root=tmp_path) for a in argv] +
+                           [f"--out={tmp_path / 'out'}", f"--cache_dir={digits_cache}"])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
   assert not (tmp_path / "out").exists()
@@ -148,9 +151,10 @@ def test_command_line_on_a_converted_checkpoint(tmp_path, digits_cache, capsys):
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(str(ckpt / "params"), params)
   checkpointer.wait_until_finished()
-  code = sweep.main([f"--checkpoint={ckpt}", "--features=digits", f"--cache_dir={digits_cache}",
-                     "--num_samples=12", "--batch_size=8", "--num_steps=2", "--cfg_scale=1.5",
-                     f"--seed={SEED}", "--metrics=fid,accuracy", f"--out={tmp_path / 'out'}"])
+  code = command_line.call(sweep, [
+      f"--checkpoint={ckpt}", "--features=digits", f"--cache_dir={digits_cache}",
+      "--num_samples=12", "--batch_size=8", "--num_steps=2", "--cfg_scale=1.5", f"--seed={SEED}",
+      "--metrics=fid,accuracy", f"--out={tmp_path / 'out'}"])
   out, err = capsys.readouterr()
   assert code == 0, err
   rows = json.loads((tmp_path / "out" / "sweep.json").read_text())

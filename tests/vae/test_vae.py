@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimsum_jax import command_line
 from dimsum_jax.vae import checkpoint, convert, model
 
 PARITY_PACKAGES = "pip install torch==2.13.0 diffusers==0.42.1 safetensors==0.8.0"
@@ -57,7 +58,7 @@ def converted(diffusers_vae, tmp_path_factory):
   """The CLI's output folder for the small diffusers VAE."""
   _, folder = diffusers_vae
   out = tmp_path_factory.mktemp("converted")
-  convert.main([f"--diffusers={folder}", f"--out={out}", "--overwrite"])
+  command_line.call(convert, [f"--diffusers={folder}", f"--out={out}", "--overwrite"])
   return out
 
 
@@ -350,7 +351,7 @@ def test_missing_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors or"):
     convert.find_vae_folder(str(tmp_path))
   with pytest.raises(SystemExit, match="has no weights"):
-    convert.main([f"--diffusers={tmp_path}", f"--out={tmp_path / 'out'}"])
+    command_line.call(convert, [f"--diffusers={tmp_path}", f"--out={tmp_path / 'out'}"])
   with pytest.raises(FileNotFoundError, match="dimsum_jax.vae.convert"):
     checkpoint.load_vae(str(tmp_path / "never_converted"))
 
@@ -384,7 +385,7 @@ def test_cli_converts_a_torch_bin_folder_like_safetensors(diffusers_vae, convert
 
 def _cli_error(args):
   with pytest.raises(SystemExit) as error:
-    convert.main(args)
+    command_line.call(convert, args)
   message = str(error.value)
   assert message.startswith("error: ") and "\n" not in message
   return message

@@ -1,0 +1,65 @@
+"""What the package's command lines share: absl flags (--snake_case), each command's on a
+FlagValues of its own.
+
+A command module defines its flags on `FLAGS = flags.FlagValues()` (flag_values=FLAGS), not on
+absl's global flags.FLAGS, so that importing any set of commands into one process (the tests, a
+notebook) defines no flag twice. It has
+
+  main(argv)  absl's main: FLAGS are parsed and argv is what is left (the program name alone;
+              anything more is `Unexpected arguments`); returns the exit status, and a user's
+              mistake ends it with SystemExit("error: <one sentence>"), exit status 1
+  cli()       the program, as its `python -m` form and its console script run it:
+              `command_line.run(main, FLAGS)`
+
+and `command_line.call(module, argv)` runs it in this process as the program would.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+from absl import app
+from absl import flags
+
+
+def run(main, flag_values: flags.FlagValues) -> None:
+  """app.run(main) for a command whose flags are on `flag_values`: they join absl's own flags
+  (--helpshort lists them; --flagfile, --verbosity, ... work as for every absl program) and absl
+  parses the command line: an unknown flag, a value of the wrong type or a missing required flag
+  is one sentence naming the flag on stderr, and exit status 1, before main runs."""
+  def parse(argv):
+    flags.FLAGS.append_flag_values(flag_values)
+    for defined in flag_values.flags_by_module_dict().values():
+      for flag in defined:   # --helpshort shows the flags of the program's main module
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
+    rest = app.parse_flags_with_usage(argv)
+    flag_values.mark_as_parsed()
+    return rest
+  app.run(main, flags_parser=parse)
+
+
+def call(command: types.ModuleType, argv) -> int | None:
+  """Runs a command module in this process as its program runs it: `argv` (the flags, without
+  the program name) parsed afresh into command.FLAGS (a flag it leaves out takes its default),
+  then command.main. Returns main's exit status; a flag error raises flags.Error (the program
+  prints it and exits with status 1), a user's mistake SystemExit as in the program."""
+  for name in command.FLAGS:
+    command.FLAGS[name].unparse()
+  rest = command.FLAGS([command.__name__, *(str(a) for a in argv)])
+  return command.main(rest)
+
+
+def defaults(flag_values: flags.FlagValues, **overrides) -> types.SimpleNamespace:
+  """A command's settings without its command line: every flag at its default, then `overrides`
+  (a name that is not one of its flags is a ValueError)."""
+  settings = {name: flag_values[name].default for name in flag_values}
+  unknown = sorted(set(overrides) - set(settings))
+  if unknown:
+    raise ValueError(f"Unknown option {unknown[0]!r}: the options are "
+                     f"{', '.join(sorted(settings))}.")
+  return types.SimpleNamespace(**{**settings, **overrides})
+
+
+def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """A command's parsed flags as a namespace (attributes that may be set, unlike FLAGS's)."""
+  return types.SimpleNamespace(**flag_values.flag_values_dict())
