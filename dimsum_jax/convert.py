@@ -29,7 +29,6 @@ import re
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -286,13 +285,14 @@ def to_upstream(params, model) -> dict[str, np.ndarray]:
   return out
 
 
-# Upstream model flags this port implements only in their published setting (reference section 1:
-# the flags of every published script and the defaults they leave untouched), as
+# Upstream model flags this port implements only in their published setting (upstream's
+# scripts/*.sh: the flags of every published script and the defaults they leave untouched), as
 # (argument name, published value, upstream command-line flag or None for DiM(...) keywords).
 # Train-script names (not_use_gated_mlp) and the golden files' DiM(...) names (use_gated_mlp) are
 # both listed; an argument that is absent counts as published. Accepted whatever their value, as
 # they change nothing a converted forward computes: fused_add_norm (the same RMSNorm, fused or
-# not), cond_mamba (the release's conditional Mamba has no effect, reference section 9; without
+# not), cond_mamba (the release's conditional Mamba has no effect: upstream's
+# `causal_conv1d_fwd_cond` overwrites the condition it is given; without
 # it the mixers are plain Mamba, which is what this port runs), learnable_pe (pos_embed is an
 # nn.Parameter either way, frozen or not, so the state dict holds the table the model used) and
 # drop_path (training only).
@@ -386,7 +386,8 @@ def model_config_from_upstream(cfg: dict, state_dict=None) -> ml_collections.Con
   mc.attn_every = max(int(cfg.get("use_attn_every_k_layers", 4)), 0)   # upstream: -1 = none
   mc.label_dropout = max(float(cfg.get("label_dropout", 0.1)), 0.0)
   mc.num_classes = _num_classes(cfg, state_dict, mc.label_dropout)
-  # The release's conditional Mamba has no effect (reference section 9): reproduce it.
+  # The release's conditional Mamba has no effect (upstream's `causal_conv1d_fwd_cond` overwrites
+  # the condition it is given): reproduce it.
   mc.cond_mamba = "none"
   return mc
 
@@ -420,14 +421,6 @@ def describe(mc) -> str:
     return f"{mc.name} (depth {depth}, hidden {hidden}, patch {patch}; {data})"
   return (f"a DiMSUM of depth {depth}, hidden {hidden}, patch {patch}, not a published size "
           f"(registry entry {mc.name} with depth/hidden_size overridden; {data})")
-
-
-def abstract_params(model, config):
-  size = config.input_size
-  x = jnp.zeros((1, size, size, config.in_channels))
-  t = jnp.zeros((1,))
-  y = jnp.zeros((1,), jnp.int32) if config.num_classes else None
-  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, t, y))["params"]
 
 
 def load_torch_checkpoint(path: str, entry: str = "ema"):
@@ -589,7 +582,7 @@ def convert_checkpoint(upstream: str, out: str, config: str | None = None,
   conversion leaves no directory behind."""
   import os
 
-  from dimsum_jax.models import create_model
+  from dimsum_jax.models import abstract_params, create_model
   if not os.path.exists(upstream):
     raise ConvertError(f"--upstream={upstream} does not exist: pass the path of an upstream .pt "
                        "checkpoint (e.g. imnet256_510ep.pt).")

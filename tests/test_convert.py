@@ -23,7 +23,7 @@ from dimsum_jax import command_line
 from dimsum_jax import convert
 from dimsum_jax import model_loading
 from dimsum_jax import sample
-from dimsum_jax.models import create_model
+from dimsum_jax.models import abstract_params, create_model
 from dimsum_jax.tools import parity
 from tests.golden import golden_file
 
@@ -238,7 +238,7 @@ def test_blocks_beyond_the_model_depth_are_named(golden):
   mc = convert.model_config_from_upstream(cfg, state)
   model = create_model(mc)
   with pytest.raises(convert.ConvertError, match=r"no place for \(\d+\): blocks\.4\.norm\.weight"):
-    convert.from_upstream(deeper, model, convert.abstract_params(model, mc))
+    convert.from_upstream(deeper, model, abstract_params(model, mc))
 
 
 @pytest.mark.parametrize("make, message", [

@@ -15,6 +15,7 @@ import pytest
 
 from dimsum_jax import command_line
 from dimsum_jax import convert
+from dimsum_jax import models
 from dimsum_jax.models import create_model, default_model_config
 from dimsum_jax.tools import hashfill, parity
 from tests import seeds
@@ -138,7 +139,7 @@ def test_tool_reads_other_sizes(tmp_path, seed):
             num_classes=0, scan_type="sweep_8", scan_impl="reference", attn_every=every)
   model = create_model(mc)
   # Upstream names and shapes of every parameter, then the README's fill (non-zero everywhere).
-  abstract = convert.abstract_params(model, mc)
+  abstract = models.abstract_params(model, mc)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract)
   state = hashfill.fill_state_dict(
       [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()], seed=3)
@@ -179,7 +180,7 @@ def test_mismatched_checkpoint_names_the_keys():
   cfg = json.loads(str(inputs["config_json"]))
   mc = convert.model_config_from_upstream(cfg, state)
   model = create_model(mc)
-  abstract = convert.abstract_params(model, mc)
+  abstract = models.abstract_params(model, mc)
   broken = dict(state)
   broken.pop("blocks.1.norm.weight")
   broken["blocks.0.mlp.w3.weight"] = np.zeros((5, 5), np.float32)
@@ -201,7 +202,7 @@ def test_upstream_round_trip_and_cond_proj_dropping():
   mc = convert.model_config_from_upstream(json.loads(str(inputs["config_json"])), state)
   assert mc.num_classes == 10 and mc.cond_mamba == "none"
   model = create_model(mc)
-  params = convert.from_upstream(state, model, convert.abstract_params(model, mc))
+  params = convert.from_upstream(state, model, models.abstract_params(model, mc))
   back = convert.to_upstream(params, model)
   skipped = {k for k in state if "cond_proj" in k or ".dwt." in k or ".idwt." in k}
   assert len(skipped) == 4 * 2 * 2 + 4 * 5
@@ -211,7 +212,7 @@ def test_upstream_round_trip_and_cond_proj_dropping():
   # With the working conditional Mamba the release's cond_proj weights have a place.
   mc.cond_mamba = "h0"
   model = create_model(mc)
-  params = convert.from_upstream(state, model, convert.abstract_params(model, mc))
+  params = convert.from_upstream(state, model, models.abstract_params(model, mc))
   np.testing.assert_array_equal(
       params["groups"]["block_1"]["spatial_mamba"]["mixer"]["cond_proj"]["kernel"][0],
       state["blocks.1.spatial_mamba.mixer.cond_proj.weight"].T)

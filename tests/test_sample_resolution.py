@@ -38,7 +38,7 @@ def _write(tmp_path, config, seed):
   model = models.create_model(config)
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda s: 0.1 * rng.normal(size=s.shape).astype(np.float32),
-                        convert.abstract_params(model, config))
+                        models.abstract_params(model, config))
   out = tmp_path / config.name.replace('/', '_')
   convert.save_params(str(out), params, config)
   return str(out), model, params

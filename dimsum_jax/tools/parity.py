@@ -233,7 +233,7 @@ def print_report(report: Report, out=print) -> None:
 def _model(path, state, inputs, float64):
   """(model config, model, parameters) from the file's config_json and weights."""
   from dimsum_jax import convert
-  from dimsum_jax.models import create_model
+  from dimsum_jax.models import abstract_params, create_model
   if "config_json" not in inputs:
     raise ParityError(f"{path} has no `config_json`: a golden file must carry upstream's "
                       "hyperparameters (see the format of tiny.npz).")
@@ -251,7 +251,7 @@ def _model(path, state, inputs, float64):
     mc.scan_impl = "reference"
     model = create_model(mc)
     dtype = np.float64 if float64 else np.float32
-    params = convert.from_upstream(state, model, convert.abstract_params(model, mc), dtype=dtype)
+    params = convert.from_upstream(state, model, abstract_params(model, mc), dtype=dtype)
   except ValueError as e:   # ConvertError, or a config that create_model refuses
     raise ParityError(f"{path}: the weights and config_json do not make a model this port "
                       f"builds: {' '.join(str(e).splitlines())}") from e

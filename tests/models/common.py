@@ -37,7 +37,7 @@ def tiny_config(**overrides):
 def filled_params(model, mc, seed=0):
   """Every parameter non-zero (upstream zero-initialises the output layers): the golden l2.npz
   weight fill (dimsum_jax.tools.hashfill) by upstream key name, float32 NumPy."""
-  abstract = convert.abstract_params(model, mc)
+  abstract = models.abstract_params(model, mc)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract)
   keys = [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()]
   return convert.from_upstream(hashfill.fill_state_dict(keys, seed), model, abstract)
