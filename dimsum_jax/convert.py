@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from dimsum_jax import command_line
+from dimsum_jax import config_utils
 
 # Upstream keys that carry no parameters of ours: fixed Haar filter buffers.
 BUFFER_PATTERNS = (r"\.dwt\.w_(ll|lh|hl|hh)$", r"\.idwt\.filters$")
@@ -43,10 +44,6 @@ class ConvertError(ValueError):
 
   The command line prints it as one message without a traceback (it is the user's input, not a
   bug of this module)."""
-
-
-class ConfigFileError(ValueError):
-  """A config file that does not exist or cannot be run; the message names it and the fix."""
 
 
 # The classes an upstream checkpoint holds beyond what torch's weights_only loader builds anyway
@@ -475,83 +472,10 @@ def _refusal(path: str, name: str) -> str:
           "dict saved with torch.save(model.state_dict(), PATH).")
 
 
-def _config_error_where(e: BaseException, path: str) -> str:
-  """'SyntaxError at line 3: ...': the error and the line of the config file it comes from."""
-  import os
-  import traceback
-  if isinstance(e, SyntaxError) and e.lineno:
-    return f"SyntaxError at line {e.lineno}: {e.msg}"
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
-           if os.path.abspath(f.filename) == os.path.abspath(path)]
-  text = str(e).strip().splitlines()
-  where = f" at line {lines[-1]}" if lines else ""
-  return f"{type(e).__name__}{where}" + (f": {text[0][:200]}" if text else "")
-
-
-def load_config_file(spec: str, flag: str = "--config") -> ml_collections.ConfigDict:
-  """The ConfigDict of a config file given as `path.py` or `path.py:arg` (the argument of its
-  get_config; split at the first ':' as ml_collections' config flags split it).
-
-  A missing file, one that does not run, defines no get_config() or whose get_config fails or
-  returns something else raise ConfigFileError, one sentence naming `flag`, the file and the fix.
-  """
-  import importlib.machinery
-  import importlib.util
-  import os
-  path, has_arg, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    what = "is a directory" if os.path.isdir(path) else "does not exist"
-    raise ConfigFileError(f"{flag}={spec}: {path} {what}; pass a config file such as "
-                          "configs/digits.py.")
-  loader = importlib.machinery.SourceFileLoader("dimsum_jax_config_file", path)
-  try:
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except  (whatever the file raises)
-    raise ConfigFileError(f"{flag}={spec}: {path} cannot be run ({_config_error_where(e, path)}"
-                          "); fix the file or pass another config file.") from e
-  if not callable(getattr(module, "get_config", None)):
-    raise ConfigFileError(f"{flag}={spec}: {path} defines no get_config(); a config file returns "
-                          "its ConfigDict from get_config(), as configs/digits.py does.")
-  try:
-    config = module.get_config(arg) if has_arg else module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    call = f"get_config({arg!r})" if has_arg else "get_config()"
-    raise ConfigFileError(f"{flag}={spec}: {call} of {path} failed "
-                          f"({_config_error_where(e, path)}); fix the file"
-                          + (" or the argument after ':'." if has_arg else ".")) from e
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigFileError(f"{flag}={spec}: get_config() of {path} returned a "
-                          f"{type(config).__name__}, not an ml_collections.ConfigDict; return "
-                          "the config, as configs/digits.py does.")
-  return config
-
-
-def check_config_flag(argv, name: str = "config") -> None:
-  """For absl command lines with an ml_collections config flag (dimsum_jax.main, tools.flops):
-  runs the --NAME file of `argv` once before absl parses it, and ends the command with exit
-  status 1 and one sentence on stderr when the file is missing or does not run (ml_collections
-  would print a traceback, or defer a missing file's error to the first use of the config)."""
-  import sys
-  spec = None
-  for i, arg in enumerate(argv[1:], 1):
-    match = re.fullmatch(rf"--?{name}(=(.*))?", arg, re.DOTALL)
-    if match:
-      spec = match.group(2) if match.group(1) is not None else (
-          argv[i + 1] if i + 1 < len(argv) else None)
-  if spec is None:
-    return
-  try:
-    load_config_file(spec, f"--{name}")
-  except ConfigFileError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 def load_model_config(spec: str) -> ml_collections.ConfigDict:
   """The `model` section of a config file, given as `path.py` or `path.py:arg` (the argument of
   its get_config, as `dimsum_jax.main --config` takes it)."""
-  config = load_config_file(spec)
+  config = config_utils.load_config_file(spec)
   if "model" not in config:
     raise ConvertError(f"--config={spec}: its config has no `model` section.")
   return config.model

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from dimsum_jax import checkpoint
+from dimsum_jax import command_line
 from dimsum_jax import config_utils
 from dimsum_jax import metrics
 from dimsum_jax import sharding
@@ -23,11 +24,14 @@ from dimsum_jax import train
 
 load_exported = checkpoint.load_exported
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir (holds config.json and checkpoints/).')
-flags.DEFINE_string('out', None, 'Directory to write config.json and ema_params/ to.')
-flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the newest good one).')
-flags.mark_flags_as_required(['workdir', 'out'])
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'Training workdir (holds config.json and checkpoints/).',
+                    flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'Directory to write config.json and ema_params/ to.',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the newest good one).',
+                     flag_values=FLAGS)
+flags.mark_flags_as_required(['workdir', 'out'], flag_values=FLAGS)
 
 
 def read_run_config(workdir):
@@ -77,7 +81,7 @@ def main(argv):
 
 def cli():
   """The `dimsum-export` console script."""
-  app.run(main)
+  command_line.run(main, FLAGS)
 
 
 if __name__ == '__main__':

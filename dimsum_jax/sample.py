@@ -65,6 +65,7 @@ import jax
 import numpy as np
 
 from dimsum_jax import checkpoint
+from dimsum_jax import command_line
 from dimsum_jax import io_utils
 from dimsum_jax import model_loading
 from dimsum_jax import sample_io
@@ -246,7 +247,7 @@ def _broadcast(array):
 # ------------------------------------------------------------------------------------------------
 # Flags
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 
 
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -260,33 +261,40 @@ def define_option_flags(flag_values=FLAGS):
     _DEFINE[type(default)](name, default, help_text, flag_values=flag_values)
 
 
-def define_flags():
-  """The CLI flags (defined only when run as a program, so that importing this module next to
-  other entry points, e.g. in a notebook, defines nothing)."""
-  flags.DEFINE_string('checkpoint', None, 'Exported (dimsum_jax.export) or converted model dir.')
-  flags.DEFINE_string('workdir', None, 'Training workdir: its newest good checkpoint (or --step).')
-  flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step to sample from.')
-  flags.DEFINE_string('out', None, 'Output directory (PNGs, grid.png, samples.npz).')
-  flags.DEFINE_integer('num_samples', 64, 'How many samples.')
-  flags.DEFINE_integer('batch_size', 64, 'Global batch (over all devices); keep it when resuming.')
-  flags.DEFINE_list('classes', [], 'Class indices the samples cycle through (default: all).')
-  flags.DEFINE_string('vae_dir', None, 'VAE for latent models (default: config.vae.dir).')
-  flags.DEFINE_boolean('pngs', True, 'Write one PNG per sample under OUT/images/.')
-  define_option_flags()
+def define_flags(flag_values=FLAGS):
+  """The command's flags, on `flag_values` (this module's own FLAGS, so that importing it next to
+  other commands, e.g. in a notebook or the tests, defines no flag twice)."""
+  on = {'flag_values': flag_values}
+  flags.DEFINE_string('checkpoint', None, 'Exported (dimsum_jax.export) or converted model dir.',
+                      **on)
+  flags.DEFINE_string('workdir', None, 'Training workdir: its newest good checkpoint (or --step).',
+                      **on)
+  flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step to sample from.', **on)
+  flags.DEFINE_string('out', None, 'Output directory (PNGs, grid.png, samples.npz).', **on)
+  flags.DEFINE_integer('num_samples', 64, 'How many samples.', **on)
+  flags.DEFINE_integer('batch_size', 64, 'Global batch (over all devices); keep it when resuming.',
+                       **on)
+  flags.DEFINE_list('classes', [], 'Class indices the samples cycle through (default: all).', **on)
+  flags.DEFINE_string('vae_dir', None, 'VAE for latent models (default: config.vae.dir).', **on)
+  flags.DEFINE_boolean('pngs', True, 'Write one PNG per sample under OUT/images/.', **on)
+  define_option_flags(flag_values)
   flags.DEFINE_string('evaluate', None, 'Score samples.npz once written: an ADM-style reference '
-                      'batch .npz (Inception features), or "digits" (the digits features).')
+                      'batch .npz (Inception features), or "digits" (the digits features).', **on)
   flags.DEFINE_string('inception', None, "With --evaluate: pytorch-fid's "
-                      'pt_inception-2015-12-05-6726825d.pth (read from disk, never downloaded).')
+                      'pt_inception-2015-12-05-6726825d.pth (read from disk, never downloaded).',
+                      **on)
   flags.DEFINE_enum('features', None, ['inception', 'digits'], 'With --evaluate: the features '
-                    '(default: inception; digits with --evaluate=digits).')
+                    '(default: inception; digits with --evaluate=digits).', **on)
   flags.DEFINE_string('metrics', None, 'With --evaluate: a subset of '
-                      'fid,sfid,is,precision,recall,accuracy (default: all that apply).')
+                      'fid,sfid,is,precision,recall,accuracy (default: all that apply).', **on)
   flags.DEFINE_enum('preprocess', None, ['pytorch_fid', 'tf'], 'With --evaluate and Inception '
-                    "features: pytorch-fid's input resize (default) or the TF graph's.")
-  flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).')
+                    "features: pytorch-fid's input resize (default) or the TF graph's.", **on)
+  flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).',
+                       **on)
   flags.DEFINE_string('interpolation', 'auto', 'With --image_size: the position table\'s '
-                      'resizing, auto (the family\'s own), bicubic or bilinear.')
+                      'resizing, auto (the family\'s own), bicubic or bilinear.', **on)
 
+define_flags()
 
 RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
              'pngs', 'image_size', 'interpolation', *sampling.SAMPLING_OPTIONS)
@@ -315,8 +323,7 @@ def main(argv):
 
 def cli():
   """The `dimsum-sample` console script."""
-  define_flags()
-  app.run(main)
+  command_line.run(main, FLAGS)
 
 
 if __name__ == '__main__':

@@ -179,11 +179,10 @@ def test_failed_save_on_the_command_line_is_one_line_without_traceback(run, tmp_
   workdir = copy(run, tmp_path)
   script = inspect.getsource(fail_the_save_of) + textwrap.dedent('''
       import sys
-      from absl import app
       from dimsum_jax import main
       fail_the_save_of(8, 'commit')
       sys.argv = ['main', *sys.argv[1:]]
-      app.run(main.main, flags_parser=main.parse_flags)
+      main.cli()
       ''')
   r = train_util.run_python(['-c', script, f'--workdir={workdir}', *train_util.flags(
       'smoke_dit', num_train_steps=12, checkpoint_every_steps=EVERY, log_every_steps=EVERY,

@@ -11,7 +11,8 @@ from dimsum_jax import command_line
 from tests import train_util
 
 # The commands built on command_line (a FlagValues of their own).
-COMMANDS = ("dimsum_jax.convert", "dimsum_jax.vae.convert", "dimsum_jax.data.encode",
+COMMANDS = ("dimsum_jax.main", "dimsum_jax.sample", "dimsum_jax.export", "dimsum_jax.tools.flops",
+            "dimsum_jax.convert", "dimsum_jax.vae.convert", "dimsum_jax.data.encode",
             "dimsum_jax.tools.parity", "dimsum_jax.evaluate.command",
             "dimsum_jax.evaluate.reference", "dimsum_jax.evaluate.sweep",
             "dimsum_jax.evaluate.inception")

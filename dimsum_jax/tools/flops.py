@@ -55,21 +55,26 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from dimsum_jax import convert
+from dimsum_jax import command_line
 from dimsum_jax import models
 from dimsum_jax.models import dim
 from dimsum_jax.models.dimsum import DiMSUM
 from dimsum_jax.models.mamba import MambaMixer
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py) with a model section.',
-                                lock_config=True)
-flags.DEFINE_string('model', None, 'Model name, e.g. DiMSUM-L/2 or DiT-L/2 (overrides config).')
-flags.DEFINE_integer('input_size', None, 'Latent size (image size / 8) (overrides config).')
-flags.DEFINE_integer('num_classes', None, 'Classes; 0 = unconditional (overrides config).')
-flags.DEFINE_integer('depth', None, 'Depth override (smaller test models).')
-flags.DEFINE_integer('hidden_size', None, 'Hidden size override (smaller test models).')
-flags.DEFINE_bool('rolled', False, 'Only the plain XLA count (scan bodies counted once).')
+                                flag_values=FLAGS, lock_config=True)
+flags.DEFINE_string('model', None, 'Model name, e.g. DiMSUM-L/2 or DiT-L/2 (overrides config).',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('input_size', None, 'Latent size (image size / 8) (overrides config).',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('num_classes', None, 'Classes; 0 = unconditional (overrides config).',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('depth', None, 'Depth override (smaller test models).', flag_values=FLAGS)
+flags.DEFINE_integer('hidden_size', None, 'Hidden size override (smaller test models).',
+                     flag_values=FLAGS)
+flags.DEFINE_bool('rolled', False, 'Only the plain XLA count (scan bodies counted once).',
+                  flag_values=FLAGS)
 
 PAPER_GMACS = {('DiMSUM-L/2', 32): 84.49, ('DiMSUM-L/2', 64): 337.48}
 
@@ -395,13 +400,6 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   return result
 
 
-def parse_flags(argv):
-  """absl's parsing, after a missing or failing --config file has ended the command with one
-  sentence (convert.check_config_flag)."""
-  convert.check_config_flag(argv)
-  return app.parse_flags_with_usage(argv)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -413,7 +411,7 @@ def main(argv):
 
 def cli():
   """The `dimsum-flops` console script."""
-  app.run(main, flags_parser=parse_flags)
+  command_line.run(main, FLAGS, config_flag='config')
 
 
 if __name__ == '__main__':
