@@ -4,6 +4,7 @@ Every benchmark prints one JSON object per setting on its own line (and appends 
 given), with the environment (device, versions, date, command) in it, so BENCHMARKS.md rows can be
 rebuilt from the logs.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,11 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dense bf16 matrix rate by the vendor's datasheets (FLOP/s), the denominator of MFU.
 PEAK_BF16 = {
-    "NVIDIA H200": 989.4e12,
-    "NVIDIA H100 80GB HBM3": 989.4e12,
-    "NVIDIA H100": 989.4e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
+  "NVIDIA H200": 989.4e12,
+  "NVIDIA H100 80GB HBM3": 989.4e12,
+  "NVIDIA H100": 989.4e12,
+  "NVIDIA A100-SXM4-80GB": 312e12,
+  "NVIDIA A100-SXM4-40GB": 312e12,
 }
 
 # --smoke: models small enough to compile and run on a CPU in seconds.
@@ -61,11 +62,14 @@ def environment() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
       pass
   return {
-      "device": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(),
-      "python": platform.python_version(), **versions,
-      "compilation_cache": jax.config.jax_compilation_cache_dir or None,
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+    "device": dev.device_kind,
+    "platform": dev.platform,
+    "devices": jax.device_count(),
+    "python": platform.python_version(),
+    **versions,
+    "compilation_cache": jax.config.jax_compilation_cache_dir or None,
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
   }
 
 
@@ -101,8 +105,15 @@ def load_config(name: str):
   return module.get_config(variant)
 
 
-def model_config(name: str, input_size: int, *, dtype: str = "bfloat16", scan_impl: str = "auto",
-                 smoke: bool = False, base=None):
+def model_config(
+  name: str,
+  input_size: int,
+  *,
+  dtype: str = "bfloat16",
+  scan_impl: str = "auto",
+  smoke: bool = False,
+  base=None,
+):
   """A model section: `base` (a config's model section) or the defaults, then these fields."""
   cfg = models.default_model_config()
   if base is not None:
@@ -113,8 +124,9 @@ def model_config(name: str, input_size: int, *, dtype: str = "bfloat16", scan_im
   if "scan_impl" in models.fields_read(name):
     cfg.scan_impl = scan_impl
   if smoke:
-    cfg.update({"DiMSUM": SMOKE_MODEL, "DiT": SMOKE_DIT_MODEL,
-                "DiM": SMOKE_DIM_MODEL}[models.family(name)])
+    cfg.update(
+      {"DiMSUM": SMOKE_MODEL, "DiT": SMOKE_DIT_MODEL, "DiM": SMOKE_DIM_MODEL}[models.family(name)]
+    )
   return cfg
 
 
@@ -172,13 +184,20 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[floa
 def summary(samples: list[float]) -> dict[str, Any]:
   """Median (and spread) of timings in ms."""
   ms = [1e3 * s for s in samples]
-  return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
-          "repeats": len(ms), "all_ms": [round(m, 3) for m in ms]}
+  return {
+    "median_ms": statistics.median(ms),
+    "min_ms": min(ms),
+    "max_ms": max(ms),
+    "repeats": len(ms),
+    "all_ms": [round(m, 3) for m in ms],
+  }
 
 
 # --smoke on a CPU: LLVM optimisation off (compiles several times faster; numbers meaningless).
-SMOKE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
-                          "xla_llvm_disable_expensive_passes": True}
+SMOKE_COMPILER_OPTIONS = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def timed_compile(jitted, *args, compiler_options=None):
@@ -197,11 +216,16 @@ def compiled_memory(compiled) -> dict[str, float] | None:
     return None
   if ma is None:
     return None
-  gib = 2.0 ** 30
+  gib = 2.0**30
   args, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
   alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
-  return {"arguments_gib": args / gib, "outputs_gib": out / gib, "aliased_gib": alias / gib,
-          "temp_gib": temp / gib, "total_gib": (args + out - alias + temp) / gib}
+  return {
+    "arguments_gib": args / gib,
+    "outputs_gib": out / gib,
+    "aliased_gib": alias / gib,
+    "temp_gib": temp / gib,
+    "total_gib": (args + out - alias + temp) / gib,
+  }
 
 
 def memory_stats() -> dict[str, float] | None:
@@ -211,12 +235,15 @@ def memory_stats() -> dict[str, float] | None:
   stats = devices[0].memory_stats()
   if not stats:
     return None
-  gib = 2.0 ** 30
-  out = {"peak_gib": stats.get("peak_bytes_in_use", float("nan")) / gib,
-         "limit_gib": stats.get("bytes_limit", float("nan")) / gib}
+  gib = 2.0**30
+  out = {
+    "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / gib,
+    "limit_gib": stats.get("bytes_limit", float("nan")) / gib,
+  }
   if len(devices) > 1:
     out["peak_gib_per_device"] = [
-        (d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / gib for d in devices]
+      (d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / gib for d in devices
+    ]
   return out
 
 
@@ -241,8 +268,9 @@ def matmul_peak(n: int = 8192, repeats: int = 10) -> float:
     for _ in range(inner):
       out = f(a, b)
     return out
+
   samples = time_calls(burst, warmup=2, repeats=repeats)
-  return 2.0 * n ** 3 * inner / statistics.median(samples)
+  return 2.0 * n**3 * inner / statistics.median(samples)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -252,5 +280,8 @@ def is_oom(err: BaseException) -> bool:
 
 def error_record(err: BaseException) -> dict[str, str]:
   text = str(err).strip().splitlines()
-  return {"error": type(err).__name__, "message": (text[0] if text else "")[:400],
-          "oom": is_oom(err)}
+  return {
+    "error": type(err).__name__,
+    "message": (text[0] if text else "")[:400],
+    "oom": is_oom(err),
+  }

@@ -15,6 +15,7 @@ the median over repeats of the wall times, with the range of the total, the proc
 The Mamba selective scan is the associative-scan reference here (`scan_impl=reference`); on a GPU
 pass --scan_impl=auto to compile the Pallas kernel instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,11 @@ from dimsum_jax.models import abstract_params, create_model, default_model_confi
 
 def step_fn(model):
   """Loss and gradients of one training step, as train.py computes them."""
+
   def loss(params, x, t, y, target, rng):
     out = model.apply({"params": params}, x, t, y, train=True, rngs={"dropout": rng})
     return jnp.mean((out - target) ** 2)
+
   return jax.value_and_grad(loss)
 
 
@@ -54,8 +57,14 @@ def measure(config, batch: int) -> dict:
   compile_s = time.perf_counter() - start
   cpu_s = time.process_time() - cpu
   n_params = sum(int(a.size) for a in jax.tree_util.tree_leaves(params))
-  return dict(lower=lower_s, compile=compile_s, total=lower_s + compile_s, cpu=cpu_s,
-              hlo_kb=len(lowered.as_text()) / 1024, params=n_params)
+  return dict(
+    lower=lower_s,
+    compile=compile_s,
+    total=lower_s + compile_s,
+    cpu=cpu_s,
+    hlo_kb=len(lowered.as_text()) / 1024,
+    params=n_params,
+  )
 
 
 def main(argv=None):
@@ -72,25 +81,40 @@ def main(argv=None):
   rows = []
   for depth in (int(d) for d in args.depths.split(",")):
     config = default_model_config()
-    config.update(name=args.model, depth=depth, input_size=args.input_size, num_classes=1000,
-                  label_dropout=0.1, drop_path=0.1, scan_impl=args.scan_impl)
+    config.update(
+      name=args.model,
+      depth=depth,
+      input_size=args.input_size,
+      num_classes=1000,
+      label_dropout=0.1,
+      drop_path=0.1,
+      scan_impl=args.scan_impl,
+    )
     runs = [measure(config, args.batch) for _ in range(args.repeats)]
-    med = {k: statistics.median(r[k] for r in runs)
-           for k in ("lower", "compile", "total", "cpu")}
+    med = {k: statistics.median(r[k] for r in runs) for k in ("lower", "compile", "total", "cpu")}
     totals = [r["total"] for r in runs]
-    row = (f"| {args.model} depth {depth} | {runs[0]['params'] / 1e6:.1f} M | "
-           f"{med['lower']:.1f} | {med['compile']:.1f} | {med['total']:.1f} "
-           f"({min(totals):.1f}-{max(totals):.1f}) | {med['cpu']:.1f} | {runs[0]['hlo_kb']:.0f} |")
+    row = (
+      f"| {args.model} depth {depth} | {runs[0]['params'] / 1e6:.1f} M | "
+      f"{med['lower']:.1f} | {med['compile']:.1f} | {med['total']:.1f} "
+      f"({min(totals):.1f}-{max(totals):.1f}) | {med['cpu']:.1f} | {runs[0]['hlo_kb']:.0f} |"
+    )
     print(row, flush=True)
     rows.append(row)
 
   device = jax.devices()[0]
-  where = (f"{device.platform.upper()} ({platform.processor() or platform.machine()}), "
-           f"jax {jax.__version__}")
-  table = [f"Compile time of value_and_grad of the training loss, {args.input_size * 8} px, "
-           f"batch {args.batch}, float32, {where}; median of {args.repeats} (range).", "",
-           "| model | parameters | trace + lower (s) | XLA compile (s) | total (s) | "
-           "CPU time (s) | lowered program (KiB) |", "|---|---|---|---|---|---|---|", *rows]
+  where = (
+    f"{device.platform.upper()} ({platform.processor() or platform.machine()}), "
+    f"jax {jax.__version__}"
+  )
+  table = [
+    f"Compile time of value_and_grad of the training loss, {args.input_size * 8} px, "
+    f"batch {args.batch}, float32, {where}; median of {args.repeats} (range).",
+    "",
+    "| model | parameters | trace + lower (s) | XLA compile (s) | total (s) | "
+    "CPU time (s) | lowered program (KiB) |",
+    "|---|---|---|---|---|---|---|",
+    *rows,
+  ]
   print("\n".join(table))
   if args.out:
     with open(args.out, "w") as f:

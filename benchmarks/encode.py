@@ -16,6 +16,7 @@ images_per_s counts VAE encodes; with --flip each source image is encoded twice 
 mirror), so source_images_per_s is half of it. The encoding step needs 2 x 1 281 167 encodes for
 ImageNet: hours = 2 * 1281167 / images_per_s / 3600 on one device when decoding keeps up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,19 +51,22 @@ def random_params(vae, seed=0):
   return jax.tree_util.tree_map_with_path(draw, model.abstract_params(vae))
 
 
-def run_setting(arch, dtype, image_size, batch_size, mesh, *, flip, mode, repeats, precision,
-                smoke=False):
+def run_setting(
+  arch, dtype, image_size, batch_size, mesh, *, flip, mode, repeats, precision, smoke=False
+):
   vae = model.AutoencoderKL(**arch, dtype=jnp.dtype(dtype), precision=precision)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   batch = jax.sharding.NamedSharding(mesh, jax.P("data"))
   params = jax.device_put(random_params(vae), replicated)
   fn = encode.make_encode_fn(vae, mesh, mode=mode, seed=0, flip=flip)
   rng = np.random.default_rng(0)
-  pixels = jax.device_put(rng.integers(0, 256, (batch_size, image_size, image_size, 3),
-                                       dtype=np.uint8), batch)
+  pixels = jax.device_put(
+    rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8), batch
+  )
   ids = jax.device_put(np.arange(batch_size, dtype=np.int32), batch)
   compiled, compile_s = common.timed_compile(
-      fn, params, pixels, ids, compiler_options=common.SMOKE_COMPILER_OPTIONS if smoke else None)
+    fn, params, pixels, ids, compiler_options=common.SMOKE_COMPILER_OPTIONS if smoke else None
+  )
   out = common.sync(compiled(params, pixels, ids))
   if not bool(jnp.all(jnp.isfinite(out))):
     raise FloatingPointError(f"non-finite latents with dtype={dtype}")
@@ -71,24 +75,40 @@ def run_setting(arch, dtype, image_size, batch_size, mesh, *, flip, mode, repeat
   median = timing["median_ms"] / 1e3
   encodes = batch_size * (2 if flip else 1)
   return {
-      "benchmark": "vae_encode", "arch": "smoke" if smoke else "sd-vae-ft-ema",
-      "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(model.abstract_params(vae)))),
-      "image_size": image_size, "latent_shape": list(out.shape[1:]), "dtype": dtype,
-      "precision": precision or "default", "batch_size": batch_size, "flip": flip, "mode": mode,
-      "mesh_devices": int(mesh.devices.size), "images_per_s": round(encodes / median, 2),
-      "source_images_per_s": round(batch_size / median, 2), **timing,
-      "compile_s": round(compile_s, 2), "memory_gib": common.compiled_memory(compiled)}
+    "benchmark": "vae_encode",
+    "arch": "smoke" if smoke else "sd-vae-ft-ema",
+    "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(model.abstract_params(vae)))),
+    "image_size": image_size,
+    "latent_shape": list(out.shape[1:]),
+    "dtype": dtype,
+    "precision": precision or "default",
+    "batch_size": batch_size,
+    "flip": flip,
+    "mode": mode,
+    "mesh_devices": int(mesh.devices.size),
+    "images_per_s": round(encodes / median, 2),
+    "source_images_per_s": round(batch_size / median, 2),
+    **timing,
+    "compile_s": round(compile_s, 2),
+    "memory_gib": common.compiled_memory(compiled),
+  }
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+  )
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--batch_sizes", type=int, nargs="+", default=[64])
-  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                 choices=["float32", "bfloat16"])
-  p.add_argument("--precision", choices=["default", "highest"], default="default",
-                 help="XLA precision of f32 convolutions (default may use TF32 on GPUs)")
+  p.add_argument(
+    "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+  )
+  p.add_argument(
+    "--precision",
+    choices=["default", "highest"],
+    default="default",
+    help="XLA precision of f32 convolutions (default may use TF32 on GPUs)",
+  )
   p.add_argument("--mode", choices=list(encode.MODES), default="sample")
   p.add_argument("--flip", action="store_true", help="encode each image and its mirror")
   p.add_argument("--repeats", type=int, default=10)
@@ -99,7 +119,7 @@ def main(argv=None):
   arch = FULL
   if args.smoke:
     arch, args.image_size, args.batch_sizes, args.repeats = SMOKE, 32, [2], 2
-  devices = jax.local_devices()[:args.devices]
+  devices = jax.local_devices()[: args.devices]
   if len(devices) < args.devices:
     raise SystemExit(f"--devices {args.devices}: only {len(devices)} local devices.")
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -110,12 +130,25 @@ def main(argv=None):
       raise SystemExit(f"--batch_sizes {batch_size} does not split over {len(devices)} devices.")
     for dtype in args.dtypes:
       try:
-        row = run_setting(arch, dtype, args.image_size, batch_size, mesh, flip=args.flip,
-                          mode=args.mode, repeats=args.repeats, precision=precision,
-                          smoke=args.smoke)
+        row = run_setting(
+          arch,
+          dtype,
+          args.image_size,
+          batch_size,
+          mesh,
+          flip=args.flip,
+          mode=args.mode,
+          repeats=args.repeats,
+          precision=precision,
+          smoke=args.smoke,
+        )
       except Exception as e:  # an OOM at one batch size must not lose the other rows
-        row = {"benchmark": "vae_encode", "dtype": dtype, "batch_size": batch_size,
-               **common.error_record(e)}
+        row = {
+          "benchmark": "vae_encode",
+          "dtype": dtype,
+          "batch_size": batch_size,
+          **common.error_record(e),
+        }
       common.emit({**env, **row}, args.out)
 
 

@@ -13,6 +13,7 @@ setting (benchmarks/common.py header; appended to --out when given). No TensorFl
   python benchmarks/evaluate_features.py --batch_sizes 250 --images 10000 --out results.jsonl
   python benchmarks/evaluate_features.py --smoke             # 2 x 4 images at 32 px, any device
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,34 +38,54 @@ def random_net(batch_size: int, seed: int = 0) -> features.FeatureNet:
   images = jnp.zeros((1, inception.SIZE, inception.SIZE, 3), jnp.uint8)
   variables = jax.jit(module.init)(jax.random.key(seed), images)
   return features.FeatureNet(
-      name=inception.NAME, apply=module.apply, variables=variables,
-      dims={"pool": inception.POOL_DIM, "spatial": inception.SPATIAL_DIM,
-            "is_logits": inception.NUM_LOGITS, "logits": inception.NUM_LOGITS},
-      batch_size=batch_size)
+    name=inception.NAME,
+    apply=module.apply,
+    variables=variables,
+    dims={
+      "pool": inception.POOL_DIM,
+      "spatial": inception.SPATIAL_DIM,
+      "is_logits": inception.NUM_LOGITS,
+      "logits": inception.NUM_LOGITS,
+    },
+    batch_size=batch_size,
+  )
 
 
-def run_setting(batch_size: int, image_size: int, num_images: int, repeats: int,
-                out: str | None) -> dict:
+def run_setting(
+  batch_size: int, image_size: int, num_images: int, repeats: int, out: str | None
+) -> dict:
   extractor = features.Extractor(random_net(batch_size), kinds=("pool", "spatial", "is_logits"))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num_images, image_size, image_size, 3), dtype=np.uint8)
   t0 = time.perf_counter()
-  extractor(images[:extractor.global_batch])          # compile + first call
+  extractor(images[: extractor.global_batch])  # compile + first call
   compile_s = time.perf_counter() - t0
-  end_to_end = common.summary(common.time_calls(lambda: extractor(images), warmup=0,
-                                                repeats=repeats))
-  on_device = jax.device_put(images[:extractor.global_batch], extractor._batch)  # pylint: disable=protected-access
+  end_to_end = common.summary(
+    common.time_calls(lambda: extractor(images), warmup=0, repeats=repeats)
+  )
+  on_device = jax.device_put(images[: extractor.global_batch], extractor._batch)  # pylint: disable=protected-access
   variables = extractor._variables  # pylint: disable=protected-access
-  device = common.summary(common.time_calls(lambda: extractor._fn(variables, on_device),  # pylint: disable=protected-access
-                                            warmup=1, repeats=repeats))
+  device = common.summary(
+    common.time_calls(
+      lambda: extractor._fn(variables, on_device),  # pylint: disable=protected-access
+      warmup=1,
+      repeats=repeats,
+    )
+  )
   record = {
-      "benchmark": "evaluate_features", "image_size": image_size, "num_images": num_images,
-      "batch_per_device": batch_size, "global_batch": extractor.global_batch,
-      "compile_s": compile_s, "end_to_end": end_to_end,
-      "end_to_end_images_per_s": num_images / (end_to_end["median_ms"] / 1e3),
-      "device_only": device,
-      "device_only_images_per_s": extractor.global_batch / (device["median_ms"] / 1e3),
-      "memory": common.memory_stats(), **common.environment()}
+    "benchmark": "evaluate_features",
+    "image_size": image_size,
+    "num_images": num_images,
+    "batch_per_device": batch_size,
+    "global_batch": extractor.global_batch,
+    "compile_s": compile_s,
+    "end_to_end": end_to_end,
+    "end_to_end_images_per_s": num_images / (end_to_end["median_ms"] / 1e3),
+    "device_only": device,
+    "device_only_images_per_s": extractor.global_batch / (device["median_ms"] / 1e3),
+    "memory": common.memory_stats(),
+    **common.environment(),
+  }
   common.emit(record, out)
   return record
 
@@ -72,8 +93,9 @@ def run_setting(batch_size: int, image_size: int, num_images: int, repeats: int,
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--image_size", type=int, default=256)
-  p.add_argument("--batch_sizes", type=int, nargs="+", default=[200, 500],
-                 help="images per device per step")
+  p.add_argument(
+    "--batch_sizes", type=int, nargs="+", default=[200, 500], help="images per device per step"
+  )
   p.add_argument("--images", type=int, default=5000, help="images per timed end-to-end call")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--smoke", action="store_true", help="32 px, batch 4, 8 images, 1 repeat")

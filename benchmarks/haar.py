@@ -16,6 +16,7 @@ inverse_wavelet_tokens, as a DiMSUM block calls them around the wavelet Mamba), 
   python benchmarks/haar.py                                  # both implementations, L/2 shape
   python benchmarks/haar.py --batch 32 --dtype bfloat16 --out haar.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def _opcode(line: str) -> str | None:
     for i, ch in enumerate(rhs):
       depth += {"(": 1, ")": -1}.get(ch, 0)
       if depth == 0:
-        rhs = rhs[i + 1:]
+        rhs = rhs[i + 1 :]
         break
   else:
     rhs = rhs.split(" ", 1)[1] if " " in rhs else ""
@@ -70,9 +71,13 @@ def hlo_counts(text: str) -> dict:
     if in_entry:
       entry[op] += 1
   work = {k: v for k, v in entry.items() if k not in _BOOKKEEPING}
-  return {"entry_ops": sum(work.values()), "entry_by_op": dict(sorted(work.items())),
-          "all_instructions": sum(total.values()), "fusions": total["fusion"],
-          "convolutions": total["convolution"]}
+  return {
+    "entry_ops": sum(work.values()),
+    "entry_by_op": dict(sorted(work.items())),
+    "all_instructions": sum(total.values()),
+    "fusions": total["fusion"],
+    "convolutions": total["convolution"],
+  }
 
 
 def _cost(compiled) -> dict:
@@ -96,14 +101,19 @@ def measure(transform: str, impl: str, x, ct, grid, levels, *, warmup: int, repe
   fwd_c, fwd_s = common.timed_compile(jax.jit(f), x)
   both_c, both_s = common.timed_compile(jax.jit(fwd_bwd), x, ct)
   fwd_t = common.summary(common.time_calls(lambda: fwd_c(x), warmup=warmup, repeats=repeats))
-  both_t = common.summary(common.time_calls(lambda: both_c(x, ct), warmup=warmup,
-                                            repeats=repeats))
-  record = {"benchmark": "haar", "transform": transform, "impl": impl,
-            "fwd_ms": fwd_t["median_ms"], "fwd_bwd_ms": both_t["median_ms"],
-            "fwd_timing": fwd_t, "fwd_bwd_timing": both_t,
-            "compile_s": {"fwd": fwd_s, "fwd_bwd": both_s},
-            "ops": {**hlo_counts(both_c.as_text()), **_cost(both_c)},
-            "ops_fwd": hlo_counts(fwd_c.as_text())}
+  both_t = common.summary(common.time_calls(lambda: both_c(x, ct), warmup=warmup, repeats=repeats))
+  record = {
+    "benchmark": "haar",
+    "transform": transform,
+    "impl": impl,
+    "fwd_ms": fwd_t["median_ms"],
+    "fwd_bwd_ms": both_t["median_ms"],
+    "fwd_timing": fwd_t,
+    "fwd_bwd_timing": both_t,
+    "compile_s": {"fwd": fwd_s, "fwd_bwd": both_s},
+    "ops": {**hlo_counts(both_c.as_text()), **_cost(both_c)},
+    "ops_fwd": hlo_counts(fwd_c.as_text()),
+  }
   return record, both_c(x, ct)
 
 
@@ -127,19 +137,28 @@ def main(argv=None) -> int:
   kx, kc = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, shape, jnp.float32).astype(args.dtype)
   ct = jax.random.normal(kc, shape, jnp.float32).astype(args.dtype)
-  base = {"batch": args.batch, "grid": args.grid, "channels": args.channels,
-          "levels": args.levels, "dtype": args.dtype, **common.environment()}
+  base = {
+    "batch": args.batch,
+    "grid": args.grid,
+    "channels": args.channels,
+    "levels": args.levels,
+    "dtype": args.dtype,
+    **common.environment(),
+  }
   for transform in TRANSFORMS:
     outputs = {}
     for impl in args.impls:
-      record, outputs[impl] = measure(transform, impl, x, ct, grid, args.levels,
-                                      warmup=args.warmup, repeats=args.repeats)
+      record, outputs[impl] = measure(
+        transform, impl, x, ct, grid, args.levels, warmup=args.warmup, repeats=args.repeats
+      )
       if impl != args.impls[0]:
         first = outputs[args.impls[0]]
         record["max_abs_diff"] = {
-            f"vs_{args.impls[0]}": [float(jnp.max(jnp.abs(a.astype(jnp.float32) -
-                                                          b.astype(jnp.float32))))
-                                    for a, b in zip(outputs[impl], first)]}
+          f"vs_{args.impls[0]}": [
+            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+            for a, b in zip(outputs[impl], first)
+          ]
+        }
       common.emit({**base, **record}, args.out)
   return 0
 

@@ -23,6 +23,7 @@ with command buffers off every kernel names its instruction and the categories a
   python benchmarks/profile_step.py --smoke
 train_step.py --profile FILE runs the same after its timing, on the program it timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,11 +107,17 @@ def _stack_tables(lines):
     while f in frames and f not in seen:
       seen.add(f)
       loc = locs.get(frames[f].get("file_location_id"), {})
-      out.append((files.get(loc.get("file_name_id"), ""),
-                  funcs.get(loc.get("function_name_id"), ""), loc.get("line", 0)))
+      out.append(
+        (
+          files.get(loc.get("file_name_id"), ""),
+          funcs.get(loc.get("function_name_id"), ""),
+          loc.get("line", 0),
+        )
+      )
       f = frames[f].get("parent_frame_id", 0) - shift
     cache[frame_id] = out
     return out
+
   return stack
 
 
@@ -137,9 +144,13 @@ def hlo_index(hlo_text: str) -> dict[str, dict]:
     for group in _CALLS.findall(rest):
       calls += [c.strip().lstrip("%") for c in group.strip("{}").split(",") if c.strip()]
     target = _TARGET.search(rest)
-    index[name] = {"opcode": _opcode(rest), "op_name": op_name.group(1) if op_name else "",
-                   "stack": stack(int(frame.group(1))) if frame else [],
-                   "target": target.group(1) if target else "", "calls": calls}
+    index[name] = {
+      "opcode": _opcode(rest),
+      "op_name": op_name.group(1) if op_name else "",
+      "stack": stack(int(frame.group(1))) if frame else [],
+      "target": target.group(1) if target else "",
+      "calls": calls,
+    }
     if current is not None:
       computations[current].append(name)
   index["__computations__"] = computations
@@ -174,8 +185,9 @@ def frame_category(info) -> str | None:
 
 def _is_matmul(info) -> bool:
   target = info["target"].lower()
-  return (info["opcode"] in ("dot", "convolution", "ragged-dot")
-          or any(s in target for s in ("gemm", "cublas", "matmul")))
+  return info["opcode"] in ("dot", "convolution", "ragged-dot") or any(
+    s in target for s in ("gemm", "cublas", "matmul")
+  )
 
 
 def _contents(name, index, seen=None):
@@ -236,6 +248,7 @@ def classify_kernel_name(kernel: str) -> str:
 def device_events(xspace_path: str, module: str | None):
   """(kernel name, hlo_op or None, duration ms) of every device kernel in a trace file."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+
   data = ProfileData.from_file(xspace_path)
   gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
   planes = gpu or [p for p in data.planes if p.name.startswith("/host:CPU")]
@@ -291,16 +304,24 @@ def summarize(events, index, steps: int, step_ms: float | None = None, top: int 
     rec[4] = kernel[:120]
   busy = sum(totals.values())
   summary = {
-      "steps_traced": steps,
-      "kernel_ms_per_step": busy / steps,
-      "categories_ms_per_step": {c: totals[c] / steps for c in CATEGORIES},
-      "categories_share": {c: (totals[c] / busy if busy else 0.0) for c in CATEGORIES},
-      "other_parts_ms_per_step": {p: parts[p] / steps for p in OTHER_PARTS},
-      "unmapped_ms_per_step": unmapped / steps,
-      "kernels_per_step": len(events) / steps,
-      "top_ops": [{"hlo_op": k, "kernel": v[4], "ms_per_step": v[0] / steps,
-                   "calls_per_step": v[1] / steps, "category": v[2], "op_name": v[3]}
-                  for k, v in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]],
+    "steps_traced": steps,
+    "kernel_ms_per_step": busy / steps,
+    "categories_ms_per_step": {c: totals[c] / steps for c in CATEGORIES},
+    "categories_share": {c: (totals[c] / busy if busy else 0.0) for c in CATEGORIES},
+    "other_parts_ms_per_step": {p: parts[p] / steps for p in OTHER_PARTS},
+    "unmapped_ms_per_step": unmapped / steps,
+    "kernels_per_step": len(events) / steps,
+    "top_ops": [
+      {
+        "hlo_op": k,
+        "kernel": v[4],
+        "ms_per_step": v[0] / steps,
+        "calls_per_step": v[1] / steps,
+        "category": v[2],
+        "op_name": v[3],
+      }
+      for k, v in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
+    ],
   }
   if step_ms:
     summary["step_ms"] = step_ms
@@ -308,8 +329,16 @@ def summarize(events, index, steps: int, step_ms: float | None = None, top: int 
   return summary
 
 
-def profile(compiled, run_step, trace_dir: str, *, steps: int = 3, step_ms: float | None = None,
-            hlo_out: str | None = None, top: int = 25):
+def profile(
+  compiled,
+  run_step,
+  trace_dir: str,
+  *,
+  steps: int = 3,
+  step_ms: float | None = None,
+  hlo_out: str | None = None,
+  top: int = 25,
+):
   """Trace `steps` calls of run_step() (each blocked) into trace_dir and summarize the kernels
   of `compiled` by category; hlo_out: also write the compiled module's text there (gzip)."""
   os.makedirs(trace_dir, exist_ok=True)
@@ -335,30 +364,45 @@ def profile(compiled, run_step, trace_dir: str, *, steps: int = 3, step_ms: floa
   # Kernel time per step and device: every GPU's kernels are in the trace.
   devices = device_events.devices
   summary = summarize(events, index, steps * devices, step_ms, top=top)
-  summary.update(module=module, steps_traced=steps, devices_traced=devices, trace_lines=lines[:20],
-                 traced_wall_ms_per_step=traced_ms,
-                 parse_s=time.perf_counter() - t0, trace_file=files[-1])
+  summary.update(
+    module=module,
+    steps_traced=steps,
+    devices_traced=devices,
+    trace_lines=lines[:20],
+    traced_wall_ms_per_step=traced_ms,
+    parse_s=time.perf_counter() - t0,
+    trace_file=files[-1],
+  )
   return summary
 
 
 def format_table(summary: dict) -> str:
   rows = ["| category | ms / step | share of kernel time |", "|---|---|---|"]
   for c in CATEGORIES:
-    rows.append(f"| {c} | {summary['categories_ms_per_step'][c]:.1f} | "
-                f"{100 * summary['categories_share'][c]:.1f}% |")
+    rows.append(
+      f"| {c} | {summary['categories_ms_per_step'][c]:.1f} | "
+      f"{100 * summary['categories_share'][c]:.1f}% |"
+    )
   parts = ", ".join(f"{p} {v:.1f}" for p, v in summary["other_parts_ms_per_step"].items())
-  rows.append(f"\nother: {parts} ms; kernel time {summary['kernel_ms_per_step']:.1f} ms/step; "
-              f"unmapped {summary['unmapped_ms_per_step']:.1f} ms/step")
+  rows.append(
+    f"\nother: {parts} ms; kernel time {summary['kernel_ms_per_step']:.1f} ms/step; "
+    f"unmapped {summary['unmapped_ms_per_step']:.1f} ms/step"
+  )
   return "\n".join(rows)
 
 
 def main(argv=None):
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", default="DiMSUM-L/2")
   p.add_argument("--image-size", type=int, default=256)
-  p.add_argument("--batch", type=int, default=None, help="global batch (default 256; 4 with --smoke)")
-  p.add_argument("--grad-accum-steps", type=int, default=0, help="passes per step; 0: fewest that fit")
+  p.add_argument(
+    "--batch", type=int, default=None, help="global batch (default 256; 4 with --smoke)"
+  )
+  p.add_argument(
+    "--grad-accum-steps", type=int, default=0, help="passes per step; 0: fewest that fit"
+  )
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impl", default="auto", choices=["auto", "pallas", "reference"])
   p.add_argument("--wavelet-impl", default=None, choices=["jaxwt", "direct"])
@@ -375,11 +419,18 @@ def main(argv=None):
     args.image_size = 64
     args.batch = args.batch or 4
   args.batch = args.batch or 256
-  setup = train_step.build(args.model, args.image_size, args.batch,
-                           grad_accum_steps=args.grad_accum_steps,
-                           dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke,
-                           wavelet_impl=args.wavelet_impl, remat=args.remat,
-                           attention_impl=args.attention_impl)
+  setup = train_step.build(
+    args.model,
+    args.image_size,
+    args.batch,
+    grad_accum_steps=args.grad_accum_steps,
+    dtype=args.dtype,
+    scan_impl=args.scan_impl,
+    smoke=args.smoke,
+    wavelet_impl=args.wavelet_impl,
+    remat=args.remat,
+    attention_impl=args.attention_impl,
+  )
   holder = {"state": setup.make_state()}
 
   def run_step():
@@ -387,14 +438,31 @@ def main(argv=None):
     return metrics["loss"]
 
   step_ms = common.summary(common.time_calls(run_step, warmup=1, repeats=5))["median_ms"]
-  print(f"compiled in {setup.compile_s:.1f} s (micro-batch {setup.micro_batch}); "
-        f"step {step_ms:.1f} ms", file=sys.stderr, flush=True)
-  summary = profile(setup.compiled, run_step, args.trace_dir, steps=args.steps, step_ms=step_ms,
-                    hlo_out=args.hlo_out, top=args.top)
-  record = {"benchmark": "profile", "model": args.model, "image_size": args.image_size,
-            "global_batch": args.batch, "micro_batch": setup.micro_batch, "dtype": args.dtype,
-            "scan_impl": common.resolved_scan_impl(setup.model_config), **summary,
-            **common.environment()}
+  print(
+    f"compiled in {setup.compile_s:.1f} s (micro-batch {setup.micro_batch}); step {step_ms:.1f} ms",
+    file=sys.stderr,
+    flush=True,
+  )
+  summary = profile(
+    setup.compiled,
+    run_step,
+    args.trace_dir,
+    steps=args.steps,
+    step_ms=step_ms,
+    hlo_out=args.hlo_out,
+    top=args.top,
+  )
+  record = {
+    "benchmark": "profile",
+    "model": args.model,
+    "image_size": args.image_size,
+    "global_batch": args.batch,
+    "micro_batch": setup.micro_batch,
+    "dtype": args.dtype,
+    "scan_impl": common.resolved_scan_impl(setup.model_config),
+    **summary,
+    **common.environment(),
+  }
   if args.summary:
     with open(args.summary, "w") as fh:
       json.dump(record, fh, indent=1, default=str)

@@ -17,6 +17,7 @@ latency = NFE x (ms per NFE) transfers.
   python benchmarks/sample.py --models DiT-L/2 --cfg-scale 1.4
   python benchmarks/sample.py --smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,8 @@ def init_params(model, cfg, seed: int, perturb: float):
   s = cfg.input_size
   x = jnp.zeros((1, s, s, cfg.in_channels), jnp.float32)
   params = jax.jit(lambda k: model.init(k, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))(
-      jax.random.PRNGKey(seed))["params"]
+    jax.random.PRNGKey(seed)
+  )["params"]
   if perturb <= 0:
     return params
 
@@ -48,47 +50,65 @@ def init_params(model, cfg, seed: int, perturb: float):
   def fill(params, key):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    leaves = [jnp.where(jnp.any(l != 0), l, perturb * jax.random.normal(k, l.shape, l.dtype))
-              for k, l in zip(keys, leaves)]
+    leaves = [
+      jnp.where(jnp.any(l != 0), l, perturb * jax.random.normal(k, l.shape, l.dtype))
+      for k, l in zip(keys, leaves)
+    ]
     return jax.tree.unflatten(treedef, leaves)
+
   return fill(params, jax.random.PRNGKey(seed + 1))
 
 
 def inputs(cfg, batch: int, seed: int):
   kx, kt, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
   s = cfg.input_size
-  return (jax.random.normal(kx, (batch, s, s, cfg.in_channels), jnp.float32),
-          jax.random.uniform(kt, (batch,), jnp.float32),
-          jax.random.randint(ky, (batch,), 0, max(cfg.num_classes, 1), jnp.int32))
+  return (
+    jax.random.normal(kx, (batch, s, s, cfg.in_channels), jnp.float32),
+    jax.random.uniform(kt, (batch,), jnp.float32),
+    jax.random.randint(ky, (batch,), 0, max(cfg.num_classes, 1), jnp.int32),
+  )
 
 
 def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
-  cfg = common.model_config(name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl,
-                            smoke=args.smoke)
+  cfg = common.model_config(
+    name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
+  )
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
   x, t, y = inputs(cfg, batch, args.seed + 2)
   fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
-  compiled, compile_s = common.timed_compile(fwd, params, x, t, y,
-                                             compiler_options=_options(args))
+  compiled, compile_s = common.timed_compile(fwd, params, x, t, y, compiler_options=_options(args))
   out = compiled(params, x, t, y)
   finite = bool(jnp.all(jnp.isfinite(out)))
-  samples = common.time_calls(lambda: compiled(params, x, t, y), warmup=args.warmup,
-                              repeats=args.repeats)
+  samples = common.time_calls(
+    lambda: compiled(params, x, t, y), warmup=args.warmup, repeats=args.repeats
+  )
   timing = common.summary(samples)
   images_per_s = batch / (timing["median_ms"] / 1e3)
   flop = 2.0 * common.forward_macs(model)
-  return {"benchmark": "forward", "model": name, "image_size": image_size, "batch": batch,
-          "dtype": args.dtype, "scan_impl": common.resolved_scan_impl(cfg), "compile_s": compile_s,
-          "call": timing, "images_per_s": images_per_s, "gflop_per_image": flop / 1e9,
-          "model_tflops_per_s": images_per_s * flop / 1e12,
-          "mfu": common.mfu(images_per_s * flop), "output_finite": finite,
-          "memory": common.memory_stats(), "memory_plan": common.compiled_memory(compiled)}
+  return {
+    "benchmark": "forward",
+    "model": name,
+    "image_size": image_size,
+    "batch": batch,
+    "dtype": args.dtype,
+    "scan_impl": common.resolved_scan_impl(cfg),
+    "compile_s": compile_s,
+    "call": timing,
+    "images_per_s": images_per_s,
+    "gflop_per_image": flop / 1e9,
+    "model_tflops_per_s": images_per_s * flop / 1e12,
+    "mfu": common.mfu(images_per_s * flop),
+    "output_finite": finite,
+    "memory": common.memory_stats(),
+    "memory_plan": common.compiled_memory(compiled),
+  }
 
 
 def bench_dopri5(args, name: str, image_size: int) -> dict:
-  cfg = common.model_config(name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl,
-                            smoke=args.smoke)
+  cfg = common.model_config(
+    name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
+  )
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
   tcfg = transport.default_transport_config()
@@ -98,33 +118,61 @@ def bench_dopri5(args, name: str, image_size: int) -> dict:
 
   def solve(params, x0, y):
     velocity = sampling.make_sampling_velocity_fn(
-        lambda x, t, y: model.apply({"params": params}, x, t, y), y if num_classes else None,
-        path_type=tcfg.path_type, prediction=tcfg.prediction,
-        cfg_scale=args.cfg_scale if num_classes else 1.0, null_label=num_classes)
-    return sampling.solve_ode(velocity, x0, solver="dopri5", atol=args.atol, rtol=args.rtol,
-                              t0=t0, t1=t1, max_steps=args.max_steps)
+      lambda x, t, y: model.apply({"params": params}, x, t, y),
+      y if num_classes else None,
+      path_type=tcfg.path_type,
+      prediction=tcfg.prediction,
+      cfg_scale=args.cfg_scale if num_classes else 1.0,
+      null_label=num_classes,
+    )
+    return sampling.solve_ode(
+      velocity,
+      x0,
+      solver="dopri5",
+      atol=args.atol,
+      rtol=args.rtol,
+      t0=t0,
+      t1=t1,
+      max_steps=args.max_steps,
+    )
 
-  compiled, compile_s = common.timed_compile(jax.jit(solve), params, x0, y,
-                                             compiler_options=_options(args))
-  print(f"dopri5 {name} {image_size} px: compiled in {compile_s:.1f} s", file=sys.stderr,
-        flush=True)
+  compiled, compile_s = common.timed_compile(
+    jax.jit(solve), params, x0, y, compiler_options=_options(args)
+  )
+  print(
+    f"dopri5 {name} {image_size} px: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True
+  )
   result = compiled(params, x0, y)
   print(f"dopri5 {name} {image_size} px: NFE {int(result.nfe)}", file=sys.stderr, flush=True)
   sampling.check_ode_result(result, max_steps=args.max_steps)
-  samples = common.time_calls(lambda: compiled(params, x0, y).x1, warmup=args.warmup,
-                              repeats=args.repeats)
+  samples = common.time_calls(
+    lambda: compiled(params, x0, y).x1, warmup=args.warmup, repeats=args.repeats
+  )
   timing = common.summary(samples)
   nfe = int(result.nfe)
-  return {"benchmark": "dopri5", "model": name, "image_size": image_size, "batch": 1,
-          "dtype": args.dtype, "scan_impl": common.resolved_scan_impl(cfg),
-          "cfg_scale": args.cfg_scale, "atol": args.atol, "rtol": args.rtol,
-          "perturb": args.perturb, "compile_s": compile_s, "solve": timing,
-          "latency_s": timing["median_ms"] / 1e3, "nfe": nfe,
-          "steps": {"accepted": int(result.num_accepted_steps),
-                    "rejected": int(result.num_rejected_steps)},
-          "ms_per_nfe": timing["median_ms"] / nfe,
-          "output_finite": bool(jnp.all(jnp.isfinite(result.x1))),
-          "memory": common.memory_stats()}
+  return {
+    "benchmark": "dopri5",
+    "model": name,
+    "image_size": image_size,
+    "batch": 1,
+    "dtype": args.dtype,
+    "scan_impl": common.resolved_scan_impl(cfg),
+    "cfg_scale": args.cfg_scale,
+    "atol": args.atol,
+    "rtol": args.rtol,
+    "perturb": args.perturb,
+    "compile_s": compile_s,
+    "solve": timing,
+    "latency_s": timing["median_ms"] / 1e3,
+    "nfe": nfe,
+    "steps": {
+      "accepted": int(result.num_accepted_steps),
+      "rejected": int(result.num_rejected_steps),
+    },
+    "ms_per_nfe": timing["median_ms"] / nfe,
+    "output_finite": bool(jnp.all(jnp.isfinite(result.x1))),
+    "memory": common.memory_stats(),
+  }
 
 
 def _options(args):
@@ -144,8 +192,12 @@ def main(argv=None):
   p.add_argument("--atol", type=float, default=1e-6)
   p.add_argument("--rtol", type=float, default=1e-3)
   p.add_argument("--max-steps", type=int, default=4096)
-  p.add_argument("--perturb", type=float, default=0.02,
-                 help="std of the noise put into all-zero (zero-initialised) parameters")
+  p.add_argument(
+    "--perturb",
+    type=float,
+    default=0.02,
+    help="std of the noise put into all-zero (zero-initialised) parameters",
+  )
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
@@ -162,8 +214,13 @@ def main(argv=None):
   jobs = []
   for name in args.models:
     if not args.skip_forward:
-      jobs.append(("forward", name, lambda n=name: bench_forward(args, n, args.forward_size,
-                                                                  args.forward_batch)))
+      jobs.append(
+        (
+          "forward",
+          name,
+          lambda n=name: bench_forward(args, n, args.forward_size, args.forward_batch),
+        )
+      )
     for size in args.sample_sizes:
       jobs.append(("dopri5", name, lambda n=name, s=size: bench_dopri5(args, n, s)))
   ok = 0

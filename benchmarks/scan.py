@@ -11,6 +11,7 @@ it to --out. The kernel's tuning constants can be overridden from the command li
   PYTHONPATH=$PWD python benchmarks/scan.py --out scan_table.md
   PYTHONPATH=$PWD python benchmarks/scan.py --dims 1024 --lengths 256 --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def scan_fn(impl, **kw):
     if impl == "reference":
       return selective_scan_reference(u, delta, a, bm, cm, d_skip, z, bias, True)
     return selective_scan_pallas.selective_scan_pallas(
-        u, delta, a, bm, cm, d_skip, z, bias, True, interpret=False, **kw)
+      u, delta, a, bm, cm, d_skip, z, bias, True, interpret=False, **kw
+    )
+
   return f
 
 
@@ -57,6 +60,7 @@ def fwd_bwd_fn(f):
   def g(args, ct):
     y, vjp = jax.vjp(f, *args)
     return y, vjp(ct)
+
   return g
 
 
@@ -113,8 +117,9 @@ def run_shape(d, length, with_z, repeats, kw, skip_ref_above, max_err):
   errs = check(args, with_z, kw)
   worst = max(errs.values())
   if not worst <= max_err:
-    raise SystemExit(f"D={d} L={length} z={with_z}: kernel error {worst:.2e} > {max_err} "
-                     f"({errs}); not timing")
+    raise SystemExit(
+      f"D={d} L={length} z={with_z}: kernel error {worst:.2e} > {max_err} ({errs}); not timing"
+    )
   ct = jnp.ones_like(args[0])
   row = dict(d=d, l=length, z=with_z, err=worst, errs=errs)
   for impl in ("reference", "pallas"):
@@ -127,7 +132,9 @@ def run_shape(d, length, with_z, repeats, kw, skip_ref_above, max_err):
     try:
       tf, _ = time_fn(f, args, repeats, inner)
       tb, _ = time_fn(g, (args, ct), repeats, inner)
-      row[impl] = dict(fwd=tf, fwdbwd=tb, mem_fwd=temp_mb(f, args), mem_fwdbwd=temp_mb(g, (args, ct)))
+      row[impl] = dict(
+        fwd=tf, fwdbwd=tb, mem_fwd=temp_mb(f, args), mem_fwdbwd=temp_mb(g, (args, ct))
+      )
     except Exception as e:  # noqa: BLE001 - e.g. the reference out of memory at large shapes
       row[impl] = dict(error=type(e).__name__)
   return row
@@ -138,17 +145,20 @@ def fmt(x, spec=".3f"):
 
 
 def table(rows):
-  head = ("| D | L | z | max rel err | ref fwd ms | kernel fwd ms | CUDA fwd ms | ref fwd+bwd ms | "
-          "kernel fwd+bwd ms | CUDA fwd+bwd ms | ref temp MB (fwd+bwd) | kernel temp MB (fwd+bwd) |")
+  head = (
+    "| D | L | z | max rel err | ref fwd ms | kernel fwd ms | CUDA fwd ms | ref fwd+bwd ms | "
+    "kernel fwd+bwd ms | CUDA fwd+bwd ms | ref temp MB (fwd+bwd) | kernel temp MB (fwd+bwd) |"
+  )
   lines = [head, "|" + "---|" * 12]
   for r in rows:
     ref, ker = r["reference"] or {}, r["pallas"] or {}
     cuda = CUDA_MS.get((r["d"], r["l"]), (None, None)) if r["z"] else (None, None)
     lines.append(
-        f"| {r['d']} | {r['l']} | {'yes' if r['z'] else 'no'} | {r['err']:.1e} | "
-        f"{fmt(ref.get('fwd'))} | {fmt(ker.get('fwd'))} | {fmt(cuda[0])} | "
-        f"{fmt(ref.get('fwdbwd'))} | {fmt(ker.get('fwdbwd'))} | {fmt(cuda[1])} | "
-        f"{fmt(ref.get('mem_fwdbwd'), '.0f')} | {fmt(ker.get('mem_fwdbwd'), '.0f')} |")
+      f"| {r['d']} | {r['l']} | {'yes' if r['z'] else 'no'} | {r['err']:.1e} | "
+      f"{fmt(ref.get('fwd'))} | {fmt(ker.get('fwd'))} | {fmt(cuda[0])} | "
+      f"{fmt(ref.get('fwdbwd'))} | {fmt(ker.get('fwdbwd'))} | {fmt(cuda[1])} | "
+      f"{fmt(ref.get('mem_fwdbwd'), '.0f')} | {fmt(ker.get('mem_fwdbwd'), '.0f')} |"
+    )
   return "\n".join(lines)
 
 
@@ -158,18 +168,37 @@ def main():
   p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
   p.add_argument("--z", choices=["both", "yes", "no"], default="both")
   p.add_argument("--repeats", type=int, default=15)
-  p.add_argument("--preset", default="fast", choices=sorted(selective_scan_pallas.PRESETS),
-                 help="selective_scan_pallas.PRESETS entry; the flags below replace its fields")
+  p.add_argument(
+    "--preset",
+    default="fast",
+    choices=sorted(selective_scan_pallas.PRESETS),
+    help="selective_scan_pallas.PRESETS entry; the flags below replace its fields",
+  )
   for field in dataclasses.fields(selective_scan_pallas.KernelOptions):
     if field.name != "interpret":
-      p.add_argument("--" + field.name.replace("_", "-"), type=int, default=None,
-                     help=f"KernelOptions.{field.name} (0/1 for booleans)")
-  p.add_argument("--no-ref-timing", action="store_true",
-                 help="check against the reference but time only the kernel")
-  p.add_argument("--max-err", type=float, default=2e-2,
-                 help="fail before timing when the kernel's relative error exceeds this")
-  p.add_argument("--skip-ref-above-gb", type=float, default=5.0,
-                 help="skip timing the reference when one [b, l, d, n] f32 tensor exceeds this")
+      p.add_argument(
+        "--" + field.name.replace("_", "-"),
+        type=int,
+        default=None,
+        help=f"KernelOptions.{field.name} (0/1 for booleans)",
+      )
+  p.add_argument(
+    "--no-ref-timing",
+    action="store_true",
+    help="check against the reference but time only the kernel",
+  )
+  p.add_argument(
+    "--max-err",
+    type=float,
+    default=2e-2,
+    help="fail before timing when the kernel's relative error exceeds this",
+  )
+  p.add_argument(
+    "--skip-ref-above-gb",
+    type=float,
+    default=5.0,
+    help="skip timing the reference when one [b, l, d, n] f32 tensor exceeds this",
+  )
   p.add_argument("--quick", action="store_true", help="5 repeats")
   p.add_argument("--out", default=None, help="also write the table (markdown) here")
   a = p.parse_args()
@@ -177,8 +206,9 @@ def main():
   for field in dataclasses.fields(options):
     value = getattr(a, field.name, None)
     if value is not None:
-      options = dataclasses.replace(options, **{field.name: type(getattr(options, field.name))(
-          value)})
+      options = dataclasses.replace(
+        options, **{field.name: type(getattr(options, field.name))(value)}
+      )
   kw = {"options": options}
   if a.no_ref_timing:
     a.skip_ref_above_gb = 0.0
@@ -189,10 +219,14 @@ def main():
     for length in a.lengths:
       for with_z in zs:
         t0 = time.time()
-        row = run_shape(d, length, with_z, 5 if a.quick else a.repeats, kw,
-                        a.skip_ref_above_gb * 2**30, a.max_err)
-        print(f"D={d} L={length} z={with_z}: errors {({k: f'{v:.1e}' for k, v in row['errs'].items()})}"
-              f" ref={row['reference']} kernel={row['pallas']} ({time.time() - t0:.0f} s)", flush=True)
+        row = run_shape(
+          d, length, with_z, 5 if a.quick else a.repeats, kw, a.skip_ref_above_gb * 2**30, a.max_err
+        )
+        print(
+          f"D={d} L={length} z={with_z}: errors { ({k: f'{v:.1e}' for k, v in row['errs'].items()}) }"
+          f" ref={row['reference']} kernel={row['pallas']} ({time.time() - t0:.0f} s)",
+          flush=True,
+        )
         rows.append(row)
   out = table(rows)
   print(out)

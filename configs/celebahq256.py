@@ -16,6 +16,7 @@ fp32, 250 epochs of 27 000 images = 250 x 1 688 steps = 422 k steps. Expected: F
 dit: the DiT-XL/2 baseline with the same data pipeline (VAE-encoded each step), objective,
 optimiser and schedule.
 """
+
 from dimsum_jax import config_utils
 
 VARIANTS = ('', 'dit')
@@ -28,15 +29,15 @@ def get_config(arg=''):
   c.data.split = 'train'
   c.data.image_size = 256
   c.data.channels = 3
-  c.data.crop = 'resize_center'       # torchvision Resize + CenterCrop, as upstream
+  c.data.crop = 'resize_center'  # torchvision Resize + CenterCrop, as upstream
   c.data.random_flip = True
   c.data.class_conditional = False
   c.data.global_batch_size = 16
 
   c.model.name = 'DiMSUM-L/2'
   c.model.input_size = 32
-  c.model.in_channels = 4             # pixels are encoded by the VAE every step
-  c.model.dtype = 'bfloat16'         # bf16 compute, float32 parameters (upstream: float32)
+  c.model.in_channels = 4  # pixels are encoded by the VAE every step
+  c.model.dtype = 'bfloat16'  # bf16 compute, float32 parameters (upstream: float32)
   c.model.num_classes = 0
   c.model.label_dropout = 0.0
   c.model.drop_path = 0.1

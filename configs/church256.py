@@ -16,6 +16,7 @@ steps = 375 k steps.
 dit: the DiT-XL/2 baseline. Same data pipeline (first 120 000 images, VAE-encoded each step),
 objective, optimiser and schedule.
 """
+
 from dimsum_jax import config_utils
 
 VARIANTS = ('', 'dit')
@@ -28,15 +29,15 @@ def get_config(arg=''):
   c.data.split = 'train[:120000]'
   c.data.image_size = 256
   c.data.channels = 3
-  c.data.crop = 'resize_center'       # torchvision Resize + CenterCrop, as upstream
+  c.data.crop = 'resize_center'  # torchvision Resize + CenterCrop, as upstream
   c.data.random_flip = True
   c.data.class_conditional = False
   c.data.global_batch_size = 128
 
   c.model.name = 'DiMSUM-XL/2'
   c.model.input_size = 32
-  c.model.in_channels = 4             # pixels are encoded by the VAE every step
-  c.model.dtype = 'bfloat16'         # bf16 compute, float32 parameters (upstream: float32)
+  c.model.in_channels = 4  # pixels are encoded by the VAE every step
+  c.model.dtype = 'bfloat16'  # bf16 compute, float32 parameters (upstream: float32)
   c.model.num_classes = 0
   c.model.label_dropout = 0.0
   c.model.drop_path = 0.1

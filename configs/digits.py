@@ -39,6 +39,7 @@ same size on 8x8 inputs:
   python -m dimsum_jax.main --config=configs/digits.py:smoke --workdir=runs/smoke
   python -m dimsum_jax.main --config=configs/digits.py:smoke_dit --workdir=runs/smoke_dit
 """
+
 from dimsum_jax import config_utils
 
 VARIANTS = ('', 'smoke', 'smoke_dit', 'dim', 'finetune32')
@@ -59,28 +60,28 @@ def get_config(arg=''):
   c.model.in_channels = 1
   c.model.num_classes = 10
   c.model.label_dropout = 0.1
-  c.model.remat = 'none'              # tiny activations: nothing to recompute
+  c.model.remat = 'none'  # tiny activations: nothing to recompute
 
   c.num_train_steps = 2000
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 100
-  c.optim.schedule = 'cosine'         # down to end_learning_rate at the last step
+  c.optim.schedule = 'cosine'  # down to end_learning_rate at the last step
   c.optim.end_learning_rate = 1e-5
-  c.optim.ema_decay = 0.995           # a short run: an EMA window of ~200 steps
+  c.optim.ema_decay = 0.995  # a short run: an EMA window of ~200 steps
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
   c.sample.every_steps = 1000
   c.sample.rows = 10
   c.sample.per_row = 10
   c.sample.num_steps = 50
-  c.sample.cfg_scale = 3.0            # guidance makes every row clearly its class
+  c.sample.cfg_scale = 3.0  # guidance makes every row clearly its class
   if not arg:  # scored as it trains (dimsum_jax.evaluate.training); the variants keep eval off
-    c.eval.every_steps = 250          # and at the end: eval/... scalars in metrics.jsonl
-    c.eval.features = 'digits'        # the digits net's FID-like distance: no download
+    c.eval.every_steps = 250  # and at the end: eval/... scalars in metrics.jsonl
+    c.eval.features = 'digits'  # the digits net's FID-like distance: no download
     c.eval.metrics = 'fid,precision,recall,accuracy'
     c.eval.num_samples = 1000
     c.eval.sample_batch_size = 500
-    c.eval.num_steps = 10             # Euler, 10 model evaluations per sample
+    c.eval.num_steps = 10  # Euler, 10 model evaluations per sample
     # No guidance: the grid's scale 3 makes every sample a prototype of its class (accuracy
     # 0.999 at step 2000) and the FID-like distance then grows as training sharpens them.
     c.eval.cfg_scale = 1.0
@@ -93,7 +94,7 @@ def get_config(arg=''):
     c.model.hidden_size = 64 if arg == 'smoke' else 48  # DiT-S has 6 heads
     c.num_train_steps = 4
     c.optim.warmup_steps = 0
-    c.optim.schedule = 'constant'     # the same lr whatever num_train_steps a test sets
+    c.optim.schedule = 'constant'  # the same lr whatever num_train_steps a test sets
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
     c.sample.every_steps = 0
@@ -126,8 +127,8 @@ def get_config(arg=''):
     c.model.input_size = 32
     c.num_train_steps = 600
     c.optim.warmup_steps = 50
-    c.optim.ema_decay = 0.99          # forgets the starting EMA within the run
+    c.optim.ema_decay = 0.99  # forgets the starting EMA within the run
     c.log_every_steps = 50
     c.checkpoint_every_steps = 300
-    c.sample.every_steps = 0          # the grid at the end only
+    c.sample.every_steps = 0  # the grid at the end only
   return c

@@ -35,12 +35,13 @@ probability-flow ODE of the same model (heun, 50 evaluations). Upstream encodes 
 fly with a random flip; the flip-doubled latent set holds both mirrors. Not reproduced: upstream's
 bf16 rounding of the time input.
 """
+
 from dimsum_jax import config_utils
 
 VARIANTS = ('', 'dit', 'dim', 'dim_h')
 DIM_SIZES = {  # variant: (model, global batch, steps, label dropout)
-    'dim': ('DiM-L/2', 1024, 300_000, 0.15),
-    'dim_h': ('DiM-H/2', 768, 750_000, 0.1),
+  'dim': ('DiM-L/2', 1024, 300_000, 0.15),
+  'dim_h': ('DiM-H/2', 768, 750_000, 0.1),
 }
 
 
@@ -51,12 +52,12 @@ def get_config(arg=''):
   c.data.image_size = 32
   c.data.channels = 4
   c.data.global_batch_size = 704
-  c.data.random_flip = False          # the set holds every image and its mirror
+  c.data.random_flip = False  # the set holds every image and its mirror
 
   c.model.name = 'DiMSUM-L/2'
   c.model.input_size = 32
   c.model.in_channels = 4
-  c.model.dtype = 'bfloat16'         # bf16 compute, float32 parameters (upstream: float32)
+  c.model.dtype = 'bfloat16'  # bf16 compute, float32 parameters (upstream: float32)
   c.model.num_classes = 1000
   c.model.label_dropout = 0.15
   c.model.drop_path = 0.1
@@ -65,14 +66,14 @@ def get_config(arg=''):
   c.optim.learning_rate = 1e-4
   c.optim.grad_clip = 1.0
   c.log_every_steps = 100
-  c.checkpoint_every_steps = 7_280    # 2 epochs, as upstream's ckpt_every
+  c.checkpoint_every_steps = 7_280  # 2 epochs, as upstream's ckpt_every
   c.keep_checkpoints = 3
 
   c.sample.every_steps = 20_000
   c.sample.classes = (207, 360, 387, 974, 88, 979, 417, 279)  # upstream sample.py's classes
   c.sample.rows = 8
   c.sample.per_row = 8
-  c.sample.cfg_scale = 4.0            # upstream's visual samples (FID uses 1.4)
+  c.sample.cfg_scale = 4.0  # upstream's visual samples (FID uses 1.4)
 
   if arg == 'dit':
     config_utils.as_dit(c)
@@ -85,7 +86,7 @@ def get_config(arg=''):
     c.optim.learning_rate = 2e-4
     c.optim.weight_decay = 0.03
     c.optim.warmup_steps = 5000
-    c.checkpoint_every_steps = 25_000   # upstream's save_interval
+    c.checkpoint_every_steps = 25_000  # upstream's save_interval
     c.sample.every_steps = 25_000
-    c.sample.cfg_scale = 1.4            # U-ViT scale 0.4
+    c.sample.cfg_scale = 1.4  # U-ViT scale 0.4
   return c

@@ -35,6 +35,7 @@ DiM's own interpolation). Upstream starts both the weights and the EMA from the 
 online weights when it has them (its EMA otherwise); a workdir gives its params and its EMA here,
 an export its EMA for both.
 """
+
 from dimsum_jax import config_utils
 
 VARIANTS = ('', 'dit', 'dim', 'finetune', 'dim_finetune')
@@ -52,7 +53,7 @@ def get_config(arg=''):
   c.model.name = 'DiMSUM-L/2'
   c.model.input_size = 64
   c.model.in_channels = 4
-  c.model.dtype = 'bfloat16'         # bf16 compute, float32 parameters (upstream: float32)
+  c.model.dtype = 'bfloat16'  # bf16 compute, float32 parameters (upstream: float32)
   c.model.num_classes = 1000
   c.model.label_dropout = 0.15
   c.model.drop_path = 0.1
@@ -73,7 +74,7 @@ def get_config(arg=''):
   if arg == 'dit':
     config_utils.as_dit(c)
   elif arg == 'finetune':
-    c.init_from.path = 'runs/imagenet256'   # --config.init_from.path= the 256 px run
+    c.init_from.path = 'runs/imagenet256'  # --config.init_from.path= the 256 px run
     c.num_train_steps = 64_000
     c.optim.warmup_steps = 2500
     c.checkpoint_every_steps = 8_000
@@ -84,9 +85,9 @@ def get_config(arg=''):
     c.data.global_batch_size = 240
     c.num_train_steps = 64_000
     c.optim.warmup_steps = 2500
-    c.checkpoint_every_steps = 10_000   # upstream's save_interval
+    c.checkpoint_every_steps = 10_000  # upstream's save_interval
     c.sample.every_steps = 10_000
-    c.sample.cfg_scale = 1.7            # U-ViT scale 0.7
+    c.sample.cfg_scale = 1.7  # U-ViT scale 0.7
     if arg == 'dim_finetune':
-      c.init_from.path = 'runs/imagenet256_dim_h'   # --config.init_from.path= the 256 px H run
+      c.init_from.path = 'runs/imagenet256_dim_h'  # --config.init_from.path= the 256 px H run
   return c

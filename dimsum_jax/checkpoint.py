@@ -22,6 +22,7 @@ checkpoint, or a given step: export, sampling, init_from) and `restore_params` (
 ema_params/ or a conversion's params/), each checking the saved shapes against the model's before
 anything is restored.
 """
+
 import errno
 import fcntl
 import functools
@@ -96,13 +97,17 @@ class Manager(ocp.CheckpointManager):
     _NoOrbaxTracebacks.reported = True
     self.reload()
     steps = [s for s in self.all_steps() if s != step]
-    kept = (f'the newest complete one, step {max(steps)}, is intact' if steps else
-            'no complete checkpoint was written yet')
+    kept = (
+      f'the newest complete one, step {max(steps)}, is intact'
+      if steps
+      else 'no complete checkpoint was written yet'
+    )
     reason = str(error).split('\n')[0][:300] or type(error).__name__
     return CheckpointError(
-        f'The checkpoint of step {step} could not be written to {self.directory} ({reason}) and '
-        f'{kept}: free some space or fix the permissions there, then run the same command to '
-        'resume.')
+      f'The checkpoint of step {step} could not be written to {self.directory} ({reason}) and '
+      f'{kept}: free some space or fix the permissions there, then run the same command to '
+      'resume.'
+    )
 
 
 class _NoOrbaxTracebacks:
@@ -134,7 +139,7 @@ def _quiet_orbax_tracebacks():
   if not any(isinstance(f, _NoOrbaxTracebacks) for f in handler.filters):
     handler.addFilter(_NoOrbaxTracebacks())
   _NoOrbaxTracebacks.reported = False
-  logger = logging.get_absl_logger()   # every handler: the log file, pytest's capture
+  logger = logging.get_absl_logger()  # every handler: the log file, pytest's capture
   if not any(isinstance(f, _NoUntrackedSaveWarnings) for f in logger.filters):
     logger.addFilter(_NoUntrackedSaveWarnings())
 
@@ -160,23 +165,38 @@ def create_manager(workdir, *, keep, best=None):
   best_options = {}
   try:  # orbax >= 0.11.x: preservation policies; max_to_keep is deprecated.
     from orbax.checkpoint import checkpoint_managers  # pylint: disable=g-import-not-at-top
+
     policy = checkpoint_managers.LatestN(n=keep)
     if best is not None:
       key, mode = best
       rank = functools.partial(_metric_value, key=key, mode=mode)
-      policy = checkpoint_managers.AnyPreservationPolicy([policy, checkpoint_managers.BestN(
-          get_metric_fn=rank, reverse=mode == 'min', n=1, keep_checkpoints_without_metrics=False)])
+      policy = checkpoint_managers.AnyPreservationPolicy(
+        [
+          policy,
+          checkpoint_managers.BestN(
+            get_metric_fn=rank, reverse=mode == 'min', n=1, keep_checkpoints_without_metrics=False
+          ),
+        ]
+      )
       best_options = dict(best_fn=rank, best_mode=mode)  # writes the metrics, ranks best_step()
     keep_policy = dict(preservation_policy=policy)
     ocp.CheckpointManagerOptions(**keep_policy)
   except (ImportError, AttributeError, TypeError):
     keep_policy, best_options = dict(max_to_keep=keep), {}
     if best is not None:
-      logging.warning('This Orbax has no preservation policies: the checkpoint of the best %s '
-                      'is kept only while it is among the last %d.', best[0], keep)
+      logging.warning(
+        'This Orbax has no preservation policies: the checkpoint of the best %s '
+        'is kept only while it is among the last %d.',
+        best[0],
+        keep,
+      )
   options = ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True, **keep_policy,
-      **best_options)
+    enable_async_checkpointing=True,
+    create=True,
+    cleanup_tmp_directories=True,
+    **keep_policy,
+    **best_options,
+  )
   return Manager(checkpoint_dir(workdir), options=options, item_handlers=_item_handlers())
 
 
@@ -184,11 +204,14 @@ def _item_handlers():
   """PyTree handlers for both items; replica-parallel writes only on TPU (on CPU and GPU each
   first save would compile one slicing program per array shard, for no gain)."""
   array_handler = ocp.type_handlers.ArrayHandler(
-      use_replica_parallel=jax.default_backend() == 'tpu')
+    use_replica_parallel=jax.default_backend() == 'tpu'
+  )
   registry = ocp.type_handlers.create_type_handler_registry(
-      (jax.Array, array_handler), (np.ndarray, ocp.type_handlers.NumpyHandler()))
-  return {name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-          for name in ('state', 'data')}
+    (jax.Array, array_handler), (np.ndarray, ocp.type_handlers.NumpyHandler())
+  )
+  return {
+    name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry) for name in ('state', 'data')
+  }
 
 
 def _save_args(tree):
@@ -197,7 +220,8 @@ def _save_args(tree):
 
 def _restore_args(abstract_tree):
   return ocp.args.PyTreeRestore(
-      item=abstract_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))
+    item=abstract_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree)
+  )
 
 
 def encode_data_state(data_state, mesh):
@@ -207,7 +231,7 @@ def encode_data_state(data_state, mesh):
   if len(raw) > DATA_STATE_BYTES:
     raise ValueError(f'Data-iterator state is {len(raw)} bytes; raise DATA_STATE_BYTES.')
   row = np.zeros([DATA_STATE_BYTES], np.uint8)
-  row[:len(raw)] = np.frombuffer(raw, np.uint8)
+  row[: len(raw)] = np.frombuffer(raw, np.uint8)
   return sharding.per_process_rows(row, mesh)
 
 
@@ -221,8 +245,12 @@ def decode_data_state(rows, mesh):
   if rows.shape[0] == mesh.size:
     index = sharding.this_process_rows(rows.shape, mesh)
   else:
-    logging.warning('The checkpoint was written by %d devices, this run has %d: every process '
-                    "continues from process 0's data position.", rows.shape[0], mesh.size)
+    logging.warning(
+      'The checkpoint was written by %d devices, this run has %d: every process '
+      "continues from process 0's data position.",
+      rows.shape[0],
+      mesh.size,
+    )
     index = 0
   row = rows[index]
   return json.loads(bytes(row[row != 0]).decode())
@@ -232,15 +260,23 @@ def save(manager, step, state, data_array, *, force=False, metrics=None):
   """Starts an async save of (state, data); returns at once. Only finite states may come here.
   metrics: {name: float} of an evaluation at this step (kept with it when the manager tracks a
   best metric)."""
-  return manager.save(step, force=force, metrics=metrics, args=ocp.args.Composite(
-      state=_save_args(state), data=_save_args({'data': data_array})))
+  return manager.save(
+    step,
+    force=force,
+    metrics=metrics,
+    args=ocp.args.Composite(state=_save_args(state), data=_save_args({'data': data_array})),
+  )
 
 
 def first_mismatch(saved, wanted, *, needed_by='this model'):
   """Where a saved tree (Orbax metadata) differs from `wanted`'s shapes ('' when it fits)."""
+
   def shapes(tree):
-    return {sharding.leaf_path(p): tuple(getattr(x, 'shape', ()) or ())
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+      sharding.leaf_path(p): tuple(getattr(x, 'shape', ()) or ())
+      for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
   have, need = shapes(saved), shapes(wanted)
   for name, shape in need.items():
     if name not in have:
@@ -261,10 +297,13 @@ def _restore_one(manager, step, abstract_state, mesh):
   if mismatch:
     raise CheckpointError(f'it holds a different model ({mismatch})')
   data_shape = tuple(saved_data['data'].shape)
-  abstract_data = {'data': jax.ShapeDtypeStruct(data_shape, np.uint8,
-                                                sharding=sharding.replicated(mesh))}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=_restore_args(abstract_state), data=_restore_args(abstract_data)))
+  abstract_data = {
+    'data': jax.ShapeDtypeStruct(data_shape, np.uint8, sharding=sharding.replicated(mesh))
+  }
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(state=_restore_args(abstract_state), data=_restore_args(abstract_data)),
+  )
   rows = jax.device_get(restored['data']['data'])
   return restored['state'], decode_data_state(rows, mesh)
 
@@ -285,8 +324,9 @@ def restore_latest(manager, abstract_state, mesh):
       state, data = _restore_one(manager, step, abstract_state, mesh)
     except Exception as e:  # pylint: disable=broad-except
       reason = str(e).split('\n')[0][:500]
-      logging.error('Checkpoint %s could not be restored: %s. Trying the next older one.',
-                    path, reason)
+      logging.error(
+        'Checkpoint %s could not be restored: %s. Trying the next older one.', path, reason
+      )
       failures.append((step, path, reason))
       continue
     if failures:
@@ -296,12 +336,16 @@ def restore_latest(manager, abstract_state, mesh):
   if failures:
     _, path, reason = failures[0]
     different = 'different model' in reason
-    advice = ('this config is for another model than the one saved there' if different else
-              'they look damaged')
+    advice = (
+      'this config is for another model than the one saved there'
+      if different
+      else 'they look damaged'
+    )
     raise CheckpointError(
-        f'None of the {len(failures)} checkpoint(s) in {manager.directory} can be restored '
-        f'({advice}; newest: {path}: {reason}). They were left untouched: pass a new --workdir '
-        'to start afresh, or use the config that wrote them.')
+      f'None of the {len(failures)} checkpoint(s) in {manager.directory} can be restored '
+      f'({advice}; newest: {path}: {reason}). They were left untouched: pass a new --workdir '
+      'to start afresh, or use the config that wrote them.'
+    )
   return None
 
 
@@ -381,8 +425,9 @@ def _try_flock(path, operation):
     except OSError as e:
       if e.errno in _UNSUPPORTED:
         os.close(fd)
-        logging.warning('%s cannot be locked (%s): a second run on this workdir would not be '
-                        'refused.', path, e)
+        logging.warning(
+          '%s cannot be locked (%s): a second run on this workdir would not be refused.', path, e
+        )
         return None, ''
       if e.errno not in (errno.EAGAIN, errno.EACCES):
         os.close(fd)
@@ -398,8 +443,9 @@ def _try_flock(path, operation):
 
 def _busy_error(workdir, holder):
   return CheckpointError(
-      f'Another training run, {holder}, is training in {os.path.abspath(workdir)}: wait for it '
-      'to end or stop it, or pass another --workdir.')
+    f'Another training run, {holder}, is training in {os.path.abspath(workdir)}: wait for it '
+    'to end or stop it, or pass another --workdir.'
+  )
 
 
 def check_workdir_free(workdir):
@@ -437,14 +483,19 @@ class WorkdirLock:
     if jax.process_index() == 0:
       self._fd, holder = _try_flock(self.path, fcntl.LOCK_EX)
       if self._fd is not None:
-        description = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                  'since': time.strftime('%Y-%m-%d %H:%M:%S')})
+        description = json.dumps(
+          {
+            'pid': os.getpid(),
+            'host': socket.gethostname(),
+            'since': time.strftime('%Y-%m-%d %H:%M:%S'),
+          }
+        )
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, description.encode()[:_HOLDER_BYTES], 0)
     if jax.process_count() > 1:  # every process of this job stops when process 0 could not lock
       row = np.zeros([_HOLDER_BYTES], np.uint8)
       raw = holder.encode()[:_HOLDER_BYTES]
-      row[:len(raw)] = np.frombuffer(raw, np.uint8)
+      row[: len(raw)] = np.frombuffer(raw, np.uint8)
       row = np.asarray(multihost_utils.broadcast_one_to_all(row), np.uint8)
       holder = bytes(row[row != 0]).decode(errors='replace')
     if holder:
@@ -471,9 +522,11 @@ class WorkdirLock:
 def save_config(workdir, config):
   """WORKDIR/config.json, replaced whole (a run killed while writing it leaves the old one)."""
   if jax.process_index() == 0:
-    io_utils.atomic_write(os.path.join(workdir, 'config.json'),
-                          lambda f: f.write(config.to_json_best_effort(indent=2, sort_keys=True)),
-                          binary=False)
+    io_utils.atomic_write(
+      os.path.join(workdir, 'config.json'),
+      lambda f: f.write(config.to_json_best_effort(indent=2, sort_keys=True)),
+      binary=False,
+    )
 
 
 def load_config(workdir):
@@ -507,16 +560,22 @@ def restore_newest(workdir, target, *, step=None):
   that cannot be read is logged and the next older one tried. CheckpointError when none restores,
   when there is none, or when `step` is not there."""
   ckdir = checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  manager = ocp.CheckpointManager(
+    ckdir,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+  )
   try:
     saved_steps = sorted(manager.all_steps(), reverse=True)
     if step is not None and step not in saved_steps:
-      raise CheckpointError(f'{ckdir} has no checkpoint of step {step}; it has '
-                            f'{sorted(saved_steps) or "none"}.')
+      raise CheckpointError(
+        f'{ckdir} has no checkpoint of step {step}; it has {sorted(saved_steps) or "none"}.'
+      )
     if not saved_steps:
-      raise CheckpointError(f'{ckdir} holds no checkpoint yet: train longer, or pass the --workdir '
-                            'of a run that saved one.')
+      raise CheckpointError(
+        f'{ckdir} holds no checkpoint yet: train longer, or pass the --workdir '
+        'of a run that saved one.'
+      )
     failures = []
     for s in [step] if step is not None else saved_steps:
       try:
@@ -528,13 +587,22 @@ def restore_newest(workdir, target, *, step=None):
       for name, tree in target.items():
         mismatch = first_mismatch(saved.get(name, {}), tree, needed_by='the config')
         if mismatch:
-          raise CheckpointError(f'The checkpoint of step {s} in {ckdir} does not fit config.json '
-                                f'({mismatch}): the checkpoint and the config come from different '
-                                'models.')
+          raise CheckpointError(
+            f'The checkpoint of step {s} in {ckdir} does not fit config.json '
+            f'({mismatch}): the checkpoint and the config come from different '
+            'models.'
+          )
       try:
-        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
+        restored = manager.restore(
+          s,
+          args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+              item=target,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True,
+            )
+          ),
+        )
       except Exception as e:  # pylint: disable=broad-except
         failures.append(f'step {s}: {_first_line(e)}')
         logging.error('Checkpoint %s/%d could not be restored: %s', ckdir, s, failures[-1])
@@ -555,13 +623,16 @@ def restore_params(path, abstract=None):
   try:
     saved = saved_tree(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'{path} is not a readable parameter checkpoint ({_first_line(e)}).'
-                          ) from e
+    raise CheckpointError(
+      f'{path} is not a readable parameter checkpoint ({_first_line(e)}).'
+    ) from e
   mismatch = first_mismatch(saved, abstract, needed_by='the config')
   if mismatch:
-    raise CheckpointError(f'The weights in {os.path.dirname(os.path.abspath(path))} do not fit its '
-                          f'config ({mismatch}): the checkpoint and the config come from different '
-                          'models.')
+    raise CheckpointError(
+      f'The weights in {os.path.dirname(os.path.abspath(path))} do not fit its '
+      f'config ({mismatch}): the checkpoint and the config come from different '
+      'models.'
+    )
   return ocp.StandardCheckpointer().restore(path, abstract)
 
 
@@ -594,6 +665,8 @@ def load_exported(directory):
   directory = os.path.abspath(directory)
   path = os.path.join(directory, 'ema_params')
   if not os.path.isdir(path):
-    raise CheckpointError(f'{directory} holds no export (no ema_params/): write one with '
-                          'python -m dimsum_jax.export --workdir=WORKDIR --out=' + directory + '.')
+    raise CheckpointError(
+      f'{directory} holds no export (no ema_params/): write one with '
+      'python -m dimsum_jax.export --workdir=WORKDIR --out=' + directory + '.'
+    )
   return load_config(directory), restore_params(path)

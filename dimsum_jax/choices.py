@@ -6,13 +6,15 @@ share this check so that every misspelt choice reads the same:
 
   --config.model.remat=dot is not a valid choice: use one of none, dots, full.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
 
-def check(flag: str, value: Any, choices: Iterable[str],
-          canonical: Callable[[Any], Any] | None = None) -> None:
+def check(
+  flag: str, value: Any, choices: Iterable[str], canonical: Callable[[Any], Any] | None = None
+) -> None:
   """ValueError naming `--config.<flag>=<value>` and the choices unless `value` is one of them
   (or, with `canonical`, unless canonical(value) accepts it: other spellings the reader takes)."""
   choices = tuple(choices)
@@ -25,5 +27,6 @@ def check(flag: str, value: Any, choices: Iterable[str],
     except (ValueError, TypeError, AttributeError):
       ok = False
   if not ok:
-    raise ValueError(f'--config.{flag}={value} is not a valid choice: use one of '
-                     f'{", ".join(choices)}.')
+    raise ValueError(
+      f'--config.{flag}={value} is not a valid choice: use one of {", ".join(choices)}.'
+    )

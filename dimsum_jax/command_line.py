@@ -13,6 +13,7 @@ notebook) defines no flag twice. It has
 
 and `command_line.call(module, argv)` runs it in this process as the program would.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,12 +33,13 @@ def run(main, flag_values: flags.FlagValues, config_flag: str | None = None) -> 
   `config_flag` names an ml_collections config-file flag of the command: its file is run once
   before parsing, so that a missing file or one that does not run is one sentence too, and so is
   an override (--config.a.b=v) of a key the config lacks."""
+
   def parse(argv):
     if config_flag:
       _check_config_file(argv, config_flag)
     flags.FLAGS.append_flag_values(flag_values)
     for defined in flag_values.flags_by_module_dict().values():
-      for flag in defined:   # --helpshort shows the flags of the program's main module
+      for flag in defined:  # --helpshort shows the flags of the program's main module
         flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
     if config_flag:
       # The config flag defines its override flags (--config.a.b) when it parses the file, on the
@@ -51,6 +53,7 @@ def run(main, flag_values: flags.FlagValues, config_flag: str | None = None) -> 
       _exit(_unknown_key(e, argv, config_flag))
     flag_values.mark_as_parsed()
     return rest
+
   app.run(main, flags_parser=parse)
 
 
@@ -67,11 +70,15 @@ def _check_config_file(argv, name: str) -> None:
   for i, arg in enumerate(argv[1:], 1):
     match = re.fullmatch(rf'--?{name}(=(.*))?', arg, re.DOTALL)
     if match:
-      spec = match.group(2) if match.group(1) is not None else (
-          argv[i + 1] if i + 1 < len(argv) else None)
+      spec = (
+        match.group(2)
+        if match.group(1) is not None
+        else (argv[i + 1] if i + 1 < len(argv) else None)
+      )
   if spec is None:
     return
   from dimsum_jax import config_utils  # pylint: disable=g-import-not-at-top  (heavy: models)
+
   try:
     config_utils.load_config_file(spec, f'--{name}')
   except config_utils.ConfigFileError as e:
@@ -83,8 +90,14 @@ def _unknown_key(error: Exception, argv, name: str) -> str:
   text = str(error)
   guess = re.search(r'Did you mean \\?"([\w.]+)\\?" instead of \\?"([\w.]+)', text)
   key = guess.group(2) if guess else (re.findall(r'[A-Za-z_]\w*', text) or ['?'])[0]
-  flag = next((a for a in argv[1:] if a.startswith(f'--{name}.') and
-               re.search(rf'\.{re.escape(key)}(\.|=|$)', a)), f'--{name}...')
+  flag = next(
+    (
+      a
+      for a in argv[1:]
+      if a.startswith(f'--{name}.') and re.search(rf'\.{re.escape(key)}(\.|=|$)', a)
+    ),
+    f'--{name}...',
+  )
   hint = f': did you mean "{guess.group(1)}"?' if guess else '.'
   return f'{flag}: config key "{key}" does not exist{hint}'
 
@@ -106,8 +119,9 @@ def defaults(flag_values: flags.FlagValues, **overrides) -> types.SimpleNamespac
   settings = {name: flag_values[name].default for name in flag_values}
   unknown = sorted(set(overrides) - set(settings))
   if unknown:
-    raise ValueError(f"Unknown option {unknown[0]!r}: the options are "
-                     f"{', '.join(sorted(settings))}.")
+    raise ValueError(
+      f"Unknown option {unknown[0]!r}: the options are {', '.join(sorted(settings))}."
+    )
   return types.SimpleNamespace(**{**settings, **overrides})
 
 

@@ -5,6 +5,7 @@ init_from (dimsum_jax.warm_start), optim, mesh + sharding_rules, sample, eval
 (dimsum_jax.evaluate.config), vae, and the loop's own fields below. Every field exists here, so
 `--config.x.y=v` overrides are type-checked and unknown keys are refused.
 """
+
 import importlib.machinery
 import importlib.util
 import os
@@ -27,12 +28,12 @@ def base_config():
   c.model = models.default_model_config()
   c.transport = transport.default_transport_config()
   c.data = data_config.default_data_config()
-  c.init_from = warm_start.default_config()   # start from another run's weights ('' = none)
+  c.init_from = warm_start.default_config()  # start from another run's weights ('' = none)
 
   c.num_train_steps = 100_000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5_000
-  c.keep_checkpoints = 3              # the last k checkpoints are kept
+  c.keep_checkpoints = 3  # the last k checkpoints are kept
   # Persistent XLA compilation cache: a second run of the same step loads it instead of
   # compiling ('' = off; ~ is the user's home).
   c.compilation_cache_dir = '~/.cache/dimsum_jax/xla'
@@ -118,8 +119,11 @@ def _error_where(e: BaseException, path: str) -> str:
   """'SyntaxError at line 3: ...': the error and the line of the config file it comes from."""
   if isinstance(e, SyntaxError) and e.lineno:
     return f"SyntaxError at line {e.lineno}: {e.msg}"
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
-           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  lines = [
+    f.lineno
+    for f in traceback.extract_tb(e.__traceback__)
+    if os.path.abspath(f.filename) == os.path.abspath(path)
+  ]
   text = str(e).strip().splitlines()
   where = f" at line {lines[-1]}" if lines else ""
   return f"{type(e).__name__}{where}" + (f": {text[0][:200]}" if text else "")
@@ -135,27 +139,36 @@ def load_config_file(spec: str, flag: str = "--config") -> ml_collections.Config
   path, has_arg, arg = spec.partition(":")
   if not os.path.isfile(path):
     what = "is a directory" if os.path.isdir(path) else "does not exist"
-    raise ConfigFileError(f"{flag}={spec}: {path} {what}; pass a config file such as "
-                          "configs/digits.py.")
+    raise ConfigFileError(
+      f"{flag}={spec}: {path} {what}; pass a config file such as configs/digits.py."
+    )
   loader = importlib.machinery.SourceFileLoader("dimsum_jax_config_file", path)
   try:
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except  (whatever the file raises)
-    raise ConfigFileError(f"{flag}={spec}: {path} cannot be run ({_error_where(e, path)}"
-                          "); fix the file or pass another config file.") from e
+    raise ConfigFileError(
+      f"{flag}={spec}: {path} cannot be run ({_error_where(e, path)}"
+      "); fix the file or pass another config file."
+    ) from e
   if not callable(getattr(module, "get_config", None)):
-    raise ConfigFileError(f"{flag}={spec}: {path} defines no get_config(); a config file returns "
-                          "its ConfigDict from get_config(), as configs/digits.py does.")
+    raise ConfigFileError(
+      f"{flag}={spec}: {path} defines no get_config(); a config file returns "
+      "its ConfigDict from get_config(), as configs/digits.py does."
+    )
   try:
     config = module.get_config(arg) if has_arg else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
     call = f"get_config({arg!r})" if has_arg else "get_config()"
-    raise ConfigFileError(f"{flag}={spec}: {call} of {path} failed "
-                          f"({_error_where(e, path)}); fix the file"
-                          + (" or the argument after ':'." if has_arg else ".")) from e
+    raise ConfigFileError(
+      f"{flag}={spec}: {call} of {path} failed "
+      f"({_error_where(e, path)}); fix the file"
+      + (" or the argument after ':'." if has_arg else ".")
+    ) from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigFileError(f"{flag}={spec}: get_config() of {path} returned a "
-                          f"{type(config).__name__}, not an ml_collections.ConfigDict; return "
-                          "the config, as configs/digits.py does.")
+    raise ConfigFileError(
+      f"{flag}={spec}: get_config() of {path} returned a "
+      f"{type(config).__name__}, not an ml_collections.ConfigDict; return "
+      "the config, as configs/digits.py does."
+    )
   return config

@@ -19,6 +19,7 @@ values only; the one class upstream's train.py adds, the argparse.Namespace of i
 allowlisted (SAFE_GLOBALS). A file that asks for anything else (a function, another class) is
 refused before any of it runs, by that name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,13 +85,17 @@ def _target(key: str):
   if mods and mods[-1] == "mixer":
     if leaf in ("A_log", "D", "A_b_log", "D_b"):
       return tuple(_module_path(mods)) + (leaf,), block, lambda a: a
-  if mods and mods[-1] in ("conv1d", "dt_proj", "conv1d_b", "dt_proj_b") and len(mods) >= 2 \
-      and mods[-2] == "mixer":
+  if (
+    mods
+    and mods[-1] in ("conv1d", "dt_proj", "conv1d_b", "dt_proj_b")
+    and len(mods) >= 2
+    and mods[-2] == "mixer"
+  ):
     base = tuple(_module_path(mods[:-1]))
     name = f"{mods[-1]}_{'kernel' if leaf == 'weight' else 'bias'}"
     if leaf == "bias":
       return base + (name,), block, lambda a: a
-    if mods[-1].startswith("conv1d"):          # [d, 1, w] -> [w, d]
+    if mods[-1].startswith("conv1d"):  # [d, 1, w] -> [w, d]
       return base + (name,), block, lambda a: a[:, 0, :].T
     return base + (name,), block, lambda a: a.T
   path = tuple(_module_path(mods))
@@ -101,7 +106,7 @@ def _target(key: str):
   if leaf == "bias":
     return path + ("bias",), block, lambda a: a
   if leaf == "weight":
-    if key.startswith("x_embedder.proj"):   # [D, C, p, p] -> [p, p, C, D]
+    if key.startswith("x_embedder.proj"):  # [D, C, p, p] -> [p, p, C, D]
       return path + ("kernel",), block, lambda a: a.transpose(2, 3, 1, 0)
     return path + ("kernel",), block, lambda a: a.T
   raise KeyError(key)
@@ -150,7 +155,7 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
       continue
     try:
       path, block, fn = _target(key)
-    except (KeyError, ValueError, IndexError):   # not a name of upstream's modules
+    except (KeyError, ValueError, IndexError):  # not a name of upstream's modules
       unexpected.append(key)
       continue
     inner = path
@@ -162,19 +167,20 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
         path = ("blocks", "block") + path
       index = block // size
     if path not in target:
-      if "cond_proj" in path:   # the release's dead layers; a model without them drops them
+      if "cond_proj" in path:  # the release's dead layers; a model without them drops them
         continue
       unexpected.append(key)
       continue
     spec = target[path]
     if index is not None and index >= spec.shape[0]:
-      unexpected.append(key)    # a block beyond this model's depth
+      unexpected.append(key)  # a block beyond this model's depth
       continue
     want = _upstream_shape(inner, spec.shape[1:] if block is not None else spec.shape)
     value = np.asarray(value)
     if tuple(value.shape) != want:
-      bad_shape.append(f"{key}: checkpoint {_shape_str(value.shape)} vs expected "
-                       f"{_shape_str(want)}")
+      bad_shape.append(
+        f"{key}: checkpoint {_shape_str(value.shape)} vs expected {_shape_str(want)}"
+      )
       continue
     value = fn(value)
     if index is not None:
@@ -217,13 +223,15 @@ def _mismatch_message(bad_shape, unexpected, missing):
   if bad_shape:
     msg.append(f"Mis-shaped keys ({len(bad_shape)}): " + "; ".join(bad_shape[:8]))
   if unexpected:
-    msg.append(f"Keys the model has no place for ({len(unexpected)}): "
-               + ", ".join(unexpected[:8]))
+    msg.append(f"Keys the model has no place for ({len(unexpected)}): " + ", ".join(unexpected[:8]))
   if missing:
-    msg.append(f"Parameters the checkpoint does not provide ({len(missing)}): "
-               + ", ".join(missing[:8]))
-  msg.append("Check the model name, depth, hidden size, image size, num_classes and cond_mamba "
-             "of the config against the checkpoint's training arguments.")
+    msg.append(
+      f"Parameters the checkpoint does not provide ({len(missing)}): " + ", ".join(missing[:8])
+    )
+  msg.append(
+    "Check the model name, depth, hidden size, image size, num_classes and cond_mamba "
+    "of the config against the checkpoint's training arguments."
+  )
   return "\n".join(msg)
 
 
@@ -294,17 +302,17 @@ def to_upstream(params, model) -> dict[str, np.ndarray]:
 # nn.Parameter either way, frozen or not, so the state dict holds the table the model used) and
 # drop_path (training only).
 PUBLISHED_FLAGS = (
-    ("block_type", "combined", "--block-type"),
-    ("rms_norm", True, "--rms-norm"),
-    ("pe_type", "ape", "--pe-type"),
-    ("learn_sigma", False, "--learn-sigma"),
-    ("use_final_norm", False, "--use-final-norm"),
-    ("scanning_continuity", False, "--scanning-continuity"),
-    ("enable_fourier_layers", False, "--enable-fourier-layers"),
-    ("not_use_gated_mlp", False, "--not-use-gated-mlp"),
-    ("use_gated_mlp", True, None),
-    ("is_moe", False, "--is-moe"),
-    ("use_independent_attn", False, None),
+  ("block_type", "combined", "--block-type"),
+  ("rms_norm", True, "--rms-norm"),
+  ("pe_type", "ape", "--pe-type"),
+  ("learn_sigma", False, "--learn-sigma"),
+  ("use_final_norm", False, "--use-final-norm"),
+  ("scanning_continuity", False, "--scanning-continuity"),
+  ("enable_fourier_layers", False, "--enable-fourier-layers"),
+  ("not_use_gated_mlp", False, "--not-use-gated-mlp"),
+  ("use_gated_mlp", True, None),
+  ("is_moe", False, "--is-moe"),
+  ("use_independent_attn", False, None),
 )
 
 
@@ -314,6 +322,7 @@ def check_published_flags(cfg: dict) -> None:
   Converting such a checkpoint would either fail on key names far from the cause or, worse
   (scanning_continuity: no parameters of its own), succeed and compute something else."""
   from dimsum_jax.ops.scan_orders import SCAN_TYPES
+
   bad = []
   for name, published, flag in PUBLISHED_FLAGS:
     if name in cfg and cfg[name] is not None and type(published)(cfg[name]) != published:
@@ -323,10 +332,12 @@ def check_published_flags(cfg: dict) -> None:
   if cfg.get(scan_key, "none") not in SCAN_TYPES:
     bad.append(f"{scan_key}={cfg[scan_key]!r} (--bimamba-type), which is none of {SCAN_TYPES}")
   if bad:
-    raise ConvertError("The checkpoint's arguments select upstream model options that this port "
-                       "does not implement: " + "; ".join(bad) + ". This port implements only "
-                       "the published setting of these flags (that of upstream's "
-                       "scripts/train.sh).")
+    raise ConvertError(
+      "The checkpoint's arguments select upstream model options that this port "
+      "does not implement: " + "; ".join(bad) + ". This port implements only "
+      "the published setting of these flags (that of upstream's "
+      "scripts/train.sh)."
+    )
 
 
 def _registry_name(depth: int, hidden: int, patch: int) -> tuple[str, bool]:
@@ -336,15 +347,18 @@ def _registry_name(depth: int, hidden: int, patch: int) -> tuple[str, bool]:
   must have the right patch; among those, the exact size or else the closest one (hidden width
   first, then depth) names the model."""
   from dimsum_jax.models import DIMSUM_SIZES
+
   same_patch = [n for n, s in DIMSUM_SIZES.items() if s[2] == patch]
   if not same_patch:
     patches = sorted({s[2] for s in DIMSUM_SIZES.values()})
     raise ConvertError(
-        f"patch_size {patch} is not supported: the model takes its patch from its registry name "
-        f"(dimsum_jax.models.DIMSUM_SIZES, upstream's DiM_models sizes), which has patch "
-        f"{' and '.join(map(str, patches))} only.")
-  name = min(same_patch, key=lambda n: (abs(DIMSUM_SIZES[n][1] - hidden),
-                                        abs(DIMSUM_SIZES[n][0] - depth)))
+      f"patch_size {patch} is not supported: the model takes its patch from its registry name "
+      f"(dimsum_jax.models.DIMSUM_SIZES, upstream's DiM_models sizes), which has patch "
+      f"{' and '.join(map(str, patches))} only."
+    )
+  name = min(
+    same_patch, key=lambda n: (abs(DIMSUM_SIZES[n][1] - hidden), abs(DIMSUM_SIZES[n][0] - depth))
+  )
   return name, DIMSUM_SIZES[name][:2] == (depth, hidden)
 
 
@@ -358,13 +372,16 @@ def model_config_from_upstream(cfg: dict, state_dict=None) -> ml_collections.Con
   cannot build (see PUBLISHED_FLAGS).
   """
   from dimsum_jax.models import DIMSUM_SIZES, default_model_config
+
   check_published_flags(cfg)
   mc = default_model_config()
   if isinstance(cfg.get("model"), str):
     name = cfg["model"].replace("DiM-", "DiMSUM-")
     if name not in DIMSUM_SIZES:
-      raise ConvertError(f"Upstream model {cfg['model']!r} is not one of "
-                         f"{[n.replace('DiMSUM-', 'DiM-') for n in DIMSUM_SIZES]}.")
+      raise ConvertError(
+        f"Upstream model {cfg['model']!r} is not one of "
+        f"{[n.replace('DiMSUM-', 'DiM-') for n in DIMSUM_SIZES]}."
+      )
     mc.name = name
     mc.input_size = int(cfg.get("image_size", 256)) // 8
   elif all(k in cfg for k in ("hidden_size", "depth", "patch_size", "img_resolution")):
@@ -374,13 +391,15 @@ def model_config_from_upstream(cfg: dict, state_dict=None) -> ml_collections.Con
       mc.depth, mc.hidden_size = depth, hidden
     mc.input_size = int(cfg["img_resolution"])
   else:
-    raise ConvertError("The checkpoint's arguments name no model (neither `model`, e.g. "
-                       "'DiM-L/2', nor hidden_size/depth/patch_size/img_resolution): pass "
-                       "--config=configs/<experiment>.py.")
+    raise ConvertError(
+      "The checkpoint's arguments name no model (neither `model`, e.g. "
+      "'DiM-L/2', nor hidden_size/depth/patch_size/img_resolution): pass "
+      "--config=configs/<experiment>.py."
+    )
   mc.in_channels = int(cfg.get("in_channels", cfg.get("num_in_channels", 4)))
   mc.scan_type = cfg.get("scan_type", cfg.get("bimamba_type", "none"))
-  mc.bidirectional = mc.scan_type == "v2"   # upstream's v2: the flipped sequence in every mixer
-  mc.attn_every = max(int(cfg.get("use_attn_every_k_layers", 4)), 0)   # upstream: -1 = none
+  mc.bidirectional = mc.scan_type == "v2"  # upstream's v2: the flipped sequence in every mixer
+  mc.attn_every = max(int(cfg.get("use_attn_every_k_layers", 4)), 0)  # upstream: -1 = none
   mc.label_dropout = max(float(cfg.get("label_dropout", 0.1)), 0.0)
   mc.num_classes = _num_classes(cfg, state_dict, mc.label_dropout)
   # The release's conditional Mamba has no effect (upstream's `causal_conv1d_fwd_cond` overwrites
@@ -400,24 +419,28 @@ def _num_classes(cfg, state_dict, label_dropout):
     return 0
   if label_dropout > 0:
     return classes
-  return classes - 1    # upstream samplers pass num_classes 1001 = 1000 + null row
+  return classes - 1  # upstream samplers pass num_classes 1001 = 1000 + null row
 
 
 def describe(mc) -> str:
   """The model in words, by its actual depth, width and patch: a registry name alone would call
   a 4-block test model "DiMSUM-B/2"."""
   from dimsum_jax.models import DIMSUM_SIZES
+
   if mc.name not in DIMSUM_SIZES:
     return str(mc.name)
   own_depth, own_hidden, patch = DIMSUM_SIZES[mc.name]
   depth = own_depth if mc.depth < 0 else mc.depth
   hidden = own_hidden if mc.hidden_size < 0 else mc.hidden_size
-  data = (f"{mc.input_size}x{mc.input_size}x{mc.in_channels} input, "
-          + (f"{mc.num_classes} classes" if mc.num_classes else "unconditional"))
+  data = f"{mc.input_size}x{mc.input_size}x{mc.in_channels} input, " + (
+    f"{mc.num_classes} classes" if mc.num_classes else "unconditional"
+  )
   if (depth, hidden) == (own_depth, own_hidden):
     return f"{mc.name} (depth {depth}, hidden {hidden}, patch {patch}; {data})"
-  return (f"a DiMSUM of depth {depth}, hidden {hidden}, patch {patch}, not a published size "
-          f"(registry entry {mc.name} with depth/hidden_size overridden; {data})")
+  return (
+    f"a DiMSUM of depth {depth}, hidden {hidden}, patch {patch}, not a published size "
+    f"(registry entry {mc.name} with depth/hidden_size overridden; {data})"
+  )
 
 
 def load_torch_checkpoint(path: str, entry: str = "ema"):
@@ -427,7 +450,7 @@ def load_torch_checkpoint(path: str, entry: str = "ema"):
     import torch
   except ImportError as e:
     raise ConvertError("Reading an upstream .pt checkpoint needs PyTorch: pip install torch") from e
-  allow = getattr(torch.serialization, "safe_globals", None)   # torch >= 2.5
+  allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
   try:
     with allow(list(SAFE_GLOBALS)) if allow else contextlib.nullcontext():
       obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -436,17 +459,22 @@ def load_torch_checkpoint(path: str, entry: str = "ema"):
     if refused:
       raise ConvertError(_refusal(path, refused.group(1))) from None
     reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-    raise ConvertError(f"{path} is not a readable PyTorch checkpoint ({reason}): download it "
-                       "again, or pass the .pt file that upstream's train.py wrote.") from e
+    raise ConvertError(
+      f"{path} is not a readable PyTorch checkpoint ({reason}): download it "
+      "again, or pass the .pt file that upstream's train.py wrote."
+    ) from e
   if not isinstance(obj, dict):
-    raise ConvertError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint "
-                       "written by upstream's train.py.")
+    raise ConvertError(
+      f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint "
+      "written by upstream's train.py."
+    )
   args = None
   entries = sorted(k for k in ("ema", "model") if isinstance(obj.get(k), dict))
   if entries:
     if entry not in entries:
-      raise ConvertError(f"{path} has no {entry!r} entry (it has {entries}): pass --entry="
-                         f"{entries[0]}.")
+      raise ConvertError(
+        f"{path} has no {entry!r} entry (it has {entries}): pass --entry={entries[0]}."
+      )
     args = obj.get("args")
     obj = obj[entry]
   state = {k: v.detach().cpu().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
@@ -455,21 +483,27 @@ def load_torch_checkpoint(path: str, entry: str = "ema"):
   if isinstance(args, argparse.Namespace):
     args = vars(args)
   elif args is not None and not isinstance(args, dict):
-    raise ConvertError(f"{path}: its `args` is a {type(args).__name__}, not the "
-                       "argparse.Namespace upstream's train.py saves: convert the official "
-                       "checkpoint, or a bare state dict with --config=configs/<experiment>.py.")
+    raise ConvertError(
+      f"{path}: its `args` is a {type(args).__name__}, not the "
+      "argparse.Namespace upstream's train.py saves: convert the official "
+      "checkpoint, or a bare state dict with --config=configs/<experiment>.py."
+    )
   return state, args
 
 
 def _refusal(path: str, name: str) -> str:
   """The sentence for a checkpoint whose pickle asks for `name`, which is not allowlisted."""
   if name in {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}:
-    return (f"{path} holds {name}, which this PyTorch version cannot allowlist for safe loading: "
-            "pip install -U 'torch>=2.5'.")
-  return (f"{path} was refused without running it: its pickle asks for {name}, but an upstream "
-          "checkpoint holds only tensors, plain Python values and argparse.Namespace, so it may "
-          "run code when loaded; convert only checkpoints of the official release or a state "
-          "dict saved with torch.save(model.state_dict(), PATH).")
+    return (
+      f"{path} holds {name}, which this PyTorch version cannot allowlist for safe loading: "
+      "pip install -U 'torch>=2.5'."
+    )
+  return (
+    f"{path} was refused without running it: its pickle asks for {name}, but an upstream "
+    "checkpoint holds only tensors, plain Python values and argparse.Namespace, so it may "
+    "run code when loaded; convert only checkpoints of the official release or a state "
+    "dict saved with torch.save(model.state_dict(), PATH)."
+  )
 
 
 def load_model_config(spec: str) -> ml_collections.ConfigDict:
@@ -489,17 +523,20 @@ def _check_out_dir(out: str) -> None:
   """Refuse an --out that holds anything but an earlier conversion: writing there would mix two
   layouts (an export's config.json takes precedence over model_config.json when sampling)."""
   import os
+
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConvertError(f"--out={out} is a file: pass a directory.")
   if os.path.isdir(out):
     other = sorted(n for n in os.listdir(out) if not _OUT_ENTRIES.fullmatch(n))
     if other:
-      raise ConvertError(f"--out={out} already holds {other[:4]}, which is not a conversion: "
-                         "choose a new directory.")
+      raise ConvertError(
+        f"--out={out} already holds {other[:4]}, which is not a conversion: choose a new directory."
+      )
 
 
-def convert_checkpoint(upstream: str, out: str, config: str | None = None,
-                       entry: str = "ema") -> str:
+def convert_checkpoint(
+  upstream: str, out: str, config: str | None = None, entry: str = "ema"
+) -> str:
   """Convert `upstream` into OUT (params/ + model_config.json); returns a one-line summary.
 
   Every check (arguments, config, keys, shapes) runs before anything is written, so a failed
@@ -507,14 +544,18 @@ def convert_checkpoint(upstream: str, out: str, config: str | None = None,
   import os
 
   from dimsum_jax.models import abstract_params, create_model
+
   if not os.path.exists(upstream):
-    raise ConvertError(f"--upstream={upstream} does not exist: pass the path of an upstream .pt "
-                       "checkpoint (e.g. imnet256_510ep.pt).")
+    raise ConvertError(
+      f"--upstream={upstream} does not exist: pass the path of an upstream .pt "
+      "checkpoint (e.g. imnet256_510ep.pt)."
+    )
   _check_out_dir(out)
-  model_cfg = load_model_config(config) if config else None   # a bad --config fails fast
+  model_cfg = load_model_config(config) if config else None  # a bad --config fails fast
   state, up_args = load_torch_checkpoint(upstream, entry)
   from dimsum_jax import convert_dim
-  if convert_dim.uses_dim(upstream, state, model_cfg, config):   # Teng et al.'s DiM
+
+  if convert_dim.uses_dim(upstream, state, model_cfg, config):  # Teng et al.'s DiM
     return convert_dim.convert(upstream, out, state, model_cfg)
   if model_cfg is not None:
     if up_args:
@@ -534,16 +575,30 @@ def convert_checkpoint(upstream: str, out: str, config: str | None = None,
   return f"Wrote {n:,} parameters ({entry}) of {describe(model_cfg)} to {os.path.abspath(out)}"
 
 
-FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
-flags.DEFINE_string("upstream", None, "Upstream .pt checkpoint or state dict (DiMSUM's, or DiM's "
-                    "nnet_ema.pth with a DiM --config).", flag_values=FLAGS)
-flags.DEFINE_string("config", None, "Config file (configs/*.py, or path.py:arg); its `model` "
-                    "section must fit the weights. Default: the model of the checkpoint's `args`.",
-                    flag_values=FLAGS)
-flags.DEFINE_enum("entry", "ema", ["ema", "model"], "Which weights of a train.py checkpoint: ema "
-                  "(as upstream samples) or model (the raw weights).", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "Output directory (params/ + model_config.json).",
-                    flag_values=FLAGS)
+FLAGS = flags.FlagValues()  # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string(
+  "upstream",
+  None,
+  "Upstream .pt checkpoint or state dict (DiMSUM's, or DiM's nnet_ema.pth with a DiM --config).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "config",
+  None,
+  "Config file (configs/*.py, or path.py:arg); its `model` "
+  "section must fit the weights. Default: the model of the checkpoint's `args`.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+  "entry",
+  "ema",
+  ["ema", "model"],
+  "Which weights of a train.py checkpoint: ema (as upstream samples) or model (the raw weights).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "out", None, "Output directory (params/ + model_config.json).", flag_values=FLAGS
+)
 flags.mark_flags_as_required(["upstream", "out"], flag_values=FLAGS)
 
 
@@ -554,7 +609,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     summary = convert_checkpoint(FLAGS.upstream, FLAGS.out, FLAGS.config, FLAGS.entry)
-  except ValueError as e:   # ConvertError, or a config that create_model refuses
+  except ValueError as e:  # ConvertError, or a config that create_model refuses
     raise SystemExit(f"error: {e}") from None
   print(summary)
 
@@ -572,6 +627,7 @@ def save_params(out_dir, params, model_cfg):
   import os
 
   import orbax.checkpoint as ocp
+
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   config_path = os.path.join(out_dir, "model_config.json")

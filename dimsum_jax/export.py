@@ -7,6 +7,7 @@ Read it back with `config, params = dimsum_jax.export.load_exported(OUT)` (param
 of float32 NumPy arrays), then `models.create_model(config.model).apply({'params': params}, x, t,
 y)`. An existing export is never overwritten.
 """
+
 import os
 
 from absl import app
@@ -25,12 +26,15 @@ from dimsum_jax import train
 load_exported = checkpoint.load_exported
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string('workdir', None, 'Training workdir (holds config.json and checkpoints/).',
-                    flag_values=FLAGS)
-flags.DEFINE_string('out', None, 'Directory to write config.json and ema_params/ to.',
-                    flag_values=FLAGS)
-flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the newest good one).',
-                     flag_values=FLAGS)
+flags.DEFINE_string(
+  'workdir', None, 'Training workdir (holds config.json and checkpoints/).', flag_values=FLAGS
+)
+flags.DEFINE_string(
+  'out', None, 'Directory to write config.json and ema_params/ to.', flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  'step', None, 'Checkpoint step to export (default: the newest good one).', flag_values=FLAGS
+)
 flags.mark_flags_as_required(['workdir', 'out'], flag_values=FLAGS)
 
 
@@ -40,21 +44,25 @@ def read_run_config(workdir):
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     absent = '' if os.path.isdir(workdir) else ' (the directory does not exist)'
-    raise checkpoint.CheckpointError(f'{workdir} has no config.json{absent}: pass the --workdir '
-                                     'of a training run.')
+    raise checkpoint.CheckpointError(
+      f'{workdir} has no config.json{absent}: pass the --workdir of a training run.'
+    )
   try:
     config = checkpoint.load_config(workdir)
   except (ValueError, TypeError, AttributeError) as e:  # not JSON, or JSON but not an object
     raise checkpoint.CheckpointError(
-        f'{path} is not a readable config ({type(e).__name__}: {str(e)[:200]}): restore the '
-        'config.json that python -m dimsum_jax.main wrote there.') from e
-  sections = [k for k, v in config_utils.base_config().items()
-              if isinstance(v, ml_collections.ConfigDict)]
+      f'{path} is not a readable config ({type(e).__name__}: {str(e)[:200]}): restore the '
+      'config.json that python -m dimsum_jax.main wrote there.'
+    ) from e
+  sections = [
+    k for k, v in config_utils.base_config().items() if isinstance(v, ml_collections.ConfigDict)
+  ]
   missing = [k for k in sections if k not in config]
   if missing:
     raise checkpoint.CheckpointError(
-        f'{path} is not the config of a training run (no {", ".join(missing)} section): restore '
-        'the config.json that python -m dimsum_jax.main wrote there.')
+      f'{path} is not the config of a training run (no {", ".join(missing)} section): restore '
+      'the config.json that python -m dimsum_jax.main wrote there.'
+    )
   return config
 
 

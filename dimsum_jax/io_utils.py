@@ -6,6 +6,7 @@ mixture: the bytes go to a hidden temporary name beside it (unique per process),
 fsynced, and os.replace renames them into place. A kill or a full disk leaves the old file (and at
 most a stray temporary name) behind.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ Any config field can be overridden with --config.section.key=value; an unknown k
 the wrong type stops the run with one sentence naming it, before anything is written. So does a
 config file that does not exist or does not run (a syntax error, a get_config that fails).
 """
+
 import os
 
 # The training process owns its accelerator: let JAX's allocator take 90% of the GPU's memory
@@ -18,10 +19,12 @@ from dimsum_jax import command_line
 from dimsum_jax import train
 
 FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
-                                flag_values=FLAGS, lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, samples and metrics go; resumed from.',
-                    flag_values=FLAGS)
+config_flags.DEFINE_config_file(
+  'config', None, 'Training config file (configs/*.py).', flag_values=FLAGS, lock_config=True
+)
+flags.DEFINE_string(
+  'workdir', None, 'Where checkpoints, samples and metrics go; resumed from.', flag_values=FLAGS
+)
 flags.mark_flags_as_required(['config', 'workdir'], flag_values=FLAGS)
 
 

@@ -20,6 +20,7 @@ XLA_PYTHON_CLIENT_MEM_FRACTION sets). Devices that report no limit (CPU) take th
 pass. After compiling, `plan_bytes` reads XLA's own plan of the program, which the training loop
 checks against the limit before the first step (`train.compile_update`).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,9 @@ from typing import Callable
 import jax
 
 SLACK = 1.4
-HEADROOM = 0.92        # share of the limit the estimate may fill
-PLAN_HEADROOM = 0.95   # share of the limit XLA's compiled plan may fill
-GIB = 2.0 ** 30
+HEADROOM = 0.92  # share of the limit the estimate may fill
+PLAN_HEADROOM = 0.95  # share of the limit XLA's compiled plan may fill
+GIB = 2.0**30
 
 
 def device_limit_bytes(device=None) -> int | None:
@@ -107,5 +108,9 @@ def plan_bytes(compiled) -> int | None:
     return None
   if ma is None:
     return None
-  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-             + ma.temp_size_in_bytes)
+  return int(
+    ma.argument_size_in_bytes
+    + ma.output_size_in_bytes
+    - ma.alias_size_in_bytes
+    + ma.temp_size_in_bytes
+  )

@@ -5,6 +5,7 @@ hosts usually lack. `create_writer` uses clu's writer (TensorBoard event files) 
 and always also appends every scalar to WORKDIR/metrics.jsonl, so the numbers are kept either way.
 `ReportProgress` is a small stand-in for clu.periodic_actions.ReportProgress.
 """
+
 import contextlib
 import importlib.util
 import json
@@ -101,7 +102,6 @@ def _drop_torn_last_line(path):
 
 
 class MultiWriter:
-
   def __init__(self, writers):
     self._writers = writers
 
@@ -109,6 +109,7 @@ class MultiWriter:
     def call(*args, **kwargs):
       for w in self._writers:
         getattr(w, name)(*args, **kwargs)
+
     return call
 
 
@@ -123,8 +124,11 @@ def create_writer(workdir, *, just_logging):
       raise ImportError(f'{" and ".join(missing)} not installed')
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # clu.metric_writers needs tensorflow and tensorboard.
-    logging.warning('TensorBoard summaries are off (%s): metrics go to the log and %s.', e,
-                    os.path.join(workdir, 'metrics.jsonl'))
+    logging.warning(
+      'TensorBoard summaries are off (%s): metrics go to the log and %s.',
+      e,
+      os.path.join(workdir, 'metrics.jsonl'),
+    )
     writers.append(LoggingWriter())
   else:
     writers.append(metric_writers.create_default_writer(workdir, asynchronous=False))
@@ -161,9 +165,16 @@ class ReportProgress:
     for k, v in self._timings.items():
       scalars[f'time_share/{k}'] = v / dt
     self._writer.write_scalars(step, scalars)
-    logging.info('Step %d/%d (%.1f%%): %.3g steps/s, %.4g images/s, ETA %s%s', step, self._total,
-                 100 * step / self._total, steps_per_sec, scalars['images_per_sec'],
-                 io_utils.hms(eta), f' (time in {shares})' if shares else '')
+    logging.info(
+      'Step %d/%d (%.1f%%): %.3g steps/s, %.4g images/s, ETA %s%s',
+      step,
+      self._total,
+      100 * step / self._total,
+      steps_per_sec,
+      scalars['images_per_sec'],
+      io_utils.hms(eta),
+      f' (time in {shares})' if shares else '',
+    )
     self._last_step, self._last_time, self._timings = step, now, {}
 
   @contextlib.contextmanager
@@ -189,5 +200,7 @@ def image_grid(images, rows):
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
   for i in range(rows * cols):
     r, q = divmod(i, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+    ] = images[i]
   return grid

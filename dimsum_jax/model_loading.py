@@ -17,6 +17,7 @@ another size (warm_start.resize_model), the trained one kept as `LoadedModel.bas
 Every mistake (a missing directory, a missing VAE, weights of another model) is a SampleError in
 one sentence.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,15 +43,15 @@ class SampleError(ValueError):
 class LoadedModel:
   """A model ready to sample from: its config, module and EMA parameters on a mesh."""
 
-  config: ml_collections.ConfigDict   # the run's config (model, transport, vae, ...)
-  model: Any                          # Flax module
-  params: Any                         # EMA parameters, replicated over `mesh`
+  config: ml_collections.ConfigDict  # the run's config (model, transport, vae, ...)
+  model: Any  # Flax module
+  params: Any  # EMA parameters, replicated over `mesh`
   mesh: jax.sharding.Mesh
-  source: str                         # absolute path of the checkpoint / workdir
-  step: int | None                    # training step of the weights, when known
-  vae: Any = None                     # (vae module, vae params) for latent models
-  interpolation: str | None = None    # how the position table was resized (--image_size)
-  base: Any = None                    # (model, params) at the trained size, with --image_size
+  source: str  # absolute path of the checkpoint / workdir
+  step: int | None  # training step of the weights, when known
+  vae: Any = None  # (vae module, vae params) for latent models
+  interpolation: str | None = None  # how the position table was resized (--image_size)
+  base: Any = None  # (model, params) at the trained size, with --image_size
 
   @property
   def num_classes(self) -> int:
@@ -77,8 +78,9 @@ class LoadedModel:
 
 def sampling_mesh(devices=None):
   """Pure data parallelism over `devices` (default: every device of every process)."""
-  return sharding.make_mesh({'data': -1, 'fsdp': 1},
-                            devices=None if devices is None else list(devices))
+  return sharding.make_mesh(
+    {'data': -1, 'fsdp': 1}, devices=None if devices is None else list(devices)
+  )
 
 
 def _read_json(path):
@@ -91,8 +93,10 @@ def _read_json(path):
 def read_config(*, checkpoint_dir=None, workdir=None):
   """(config, layout) of an export ('export'), a conversion ('converted') or a workdir."""
   if (checkpoint_dir is None) == (workdir is None):
-    raise SampleError('Pass exactly one of --checkpoint (an exported or converted model) and '
-                      '--workdir (a training directory).')
+    raise SampleError(
+      'Pass exactly one of --checkpoint (an exported or converted model) and '
+      '--workdir (a training directory).'
+    )
   where = os.path.abspath(checkpoint_dir or workdir)
   flag = '--checkpoint' if checkpoint_dir else '--workdir'
   if not os.path.isdir(where):
@@ -104,19 +108,23 @@ def read_config(*, checkpoint_dir=None, workdir=None):
       raise SampleError(f'{where} has no config.json: pass the --workdir of a training run.')
     config = ml_collections.ConfigDict(_read_json(path))
     if workdir is None and not os.path.isdir(os.path.join(where, 'ema_params')):
-      raise SampleError(f'{where} has config.json but no ema_params/: pass a directory written '
-                        'by `python -m dimsum_jax.export` (or use --workdir for a training run).')
+      raise SampleError(
+        f'{where} has config.json but no ema_params/: pass a directory written '
+        'by `python -m dimsum_jax.export` (or use --workdir for a training run).'
+      )
     layout = 'workdir' if workdir is not None else 'export'
   elif os.path.exists(os.path.join(where, 'model_config.json')):
     config = base
     config.model.update(_read_json(os.path.join(where, 'model_config.json')))
-    if config.model.get('name') in models.DIM_SIZES:   # DiM's released weights: its objective
+    if config.model.get('name') in models.DIM_SIZES:  # DiM's released weights: its objective
       config.transport.update(path_type='ScaledLinear', prediction='noise')
     layout = 'converted'
   else:
-    raise SampleError(f'{where} holds no model: pass a directory written by '
-                      '`python -m dimsum_jax.export` or `python -m dimsum_jax.convert`, or a '
-                      'training --workdir.')
+    raise SampleError(
+      f'{where} holds no model: pass a directory written by '
+      '`python -m dimsum_jax.export` or `python -m dimsum_jax.convert`, or a '
+      'training --workdir.'
+    )
   # Fields added to the config after a checkpoint was written take their defaults.
   for section in ('model', 'transport', 'vae'):
     merged = base[section].to_dict()
@@ -147,19 +155,31 @@ def check_vae(config, vae_dir=None) -> str | None:
     return None
   vae_dir = vae_dir or config.vae.dir
   if not vae_dir:
-    raise SampleError(f'This is a latent model ({config.model.in_channels} channels) and no VAE '
-                      'is configured: pass --vae_dir=DIR of a VAE converted with '
-                      '`python -m dimsum_jax.vae.convert`.')
+    raise SampleError(
+      f'This is a latent model ({config.model.in_channels} channels) and no VAE '
+      'is configured: pass --vae_dir=DIR of a VAE converted with '
+      '`python -m dimsum_jax.vae.convert`.'
+    )
   vae_dir = os.path.abspath(vae_dir)
   for part in ('config.json', 'params'):
     if not os.path.exists(os.path.join(vae_dir, part)):
-      raise SampleError(f'The VAE directory {vae_dir} has no {part}: pass --vae_dir=DIR of a VAE '
-                        'converted with `python -m dimsum_jax.vae.convert`.')
+      raise SampleError(
+        f'The VAE directory {vae_dir} has no {part}: pass --vae_dir=DIR of a VAE '
+        'converted with `python -m dimsum_jax.vae.convert`.'
+      )
   return vae_dir
 
 
-def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, mesh=None,
-               image_size=None, interpolation='auto') -> LoadedModel:
+def load_model(
+  *,
+  checkpoint_dir=None,
+  workdir=None,
+  step=None,
+  vae_dir=None,
+  mesh=None,
+  image_size=None,
+  interpolation='auto',
+) -> LoadedModel:
   """The EMA weights of an export, a conversion or a training workdir, replicated over `mesh`;
   with `image_size` (px) other than the trained one, the model rebuilt for that size
   (warm_start.resize_model: the position table interpolated, `interpolation` 'auto' = the
@@ -172,11 +192,13 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     model = models.create_model(config.model)
     abstract = models.abstract_params(model, config.model)
   except ValueError as e:
-    raise SampleError(f'The config in {where} does not describe a model this code can build: '
-                      f'{e}') from e
+    raise SampleError(
+      f'The config in {where} does not describe a model this code can build: {e}'
+    ) from e
   replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          abstract)
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+  )
   if layout == 'workdir':
     if step is not None and step < 0:
       raise SampleError(f'--step={step} must be a checkpoint step (>= 0).')
@@ -185,7 +207,8 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     if step is not None:
       raise SampleError('--step applies to --workdir only; an export holds one step.')
     params = _restore_export(
-        os.path.join(where, 'ema_params' if layout == 'export' else 'params'), abstract)
+      os.path.join(where, 'ema_params' if layout == 'export' else 'params'), abstract
+    )
     step_file = os.path.join(where, 'step.txt')
     step = None
     if os.path.exists(step_file):
@@ -194,6 +217,7 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
   vae = None
   if vae_path is not None:
     from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+
     vae = vae_lib.load_vae(vae_path, sharding=replicated)
     with config.ignore_type():
       config.vae.dir = vae_path
@@ -203,11 +227,21 @@ def load_model(*, checkpoint_dir=None, workdir=None, step=None, vae_dir=None, me
     try:
       size = warm_start.check_image_size(config.model, image_size, factor)
       base = (model, params)
-      config.model, model, params = warm_start.resize_model(config.model, params, size,
-                                                            interpolation)
+      config.model, model, params = warm_start.resize_model(
+        config.model, params, size, interpolation
+      )
     except warm_start.WarmStartError as e:
       raise SampleError(f'--image_size={image_size}: {e}') from e
     params = warm_start.to_global(params, replicated)
     resized = interpolation
-  return LoadedModel(config=config, model=model, params=params, mesh=mesh, source=where,
-                     step=step, vae=vae, interpolation=resized, base=base)
+  return LoadedModel(
+    config=config,
+    model=model,
+    params=params,
+    mesh=mesh,
+    source=where,
+    step=step,
+    vae=vae,
+    interpolation=resized,
+    base=base,
+  )

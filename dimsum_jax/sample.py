@@ -53,6 +53,7 @@ adds Upsample Guidance from the model at its trained size (sampling.make_upsampl
 the velocity form for flow matching, upstream's noise form for DiM), one trained-size evaluation
 per guided step on top of the counted NFE.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,20 +94,26 @@ def _prepare_evaluation(evaluate, eval_options, loaded, num_samples):
   if not evaluate:
     if eval_options:
       names = ', '.join(f'--{k}' for k in sorted(eval_options))
-      raise SampleError(f'{names} {"applies" if len(eval_options) == 1 else "apply"} only with '
-                        '--evaluate: pass --evaluate=REF.npz (or --evaluate=digits), or leave '
-                        f'{"it" if len(eval_options) == 1 else "them"} out.')
+      raise SampleError(
+        f'{names} {"applies" if len(eval_options) == 1 else "apply"} only with '
+        '--evaluate: pass --evaluate=REF.npz (or --evaluate=digits), or leave '
+        f'{"it" if len(eval_options) == 1 else "them"} out.'
+      )
     return None
   from dimsum_jax.evaluate import command  # pylint: disable=g-import-not-at-top
+
   if evaluate == 'digits':
     if eval_options.setdefault('features', 'digits') != 'digits':
-      raise SampleError(f'--evaluate=digits scores with the digits features, not '
-                        f'--features={eval_options["features"]}: leave --features out, or pass '
-                        '--evaluate=REF.npz.')
+      raise SampleError(
+        f'--evaluate=digits scores with the digits features, not '
+        f'--features={eval_options["features"]}: leave --features out, or pass '
+        '--evaluate=REF.npz.'
+      )
   try:
     args = command.eval_args(reference='' if evaluate == 'digits' else evaluate, **eval_options)
-    prepared = command.prepare(args, loaded.output_shape, num_samples,
-                               has_labels=loaded.num_classes > 0)
+    prepared = command.prepare(
+      args, loaded.output_shape, num_samples, has_labels=loaded.num_classes > 0
+    )
   except ValueError as e:  # EvaluationError, WeightsError, NpzError: one sentence each
     raise SampleError(str(e)) from e
   args.metrics = ','.join(prepared[2])
@@ -116,22 +123,43 @@ def _prepare_evaluation(evaluate, eval_options, loaded, num_samples):
 def _evaluate(evaluation, samples_path):
   """evaluate.command.run on the written samples: its result (also written as JSON beside)."""
   from dimsum_jax.evaluate import command  # pylint: disable=g-import-not-at-top
+
   args, prepared = evaluation
   args.samples = samples_path
   try:
     result = command.run(args, prepared)
   except ValueError as e:
     raise SampleError(str(e)) from e
-  logging.info('Evaluation (%d samples, %s features): %s; written to %s.', result['num_samples'],
-               result['feature_net'], ', '.join(f'{label} {result[key]:.6g}' for key, label in
-                                                command.LABELS.items() if key in result),
-               result['written_to'])
+  logging.info(
+    'Evaluation (%d samples, %s features): %s; written to %s.',
+    result['num_samples'],
+    result['feature_net'],
+    ', '.join(
+      f'{label} {result[key]:.6g}' for key, label in command.LABELS.items() if key in result
+    ),
+    result['written_to'],
+  )
   return result
 
 
-def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_size=64,
-        classes=None, vae_dir=None, pngs=True, devices=None, image_size=None,
-        interpolation='auto', evaluate=None, eval_options=None, **options):
+def run(
+  *,
+  out,
+  checkpoint=None,
+  workdir=None,
+  step=None,
+  num_samples=64,
+  batch_size=64,
+  classes=None,
+  vae_dir=None,
+  pngs=True,
+  devices=None,
+  image_size=None,
+  interpolation='auto',
+  evaluate=None,
+  eval_options=None,
+  **options,
+):
   """The CLI without flags (see the module docstring); returns the summary dict (process 0).
 
   options: the sampling options of `sampling.SAMPLING_OPTIONS` (mode, solver, num_steps, atol,
@@ -152,12 +180,18 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
   if os.path.exists(out) and not os.path.isdir(out):
     raise SampleError(f'--out={out} is a file: choose a directory.')
   if interpolation not in warm_start.INTERPOLATIONS:
-    raise SampleError(f'Unknown --interpolation={interpolation}: use one of '
-                      f'{", ".join(warm_start.INTERPOLATIONS)}.')
+    raise SampleError(
+      f'Unknown --interpolation={interpolation}: use one of {", ".join(warm_start.INTERPOLATIONS)}.'
+    )
   loaded = model_loading.load_model(
-      checkpoint_dir=checkpoint, workdir=workdir, step=step, vae_dir=vae_dir,
-      mesh=model_loading.sampling_mesh(devices), image_size=image_size,
-      interpolation=interpolation)
+    checkpoint_dir=checkpoint,
+    workdir=workdir,
+    step=step,
+    vae_dir=vae_dir,
+    mesh=model_loading.sampling_mesh(devices),
+    image_size=image_size,
+    interpolation=interpolation,
+  )
   sampler.check_mode(loaded, opts)
   classes = sampler.check_classes(loaded, classes)
   sampler.check_guidance(loaded, opts)
@@ -178,13 +212,24 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
   done = _broadcast(done.astype(np.int32)).astype(bool)
   todo = [k for k in range(num_batches) if not done[k]]
   if is_main:
-    logging.info('Sampling %d images of %s (step %s) on %d devices, %d processes: %d global '
-                 'batches of %d, %d already done; %s, cfg %.3g, seed %d; writing to %s.',
-                 num_samples, loaded.config.model.name, loaded.step, num_devices,
-                 jax.process_count(), num_batches, batch, num_batches - len(todo),
-                 {'ode': opts.solver, 'dpm': f'DPM-Solver ({opts.dpm_steps} steps)'}.get(
-                     opts.mode, f'SDE {opts.sde_method}'),
-                 opts.cfg_scale, opts.seed, out)
+    logging.info(
+      'Sampling %d images of %s (step %s) on %d devices, %d processes: %d global '
+      'batches of %d, %d already done; %s, cfg %.3g, seed %d; writing to %s.',
+      num_samples,
+      loaded.config.model.name,
+      loaded.step,
+      num_devices,
+      jax.process_count(),
+      num_batches,
+      batch,
+      num_batches - len(todo),
+      {'ode': opts.solver, 'dpm': f'DPM-Solver ({opts.dpm_steps} steps)'}.get(
+        opts.mode, f'SDE {opts.sde_method}'
+      ),
+      opts.cfg_scale,
+      opts.seed,
+      out,
+    )
 
   sample_seconds = 0.0
   if todo:
@@ -198,33 +243,51 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
         result = batch_sampler(indices, labels)
         last = min(num_samples, (k + 1) * batch) - 1
         nfe, steps = sampler.check_batch_result(result, opts, f'{k * batch}-{last}')
-        sample_io.write_batch(out, result[0], k * batch, labels, nfe, steps,
-                              num_samples=num_samples, pngs=pngs)
+        sample_io.write_batch(
+          out, result[0], k * batch, labels, nfe, steps, num_samples=num_samples, pngs=pngs
+        )
         sample_seconds = time.monotonic() - start_time
         rate = (n + 1) * batch / sample_seconds
         remaining = (len(todo) - n - 1) * batch / rate
         if is_main:
-          logging.info('Batch %d/%d (samples %d-%d): NFE %d%s, %.3g samples/s, ETA %s.', k + 1,
-                       num_batches, k * batch, last, nfe,
-                       f' ({steps} steps)' if opts.mode == 'ode' and opts.solver == 'dopri5'
-                       else '', rate, io_utils.hms(remaining))
+          logging.info(
+            'Batch %d/%d (samples %d-%d): NFE %d%s, %.3g samples/s, ETA %s.',
+            k + 1,
+            num_batches,
+            k * batch,
+            last,
+            nfe,
+            f' ({steps} steps)' if opts.mode == 'ode' and opts.solver == 'dopri5' else '',
+            rate,
+            io_utils.hms(remaining),
+          )
 
   _sync('dimsum_jax.sample.chunks_written')
   summary = None
   if is_main:
     nfe_all = sample_io.nfe_per_batch(chunk_dir, batch, num_batches)
     summary = {
-        'num_samples': num_samples, 'num_batches': num_batches,
-        'nfe_per_batch': [nfe_all.get(k) for k in range(num_batches)],
-        'nfe_mean': float(np.mean(list(nfe_all.values()))) if nfe_all else None,
-        'batches_sampled_now': len(todo), 'sampling_seconds_now': round(sample_seconds, 3),
-        'devices': num_devices, 'processes': jax.process_count(), **manifest}
+      'num_samples': num_samples,
+      'num_batches': num_batches,
+      'nfe_per_batch': [nfe_all.get(k) for k in range(num_batches)],
+      'nfe_mean': float(np.mean(list(nfe_all.values()))) if nfe_all else None,
+      'batches_sampled_now': len(todo),
+      'sampling_seconds_now': round(sample_seconds, 3),
+      'devices': num_devices,
+      'processes': jax.process_count(),
+      **manifest,
+    }
     sample_io.write_grid(out, num_samples, classes)
     io_utils.write_json(os.path.join(out, 'summary.json'), summary, indent=2)
     # samples.npz last, renamed into place when whole: its presence means the run is complete.
     sample_io.write_samples(out, num_samples, loaded.output_shape, classes, pngs)
-    logging.info('Wrote %d samples to %s (samples.npz, grid.png%s); NFE per batch: mean %.1f.',
-                 num_samples, out, ', images/' if pngs else '', summary['nfe_mean'] or 0)
+    logging.info(
+      'Wrote %d samples to %s (samples.npz, grid.png%s); NFE per batch: mean %.1f.',
+      num_samples,
+      out,
+      ', images/' if pngs else '',
+      summary['nfe_mean'] or 0,
+    )
     if evaluation is not None:
       summary['evaluation'] = _evaluate(evaluation, os.path.join(out, 'samples.npz'))
       io_utils.write_json(os.path.join(out, 'summary.json'), summary, indent=2)
@@ -235,6 +298,7 @@ def run(*, out, checkpoint=None, workdir=None, step=None, num_samples=64, batch_
 def _sync(name):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -242,7 +306,9 @@ def _broadcast(array):
   if jax.process_count() == 1:
     return array
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return np.asarray(multihost_utils.broadcast_one_to_all(array))
+
 
 # ------------------------------------------------------------------------------------------------
 # Flags
@@ -250,8 +316,12 @@ def _broadcast(array):
 FLAGS = flags.FlagValues()
 
 
-_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-           str: flags.DEFINE_string}
+_DEFINE = {
+  bool: flags.DEFINE_boolean,
+  int: flags.DEFINE_integer,
+  float: flags.DEFINE_float,
+  str: flags.DEFINE_string,
+}
 
 
 def define_option_flags(flag_values=FLAGS):
@@ -265,39 +335,84 @@ def define_flags(flag_values=FLAGS):
   """The command's flags, on `flag_values` (this module's own FLAGS, so that importing it next to
   other commands, e.g. in a notebook or the tests, defines no flag twice)."""
   on = {'flag_values': flag_values}
-  flags.DEFINE_string('checkpoint', None, 'Exported (dimsum_jax.export) or converted model dir.',
-                      **on)
-  flags.DEFINE_string('workdir', None, 'Training workdir: its newest good checkpoint (or --step).',
-                      **on)
+  flags.DEFINE_string(
+    'checkpoint', None, 'Exported (dimsum_jax.export) or converted model dir.', **on
+  )
+  flags.DEFINE_string(
+    'workdir', None, 'Training workdir: its newest good checkpoint (or --step).', **on
+  )
   flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step to sample from.', **on)
   flags.DEFINE_string('out', None, 'Output directory (PNGs, grid.png, samples.npz).', **on)
   flags.DEFINE_integer('num_samples', 64, 'How many samples.', **on)
-  flags.DEFINE_integer('batch_size', 64, 'Global batch (over all devices); keep it when resuming.',
-                       **on)
+  flags.DEFINE_integer(
+    'batch_size', 64, 'Global batch (over all devices); keep it when resuming.', **on
+  )
   flags.DEFINE_list('classes', [], 'Class indices the samples cycle through (default: all).', **on)
   flags.DEFINE_string('vae_dir', None, 'VAE for latent models (default: config.vae.dir).', **on)
   flags.DEFINE_boolean('pngs', True, 'Write one PNG per sample under OUT/images/.', **on)
   define_option_flags(flag_values)
-  flags.DEFINE_string('evaluate', None, 'Score samples.npz once written: an ADM-style reference '
-                      'batch .npz (Inception features), or "digits" (the digits features).', **on)
-  flags.DEFINE_string('inception', None, "With --evaluate: pytorch-fid's "
-                      'pt_inception-2015-12-05-6726825d.pth (read from disk, never downloaded).',
-                      **on)
-  flags.DEFINE_enum('features', None, ['inception', 'digits'], 'With --evaluate: the features '
-                    '(default: inception; digits with --evaluate=digits).', **on)
-  flags.DEFINE_string('metrics', None, 'With --evaluate: a subset of '
-                      'fid,sfid,is,precision,recall,accuracy (default: all that apply).', **on)
-  flags.DEFINE_enum('preprocess', None, ['pytorch_fid', 'tf'], 'With --evaluate and Inception '
-                    "features: pytorch-fid's input resize (default) or the TF graph's.", **on)
-  flags.DEFINE_integer('image_size', None, 'Sample at this many px (default: the trained size).',
-                       **on)
-  flags.DEFINE_string('interpolation', 'auto', 'With --image_size: the position table\'s '
-                      'resizing, auto (the family\'s own), bicubic or bilinear.', **on)
+  flags.DEFINE_string(
+    'evaluate',
+    None,
+    'Score samples.npz once written: an ADM-style reference '
+    'batch .npz (Inception features), or "digits" (the digits features).',
+    **on,
+  )
+  flags.DEFINE_string(
+    'inception',
+    None,
+    "With --evaluate: pytorch-fid's "
+    'pt_inception-2015-12-05-6726825d.pth (read from disk, never downloaded).',
+    **on,
+  )
+  flags.DEFINE_enum(
+    'features',
+    None,
+    ['inception', 'digits'],
+    'With --evaluate: the features (default: inception; digits with --evaluate=digits).',
+    **on,
+  )
+  flags.DEFINE_string(
+    'metrics',
+    None,
+    'With --evaluate: a subset of fid,sfid,is,precision,recall,accuracy (default: all that apply).',
+    **on,
+  )
+  flags.DEFINE_enum(
+    'preprocess',
+    None,
+    ['pytorch_fid', 'tf'],
+    'With --evaluate and Inception '
+    "features: pytorch-fid's input resize (default) or the TF graph's.",
+    **on,
+  )
+  flags.DEFINE_integer(
+    'image_size', None, 'Sample at this many px (default: the trained size).', **on
+  )
+  flags.DEFINE_string(
+    'interpolation',
+    'auto',
+    'With --image_size: the position table\'s '
+    'resizing, auto (the family\'s own), bicubic or bilinear.',
+    **on,
+  )
+
 
 define_flags()
 
-RUN_FLAGS = ('checkpoint', 'workdir', 'step', 'out', 'num_samples', 'batch_size', 'vae_dir',
-             'pngs', 'image_size', 'interpolation', *sampling.SAMPLING_OPTIONS)
+RUN_FLAGS = (
+  'checkpoint',
+  'workdir',
+  'step',
+  'out',
+  'num_samples',
+  'batch_size',
+  'vae_dir',
+  'pngs',
+  'image_size',
+  'interpolation',
+  *sampling.SAMPLING_OPTIONS,
+)
 EVAL_FLAGS = ('inception', 'features', 'metrics', 'preprocess')  # options of dimsum_jax.evaluate
 USER_ERRORS = (SampleError, checkpoint.CheckpointError, sampling.ODESolveError)
 
@@ -309,13 +424,17 @@ def main(argv):
     try:
       classes = [int(c) for c in FLAGS.classes]
     except ValueError as e:
-      raise SampleError(f'--classes={",".join(FLAGS.classes)} must be integers, e.g. '
-                        '--classes=0,3,7.') from e
+      raise SampleError(
+        f'--classes={",".join(FLAGS.classes)} must be integers, e.g. --classes=0,3,7.'
+      ) from e
     sharding.initialize_distributed()
-    eval_options = {name: FLAGS[name].value for name in EVAL_FLAGS
-                    if FLAGS[name].value is not None}
-    run(classes=classes, evaluate=FLAGS.evaluate, eval_options=eval_options,
-        **{name: FLAGS[name].value for name in RUN_FLAGS})
+    eval_options = {name: FLAGS[name].value for name in EVAL_FLAGS if FLAGS[name].value is not None}
+    run(
+      classes=classes,
+      evaluate=FLAGS.evaluate,
+      eval_options=eval_options,
+      **{name: FLAGS[name].value for name in RUN_FLAGS},
+    )
   except USER_ERRORS as e:
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from e

@@ -15,6 +15,7 @@ written whole under a temporary name and renamed into place (io_utils.atomic_wri
 run leaves only complete files and stray temporaries, which `prepare` removes. samples.npz is
 streamed from the chunks (`iter_rows`, `write_npz`), never held in memory whole.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,9 @@ def make_grid(images, cols: int, pad: int = 2) -> np.ndarray:
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
   for i in range(n):
     r, q = divmod(i, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+    ] = images[i]
   return grid
 
 
@@ -100,8 +102,8 @@ def chunk_files(chunk_dir):
 def done_batches(chunk_dir, batch, num_batches):
   """Which global batches are fully covered by chunk files."""
   covered = np.zeros(num_batches * batch, bool)
-  for (a, b) in chunk_files(chunk_dir):
-    covered[a:min(b, covered.size)] = True
+  for a, b in chunk_files(chunk_dir):
+    covered[a : min(b, covered.size)] = True
   return covered.reshape(num_batches, batch).all(axis=1)
 
 
@@ -113,8 +115,13 @@ def own_rows(array):
     if shard.replica_id != 0:
       continue
     sl = shard.index[0]
-    pieces.append((sl.start or 0, sl.stop if sl.stop is not None else array.shape[0],
-                   jax.device_get(shard.data)))
+    pieces.append(
+      (
+        sl.start or 0,
+        sl.stop if sl.stop is not None else array.shape[0],
+        jax.device_get(shard.data),
+      )
+    )
   pieces.sort(key=lambda p: p[0])
   merged = []
   for a, b, rows in pieces:
@@ -130,15 +137,15 @@ def manifest(loaded, opts, batch, classes):
   """What makes the samples of a run what they are: the weights, the output shape, the global
   batch, the classes and the sampling options that change samples (sampler.key_settings)."""
   return {
-      'format': 1,
-      'source': loaded.source,
-      'step': loaded.step,
-      'vae_dir': loaded.config.vae.dir if loaded.is_latent else None,
-      'image_shape': list(loaded.output_shape),
-      'batch_size': batch,
-      'classes': list(classes),
-      'interpolation': loaded.interpolation,
-      **sampler.key_settings(opts),
+    'format': 1,
+    'source': loaded.source,
+    'step': loaded.step,
+    'vae_dir': loaded.config.vae.dir if loaded.is_latent else None,
+    'image_shape': list(loaded.output_shape),
+    'batch_size': batch,
+    'classes': list(classes),
+    'interpolation': loaded.interpolation,
+    **sampler.key_settings(opts),
   }
 
 
@@ -156,20 +163,25 @@ def check_manifest(out, manifest):
     raise SampleError(f'{path} is damaged: choose another --out.') from e
   for key in sorted(set(old) | set(manifest)):
     if old.get(key) != manifest.get(key):
-      flag = {'source': 'checkpoint', 'vae_dir': 'vae_dir', 'image_shape': 'checkpoint'}.get(key,
-                                                                                          key)
+      flag = {'source': 'checkpoint', 'vae_dir': 'vae_dir', 'image_shape': 'checkpoint'}.get(
+        key, key
+      )
       raise SampleError(
-          f'{out} holds samples made with other settings ({key} was {old.get(key)!r}, now '
-          f'{manifest.get(key)!r}): rerun with the same flags (--{flag}) to resume, or choose '
-          'another --out.')
+        f'{out} holds samples made with other settings ({key} was {old.get(key)!r}, now '
+        f'{manifest.get(key)!r}): rerun with the same flags (--{flag}) to resume, or choose '
+        'another --out.'
+      )
   return True
 
 
 def write_npz(path, num_samples, image_shape, chunk_iter, labels):
   """samples.npz (arr_0 uint8 [N, H, W, C], labels) streamed chunk by chunk, renamed at the end."""
   shape = (num_samples, *image_shape)
-  header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
-            'shape': shape}
+  header = {
+    'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+    'fortran_order': False,
+    'shape': shape,
+  }
 
   def write(f):
     with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -186,6 +198,7 @@ def write_npz(path, num_samples, image_shape, chunk_iter, labels):
       np.lib.format.write_array(buf, np.asarray(labels, np.int32))
       # A fixed date, as arr_0.npy has: the same samples give the same bytes whenever written.
       z.writestr(zipfile.ZipInfo('labels.npy', date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+
   io_utils.atomic_write(path, write)
 
 
@@ -214,9 +227,11 @@ def iter_rows(chunk_dir, num_samples, classes, image_dir, write_pngs):
     if pos >= num_samples:
       return
   if pos < num_samples:
-    raise SampleError(f'The chunk files of samples {pos} onwards are missing from {chunk_dir}: '
-                      'with several processes, --out must be on a file system that all of them '
-                      'share.')
+    raise SampleError(
+      f'The chunk files of samples {pos} onwards are missing from {chunk_dir}: '
+      'with several processes, --out must be on a file system that all of them '
+      'share.'
+    )
 
 
 def png_path(image_dir, index):
@@ -249,14 +264,21 @@ def write_batch(out, images, start, labels, nfe, steps, *, num_samples, pngs):
   below num_samples."""
   chunk_dir, image_dir = os.path.join(out, CHUNKS), os.path.join(out, IMAGES)
   for a, b, rows in own_rows(images):  # a, b: rows of this batch
-    first = start + a                     # the sample index of rows[0]
+    first = start + a  # the sample index of rows[0]
     if pngs:
       for i in range(first, min(first + b - a, num_samples)):
         save_png(png_path(image_dir, i), rows[i - first])
-    arrays = dict(images=rows, indices=np.arange(first, first + b - a), labels=labels[a:b],
-                  nfe=np.int32(nfe), num_steps=np.int32(steps))
-    io_utils.atomic_write(os.path.join(chunk_dir, chunk_name(first, first + b - a)),
-                          lambda f, arrays=arrays: np.savez(f, **arrays))
+    arrays = dict(
+      images=rows,
+      indices=np.arange(first, first + b - a),
+      labels=labels[a:b],
+      nfe=np.int32(nfe),
+      num_steps=np.int32(steps),
+    )
+    io_utils.atomic_write(
+      os.path.join(chunk_dir, chunk_name(first, first + b - a)),
+      lambda f, arrays=arrays: np.savez(f, **arrays),
+    )
 
 
 def nfe_per_batch(chunk_dir, batch, num_batches) -> dict[int, int]:
@@ -273,8 +295,9 @@ def write_grid(out, num_samples, classes):
   """OUT/grid.png: the first (up to) GRID_MAX samples from the chunk files, one column per class
   for up to 20 classes."""
   n_grid = min(num_samples, GRID_MAX)
-  first = np.concatenate(list(iter_rows(os.path.join(out, CHUNKS), n_grid, classes,
-                                        os.path.join(out, IMAGES), False)))
+  first = np.concatenate(
+    list(iter_rows(os.path.join(out, CHUNKS), n_grid, classes, os.path.join(out, IMAGES), False))
+  )
   save_png(os.path.join(out, 'grid.png'), make_grid(first, grid_columns(n_grid, classes)))
 
 
@@ -282,7 +305,10 @@ def write_samples(out, num_samples, image_shape, classes, pngs):
   """OUT/samples.npz (arr_0 uint8 [N, *image_shape], labels int32 [N]) from the chunk files,
   renamed into place when whole: its presence means the run is complete. With `pngs`, the PNGs
   that an interrupted run left unwritten are written on the way."""
-  write_npz(os.path.join(out, 'samples.npz'), num_samples, image_shape,
-            iter_rows(os.path.join(out, CHUNKS), num_samples, classes, os.path.join(out, IMAGES),
-                      pngs),
-            sampler.labels_for(np.arange(num_samples), classes))
+  write_npz(
+    os.path.join(out, 'samples.npz'),
+    num_samples,
+    image_shape,
+    iter_rows(os.path.join(out, CHUNKS), num_samples, classes, os.path.join(out, IMAGES), pngs),
+    sampler.labels_for(np.arange(num_samples), classes),
+  )

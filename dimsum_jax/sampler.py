@@ -15,6 +15,7 @@ The options are `sampling.default_sampling_config()` (`sampling_options` checks 
 `check_mode`, `check_guidance`, `check_upsample_guidance` and `check_classes` refuse settings
 the loaded model cannot take, each with a SampleError in one sentence, before anything compiles.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,22 +41,27 @@ def sampling_options(**overrides) -> ml_collections.ConfigDict:
   opts = sampling.default_sampling_config()
   unknown = set(overrides) - set(opts)
   if unknown:
-    raise SampleError(f'Unknown sampling option(s) {sorted(unknown)}: valid ones are '
-                      f'{sorted(opts)}.')
+    raise SampleError(
+      f'Unknown sampling option(s) {sorted(unknown)}: valid ones are {sorted(opts)}.'
+    )
   opts.update(overrides)
   opts.mode = str(opts.mode).lower()
   if opts.mode not in ('ode', 'sde', 'dpm'):
     raise SampleError(f'Unknown --mode={opts.mode}: use ode, sde or dpm.')
   if opts.mode == 'dpm' and opts.dpm_steps < 3:
-    raise SampleError(f'--dpm_steps={opts.dpm_steps} is too few for DPM-Solver of order 3: use '
-                      f'at least 3 (DiM uses {sampling.DPM_STEPS}).')
+    raise SampleError(
+      f'--dpm_steps={opts.dpm_steps} is too few for DPM-Solver of order 3: use '
+      f'at least 3 (DiM uses {sampling.DPM_STEPS}).'
+    )
   if str(opts.solver).lower() not in sampling.ODE_SOLVERS:
-    raise SampleError(f'Unknown --solver={opts.solver}: choose one of '
-                      f'{", ".join(sampling.ODE_SOLVERS)}.')
+    raise SampleError(
+      f'Unknown --solver={opts.solver}: choose one of {", ".join(sampling.ODE_SOLVERS)}.'
+    )
   opts.solver = str(opts.solver).lower()
   if str(opts.sde_method).lower() not in sampling.SDE_METHODS:
-    raise SampleError(f'Unknown --sde_method={opts.sde_method}: choose one of '
-                      f'{", ".join(sampling.SDE_METHODS)}.')
+    raise SampleError(
+      f'Unknown --sde_method={opts.sde_method}: choose one of {", ".join(sampling.SDE_METHODS)}.'
+    )
   opts.sde_method = str(opts.sde_method).lower()
   try:
     opts.diffusion_form = transport.canonical_diffusion_form(opts.diffusion_form)
@@ -64,8 +70,10 @@ def sampling_options(**overrides) -> ml_collections.ConfigDict:
     raise SampleError(str(e)) from e
   if opts.num_steps < 1 or opts.max_steps < 1:
     raise SampleError('--num_steps and --max_steps must be positive.')
-  if opts.mode == 'sde' and (opts.num_steps if opts.sde_method == 'euler'
-                             else opts.num_steps // 2) < 2:
+  if (
+    opts.mode == 'sde'
+    and (opts.num_steps if opts.sde_method == 'euler' else opts.num_steps // 2) < 2
+  ):
     raise SampleError('The SDE sampler needs --num_steps of at least 2 (4 for heun).')
   for name in ('cfg_scale', 'atol', 'rtol', 'last_step_size', 'diffusion_norm'):
     if not math.isfinite(float(opts[name])):
@@ -79,13 +87,20 @@ def key_settings(opts) -> dict:
   """The options that change what the samples are (max_steps only decides failure)."""
   keys = ['mode', 'cfg_scale', 'seed']
   if opts.mode == 'ode':
-    keys += ['solver'] + (['atol', 'rtol', 'per_sample'] if opts.solver == 'dopri5'
-                          else ['num_steps'])
+    keys += ['solver'] + (
+      ['atol', 'rtol', 'per_sample'] if opts.solver == 'dopri5' else ['num_steps']
+    )
   elif opts.mode == 'dpm':
     keys += ['dpm_steps']
   else:
-    keys += ['sde_method', 'num_steps', 'diffusion_form', 'diffusion_norm', 'last_step',
-             'last_step_size']
+    keys += [
+      'sde_method',
+      'num_steps',
+      'diffusion_form',
+      'diffusion_norm',
+      'last_step',
+      'last_step_size',
+    ]
   if float(opts.upsample_guidance):
     keys += ['upsample_guidance', 'ug_eta']
   return {k: opts[k] for k in keys}
@@ -110,20 +125,25 @@ def check_mode(loaded: LoadedModel, opts) -> None:
   """--mode=dpm only on a model of DiM's discrete noise-prediction objective."""
   path = loaded.config.transport.path_type
   if opts.mode == 'dpm' and transport.canonical_path(path) != 'ScaledLinear':
-    raise SampleError(f'--mode=dpm (DPM-Solver) samples models of DiM\'s discrete '
-                      f'noise-prediction objective (transport path ScaledLinear), and this one '
-                      f'was trained on path {path}: use --mode=ode or --mode=sde.')
+    raise SampleError(
+      f'--mode=dpm (DPM-Solver) samples models of DiM\'s discrete '
+      f'noise-prediction objective (transport path ScaledLinear), and this one '
+      f'was trained on path {path}: use --mode=ode or --mode=sde.'
+    )
 
 
 def check_guidance(loaded: LoadedModel, opts) -> None:
   if float(opts.cfg_scale) == 1.0:
     return
   if loaded.num_classes == 0:
-    raise SampleError('--cfg_scale needs a class-conditional model; this one is unconditional: '
-                      'use --cfg_scale=1.')
+    raise SampleError(
+      '--cfg_scale needs a class-conditional model; this one is unconditional: use --cfg_scale=1.'
+    )
   if float(loaded.config.model.label_dropout) <= 0:
-    raise SampleError('This model was trained without label dropout, so its null class was never '
-                      'trained and guidance is meaningless: use --cfg_scale=1.')
+    raise SampleError(
+      'This model was trained without label dropout, so its null class was never '
+      'trained and guidance is meaningless: use --cfg_scale=1.'
+    )
 
 
 def check_upsample_guidance(loaded: LoadedModel, opts) -> int:
@@ -132,18 +152,28 @@ def check_upsample_guidance(loaded: LoadedModel, opts) -> int:
   if theta == 0:
     return 0
   if not (math.isfinite(theta) and theta > 0 and 0 <= eta <= 1):
-    raise SampleError(f'--upsample_guidance={theta} --ug_eta={eta}: the scale must be positive '
-                      'and ug_eta in [0, 1].')
+    raise SampleError(
+      f'--upsample_guidance={theta} --ug_eta={eta}: the scale must be positive '
+      'and ug_eta in [0, 1].'
+    )
   trained = loaded.base[0].input_size if loaded.base is not None else loaded.image_shape[0]
   m, rest = divmod(loaded.image_shape[0], trained)
   if loaded.base is None or rest or m < 2:
-    raise SampleError(f'--upsample_guidance needs --image_size at a whole multiple (2 or more) '
-                      f'of the trained size; the model takes {trained}x{trained} inputs and is '
-                      f'sampled at {loaded.image_shape[0]}.')
+    raise SampleError(
+      f'--upsample_guidance needs --image_size at a whole multiple (2 or more) '
+      f'of the trained size; the model takes {trained}x{trained} inputs and is '
+      f'sampled at {loaded.image_shape[0]}.'
+    )
   transport_config = loaded.config.transport
   try:
-    sampling.make_upsample_guided_model_fn(None, None, m, path_type=transport_config.path_type,
-                                           prediction=transport_config.prediction, theta=theta)
+    sampling.make_upsample_guided_model_fn(
+      None,
+      None,
+      m,
+      path_type=transport_config.path_type,
+      prediction=transport_config.prediction,
+      theta=theta,
+    )
   except ValueError as e:
     raise SampleError(f'--upsample_guidance: {e}') from e
   return m
@@ -162,8 +192,10 @@ def batch_size_for(num_samples: int, batch_size: int, num_devices: int) -> int:
   if batch_size < 1 or num_samples < 1:
     raise SampleError('--batch_size and --num_samples must be positive.')
   if batch_size % num_devices:
-    raise SampleError(f'--batch_size={batch_size} does not divide over {num_devices} devices: '
-                      f'use a multiple of {num_devices}.')
+    raise SampleError(
+      f'--batch_size={batch_size} does not divide over {num_devices} devices: '
+      f'use a multiple of {num_devices}.'
+    )
   return min(batch_size, -(-num_samples // num_devices) * num_devices)
 
 
@@ -173,8 +205,12 @@ def time_interval(config, opts) -> tuple[float, float]:
   if opts.mode != 'sde':
     return transport.time_interval(config.transport, eval=True)
   return transport.time_interval(
-      config.transport, eval=True, sde=True, diffusion_form=opts.diffusion_form,
-      last_step_size=opts.last_step_size if opts.last_step else 0.0)
+    config.transport,
+    eval=True,
+    sde=True,
+    diffusion_form=opts.diffusion_form,
+    last_step_size=opts.last_step_size if opts.last_step else 0.0,
+  )
 
 
 def to_uint8(images):
@@ -182,8 +218,20 @@ def to_uint8(images):
   return jnp.clip(127.5 * images + 128.0, 0.0, 255.0).astype(jnp.uint8)
 
 
-def sample_batch(params, vae_params, indices, labels, *, model, config, opts, image_shape,
-                 vae_module=None, output='uint8', base_model=None):
+def sample_batch(
+  params,
+  vae_params,
+  indices,
+  labels,
+  *,
+  model,
+  config,
+  opts,
+  image_shape,
+  vae_module=None,
+  output='uint8',
+  base_model=None,
+):
   """One global batch: noise of sample indices -> ODE/SDE -> (VAE) -> images. Pure, jit-able.
 
   Returns (images, nfe, status, num_steps, finite): images uint8 (or float32 in [-1, 1] when
@@ -193,8 +241,9 @@ def sample_batch(params, vae_params, indices, labels, *, model, config, opts, im
   """
   num_classes = int(config.model.num_classes)
   noise_key, sde_key = jax.random.split(jax.random.PRNGKey(opts.seed))
-  x0 = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), image_shape,
-                                            jnp.float32))(indices)
+  x0 = jax.vmap(
+    lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), image_shape, jnp.float32)
+  )(indices)
 
   if base_model is not None:
     params, base_params = params
@@ -204,38 +253,67 @@ def sample_batch(params, vae_params, indices, labels, *, model, config, opts, im
 
   if base_model is not None:
     model_fn = sampling.make_upsample_guided_model_fn(
-        model_fn, lambda x, t, y: base_model.apply({'params': base_params}, x, t,
-                                                   y if num_classes else None),
-        image_shape[0] // base_model.input_size, path_type=config.transport.path_type,
-        prediction=config.transport.prediction, theta=float(opts.upsample_guidance),
-        eta=float(opts.ug_eta))
+      model_fn,
+      lambda x, t, y: base_model.apply({'params': base_params}, x, t, y if num_classes else None),
+      image_shape[0] // base_model.input_size,
+      path_type=config.transport.path_type,
+      prediction=config.transport.prediction,
+      theta=float(opts.upsample_guidance),
+      eta=float(opts.ug_eta),
+    )
   velocity = sampling.make_sampling_velocity_fn(
-      model_fn, path_type=config.transport.path_type, prediction=config.transport.prediction,
-      cfg_scale=float(opts.cfg_scale), null_label=num_classes if num_classes else None)
+    model_fn,
+    path_type=config.transport.path_type,
+    prediction=config.transport.prediction,
+    cfg_scale=float(opts.cfg_scale),
+    null_label=num_classes if num_classes else None,
+  )
   t0, t1 = time_interval(config, opts)
   args = labels if num_classes else None
   if opts.mode == 'ode':
-    res = sampling.solve_ode(velocity, x0, solver=opts.solver, num_steps=opts.num_steps,
-                             atol=opts.atol, rtol=opts.rtol, t0=t0, t1=t1,
-                             max_steps=opts.max_steps, per_sample=bool(opts.per_sample),
-                             args=args)
+    res = sampling.solve_ode(
+      velocity,
+      x0,
+      solver=opts.solver,
+      num_steps=opts.num_steps,
+      atol=opts.atol,
+      rtol=opts.rtol,
+      t0=t0,
+      t1=t1,
+      max_steps=opts.max_steps,
+      per_sample=bool(opts.per_sample),
+      args=args,
+    )
     x1, nfe, status, steps = res.x1, res.nfe, jnp.max(res.status), jnp.max(res.num_steps)
-  elif opts.mode == 'dpm':   # DiM's sampler, in DiM's time 1 - t; U-ViT scale cfg_scale - 1
-    noise = sampling.make_noise_fn(model_fn, cfg_scale=float(opts.cfg_scale) - 1.0,
-                                   null_label=num_classes if num_classes else None)
+  elif opts.mode == 'dpm':  # DiM's sampler, in DiM's time 1 - t; U-ViT scale cfg_scale - 1
+    noise = sampling.make_noise_fn(
+      model_fn,
+      cfg_scale=float(opts.cfg_scale) - 1.0,
+      null_label=num_classes if num_classes else None,
+    )
     x1, nfe = sampling.sample_dpm_solver(
-        noise, x0, steps=opts.dpm_steps, t_end=transport.resolve_eps(config.transport)[1],
-        args=args)
+      noise, x0, steps=opts.dpm_steps, t_end=transport.resolve_eps(config.transport)[1], args=args
+    )
     nfe = jnp.asarray(nfe, jnp.int32)
     status = steps = jnp.zeros([], jnp.int32)
   else:
     # One key per global batch: the Brownian increments of a sample depend on its batch.
     batch_key = jax.random.fold_in(sde_key, indices[0])
     x1, nfe = sampling.sample_sde(
-        velocity, x0, batch_key, path_type=config.transport.path_type,
-        num_steps=opts.num_steps, method=opts.sde_method, diffusion_form=opts.diffusion_form,
-        diffusion_norm=opts.diffusion_norm, last_step=opts.last_step,
-        last_step_size=opts.last_step_size, t0=t0, t1=t1, args=args)
+      velocity,
+      x0,
+      batch_key,
+      path_type=config.transport.path_type,
+      num_steps=opts.num_steps,
+      method=opts.sde_method,
+      diffusion_form=opts.diffusion_form,
+      diffusion_norm=opts.diffusion_norm,
+      last_step=opts.last_step,
+      last_step_size=opts.last_step_size,
+      t0=t0,
+      t1=t1,
+      args=args,
+    )
     nfe = jnp.asarray(nfe, jnp.int32)
     status = steps = jnp.zeros([], jnp.int32)
   finite = jnp.all(jnp.isfinite(x1))
@@ -243,6 +321,7 @@ def sample_batch(params, vae_params, indices, labels, *, model, config, opts, im
     return x1, nfe, status, steps, finite
   if vae_module is not None:
     from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+
     x1 = vae_lib.latents_to_images(vae_module, vae_params, x1)
   images = x1.astype(jnp.float32) if output == 'float' else to_uint8(x1)
   return images, nfe, status, steps, finite
@@ -263,22 +342,45 @@ class BatchSampler:
     self._vae_params = vae_params
     base_model = loaded.base[0] if float(opts.upsample_guidance) else None
     self._params = (loaded.params, loaded.base[1]) if base_model else loaded.params
-    key = json.dumps([loaded.config.model.to_dict(), loaded.config.transport.to_dict(),
-                      loaded.config.vae.dir if vae_module is not None else None, opts.to_dict(),
-                      batch_size, [d.id for d in mesh.devices.flat], list(mesh.devices.shape),
-                      output, base_model and base_model.input_size], sort_keys=True, default=str)
+    key = json.dumps(
+      [
+        loaded.config.model.to_dict(),
+        loaded.config.transport.to_dict(),
+        loaded.config.vae.dir if vae_module is not None else None,
+        opts.to_dict(),
+        batch_size,
+        [d.id for d in mesh.devices.flat],
+        list(mesh.devices.shape),
+        output,
+        base_model and base_model.input_size,
+      ],
+      sort_keys=True,
+      default=str,
+    )
     start = time.monotonic()
     if key not in _COMPILED:
-      fn = functools.partial(sample_batch, model=loaded.model, config=loaded.config, opts=opts,
-                             image_shape=loaded.image_shape, vae_module=vae_module, output=output,
-                             base_model=base_model)
-      abstract = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype,
-                                                    sharding=self.batch_sharding)
+      fn = functools.partial(
+        sample_batch,
+        model=loaded.model,
+        config=loaded.config,
+        opts=opts,
+        image_shape=loaded.image_shape,
+        vae_module=vae_module,
+        output=output,
+        base_model=base_model,
+      )
+      abstract = lambda dtype: jax.ShapeDtypeStruct(
+        (batch_size,), dtype, sharding=self.batch_sharding
+      )
       # Under the mesh, the Pallas selective scan runs on each device's share of the batch.
       with jax.set_mesh(mesh):
-        _COMPILED[key] = jax.jit(
+        _COMPILED[key] = (
+          jax.jit(
             fn, out_shardings=(self.batch_sharding, replicated, replicated, replicated, replicated)
-        ).lower(self._params, vae_params, abstract(jnp.int32), abstract(jnp.int32)).compile()
+          )
+          .lower(self._params, vae_params, abstract(jnp.int32), abstract(jnp.int32))
+          .compile()
+        )
     self._compiled = _COMPILED[key]
     self.compile_seconds = time.monotonic() - start
 
@@ -287,9 +389,12 @@ class BatchSampler:
 
   def __call__(self, indices, labels):
     """Global arrays for sample `indices` [batch] (numpy, the same on every process)."""
-    out = self._compiled(self._params, self._vae_params,
-                         self._global(np.asarray(indices, np.int32)),
-                         self._global(np.asarray(labels, np.int32)))
+    out = self._compiled(
+      self._params,
+      self._vae_params,
+      self._global(np.asarray(indices, np.int32)),
+      self._global(np.asarray(labels, np.int32)),
+    )
     return out
 
 
@@ -299,19 +404,31 @@ def check_batch_result(out, opts, rows: str) -> tuple[int, int]:
   nfe, status, steps, finite = (int(v) for v in jax.device_get((nfe, status, steps, finite)))
   if status == sampling.STATUS_MAX_STEPS:
     raise sampling.ODESolveError(
-        f'The ODE solve of samples {rows} stopped at --max_steps={opts.max_steps} before '
-        'reaching t = 1: raise --max_steps, loosen --atol/--rtol, or use a fixed-step solver.')
+      f'The ODE solve of samples {rows} stopped at --max_steps={opts.max_steps} before '
+      'reaching t = 1: raise --max_steps, loosen --atol/--rtol, or use a fixed-step solver.'
+    )
   if status != sampling.STATUS_OK:
-    raise sampling.ODESolveError(f'The ODE solve of samples {rows} failed (step size underflow): '
-                                 'check the checkpoint for NaN weights.')
+    raise sampling.ODESolveError(
+      f'The ODE solve of samples {rows} failed (step size underflow): '
+      'check the checkpoint for NaN weights.'
+    )
   if not finite:
-    raise SampleError(f'The model produced NaN or inf for samples {rows}: check the checkpoint '
-                      '(was its training stopped by a NaN loss?).')
+    raise SampleError(
+      f'The model produced NaN or inf for samples {rows}: check the checkpoint '
+      '(was its training stopped by a NaN loss?).'
+    )
   return nfe, steps
 
 
-def generate(loaded: LoadedModel, num_samples: int, *, classes=None, batch_size: int = 64,
-             opts=None, output='uint8'):
+def generate(
+  loaded: LoadedModel,
+  num_samples: int,
+  *,
+  classes=None,
+  batch_size: int = 64,
+  opts=None,
+  output='uint8',
+):
   """In memory: (images [N, H, W, C] uint8 or float, labels [N], NFE per batch). Sample i is the
   same as sample i of the CLI with the same seed, batch size and device count."""
   opts = sampling_options() if opts is None else opts

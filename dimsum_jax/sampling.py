@@ -50,6 +50,7 @@ the batch by interleaving, so each device's shard is doubled locally), and a jit
 traced and run inside jax.transfer_guard("disallow") (tested). Call the samplers under jax.jit: eager
 calls recompile diffrax's internal jit whenever velocity_fn is a new closure.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
@@ -72,40 +73,49 @@ STATUS_OK = 0
 STATUS_MAX_STEPS = 1
 STATUS_OTHER = 2
 
-DPM_STEPS = 50        # DiM's evaluation: 50 model calls
+DPM_STEPS = 50  # DiM's evaluation: 50 model calls
 
 # Every sampling option: (default, help). `default_sampling_config()` and the flags of
 # `python -m dimsum_jax.sample` (one per option, of its default's type) are both made from this
 # table, so a new option is added here once. Defaults: upstream sample.py / SiT parse_ode_args and
 # parse_sde_args.
 SAMPLING_OPTIONS = {
-    "mode": ("ode", "ode (probability flow), sde (Euler-Maruyama / Heun) or dpm (DPM-Solver, "
-             "DiM's sampler for its discrete noise-prediction models)."),
-    "solver": ("dopri5", "ODE solver: dopri5 (adaptive), euler or heun."),
-    "num_steps": (250, "euler/heun steps; SDE grid points; unused by dopri5."),
-    "atol": (1e-6, "dopri5 absolute tolerance."),
-    "rtol": (1e-3, "dopri5 relative tolerance."),
-    "max_steps": (4096, "dopri5 step budget per batch (accepted + rejected)."),
-    "per_sample": (False, "dopri5: step sizes per sample instead of per batch."),
-    "cfg_scale": (1.0, "Classifier-free guidance scale (1 = none: no unconditional evaluation)."),
-    "upsample_guidance": (0.0, "With --image_size m times the trained size: Upsample Guidance "
-                          "scale (0 = off; make_upsample_guided_model_fn)."),
-    "ug_eta": (0.3, "Upsample Guidance acts over the first ug_eta of the way from noise."),
-    "sde_method": ("euler", "SDE: euler (Euler-Maruyama) or heun."),
-    "diffusion_form": ("sigma", "SDE diffusion form (transport.DIFFUSION_FORMS)."),
-    "diffusion_norm": (1.0, "SDE diffusion scale."),
-    "last_step": ("Mean", "SDE last step: Mean, Tweedie, Euler or None."),
-    "last_step_size": (0.04, "SDE last step size."),
-    "dpm_steps": (DPM_STEPS, "--mode=dpm: model evaluations (order 3, 'fast', time-uniform, as "
-                  "DiM)."),
-    "seed": (0, "Sample i starts from the noise of fold_in(key(seed), i)."),
+  "mode": (
+    "ode",
+    "ode (probability flow), sde (Euler-Maruyama / Heun) or dpm (DPM-Solver, "
+    "DiM's sampler for its discrete noise-prediction models).",
+  ),
+  "solver": ("dopri5", "ODE solver: dopri5 (adaptive), euler or heun."),
+  "num_steps": (250, "euler/heun steps; SDE grid points; unused by dopri5."),
+  "atol": (1e-6, "dopri5 absolute tolerance."),
+  "rtol": (1e-3, "dopri5 relative tolerance."),
+  "max_steps": (4096, "dopri5 step budget per batch (accepted + rejected)."),
+  "per_sample": (False, "dopri5: step sizes per sample instead of per batch."),
+  "cfg_scale": (1.0, "Classifier-free guidance scale (1 = none: no unconditional evaluation)."),
+  "upsample_guidance": (
+    0.0,
+    "With --image_size m times the trained size: Upsample Guidance "
+    "scale (0 = off; make_upsample_guided_model_fn).",
+  ),
+  "ug_eta": (0.3, "Upsample Guidance acts over the first ug_eta of the way from noise."),
+  "sde_method": ("euler", "SDE: euler (Euler-Maruyama) or heun."),
+  "diffusion_form": ("sigma", "SDE diffusion form (transport.DIFFUSION_FORMS)."),
+  "diffusion_norm": (1.0, "SDE diffusion scale."),
+  "last_step": ("Mean", "SDE last step: Mean, Tweedie, Euler or None."),
+  "last_step_size": (0.04, "SDE last step size."),
+  "dpm_steps": (
+    DPM_STEPS,
+    "--mode=dpm: model evaluations (order 3, 'fast', time-uniform, as DiM).",
+  ),
+  "seed": (0, "Sample i starts from the noise of fold_in(key(seed), i)."),
 }
 
 
 def default_sampling_config() -> ml_collections.ConfigDict:
   """The sampling options at their defaults (SAMPLING_OPTIONS), the seed among them."""
-  return ml_collections.ConfigDict({name: default
-                                    for name, (default, _) in SAMPLING_OPTIONS.items()})
+  return ml_collections.ConfigDict(
+    {name: default for name, (default, _) in SAMPLING_OPTIONS.items()}
+  )
 
 
 def default_grid_config() -> ml_collections.ConfigDict:
@@ -113,14 +123,14 @@ def default_grid_config() -> ml_collections.ConfigDict:
   `every_steps` steps and at the end (0 = only at the end, -1 = never)."""
   c = ml_collections.ConfigDict()
   c.every_steps = 10_000
-  c.rows = 10                  # one class per row (conditional data)
+  c.rows = 10  # one class per row (conditional data)
   c.per_row = 8
-  c.classes = ()               # row classes; () = spread evenly over all classes
-  c.solver = "euler"           # ODE solver: euler | heun | dopri5
-  c.num_steps = 50             # euler / heun steps from noise (t = 0) to data (t = 1)
-  c.cfg_scale = 1.0            # classifier-free guidance scale (1 = none)
+  c.classes = ()  # row classes; () = spread evenly over all classes
+  c.solver = "euler"  # ODE solver: euler | heun | dopri5
+  c.num_steps = 50  # euler / heun steps from noise (t = 0) to data (t = 1)
+  c.cfg_scale = 1.0  # classifier-free guidance scale (1 = none)
   c.seed = 0
-  c.png_scale = 0              # integer upscaling of the PNG (0 = to at least 64 px tiles)
+  c.png_scale = 0  # integer upscaling of the PNG (0 = to at least 64 px tiles)
   return c
 
 
@@ -146,6 +156,7 @@ def guided_velocity(model_fn, x, t, y, scale, null_label: int):
   unconditional evaluation). A traced scale uses lax.cond (both branches compiled, one run).
   Works for any prediction type: the conversions to velocity are affine in the output.
   """
+
   def cond_only(x, t, y):
     return model_fn(x, t, y)
 
@@ -167,9 +178,15 @@ def guided_velocity(model_fn, x, t, y, scale, null_label: int):
   return jax.lax.cond(jnp.asarray(scale) == 1, cond_only, guided, x, t, y)
 
 
-def make_sampling_velocity_fn(model_fn, y=None, *, path_type: str = "GVP",
-                              prediction: str = "velocity", cfg_scale=1.0,
-                              null_label: int | None = None):
+def make_sampling_velocity_fn(
+  model_fn,
+  y=None,
+  *,
+  path_type: str = "GVP",
+  prediction: str = "velocity",
+  cfg_scale=1.0,
+  null_label: int | None = None,
+):
   """`velocity_fn(x, t, labels=None)` for the samplers from `model_fn(x, t, y)`: guidance, then the
   ODE drift. Labels given at call time (the samplers' `args`) replace `y`."""
   if not _is_static_one(cfg_scale) and null_label is None:
@@ -179,16 +196,19 @@ def make_sampling_velocity_fn(model_fn, y=None, *, path_type: str = "GVP",
 
   def velocity_fn(x, t, labels=None):
     labels = y if labels is None else labels
-    t_net = transport.network_time(path_type, t)   # t itself, or DiM's 1000 (1 - t)
+    t_net = transport.network_time(path_type, t)  # t itself, or DiM's 1000 (1 - t)
     if _is_static_one(cfg_scale):
       pred = model_fn(x, t_net, labels)
     else:
       if labels is None:
-        raise ValueError("classifier-free guidance needs labels: pass y, or labels as the "
-                         "samplers' args")
+        raise ValueError(
+          "classifier-free guidance needs labels: pass y, or labels as the samplers' args"
+        )
       pred = guided_velocity(model_fn, x, t_net, labels, cfg_scale, null_label)
-    return transport.velocity_from_prediction(pred, x, t, path_type=path_type,
-                                              prediction=prediction)
+    return transport.velocity_from_prediction(
+      pred, x, t, path_type=path_type, prediction=prediction
+    )
+
   return velocity_fn
 
 
@@ -198,12 +218,13 @@ def make_sampling_velocity_fn(model_fn, y=None, *, path_type: str = "GVP",
 
 class ODEResult(NamedTuple):
   """Output of `solve_ode`. Arrays (jit-friendly); in per-sample mode the step fields are [B]."""
+
   x1: Any
-  nfe: Any                   # model evaluations on the batch (per-sample mode: the max over samples)
-  num_steps: Any             # attempted steps (accepted + rejected)
+  nfe: Any  # model evaluations on the batch (per-sample mode: the max over samples)
+  num_steps: Any  # attempted steps (accepted + rejected)
   num_accepted_steps: Any
   num_rejected_steps: Any
-  status: Any                # STATUS_OK | STATUS_MAX_STEPS | STATUS_OTHER (int32)
+  status: Any  # STATUS_OK | STATUS_MAX_STEPS | STATUS_OTHER (int32)
 
 
 class ODESolveError(RuntimeError):
@@ -226,6 +247,7 @@ def _vector_field(velocity_fn, args):
     del unused_args
     tb = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
     return _call(velocity_fn, x, tb, args).astype(x.dtype)
+
   return vf
 
 
@@ -244,8 +266,11 @@ def _initial_step(vf, t0, t1, x0, f0, error_order, rtol, atol):
   f1 = vf(t0 + direction * h0, x0 + direction * h0 * f0, None)
   d2 = _rms((f1 - f0) / scale) / h0
   max_d = jnp.maximum(d1, d2)
-  h1 = jnp.where(max_d <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
-                 (0.01 / jnp.maximum(max_d, 1e-15)) ** (1.0 / error_order))
+  h1 = jnp.where(
+    max_d <= 1e-15,
+    jnp.maximum(1e-6, h0 * 1e-3),
+    (0.01 / jnp.maximum(max_d, 1e-15)) ** (1.0 / error_order),
+  )
   return direction * jnp.minimum(100.0 * h0, h1)
 
 
@@ -262,9 +287,11 @@ def _status(result):
 
 
 def _status_codes(result):
-  return jnp.where(result == diffrax.RESULTS.successful, STATUS_OK,
-                   jnp.where(result == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS,
-                             STATUS_OTHER)).astype(jnp.int32)
+  return jnp.where(
+    result == diffrax.RESULTS.successful,
+    STATUS_OK,
+    jnp.where(result == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS, STATUS_OTHER),
+  ).astype(jnp.int32)
 
 
 def _solve_batch(velocity_fn, x0, args, *, solver, num_steps, atol, rtol, t0, t1, max_steps, dt0):
@@ -277,9 +304,18 @@ def _solve_batch(velocity_fn, x0, args, *, solver, num_steps, atol, rtol, t0, t1
     ts = jnp.linspace(t0, t1, num_steps + 1)
     method = diffrax.Euler() if solver == "euler" else diffrax.Heun()
     with _diffrax_constants():
-      sol = diffrax.diffeqsolve(term, method, t0, t1, None, x0, saveat=saveat,
-                                stepsize_controller=diffrax.StepTo(ts=ts), max_steps=num_steps,
-                                throw=False)
+      sol = diffrax.diffeqsolve(
+        term,
+        method,
+        t0,
+        t1,
+        None,
+        x0,
+        saveat=saveat,
+        stepsize_controller=diffrax.StepTo(ts=ts),
+        max_steps=num_steps,
+        throw=False,
+      )
     per_step = 1 if solver == "euler" else 2
     nfe = per_step * sol.stats["num_steps"]
   else:
@@ -294,23 +330,45 @@ def _solve_batch(velocity_fn, x0, args, *, solver, num_steps, atol, rtol, t0, t1
     assert jax.tree.structure(f_init) == jax.tree.structure(f0), "unexpected diffrax FSAL state"
     solver_state = (jnp.zeros_like(first_step), f0)
     with _diffrax_constants():
-      sol = diffrax.diffeqsolve(term, method, t0, t1, dt0, x0, saveat=saveat,
-                                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                                max_steps=max_steps, throw=False, solver_state=solver_state)
+      sol = diffrax.diffeqsolve(
+        term,
+        method,
+        t0,
+        t1,
+        dt0,
+        x0,
+        saveat=saveat,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+        throw=False,
+        solver_state=solver_state,
+      )
     nfe = extra + 6 * sol.stats["num_steps"]
   return ODEResult(
-      x1=sol.ys[0],
-      nfe=jnp.asarray(nfe, jnp.int32),
-      num_steps=jnp.asarray(sol.stats["num_steps"], jnp.int32),
-      num_accepted_steps=jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
-      num_rejected_steps=jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
-      status=_status(sol.result))
+    x1=sol.ys[0],
+    nfe=jnp.asarray(nfe, jnp.int32),
+    num_steps=jnp.asarray(sol.stats["num_steps"], jnp.int32),
+    num_accepted_steps=jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
+    num_rejected_steps=jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
+    status=_status(sol.result),
+  )
 
 
-def solve_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: int = 50,
-              atol: float = 1e-6, rtol: float = 1e-3, t0: float = 0.0, t1: float = 1.0,
-              max_steps: int = 4096, dt0: float | None = None,
-              per_sample: bool = False, args=None) -> ODEResult:
+def solve_ode(
+  velocity_fn: Callable,
+  x0,
+  *,
+  solver: str = "dopri5",
+  num_steps: int = 50,
+  atol: float = 1e-6,
+  rtol: float = 1e-3,
+  t0: float = 0.0,
+  t1: float = 1.0,
+  max_steps: int = 4096,
+  dt0: float | None = None,
+  per_sample: bool = False,
+  args=None,
+) -> ODEResult:
   """Integrate dx/dt = velocity_fn(x, t) from t0 to t1 (jit-able; never raises on failure).
 
   solver "dopri5" (adaptive; atol, rtol, max_steps, dt0 = None for the automatic first step,
@@ -318,8 +376,16 @@ def solve_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: i
   args: None, or a pytree of per-sample arrays [B, ...] (e.g. labels): velocity_fn(x, t, args).
   """
   solver = canonical_solver(solver)
-  kw = dict(solver=solver, num_steps=int(num_steps), atol=atol, rtol=rtol, t0=t0, t1=t1,
-            max_steps=int(max_steps), dt0=dt0)
+  kw = dict(
+    solver=solver,
+    num_steps=int(num_steps),
+    atol=atol,
+    rtol=rtol,
+    t0=t0,
+    t1=t1,
+    max_steps=int(max_steps),
+    dt0=dt0,
+  )
   if not per_sample or solver != "dopri5":
     return _solve_batch(velocity_fn, x0, args, **kw)
 
@@ -339,10 +405,13 @@ def check_ode_result(result: ODEResult, *, max_steps: int | None = None) -> None
   budget = f"max_steps={max_steps}" if max_steps is not None else "max_steps"
   if np.any(status == STATUS_MAX_STEPS):
     raise ODESolveError(
-        f"ODE solve stopped at {budget} ({int(steps.max())} steps taken) before reaching t1. "
-        "Raise max_steps, or loosen the tolerances (atol/rtol), or use a fixed-step solver.")
-  raise ODESolveError("ODE solve failed (diffrax result other than success / max_steps_reached); "
-                      "the step size may have underflowed: check the model output for NaN/inf.")
+      f"ODE solve stopped at {budget} ({int(steps.max())} steps taken) before reaching t1. "
+      "Raise max_steps, or loosen the tolerances (atol/rtol), or use a fixed-step solver."
+    )
+  raise ODESolveError(
+    "ODE solve failed (diffrax result other than success / max_steps_reached); "
+    "the step size may have underflowed: check the model output for NaN/inf."
+  )
 
 
 def _is_concrete(x) -> bool:
@@ -353,13 +422,36 @@ def _is_concrete(x) -> bool:
     return False
 
 
-def sample_ode(velocity_fn: Callable, x0, *, solver: str = "dopri5", num_steps: int = 50,
-               atol: float = 1e-6, rtol: float = 1e-3, t0: float = 0.0, t1: float = 1.0,
-               max_steps: int = 4096, dt0: float | None = None, per_sample: bool = False,
-               args=None):
+def sample_ode(
+  velocity_fn: Callable,
+  x0,
+  *,
+  solver: str = "dopri5",
+  num_steps: int = 50,
+  atol: float = 1e-6,
+  rtol: float = 1e-3,
+  t0: float = 0.0,
+  t1: float = 1.0,
+  max_steps: int = 4096,
+  dt0: float | None = None,
+  per_sample: bool = False,
+  args=None,
+):
   """(x1, nfe): `solve_ode`, raising ODESolveError when it ran out of steps (outside jit only)."""
-  res = solve_ode(velocity_fn, x0, solver=solver, num_steps=num_steps, atol=atol, rtol=rtol,
-                  t0=t0, t1=t1, max_steps=max_steps, dt0=dt0, per_sample=per_sample, args=args)
+  res = solve_ode(
+    velocity_fn,
+    x0,
+    solver=solver,
+    num_steps=num_steps,
+    atol=atol,
+    rtol=rtol,
+    t0=t0,
+    t1=t1,
+    max_steps=max_steps,
+    dt0=dt0,
+    per_sample=per_sample,
+    args=args,
+  )
   if _is_concrete(res.status):
     check_ode_result(res, max_steps=max_steps)
   return res.x1, res.nfe
@@ -378,10 +470,22 @@ def canonical_last_step(last_step):
   raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS} or None")
 
 
-def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_steps: int = 250,
-               method: str = "euler", diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
-               last_step: str | None = "Mean", last_step_size: float = 0.04, t0: float = 0.0,
-               t1: float | None = None, args=None):
+def sample_sde(
+  velocity_fn: Callable,
+  x0,
+  rng,
+  *,
+  path_type: str = "GVP",
+  num_steps: int = 250,
+  method: str = "euler",
+  diffusion_form: str = "sigma",
+  diffusion_norm: float = 1.0,
+  last_step: str | None = "Mean",
+  last_step_size: float = 0.04,
+  t0: float = 0.0,
+  t1: float | None = None,
+  args=None,
+):
   """(x1, nfe): stochastic sampler from noise x0 (upstream `sample_sde`, defaults of SiT's CLI).
 
   Grid linspace(t0, t1, n) with n = num_steps (euler) or num_steps // 2 (heun), n - 1 steps, then
@@ -405,8 +509,10 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
   path_type = transport.canonical_path(path_type)
   form = transport.canonical_diffusion_form(diffusion_form)
   if form == "SBDM" and path_type != "VP" and float(t0) <= 0.0:
-    raise ValueError("the SBDM diffusion is infinite at t = 0 for GVP/Linear paths: start at "
-                     "t0 > 0 (set transport.sample_eps, e.g. 1e-3) or pick another diffusion form")
+    raise ValueError(
+      "the SBDM diffusion is infinite at t = 0 for GVP/Linear paths: start at "
+      "t0 > 0 (set transport.sample_eps, e.g. 1e-3) or pick another diffusion form"
+    )
 
   dtype = x0.dtype
   b = x0.shape[0]
@@ -415,8 +521,9 @@ def sample_sde(velocity_fn: Callable, x0, rng, *, path_type: str = "GVP", num_st
   bt = lambda t: jnp.broadcast_to(jnp.asarray(t, dtype), (b,))
 
   def diffusion(t):
-    return transport.diffusion_coefficient(form, t, path_type=path_type,
-                                           norm=diffusion_norm).astype(dtype)
+    return transport.diffusion_coefficient(
+      form, t, path_type=path_type, norm=diffusion_norm
+    ).astype(dtype)
 
   def drifts(x, t):
     """(ODE drift v, SDE drift v + D score) from one model evaluation."""
@@ -499,6 +606,7 @@ def make_noise_fn(model_fn, y=None, *, cfg_scale: float = 0.0, null_label: int |
     if labels is None:
       raise ValueError("classifier-free guidance needs labels: pass y, or labels as args")
     return uvit_guided_noise(model_fn, x, t_net, labels, cfg_scale, null_label)
+
   return noise_fn
 
 
@@ -508,6 +616,7 @@ class DPMPlan(NamedTuple):
   outputs; x_b := x_j where `reset[j]`; then m = noise (or, with predict_x0, data) prediction
   at (x_j, t[j]), converted with alpha[j], sigma[j]. The result is final_base x_b +
   final_buffer . m."""
+
   t: np.ndarray
   base: np.ndarray
   buffer: np.ndarray
@@ -598,14 +707,14 @@ def _multistep(ms, ts, t, predict_x0):
     base, e, a = st / sp, np.expm1(-h), np.exp(lt)
     c_m, c_d1, c_d2 = -a * e, -0.5 * a * e, 0.0
     if order == 3:
-      c_d1, c_d2 = a * (e / h + 1.0), -a * ((e + h) / h ** 2 - 0.5)
+      c_d1, c_d2 = a * (e / h + 1.0), -a * ((e + h) / h**2 - 0.5)
   else:
     base, e = np.exp(lt - lp), np.expm1(h)
     c_m, c_d1, c_d2 = -st * e, -0.5 * st * e, 0.0
     if order == 3:
-      c_d1, c_d2 = -st * (e / h - 1.0), -st * ((e - h) / h ** 2 - 0.5)
+      c_d1, c_d2 = -st * (e / h - 1.0), -st * ((e - h) / h**2 - 0.5)
   r0 = (lam[-1] - lam[-2]) / h
-  d1_0 = {ms[-1]: 1.0 / r0, ms[-2]: -1.0 / r0}            # D1_0 = (m_-1 - m_-2) / r0
+  d1_0 = {ms[-1]: 1.0 / r0, ms[-2]: -1.0 / r0}  # D1_0 = (m_-1 - m_-2) / r0
   d1, d2 = dict(d1_0), {}
   if order == 3:
     r1 = (lam[-2] - lam[-3]) / h
@@ -620,9 +729,15 @@ def _multistep(ms, ts, t, predict_x0):
   return _combo(base, terms)
 
 
-def dpm_solver_plan(steps: int = DPM_STEPS, order: int = 3, method: str = "fast",
-                    skip_type: str = "time_uniform", t_start: float = 1.0, t_end: float = 1e-3,
-                    predict_x0: bool = True) -> DPMPlan:
+def dpm_solver_plan(
+  steps: int = DPM_STEPS,
+  order: int = 3,
+  method: str = "fast",
+  skip_type: str = "time_uniform",
+  t_start: float = 1.0,
+  t_end: float = 1e-3,
+  predict_x0: bool = True,
+) -> DPMPlan:
   """The model calls and update coefficients of upstream's `DPM_Solver.sample` (U-ViT's
   dpm_solver_pp.py, as DiM samples): `steps` model evaluations from t_start to t_end.
 
@@ -637,27 +752,33 @@ def dpm_solver_plan(steps: int = DPM_STEPS, order: int = 3, method: str = "fast"
   if method not in DPM_METHODS:
     raise ValueError(f"unknown DPM-Solver method {method!r}; expected one of {DPM_METHODS}")
   if order not in (1, 2, 3) or (method == "fast" and order == 1) or steps < order:
-    raise ValueError(f"DPM-Solver order {order} with {steps} steps: use order 2 or 3 ('fast') "
-                     f"or 1 to 3 ('multistep'), with at least `order` steps.")
+    raise ValueError(
+      f"DPM-Solver order {order} with {steps} steps: use order 2 or 3 ('fast') "
+      f"or 1 to 3 ('multistep'), with at least `order` steps."
+    )
   grid = dpm_time_steps(skip_type, t_start, t_end, steps)
-  stages = [(grid[0], _combo(1.0, {}), True)]    # (time, combination, starts a step)
+  stages = [(grid[0], _combo(1.0, {}), True)]  # (time, combination, starts a step)
   if method == "fast":
     k = steps // 3 + 1 if order == 3 else steps // 2
     if order == 3:
-      orders = ([3] * (k - 2) + [2, 1] if steps % 3 == 0 else
-                [3] * (k - 1) + ([1] if steps % 3 == 1 else [2]))
+      orders = (
+        [3] * (k - 2) + [2, 1]
+        if steps % 3 == 0
+        else [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
+      )
     else:
       orders = [2] * k + ([1] if steps % 2 else [])
     i, end = 0, None
     for o in orders:
-      if end is not None:                   # the step's first call, at the last step's end
+      if end is not None:  # the step's first call, at the last step's end
         stages.append((grid[i], end, True))
-      lam = [_schedule(g)[2] for g in grid[i:i + o + 1]]
+      lam = [_schedule(g)[2] for g in grid[i : i + o + 1]]
       h = lam[-1] - lam[0]
       r1 = (lam[1] - lam[0]) / h if o > 1 else None
       r2 = (lam[2] - lam[0]) / h if o > 2 else None
-      calls, end = _singlestep(grid[i], grid[i + o], o, r1, r2, len(stages) - 1,
-                               len(stages), predict_x0)
+      calls, end = _singlestep(
+        grid[i], grid[i + o], o, r1, r2, len(stages) - 1, len(stages), predict_x0
+      )
       stages += [(u, combo, False) for u, combo in calls]
       i += o
   else:
@@ -672,7 +793,7 @@ def dpm_solver_plan(steps: int = DPM_STEPS, order: int = 3, method: str = "fast"
   def slots(j, terms):
     row = np.zeros(3)
     for m, c in terms.items():
-      slot = (j - 1) - m                    # calls 0 .. j-1 are done; slot 0 holds call j-1
+      slot = (j - 1) - m  # calls 0 .. j-1 are done; slot 0 holds call j-1
       if not 0 <= slot < 3:
         raise AssertionError("DPM-Solver plan reaches back more than three calls")
       row[slot] += c
@@ -680,17 +801,32 @@ def dpm_solver_plan(steps: int = DPM_STEPS, order: int = 3, method: str = "fast"
 
   t = np.array([u for u, _, _ in stages], np.float64)
   log_alpha, sigma, _ = _schedule(t)
-  return DPMPlan(t=t, base=np.array([c[0] for _, c, _ in stages]),
-                 buffer=np.stack([slots(j, c[1]) for j, (_, c, _) in enumerate(stages)]),
-                 reset=np.array([r for _, _, r in stages]), alpha=np.exp(log_alpha),
-                 sigma=sigma, final_base=end[0], final_buffer=slots(len(stages), end[1]),
-                 predict_x0=predict_x0)
+  return DPMPlan(
+    t=t,
+    base=np.array([c[0] for _, c, _ in stages]),
+    buffer=np.stack([slots(j, c[1]) for j, (_, c, _) in enumerate(stages)]),
+    reset=np.array([r for _, _, r in stages]),
+    alpha=np.exp(log_alpha),
+    sigma=sigma,
+    final_base=end[0],
+    final_buffer=slots(len(stages), end[1]),
+    predict_x0=predict_x0,
+  )
 
 
-def sample_dpm_solver(noise_fn: Callable, x_T, *, steps: int = DPM_STEPS, order: int = 3,
-                      method: str = "fast", skip_type: str = "time_uniform",
-                      t_start: float = 1.0, t_end: float = 1e-3, predict_x0: bool = True,
-                      args=None):
+def sample_dpm_solver(
+  noise_fn: Callable,
+  x_T,
+  *,
+  steps: int = DPM_STEPS,
+  order: int = 3,
+  method: str = "fast",
+  skip_type: str = "time_uniform",
+  t_start: float = 1.0,
+  t_end: float = 1e-3,
+  predict_x0: bool = True,
+  args=None,
+):
   """(x at t_end, nfe): DPM-Solver from x_T ~ N(0, I) at t_start (DiM: 50 steps, order 3,
   'fast', time-uniform, t_end 1e-3, data prediction; `dpm_solver_plan`). `noise_fn(x, t_cont)`
   (or `noise_fn(x, t_cont, args)`) predicts the noise; it is traced once (a lax.scan over the
@@ -699,8 +835,14 @@ def sample_dpm_solver(noise_fn: Callable, x_T, *, steps: int = DPM_STEPS, order:
   dtype = x_T.dtype
   b = x_T.shape[0]
   cast = lambda a: jnp.asarray(a, dtype)
-  rows = (cast(plan.t), cast(plan.base), cast(plan.buffer), jnp.asarray(plan.reset),
-          cast(plan.alpha), cast(plan.sigma))
+  rows = (
+    cast(plan.t),
+    cast(plan.base),
+    cast(plan.buffer),
+    jnp.asarray(plan.reset),
+    cast(plan.alpha),
+    cast(plan.sigma),
+  )
 
   def stage(carry, row):
     x_base, buf = carry
@@ -725,7 +867,8 @@ def upsample_tables():
   with np.errstate(divide="ignore"):
     snr = alphabar / (1.0 - alphabar)
   taus = np.arange(transport.DISCRETE_STEPS, dtype=np.float32)[::-1] / np.float32(
-      transport.DISCRETE_STEPS)
+    transport.DISCRETE_STEPS
+  )
   taus[-1] = 1e-5
   index = (taus * np.float32(transport.DISCRETE_STEPS)).astype(np.int64)
   return alphabar, snr, snr[index].astype(np.float32)
@@ -739,7 +882,7 @@ def upsample_guidance_times(t_cont, m: int):
   dtype = jnp.result_type(t_cont, jnp.float32)
   t_cont = jnp.asarray(t_cont, dtype)
   index = jnp.floor(t_cont * transport.DISCRETE_STEPS).astype(jnp.int32)
-  scaled = jnp.asarray(snr, dtype)[index] * m ** 2
+  scaled = jnp.asarray(snr, dtype)[index] * m**2
   j = jnp.argmin(jnp.abs(scaled[:, None] - jnp.asarray(preset, dtype)[None]), axis=-1)
   tau = jnp.minimum(1.0 - j.astype(dtype) / (len(preset) - 1), t_cont[0])
   return index, tau
@@ -755,8 +898,9 @@ def _nearest_up(a, m: int):
   return jnp.repeat(jnp.repeat(a, m, axis=1), m, axis=2)
 
 
-def make_upsample_guided_noise_fn(guided_fn, m: int = 2, *, theta: float = 1.0,
-                                  eta: float = 0.3, T: float = 1.0, low_fn=None):
+def make_upsample_guided_noise_fn(
+  guided_fn, m: int = 2, *, theta: float = 1.0, eta: float = 0.3, T: float = 1.0, low_fn=None
+):
   """Upstream's Upsample Guidance (arXiv 2404.01709; `make_ufg_nnet`, section 12) for sampling
   an m-times larger latent than the model was trained at, as `noise_fn(x, t_cont, labels)`.
 
@@ -780,11 +924,12 @@ def make_upsample_guided_noise_fn(guided_fn, m: int = 2, *, theta: float = 1.0,
 
     def guided(pred):
       ab = jnp.asarray(alphabar, dtype)[index][:, None, None, None]
-      x_low = _avg_pool(x, m) / jnp.sqrt(ab + (1.0 - ab) / m ** 2)
+      x_low = _avg_pool(x, m) / jnp.sqrt(ab + (1.0 - ab) / m**2)
       low = low_fn(x_low, transport.DISCRETE_STEPS * tau, labels)
       return pred + w * _nearest_up(low / m - _avg_pool(pred, m), m)
 
     return jax.lax.cond(jnp.any(w > 0), guided, lambda p: p, pred)
+
   return noise_fn
 
 
@@ -824,19 +969,30 @@ def upsample_guidance_time(path_type: str, t, m: int):
   elif path_type == "Linear":
     tau = m * t / (1.0 - t + m * t)
   else:
-    raise ValueError(f"Upsample Guidance is derived for the {' and '.join(UPSAMPLE_PATHS)} paths "
-                     f"(and DiM's discrete one), not {path_type}.")
+    raise ValueError(
+      f"Upsample Guidance is derived for the {' and '.join(UPSAMPLE_PATHS)} paths "
+      f"(and DiM's discrete one), not {path_type}."
+    )
   alpha, sigma, _, _ = transport.path_coefficients(path_type, t)
   alpha_tau, sigma_tau, _, _ = transport.path_coefficients(path_type, tau)
-  c = jnp.sqrt((alpha ** 2 + sigma ** 2 / m ** 2) / (alpha_tau ** 2 + sigma_tau ** 2))
+  c = jnp.sqrt((alpha**2 + sigma**2 / m**2) / (alpha_tau**2 + sigma_tau**2))
   return tau, c
 
 
-def make_upsample_guided_velocity_fn(model_fn, low_fn, m: int = 2, *, path_type: str = "GVP",
-                                     theta: float = 1.0, eta: float = 0.3, T: float = 1.0):
+def make_upsample_guided_velocity_fn(
+  model_fn,
+  low_fn,
+  m: int = 2,
+  *,
+  path_type: str = "GVP",
+  theta: float = 1.0,
+  eta: float = 0.3,
+  T: float = 1.0,
+):
   """`fn(x, t, y)`: the velocity of `model_fn(x, t, y)` (a velocity network at the sampled size,
   package time t [B]) with Upsample Guidance from `low_fn(x_low, tau, y)` (the same network at
   the trained size), as derived above. The trained-size call runs only when some w > 0."""
+
   def fn(x, t, y):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.result_type(t, jnp.float32)), x.shape[:1])
     v = model_fn(x, t, y)
@@ -848,29 +1004,42 @@ def make_upsample_guided_velocity_fn(model_fn, low_fn, m: int = 2, *, path_type:
       v_low = low_fn(x_low, tau, y)
       x1 = transport.data_from_velocity(v_low, x_low, tau, path_type)
       x0 = transport.noise_from_velocity(v_low, x_low, tau, path_type)
-      _, _, d_alpha, d_sigma = (transport.expand_t(a, x) for a in
-                                transport.path_coefficients(path_type, t))
+      _, _, d_alpha, d_sigma = (
+        transport.expand_t(a, x) for a in transport.path_coefficients(path_type, t)
+      )
       pooled = (d_alpha * x1 + d_sigma / m * x0).astype(v.dtype)
       return v + w * _nearest_up(pooled - _avg_pool(v, m), m)
 
     return jax.lax.cond(jnp.any(w > 0), guided, lambda v: v, v)
+
   return fn
 
 
-def make_upsample_guided_model_fn(model_fn, low_fn, m: int, *, path_type: str, prediction: str,
-                                  theta: float, eta: float = 0.3, T: float = 1.0):
+def make_upsample_guided_model_fn(
+  model_fn,
+  low_fn,
+  m: int,
+  *,
+  path_type: str,
+  prediction: str,
+  theta: float,
+  eta: float = 0.3,
+  T: float = 1.0,
+):
   """`model_fn(x, network_time, y)` with Upsample Guidance for an m-times larger sample:
   the velocity form above for flow-matching velocity networks (GVP, Linear), upstream's noise
   form for DiM's discrete noise prediction (network time 1000 t_cont). `low_fn` is the same
   network at the trained size. Guidance is affine in the outputs, so CFG may wrap this."""
   path_type, prediction = transport.canonical_objective(path_type, prediction)
   if path_type == "ScaledLinear":
-    noise_fn = make_upsample_guided_noise_fn(model_fn, m, theta=theta, eta=eta, T=T,
-                                             low_fn=low_fn)
+    noise_fn = make_upsample_guided_noise_fn(model_fn, m, theta=theta, eta=eta, T=T, low_fn=low_fn)
     return lambda x, t_net, y: noise_fn(x, t_net / transport.DISCRETE_STEPS, y)
   if prediction != "velocity" or path_type not in UPSAMPLE_PATHS:
-    raise ValueError(f"Upsample Guidance is derived for velocity prediction on the "
-                     f"{' or '.join(UPSAMPLE_PATHS)} path and for DiM's noise prediction, not "
-                     f"{prediction} on {path_type}.")
-  return make_upsample_guided_velocity_fn(model_fn, low_fn, m, path_type=path_type, theta=theta,
-                                          eta=eta, T=T)
+    raise ValueError(
+      f"Upsample Guidance is derived for velocity prediction on the "
+      f"{' or '.join(UPSAMPLE_PATHS)} path and for DiM's noise prediction, not "
+      f"{prediction} on {path_type}."
+    )
+  return make_upsample_guided_velocity_fn(
+    model_fn, low_fn, m, path_type=path_type, theta=theta, eta=eta, T=T
+  )

@@ -11,6 +11,7 @@ pairs, first match wins, with strategies
 
 The same code runs on one CPU, 8 fake CPU devices, N GPUs of a host, or a multi-host pod.
 """
+
 import os
 import re
 
@@ -36,19 +37,26 @@ def initialize_distributed():
   env = os.environ
   if 'JAX_NUM_PROCESSES' in env:
     jax.distributed.initialize(
-        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(env['JAX_NUM_PROCESSES']),
-        process_id=int(env['JAX_PROCESS_ID']))
-  elif (env.get('DIMSUM_DISTRIBUTED') == '1'
-        or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
-        or int(env.get('SLURM_NTASKS', '1')) > 1
-        or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
+      coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+      num_processes=int(env['JAX_NUM_PROCESSES']),
+      process_id=int(env['JAX_PROCESS_ID']),
+    )
+  elif (
+    env.get('DIMSUM_DISTRIBUTED') == '1'
+    or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+    or int(env.get('SLURM_NTASKS', '1')) > 1
+    or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+  ):
     jax.distributed.initialize()
   else:
     return
-  logging.info('Distributed runtime up: process %d of %d, %d local of %d devices.',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    'Distributed runtime up: process %d of %d, %d local of %d devices.',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def make_mesh(mesh_config, devices=None):
@@ -60,13 +68,17 @@ def make_mesh(mesh_config, devices=None):
   if -1 in sizes:
     known = int(np.prod([s for s in sizes if s != -1]))
     if known <= 0 or n % known:
-      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} does not fit {n} devices: '
-                       f'set the fixed axis sizes to divide {n}.')
+      raise ValueError(
+        f'config.mesh {dict(zip(MESH_AXES, sizes))} does not fit {n} devices: '
+        f'set the fixed axis sizes to divide {n}.'
+      )
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
-    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
-                     f'devices but there are {n}: make the product of the axis sizes {n}, or '
-                     'set one axis to -1.')
+    raise ValueError(
+      f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
+      f'devices but there are {n}: make the product of the axis sizes {n}, or '
+      'set one axis to -1.'
+    )
   axis_types = (jax.sharding.AxisType.Auto,) * len(sizes)
   return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
 
@@ -85,9 +97,10 @@ def check_batch_size(global_batch_size, mesh):
   n = mesh.devices.size
   if global_batch_size % n:
     raise ValueError(
-        f'The global batch size {global_batch_size} does not divide over {n} devices: set '
-        f'--config.data.global_batch_size to a multiple of {n} '
-        f'(e.g. {max(n, global_batch_size // n * n)}).')
+      f'The global batch size {global_batch_size} does not divide over {n} devices: set '
+      f'--config.data.global_batch_size to a multiple of {n} '
+      f'(e.g. {max(n, global_batch_size // n * n)}).'
+    )
 
 
 def leaf_path(path):
@@ -133,7 +146,8 @@ def global_batch(local_batch, mesh):
   # processes JAX builds the array through a callback that the transfer guard would refuse).
   with jax.transfer_guard_host_to_device('allow'):
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def per_process_rows(rows, mesh):

@@ -8,6 +8,7 @@ With config.eval on, EMA samples are scored every eval.every_steps steps and at 
 (dimsum_jax.evaluate.training): eval/<metric> scalars, the scores saved in that step's checkpoint,
 and the checkpoint of the best eval.best_metric kept besides the last keep_checkpoints.
 """
+
 import functools
 import os
 import time
@@ -39,11 +40,11 @@ from dimsum_jax.evaluate import training as eval_training
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array        # optimiser steps done
+  step: jax.Array  # optimiser steps done
   params: Any
   ema_params: Any
   opt_state: Any
-  rng: jax.Array         # base key; each step uses fold_in(rng, step)
+  rng: jax.Array  # base key; each step uses fold_in(rng, step)
 
 
 class SetupError(ValueError):
@@ -60,21 +61,29 @@ def init_state(rng, *, model, tx, image_shape, conditional):
   t = jnp.zeros((1,), jnp.float32)
   y = jnp.zeros((1,), jnp.int32) if conditional else None
   params = model.init({'params': init_rng, 'dropout': dropout_rng}, x, t, y)['params']
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params),  # EMA starts as an exact copy
-                    opt_state=tx.init(params), rng=train_rng)
+  return TrainState(
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),  # EMA starts as an exact copy
+    opt_state=tx.init(params),
+    rng=train_rng,
+  )
 
 
 def batch_loss(params, micro, rng, *, model, transport_config):
   """Mean flow-matching loss of a (micro-)batch {'x0', 'x1', 't', 'y'} with dropout key `rng`."""
+
   def velocity(x_t, t, y):
     return model.apply({'params': params}, x_t, t, y, train=True, rngs={'dropout': rng})
-  return transport.loss_at(velocity, micro['x0'], micro['x1'], micro['t'], micro['y'],
-                           transport_config).mean()
+
+  return transport.loss_at(
+    velocity, micro['x0'], micro['x1'], micro['t'], micro['y'], transport_config
+  ).mean()
 
 
-def train_step(state, batch, *, model, tx, schedule, transport_config, ema_decay, conditional,
-               grad_accum_steps=1):
+def train_step(
+  state, batch, *, model, tx, schedule, transport_config, ema_decay, conditional, grad_accum_steps=1
+):
   """One optimiser step on a global batch {'image': x1 [B,H,W,C], 'label': y [B]}.
 
   With grad_accum_steps = k > 1 the batch runs through the model as k micro-batches of B/k (a
@@ -87,11 +96,11 @@ def train_step(state, batch, *, model, tx, schedule, transport_config, ema_decay
   rng = jax.random.fold_in(state.rng, state.step)
   loss_rng, dropout_rng = jax.random.split(rng)
   x0, t = transport.draw_noise_and_time(loss_rng, batch['image'], transport_config)
-  data = {'x0': x0, 'x1': batch['image'], 't': t,
-          'y': batch['label'] if conditional else None}
+  data = {'x0': x0, 'x1': batch['image'], 't': t, 'y': batch['label'] if conditional else None}
 
-  grad_fn = jax.value_and_grad(functools.partial(batch_loss, model=model,
-                                                  transport_config=transport_config))
+  grad_fn = jax.value_and_grad(
+    functools.partial(batch_loss, model=model, transport_config=transport_config)
+  )
   k = grad_accum_steps
   if k == 1:
     loss, grads = grad_fn(state.params, data, dropout_rng)
@@ -109,10 +118,15 @@ def train_step(state, batch, *, model, tx, schedule, transport_config, ema_decay
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-             'param_norm': optax.tree.norm(params), 'learning_rate': schedule(state.step)}
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                            opt_state=opt_state)
+  metrics = {
+    'loss': loss,
+    'grad_norm': optax.tree.norm(grads),
+    'param_norm': optax.tree.norm(params),
+    'learning_rate': schedule(state.step),
+  }
+  new_state = state.replace(
+    step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+  )
   return new_state, metrics
 
 
@@ -123,12 +137,16 @@ def sample(params, x0, labels, *, model, transport_config, sample_config, num_cl
   sampling.check_ode_result outside jit)."""
   t0, t1 = transport.time_interval(transport_config, eval=True)
   velocity = sampling.make_sampling_velocity_fn(
-      lambda x, t, y: model.apply({'params': params}, x, t, y),
-      labels if num_classes else None, path_type=transport_config.path_type,
-      prediction=transport_config.prediction,
-      cfg_scale=sample_config.cfg_scale if num_classes else 1.0, null_label=num_classes)
-  return sampling.solve_ode(velocity, x0, solver=sample_config.solver,
-                            num_steps=sample_config.num_steps, t0=t0, t1=t1)
+    lambda x, t, y: model.apply({'params': params}, x, t, y),
+    labels if num_classes else None,
+    path_type=transport_config.path_type,
+    prediction=transport_config.prediction,
+    cfg_scale=sample_config.cfg_scale if num_classes else 1.0,
+    null_label=num_classes,
+  )
+  return sampling.solve_ode(
+    velocity, x0, solver=sample_config.solver, num_steps=sample_config.num_steps, t0=t0, t1=t1
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,14 +155,14 @@ def sample(params, x0, labels, *, model, transport_config, sample_config, num_cl
 
 class Training(NamedTuple):
   model: Any
-  abstract_state: Any    # ShapeDtypeStructs with their shardings: also the Orbax restore target
+  abstract_state: Any  # ShapeDtypeStructs with their shardings: also the Orbax restore target
   state_sharding: Any
-  init: Callable         # rng -> TrainState, created directly in its shards
-  update: Callable       # (state, global batch) -> (state, metrics); donates the old state
+  init: Callable  # rng -> TrainState, created directly in its shards
+  update: Callable  # (state, global batch) -> (state, metrics); donates the old state
   grad_accum_steps: int  # passes per step (config.optim.grad_accum_steps; 0 becomes 1 until
-                         # compile_update chooses it from the device's memory)
+  # compile_update chooses it from the device's memory)
   make_update: Callable  # grad_accum_steps -> another `update`
-  plan: Any              # memory.Plan behind a chosen grad_accum_steps (compile_update), or None
+  plan: Any  # memory.Plan behind a chosen grad_accum_steps (compile_update), or None
 
 
 def _image_shape(config):
@@ -154,9 +172,10 @@ def _image_shape(config):
 def abstract_batch(config, mesh):
   """The global batch the step takes: {'image': [B, H, W, C], 'label': [B]}, split over devices."""
   b, batch_sharding = config.data.global_batch_size, sharding.batch_sharding(mesh)
-  return {'image': jax.ShapeDtypeStruct((b, *_image_shape(config)), jnp.float32,
-                                        sharding=batch_sharding),
-          'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+  return {
+    'image': jax.ShapeDtypeStruct((b, *_image_shape(config)), jnp.float32, sharding=batch_sharding),
+    'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding),
+  }
 
 
 def build(config, mesh):
@@ -168,28 +187,46 @@ def build(config, mesh):
   schedule = optim_lib.learning_rate_schedule(config.optim, config.num_train_steps)
   tx = optim_lib.make_optimizer(config.optim, schedule)
   conditional = config.model.num_classes > 0
-  init = functools.partial(init_state, model=model, tx=tx, image_shape=_image_shape(config),
-                           conditional=conditional)
+  init = functools.partial(
+    init_state, model=model, tx=tx, image_shape=_image_shape(config), conditional=conditional
+  )
   try:
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
   except ValueError as e:  # the model's own size checks (grid, heads, depth), run at init
     raise SetupError(f'config.model cannot be built: {e}') from e
   state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_sharding)
+  abstract_state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+  )
   step = functools.partial(
-      train_step, model=model, tx=tx, schedule=schedule, transport_config=config.transport,
-      ema_decay=config.optim.ema_decay, conditional=conditional)
+    train_step,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    transport_config=config.transport,
+    ema_decay=config.optim.ema_decay,
+    conditional=conditional,
+  )
 
   def make_update(grad_accum_steps):
-    return jax.jit(functools.partial(step, grad_accum_steps=grad_accum_steps),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+      functools.partial(step, grad_accum_steps=grad_accum_steps),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
 
   k = check_grad_accum_steps(config, mesh) or 1  # 0 is resolved by compile_update
-  return Training(model, abstract_state, state_sharding,
-                  jax.jit(init, out_shardings=state_sharding), make_update(k), k, make_update,
-                  None)
+  return Training(
+    model,
+    abstract_state,
+    state_sharding,
+    jax.jit(init, out_shardings=state_sharding),
+    make_update(k),
+    k,
+    make_update,
+    None,
+  )
 
 
 def check_grad_accum_steps(config, mesh):
@@ -198,9 +235,10 @@ def check_grad_accum_steps(config, mesh):
   k = config.optim.grad_accum_steps
   if k < 0 or (k and per_device % k):
     raise SetupError(
-        f'--config.optim.grad_accum_steps={k} does not divide the per-device batch of '
-        f'{per_device} ({config.data.global_batch_size} over {mesh.size} devices): use 0 (as '
-        f'few passes as fit) or one of {memory.divisors(per_device)}.')
+      f'--config.optim.grad_accum_steps={k} does not divide the per-device batch of '
+      f'{per_device} ({config.data.global_batch_size} over {mesh.size} devices): use 0 (as '
+      f'few passes as fit) or one of {memory.divisors(per_device)}.'
+    )
   return k
 
 
@@ -210,23 +248,27 @@ def memory_plan(config, mesh, model, abstract_state):
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state.params)
   image_shape = _image_shape(config)
   conditional = config.model.num_classes > 0
-  loss = functools.partial(batch_loss, rng=jax.random.PRNGKey(0), model=model,
-                           transport_config=config.transport)
+  loss = functools.partial(
+    batch_loss, rng=jax.random.PRNGKey(0), model=model, transport_config=config.transport
+  )
 
   def loss_of_batch(n):
     f32 = jnp.float32
-    micro = {'x0': jax.ShapeDtypeStruct((n, *image_shape), f32),
-             'x1': jax.ShapeDtypeStruct((n, *image_shape), f32),
-             't': jax.ShapeDtypeStruct((n,), f32),
-             'y': jax.ShapeDtypeStruct((n,), jnp.int32) if conditional else None}
+    micro = {
+      'x0': jax.ShapeDtypeStruct((n, *image_shape), f32),
+      'x1': jax.ShapeDtypeStruct((n, *image_shape), f32),
+      't': jax.ShapeDtypeStruct((n,), f32),
+      'y': jax.ShapeDtypeStruct((n,), jnp.int32) if conditional else None,
+    }
     return loss, (params, micro)
 
   d = mesh.size
   one, two = (memory.residual_bytes(loss_of_batch, n * d) for n in (1, 2))
-  per_image = max(two - one, 0) / d   # grows with the batch: split over the devices
+  per_image = max(two - one, 0) / d  # grows with the batch: split over the devices
   fixed = max(one - per_image * d, 0)
-  return memory.Plan(memory.bytes_on_one_device(abstract_state),
-                     memory.bytes_on_one_device(params), fixed, per_image)
+  return memory.Plan(
+    memory.bytes_on_one_device(abstract_state), memory.bytes_on_one_device(params), fixed, per_image
+  )
 
 
 def compile_update(training, config, mesh):
@@ -250,12 +292,21 @@ def compile_update(training, config, mesh):
     larger = [d for d in memory.divisors(per_device) if d > k]
     if config.optim.grad_accum_steps or not larger:
       raise SetupError(
-          f'The train step with micro-batches of {per_device // k} images per device needs '
-          f'{planned / memory.GIB:.1f} GiB but the device gives {limit / memory.GIB:.1f} GiB: '
-          + (f'set --config.optim.grad_accum_steps={larger[0]} (or 0 to choose).' if larger else
-             'use a smaller model, input or --config.data.global_batch_size.'))
-    logging.warning('The step with %d pass(es) plans %.1f GiB of %.1f: trying %d.', k,
-                    planned / memory.GIB, limit / memory.GIB, larger[0])
+        f'The train step with micro-batches of {per_device // k} images per device needs '
+        f'{planned / memory.GIB:.1f} GiB but the device gives {limit / memory.GIB:.1f} GiB: '
+        + (
+          f'set --config.optim.grad_accum_steps={larger[0]} (or 0 to choose).'
+          if larger
+          else 'use a smaller model, input or --config.data.global_batch_size.'
+        )
+      )
+    logging.warning(
+      'The step with %d pass(es) plans %.1f GiB of %.1f: trying %d.',
+      k,
+      planned / memory.GIB,
+      limit / memory.GIB,
+      larger[0],
+    )
     k = larger[0]
     update = training.make_update(k)
   return training._replace(update=compiled, grad_accum_steps=k), time.monotonic() - t
@@ -290,40 +341,55 @@ def check_config(config, dataset, vae_module=None):
   from the SD VAE's 8x and 4 channels, so any converted AutoencoderKL works."""
   c = config
   h, w, ch = dataset.image_shape
-  latent_from_vae = (vae_module is not None and ch == vae_module.in_channels and
-                     c.model.in_channels != ch)
+  latent_from_vae = (
+    vae_module is not None and ch == vae_module.in_channels and c.model.in_channels != ch
+  )
   size, channels, note = h, ch, ''
   if latent_from_vae:
     factor = vae_module.downsampling_factor
     if h % factor or w % factor:
-      raise SetupError(f'The data gives [{h}, {w}, {ch}] images but the VAE of config.vae.dir '
-                       f'downsamples {factor}x: set --config.data.image_size to a multiple of '
-                       f'{factor}.')
+      raise SetupError(
+        f'The data gives [{h}, {w}, {ch}] images but the VAE of config.vae.dir '
+        f'downsamples {factor}x: set --config.data.image_size to a multiple of '
+        f'{factor}.'
+      )
     size, channels = h // factor, vae_module.latent_channels
     note = f' (VAE latents {[size, w // factor, channels]})'
   if (c.model.input_size, c.model.in_channels) != (size, channels):
     raise SetupError(
-        f'The data gives [{h}, {w}, {ch}] inputs{note} but the model expects '
-        f'[{c.model.input_size}, {c.model.input_size}, {c.model.in_channels}]: set '
-        f'--config.model.input_size={size} --config.model.in_channels={channels}.')
+      f'The data gives [{h}, {w}, {ch}] inputs{note} but the model expects '
+      f'[{c.model.input_size}, {c.model.input_size}, {c.model.in_channels}]: set '
+      f'--config.model.input_size={size} --config.model.in_channels={channels}.'
+    )
   if vae_module is not None and not latent_from_vae and channels != vae_module.latent_channels:
     # A pixel model with a VAE: its sample grids would be "decoded" as if they were latents.
-    raise SetupError(f'config.vae.dir is set but the model works on [{size}, {size}, {channels}] '
-                     f'pixels, not the VAE\'s {vae_module.latent_channels}-channel latents: unset '
-                     f'it (--config.vae.dir=) or set --config.model.in_channels='
-                     f'{vae_module.latent_channels} to train on VAE latents.')
+    raise SetupError(
+      f'config.vae.dir is set but the model works on [{size}, {size}, {channels}] '
+      f'pixels, not the VAE\'s {vae_module.latent_channels}-channel latents: unset '
+      f'it (--config.vae.dir=) or set --config.model.in_channels='
+      f'{vae_module.latent_channels} to train on VAE latents.'
+    )
   if c.model.num_classes != dataset.num_classes:
-    raise SetupError(f'The data has {dataset.num_classes} classes (0 = unconditional) but '
-                     f'config.model.num_classes is {c.model.num_classes}: set '
-                     f'--config.model.num_classes={dataset.num_classes}.')
+    raise SetupError(
+      f'The data has {dataset.num_classes} classes (0 = unconditional) but '
+      f'config.model.num_classes is {c.model.num_classes}: set '
+      f'--config.model.num_classes={dataset.num_classes}.'
+    )
   if c.num_train_steps <= 0 or c.log_every_steps <= 0 or c.checkpoint_every_steps <= 0:
-    raise SetupError('num_train_steps, log_every_steps and checkpoint_every_steps must be positive.')
+    raise SetupError(
+      'num_train_steps, log_every_steps and checkpoint_every_steps must be positive.'
+    )
   return latent_from_vae
 
 
 # Errors whose message is the whole story: the run stops with it and no traceback.
-USER_ERRORS = (SetupError, checkpoint.CheckpointError, FloatingPointError,
-               eval_config.EvalConfigError, warm_start.WarmStartError)
+USER_ERRORS = (
+  SetupError,
+  checkpoint.CheckpointError,
+  FloatingPointError,
+  eval_config.EvalConfigError,
+  warm_start.WarmStartError,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +411,7 @@ def _train_and_evaluate(config, workdir):
   checkpoint.check_workdir_free(workdir)  # another run trains there: stop before compiling
   sharding.initialize_distributed()
   if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
   try:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.global_batch_size, mesh)
@@ -366,30 +431,39 @@ def _train(config, workdir, mesh, lock):
 
   # This process's share of every global batch.
   try:
-    dataset = data_lib.create_dataset(config.data, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), seed=config.seed)
+    dataset = data_lib.create_dataset(
+      config.data,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      seed=config.seed,
+    )
   except (ValueError, OSError, ImportError) as e:  # the data module's one-sentence errors
     raise SetupError(str(e)) from e
   vae = _load_vae(config, mesh) if config.vae.dir else None
   latent_from_vae = check_config(config, dataset, vae_module=vae[1] if vae else None)
   training = build(config, mesh)
   # config.eval: the feature net, the reference and the sampler, before anything is written.
-  evaluator = eval_training.prepare(config, mesh, training.model,
-                                    training.abstract_state.ema_params, vae)
+  evaluator = eval_training.prepare(
+    config, mesh, training.model, training.abstract_state.ema_params, vae
+  )
   start = warm_start.prepare(config, workdir, training.abstract_state.params, mesh)  # reads only
   # The jitted, donated step, compiled ahead (before the workdir is touched) to check its memory.
   training, seconds = compile_update(training, config, mesh)
   update = training.update
-  logging.info('Compiled the train step in %.1f s (%d pass(es) of %d images per device).',
-               seconds, training.grad_accum_steps,
-               config.data.global_batch_size // mesh.size // training.grad_accum_steps)
+  logging.info(
+    'Compiled the train step in %.1f s (%d pass(es) of %d images per device).',
+    seconds,
+    training.grad_accum_steps,
+    config.data.global_batch_size // mesh.size // training.grad_accum_steps,
+  )
   abstract_state = training.abstract_state
 
   # Resume from the workdir, or start afresh.
   os.makedirs(workdir, exist_ok=True)
   lock.acquire()  # one run per workdir: stops, naming the other run, before anything is written
-  manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints,
-                                      best=eval_config.best(config.eval))
+  manager = checkpoint.create_manager(
+    workdir, keep=config.keep_checkpoints, best=eval_config.best(config.eval)
+  )
   restored = checkpoint.restore_latest(manager, abstract_state, mesh)
   if restored is not None:
     state, data_state = restored
@@ -406,8 +480,13 @@ def _train(config, workdir, mesh, lock):
   writer = metrics_lib.create_writer(workdir, just_logging=not is_main)
   if start_step == 0:
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-    logging.info('%s: %.2f M parameters; mesh %s; global batch %d.', config.model.name,
-                 num_params / 1e6, dict(mesh.shape), config.data.global_batch_size)
+    logging.info(
+      '%s: %.2f M parameters; mesh %s; global batch %d.',
+      config.model.name,
+      num_params / 1e6,
+      dict(mesh.shape),
+      config.data.global_batch_size,
+    )
     writer.write_hparams({'num_params': num_params, **_flat(config)})
 
   sampler = _make_sampler(config, training.model, mesh, training.state_sharding.ema_params, vae)
@@ -415,8 +494,11 @@ def _train(config, workdir, mesh, lock):
 
   replicated = sharding.replicated(mesh)
   progress = metrics_lib.ReportProgress(
-      num_train_steps=config.num_train_steps, batch_size=config.data.global_batch_size,
-      writer=writer, every_steps=config.log_every_steps)
+    num_train_steps=config.num_train_steps,
+    batch_size=config.data.global_batch_size,
+    writer=writer,
+    every_steps=config.log_every_steps,
+  )
   preemption = checkpoint.PreemptionWatch()
   on_device, on_host = [], []  # per-step metrics not yet fetched / fetched but not yet logged
   last_saved = start_step if restored is not None else None
@@ -463,8 +545,11 @@ def _train(config, workdir, mesh, lock):
           with progress.timed('sample'):
             _write_samples(config, workdir, sampler, state.ema_params, step, writer, is_main)
         if preempted:
-          logging.warning('Preempted: saved step %d to %s; run the same command to resume.',
-                          step, checkpoint.checkpoint_dir(workdir))
+          logging.warning(
+            'Preempted: saved step %d to %s; run the same command to resume.',
+            step,
+            checkpoint.checkpoint_dir(workdir),
+          )
           break
     if last_saved != step:  # the data ran out
       _stop_if_not_finite(on_host + jax.device_get(on_device), step, last_saved, manager)
@@ -490,11 +575,15 @@ def _stop_if_not_finite(host_metrics, step, last_saved, manager):
     if not (np.isfinite(m['loss']) and np.isfinite(m['param_norm'])):
       bad = step - len(host_metrics) + 1 + i
       manager.wait_until_finished()
-      kept = (f'the last good checkpoint, {manager.directory}/{last_saved}, is intact'
-              if last_saved is not None else 'no checkpoint was saved')
+      kept = (
+        f'the last good checkpoint, {manager.directory}/{last_saved}, is intact'
+        if last_saved is not None
+        else 'no checkpoint was saved'
+      )
       raise FloatingPointError(
-          f'Loss is {m["loss"]} (parameter norm {m["param_norm"]}) at step {bad}: stopping; '
-          f'{kept}. Lower the learning rate or check the data before resuming.')
+        f'Loss is {m["loss"]} (parameter norm {m["param_norm"]}) at step {bad}: stopping; '
+        f'{kept}. Lower the learning rate or check the data before resuming.'
+      )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +592,7 @@ def _stop_if_not_finite(host_metrics, step, last_saved, manager):
 
 def _load_vae(config, mesh):
   from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+
   try:
     module, params = vae_lib.load_vae(config.vae.dir, sharding=sharding.replicated(mesh))
   except (FileNotFoundError, ValueError) as e:  # vae.load_vae's one-sentence errors
@@ -519,6 +609,7 @@ def _make_encoder(config, mesh, vae):
   @functools.partial(jax.jit, out_shardings=batch_sharding)
   def encode(images, step):
     return vae_lib.images_to_latents(module, params, images, jax.random.fold_in(rng, step))
+
   return encode
 
 
@@ -527,8 +618,9 @@ def _sample_labels(config):
   c = config.sample
   if config.model.num_classes == 0:
     return np.zeros([c.rows * c.per_row], np.int32), c.rows
-  classes = list(c.classes) or list(np.linspace(0, config.model.num_classes - 1,
-                                                min(c.rows, config.model.num_classes)).round())
+  classes = list(c.classes) or list(
+    np.linspace(0, config.model.num_classes - 1, min(c.rows, config.model.num_classes)).round()
+  )
   return np.repeat(np.asarray(classes, np.int32), c.per_row), len(classes)
 
 
@@ -548,22 +640,31 @@ def _make_sampler(config, model, mesh, params_sharding, vae):
     x0 = jax.random.normal(rng, (n, *image_shape), jnp.float32)  # the same for any padding
     x0 = jnp.pad(x0, [(0, padded - n)] + [(0, 0)] * len(image_shape))
     x0 = jax.lax.with_sharding_constraint(x0, batch_sharding)  # the ODE runs split over devices
-    result = sample(params, x0, labels, model=model, transport_config=config.transport,
-                    sample_config=config.sample, num_classes=config.model.num_classes)
+    result = sample(
+      params,
+      x0,
+      labels,
+      model=model,
+      transport_config=config.transport,
+      sample_config=config.sample,
+      num_classes=config.model.num_classes,
+    )
     images = result.x1
     if vae is not None:
       vae_lib, module, vae_params = vae
       images = vae_lib.latents_to_images(module, vae_params, images)
     return images, result._replace(x1=None)
 
-  jitted = jax.jit(fn, in_shardings=(params_sharding, replicated, batch_sharding),
-                   out_shardings=replicated)
+  jitted = jax.jit(
+    fn, in_shardings=(params_sharding, replicated, batch_sharding), out_shardings=replicated
+  )
   rng = jax.device_put(jax.random.PRNGKey(config.sample.seed), replicated)
   labels = jax.make_array_from_callback(labels.shape, batch_sharding, lambda i: labels[i])
 
   def sampler(ema_params):
     images, result = jax.device_get(jitted(ema_params, rng, labels))
     return images[:n], rows, result
+
   return sampler
 
 

@@ -54,6 +54,7 @@ Configuration: `default_transport_config()` is the ConfigDict section `config.tr
 read at trace time (Python constants); do not pass a ConfigDict through a jit boundary.
 Not ported: upstream's DCT blurring (`use_blurring`, unused in every script) and the likelihood ODE.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,16 @@ PATH_TYPES = ("GVP", "Linear", "VP", "ScaledLinear")
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
 T_SAMPLINGS = ("uniform", "logit_normal")
-DIFFUSION_FORMS = ("none", "constant", "SBDM", "sigma", "linear", "decreasing",
-                   "increasing-decreasing", "log")
+DIFFUSION_FORMS = (
+  "none",
+  "constant",
+  "SBDM",
+  "sigma",
+  "linear",
+  "decreasing",
+  "increasing-decreasing",
+  "log",
+)
 
 VP_SIGMA_MIN = 0.1
 VP_SIGMA_MAX = 20.0
@@ -85,13 +94,13 @@ SD_BETA_END = 0.012
 def default_transport_config() -> ml_collections.ConfigDict:
   """The `transport` section: DiMSUM's published setting (GVP, velocity, no weight, uniform t)."""
   c = ml_collections.ConfigDict()
-  c.path_type = "GVP"            # GVP | Linear | VP
-  c.prediction = "velocity"      # velocity | noise | score
-  c.loss_weight = "none"         # none | velocity | likelihood (noise/score predictions only)
-  c.t_sampling = "uniform"       # uniform | logit_normal (upstream spells it "logitnormal")
-  c.logit_normal_mean = -0.5     # t = sigmoid(mean + std * n), n ~ N(0, 1)
+  c.path_type = "GVP"  # GVP | Linear | VP
+  c.prediction = "velocity"  # velocity | noise | score
+  c.loss_weight = "none"  # none | velocity | likelihood (noise/score predictions only)
+  c.t_sampling = "uniform"  # uniform | logit_normal (upstream spells it "logitnormal")
+  c.logit_normal_mean = -0.5  # t = sigmoid(mean + std * n), n ~ N(0, 1)
   c.logit_normal_std = 1.0
-  c.train_eps = config_dict.placeholder(float)   # None -> upstream default for path/prediction
+  c.train_eps = config_dict.placeholder(float)  # None -> upstream default for path/prediction
   c.sample_eps = config_dict.placeholder(float)
   return c
 
@@ -104,8 +113,11 @@ def _canon(value, choices, what):
   if value is None and what in ("loss_weight", "diffusion_form"):
     value = "none"
   key = str(value).lower().replace("_", "-")
-  aliases = {"logitnormal": "logit_normal", "logit-normal": "logit_normal",
-             "scaled-linear": "ScaledLinear"}
+  aliases = {
+    "logitnormal": "logit_normal",
+    "logit-normal": "logit_normal",
+    "scaled-linear": "ScaledLinear",
+  }
   key = aliases.get(key, key)
   for choice in choices:
     if key == choice.lower().replace("_", "-") or key == choice:
@@ -146,8 +158,10 @@ def canonical_objective(path_type: str, prediction: str) -> tuple[str, str]:
   """(path_type, prediction), refusing the discrete path with anything but noise prediction."""
   path_type, prediction = canonical_path(path_type), canonical_prediction(prediction)
   if path_type == "ScaledLinear" and prediction != "noise":
-    raise ValueError(f"transport.path_type='ScaledLinear' is DiM's discrete noise-prediction "
-                     f"objective: set transport.prediction='noise' (not {prediction!r}).")
+    raise ValueError(
+      f"transport.path_type='ScaledLinear' is DiM's discrete noise-prediction "
+      f"objective: set transport.prediction='noise' (not {prediction!r})."
+    )
   return path_type, prediction
 
 
@@ -157,13 +171,12 @@ def canonical_objective(path_type: str, prediction: str) -> tuple[str, str]:
 
 def scaled_linear_alphas_cumprod() -> np.ndarray:
   """alphabar_n, n = 1..1000, float64 (upstream's `stable_diffusion_beta_schedule`)."""
-  betas = np.linspace(SD_BETA_START ** 0.5, SD_BETA_END ** 0.5, DISCRETE_STEPS,
-                      dtype=np.float64) ** 2
+  betas = np.linspace(SD_BETA_START**0.5, SD_BETA_END**0.5, DISCRETE_STEPS, dtype=np.float64) ** 2
   return np.cumprod(1.0 - betas)
 
 
 _ALPHAS_CUMPROD = scaled_linear_alphas_cumprod()
-_LOG_ALPHA_KNOTS = 0.5 * np.log(_ALPHAS_CUMPROD)    # log alpha at t_cont = n / 1000
+_LOG_ALPHA_KNOTS = 0.5 * np.log(_ALPHAS_CUMPROD)  # log alpha at t_cont = n / 1000
 
 
 def discrete_log_alpha(t_cont):
@@ -189,7 +202,7 @@ def discrete_inverse_lambda(lam):
   `inverse_lambda` of the 'discrete' schedule, extended linearly beyond the knots)."""
   lam = np.asarray(lam, np.float64)
   log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)
-  knots = _LOG_ALPHA_KNOTS                             # decreasing in n
+  knots = _LOG_ALPHA_KNOTS  # decreasing in n
   i = np.clip(np.searchsorted(-knots, -log_alpha) - 1, 0, DISCRETE_STEPS - 2)
   frac = (log_alpha - knots[i]) / (knots[i + 1] - knots[i])
   return (i + 1 + frac) / DISCRETE_STEPS
@@ -241,15 +254,15 @@ def path_coefficients(path_type: str, t):
   if path_type == "Linear":
     return t, 1.0 - t, jnp.ones_like(t), -jnp.ones_like(t)
   if path_type == "ScaledLinear":
-    log_alpha, slope = discrete_log_alpha(1.0 - t)      # d/dt = -d/dt_cont
+    log_alpha, slope = discrete_log_alpha(1.0 - t)  # d/dt = -d/dt_cont
     alpha = jnp.exp(log_alpha)
     sigma = jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-    return alpha, sigma, -alpha * slope, alpha ** 2 * slope / sigma
+    return alpha, sigma, -alpha * slope, alpha**2 * slope / sigma
   # VP
   m, dm = _vp_log_mean(t), _vp_d_log_mean(t)
   alpha = jnp.exp(m)
   sigma = jnp.sqrt(-jnp.expm1(2.0 * m))
-  return alpha, sigma, alpha * dm, -(alpha ** 2) * dm / sigma
+  return alpha, sigma, alpha * dm, -(alpha**2) * dm / sigma
 
 
 def d_log_alpha(path_type: str, t):
@@ -272,7 +285,7 @@ def drift_var(path_type: str, t):
   "SBDM" diffusion is 2 g_t and the loss weights are built from g_t / sigma_t.
   """
   _, sigma, _, d_sigma = path_coefficients(path_type, t)
-  return d_log_alpha(path_type, t) * sigma ** 2 - sigma * d_sigma
+  return d_log_alpha(path_type, t) * sigma**2 - sigma * d_sigma
 
 
 def interpolate(path_type: str, t, x0, x1):
@@ -334,9 +347,11 @@ def velocity_from_prediction(pred, x, t, *, path_type: str, prediction: str = "v
 
 def make_velocity_fn(model_fn, *, path_type: str, prediction: str = "velocity"):
   """Wrap `model_fn(x, t, *args)` (any prediction) into the ODE drift `fn(x, t, *args)`."""
+
   def velocity_fn(x, t, *args, **kwargs):
     pred = model_fn(x, t, *args, **kwargs)
     return velocity_from_prediction(pred, x, t, path_type=path_type, prediction=prediction)
+
   return velocity_fn
 
 
@@ -362,7 +377,7 @@ def diffusion_coefficient(form: str, t, *, path_type: str, norm: float = 1.0):
     return 0.25 * (norm * jnp.cos(math.pi * t) + 1.0) ** 2
   if form == "increasing-decreasing":
     return norm * jnp.sin(math.pi * t) ** 2
-  return norm * jnp.log(t - t ** 2 + 1.0)  # "log"
+  return norm * jnp.log(t - t**2 + 1.0)  # "log"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,7 +389,7 @@ def resolve_eps(cfg) -> tuple[float, float]:
   path_type, prediction = canonical_objective(cfg.path_type, cfg.prediction)
   if path_type == "VP":
     default_train, default_sample = 1e-5, 1e-3
-  elif path_type == "ScaledLinear":    # t_cont >= 1/1000, the first step (DiM samples to 1e-3)
+  elif path_type == "ScaledLinear":  # t_cont >= 1/1000, the first step (DiM samples to 1e-3)
     default_train, default_sample = 1e-3, 1e-3
   elif prediction != "velocity":
     default_train, default_sample = 1e-3, 1e-3
@@ -385,8 +400,14 @@ def resolve_eps(cfg) -> tuple[float, float]:
   return train_eps, sample_eps
 
 
-def time_interval(cfg, *, eval: bool = False, sde: bool = False, diffusion_form: str = "SBDM",
-                  last_step_size: float = 0.0) -> tuple[float, float]:
+def time_interval(
+  cfg,
+  *,
+  eval: bool = False,
+  sde: bool = False,
+  diffusion_form: str = "SBDM",
+  last_step_size: float = 0.0,
+) -> tuple[float, float]:
   """(t0, t1) as upstream `check_interval` (forward time; t0 < t1). Python floats.
 
   Training: eval=False. ODE sampling: eval=True. SDE sampling: eval=True, sde=True, with the SDE's
@@ -436,7 +457,7 @@ def loss_weight(cfg, t):
   sigma = path_coefficients(cfg.path_type, t)[1]
   if weight == "velocity":
     return (g / sigma) ** 2
-  return g / sigma ** 2
+  return g / sigma**2
 
 
 def prediction_loss(pred, x0, x1, t, cfg):

@@ -31,6 +31,7 @@ Every other parameter must have the same shape; the first that does not stops wi
 sentence naming it and both shapes. `check_image_size` and `resize_model` give a trained model
 another input size for sampling (the scan orders and the wavelet windows follow the grid).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,16 +51,24 @@ from dimsum_jax import sharding
 from dimsum_jax.models import dim
 
 INTERPOLATIONS = ('auto', 'bicubic', 'bilinear')
-CUBIC_A = -0.75   # torch's bicubic (cubic convolution, Keys' a)
+CUBIC_A = -0.75  # torch's bicubic (cubic convolution, Keys' a)
 
 # The parameters whose shape may differ, by path: position tables, patch parameters (-> the
 # axes that change with the patch) and label tables.
 _POSITION = {'pos_embed', 'additional_embed'}
-_PATCH = {'x_embedder/proj/kernel': (0, 1), 'final_layer/linear/kernel': (1,),
-          'final_layer/linear/bias': (0,), 'x_embedder/kernel': (0, 1),
-          'proj_out_2/kernel': (1,), 'proj_out_2/bias': (0,)}
-_LABELS = {'y_embedder/embedding_table/embedding', 'label_emb/embedding',
-           'class_embedder/embedding'}
+_PATCH = {
+  'x_embedder/proj/kernel': (0, 1),
+  'final_layer/linear/kernel': (1,),
+  'final_layer/linear/bias': (0,),
+  'x_embedder/kernel': (0, 1),
+  'proj_out_2/kernel': (1,),
+  'proj_out_2/bias': (0,),
+}
+_LABELS = {
+  'y_embedder/embedding_table/embedding',
+  'label_emb/embedding',
+  'class_embedder/embedding',
+}
 
 
 class WarmStartError(ValueError):
@@ -73,8 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(section) -> None:
   if section.interpolation not in INTERPOLATIONS:
-    raise WarmStartError(f'--config.init_from.interpolation={section.interpolation} is not a '
-                         f'valid choice: use one of {", ".join(INTERPOLATIONS)}.')
+    raise WarmStartError(
+      f'--config.init_from.interpolation={section.interpolation} is not a '
+      f'valid choice: use one of {", ".join(INTERPOLATIONS)}.'
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,15 +120,17 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
   return m
 
 
-def resize_table(table, src: tuple[int, int], dst: tuple[int, int], method: str,
-                 extra: int = 0) -> np.ndarray:
+def resize_table(
+  table, src: tuple[int, int], dst: tuple[int, int], method: str, extra: int = 0
+) -> np.ndarray:
   """A position table [extra + hs ws, D] (grid rows row-major) -> [extra + hd wd, D], float64:
   the first `extra` rows kept, the grid resized separably by `resize_matrix`."""
   table = np.asarray(table, np.float64)
   (hs, ws), (hd, wd) = src, dst
   grid = table[extra:].reshape(hs, ws, -1)
-  out = np.einsum('ia,jb,abd->ijd', resize_matrix(hs, hd, method), resize_matrix(ws, wd, method),
-                  grid)
+  out = np.einsum(
+    'ia,jb,abd->ijd', resize_matrix(hs, hd, method), resize_matrix(ws, wd, method), grid
+  )
   return np.concatenate([table[:extra], out.reshape(hd * wd, -1)])
 
 
@@ -135,11 +148,11 @@ def _fit(a, shape) -> np.ndarray:
 
 
 class Layout(NamedTuple):
-  family: str                  # 'DiMSUM', 'DiT' or 'DiM'
-  name: str                    # registry name
+  family: str  # 'DiMSUM', 'DiT' or 'DiM'
+  name: str  # registry name
   patch: int
-  grid: tuple[int, int]        # token grid of the position table
-  extra: int                   # table rows before the grid (DiM's time and class tokens)
+  grid: tuple[int, int]  # token grid of the position table
+  extra: int  # table rows before the grid (DiM's time and class tokens)
 
 
 def layout(model_config) -> Layout:
@@ -147,8 +160,9 @@ def layout(model_config) -> Layout:
   model = models.create_model(model_config)
   family = model_config.name.split('-')[0]
   if family == 'DiM':
-    return Layout(family, model_config.name, model.patch_size, model.table_grid(),
-                  2 if model.num_classes else 1)
+    return Layout(
+      family, model_config.name, model.patch_size, model.table_grid(), 2 if model.num_classes else 1
+    )
   g = model.input_size // model.patch_size
   return Layout(family, model_config.name, model.patch_size, (g, g), 0)
 
@@ -166,16 +180,24 @@ def _flat(tree) -> dict:
 def _carry(name, value, shape, src: Layout, dst: Layout, method: str):
   """(value with `shape`, what was done) for a parameter of another shape that may be adapted;
   None when it may not."""
-  if name in _POSITION and value.shape[1:] == shape[1:] and src.extra == dst.extra and (
-      value.shape[0] == src.extra + math.prod(src.grid)) and (
-          shape[0] == dst.extra + math.prod(dst.grid)):
-    return (resize_table(value, src.grid, dst.grid, method, src.extra),
-            f'{name} {src.grid[0]}x{src.grid[1]} -> {dst.grid[0]}x{dst.grid[1]} ({method})')
+  if (
+    name in _POSITION
+    and value.shape[1:] == shape[1:]
+    and src.extra == dst.extra
+    and (value.shape[0] == src.extra + math.prod(src.grid))
+    and (shape[0] == dst.extra + math.prod(dst.grid))
+  ):
+    return (
+      resize_table(value, src.grid, dst.grid, method, src.extra),
+      f'{name} {src.grid[0]}x{src.grid[1]} -> {dst.grid[0]}x{dst.grid[1]} ({method})',
+    )
   same_elsewhere = value.ndim == len(shape) and all(
-      a == b for i, (a, b) in enumerate(zip(value.shape, shape)) if i not in _PATCH.get(name, ()))
+    a == b for i, (a, b) in enumerate(zip(value.shape, shape)) if i not in _PATCH.get(name, ())
+  )
   if name in _PATCH and src.patch != dst.patch and same_elsewhere:
-    return _fit(value, shape), (f'{name} {list(value.shape)} -> {list(shape)} (patch '
-                                f'{src.patch} -> {dst.patch})')
+    return _fit(value, shape), (
+      f'{name} {list(value.shape)} -> {list(shape)} (patch {src.patch} -> {dst.patch})'
+    )
   if name in _LABELS and value.shape[1:] == shape[1:] and value.shape[0] + 1 == shape[0]:
     return _fit(value, shape), f'{name} null row added'
   return None
@@ -187,30 +209,38 @@ def adapt(params, source, target, shapes, interpolation: str = 'auto', *, where=
   what was adapted). WarmStartError names the first parameter that cannot be carried over."""
   src, dst = layout(source), layout(target)
   if src.family != dst.family:
-    raise WarmStartError(f'{where} holds a {src.name}, which cannot start a {dst.name}: use '
-                         f'weights of the same model family.')
+    raise WarmStartError(
+      f'{where} holds a {src.name}, which cannot start a {dst.name}: use '
+      f'weights of the same model family.'
+    )
   method = default_interpolation(src, interpolation)
   have = _flat(jax.device_get(params))
   out, notes = {}, []
   for name, spec in _flat(shapes).items():
     shape = tuple(spec.shape)
     if name not in have:
-      raise WarmStartError(f'{where} has no parameter {name} (this {dst.name} needs '
-                           f'{list(shape)}): the checkpoint is of another architecture.')
+      raise WarmStartError(
+        f'{where} has no parameter {name} (this {dst.name} needs '
+        f'{list(shape)}): the checkpoint is of another architecture.'
+      )
     value = np.asarray(have[name])
     if value.shape != shape:
       carried = _carry(name, value, shape, src, dst, method)
       if carried is None:
-        raise WarmStartError(f'{where} does not fit this {dst.name}: {name} is '
-                             f'{list(value.shape)} there and {list(shape)} here (check '
-                             'model.name, depth, hidden_size, in_channels and num_classes).')
+        raise WarmStartError(
+          f'{where} does not fit this {dst.name}: {name} is '
+          f'{list(value.shape)} there and {list(shape)} here (check '
+          'model.name, depth, hidden_size, in_channels and num_classes).'
+        )
       value, note = carried
       notes.append(note)
     out[name] = value.astype(np.float32)
   extra = sorted(set(have) - set(out))
   if extra:
-    raise WarmStartError(f'{where} has a parameter {extra[0]} that this {dst.name} lacks: the '
-                         'checkpoint is of another architecture.')
+    raise WarmStartError(
+      f'{where} has a parameter {extra[0]} that this {dst.name} lacks: the '
+      'checkpoint is of another architecture.'
+    )
   leaves = [out[name] for name in _flat(shapes)]
   return jax.tree.unflatten(jax.tree.structure(shapes), leaves), notes
 
@@ -225,23 +255,28 @@ def check_image_size(model_config, image_size: int, factor: int = 1) -> int:
   DiMSUM's wavelet window layout."""
   name, size = model_config.name, image_size // factor
   if image_size < 1 or image_size % factor:
-    raise WarmStartError(f'{image_size} px is not a positive multiple of the VAE\'s {factor}x '
-                         f'downsampling: use a multiple of {factor}.')
+    raise WarmStartError(
+      f'{image_size} px is not a positive multiple of the VAE\'s {factor}x '
+      f'downsampling: use a multiple of {factor}.'
+    )
   model = models.create_model(model_config)
   p = model.patch_size
   if size % p:
-    raise WarmStartError(f'{image_size} px gives a {size}x{size} input that the patch {p} of '
-                         f'{name} does not divide: use a multiple of {p * factor} px.')
+    raise WarmStartError(
+      f'{image_size} px gives a {size}x{size} input that the patch {p} of '
+      f'{name} does not divide: use a multiple of {p * factor} px.'
+    )
   step = 2 ** getattr(model, 'wavelet_levels', 0)
   g = size // p
   if g % step:
     unit = step * p * factor
     near = sorted({max(unit, image_size // unit * unit), -(-image_size // unit) * unit})
     raise WarmStartError(
-        f'{image_size} px gives {name} a {g}x{g} token grid, which its '
-        f'{model.wavelet_levels}-level wavelet window layout cannot take (the side must be a '
-        f'multiple of {step} tokens): use a multiple of {unit} px, e.g. '
-        f'{" or ".join(map(str, near))}.')
+      f'{image_size} px gives {name} a {g}x{g} token grid, which its '
+      f'{model.wavelet_levels}-level wavelet window layout cannot take (the side must be a '
+      f'multiple of {step} tokens): use a multiple of {unit} px, e.g. '
+      f'{" or ".join(map(str, near))}.'
+    )
   return size
 
 
@@ -252,8 +287,9 @@ def resize_model(model_config, params, input_size: int, interpolation: str = 'au
   target.input_size = input_size
   model = models.create_model(target)
   shapes = models.abstract_params(model, target)
-  resized, notes = adapt(params, model_config, target, shapes, interpolation,
-                         where='the checkpoint')
+  resized, notes = adapt(
+    params, model_config, target, shapes, interpolation, where='the checkpoint'
+  )
   if notes:
     logging.info('Resized for input size %d: %s.', input_size, '; '.join(notes))
   return target, model, resized
@@ -264,9 +300,9 @@ def resize_model(model_config, params, input_size: int, interpolation: str = 'au
 
 
 class Source(NamedTuple):
-  kind: str            # 'export', 'workdir' or 'conversion'
-  model: Any           # its model ConfigDict
-  params: Any          # NumPy trees
+  kind: str  # 'export', 'workdir' or 'conversion'
+  model: Any  # its model ConfigDict
+  params: Any  # NumPy trees
   ema_params: Any
   step: int | None
 
@@ -299,20 +335,23 @@ def read_source(path: str, mesh) -> Source:
     model_config = _model_config(config.get('model', {}))
     model = models.create_model(model_config)
     abstract = models.abstract_params(model, model_config)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                           sharding=sharding.replicated(mesh)),
-                            abstract)
+    abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)), abstract
+    )
     state, step = checkpoint.restore_newest(path, {'params': abstract, 'ema_params': abstract})
-    params, ema = (jax.tree.map(np.asarray, jax.device_get(state[k]))
-                   for k in ('params', 'ema_params'))
+    params, ema = (
+      jax.tree.map(np.asarray, jax.device_get(state[k])) for k in ('params', 'ema_params')
+    )
     return Source('workdir', model_config, params, ema, step)
   if has('model_config.json') and has('params'):
     model_config = _model_config(_read_json(os.path.join(path, 'model_config.json'), where))
     params = _restore(os.path.join(path, 'params'), where)
     return Source('conversion', model_config, params, params, None)
-  raise WarmStartError(f'{where} holds nothing to start from: pass an export (config.json + '
-                       'ema_params/), a training workdir (config.json + checkpoints/) or a '
-                       'conversion (model_config.json + params/).')
+  raise WarmStartError(
+    f'{where} holds nothing to start from: pass an export (config.json + '
+    'ema_params/), a training workdir (config.json + checkpoints/) or a '
+    'conversion (model_config.json + params/).'
+  )
 
 
 def _restore(path, where):
@@ -320,8 +359,10 @@ def _restore(path, where):
   try:
     return checkpoint.restore_params(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise WarmStartError(f'{where}: {path} cannot be read ({str(e).splitlines()[0][:200]}): '
-                         'export or convert the model again.') from e
+    raise WarmStartError(
+      f'{where}: {path} cannot be read ({str(e).splitlines()[0][:200]}): '
+      'export or convert the model again.'
+    ) from e
 
 
 def _has_checkpoints(workdir) -> bool:
@@ -330,7 +371,7 @@ def _has_checkpoints(workdir) -> bool:
 
 
 class Start(NamedTuple):
-  params: Any          # NumPy trees shaped like the new model's parameters
+  params: Any  # NumPy trees shaped like the new model's parameters
   ema_params: Any
 
 
@@ -343,23 +384,32 @@ def prepare(config, workdir, shapes, mesh) -> Start | None:
   if not section.path:
     return None
   if _has_checkpoints(workdir):
-    logging.info('%s holds checkpoints: resuming them; config.init_from.path=%s is ignored.',
-                 checkpoint.checkpoint_dir(workdir), section.path)
+    logging.info(
+      '%s holds checkpoints: resuming them; config.init_from.path=%s is ignored.',
+      checkpoint.checkpoint_dir(workdir),
+      section.path,
+    )
     return None
   where = f'--config.init_from.path={section.path}'
   try:
     source = read_source(section.path, mesh)
-    params, notes = adapt(source.params, source.model, config.model, shapes,
-                          section.interpolation, where=where)
-    ema, _ = adapt(source.ema_params, source.model, config.model, shapes,
-                   section.interpolation, where=where)
+    params, notes = adapt(
+      source.params, source.model, config.model, shapes, section.interpolation, where=where
+    )
+    ema, _ = adapt(
+      source.ema_params, source.model, config.model, shapes, section.interpolation, where=where
+    )
   except WarmStartError:
     raise
-  except ValueError as e:   # the source's model config cannot be built
+  except ValueError as e:  # the source's model config cannot be built
     raise WarmStartError(f'{where}: its model cannot be built here ({e}).') from e
-  logging.info('Warm start from the %s %s (step %s): params and EMA%s; fresh optimiser at '
-               'step 0.', source.kind, os.path.abspath(section.path), source.step,
-               ''.join(f'; {n}' for n in notes) or ', unchanged')
+  logging.info(
+    'Warm start from the %s %s (step %s): params and EMA%s; fresh optimiser at step 0.',
+    source.kind,
+    os.path.abspath(section.path),
+    source.step,
+    ''.join(f'; {n}' for n in notes) or ', unchanged',
+  )
   return Start(params, ema)
 
 
@@ -368,11 +418,17 @@ def to_global(tree, shardings):
   sharding for every leaf)."""
   if not isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(to_global, tree, shardings)
-  return jax.tree.map(lambda a: jax.make_array_from_callback(
-      np.shape(a), shardings, lambda index: np.asarray(a)[index]), tree)
+  return jax.tree.map(
+    lambda a: jax.make_array_from_callback(
+      np.shape(a), shardings, lambda index: np.asarray(a)[index]
+    ),
+    tree,
+  )
 
 
 def place(start: Start, params_sharding) -> dict:
   """{'params', 'ema_params'} as global arrays with the run's parameter shardings."""
-  return {'params': to_global(start.params, params_sharding),
-          'ema_params': to_global(start.ema_params, params_sharding)}
+  return {
+    'params': to_global(start.params, params_sharding),
+    'ema_params': to_global(start.ema_params, params_sharding),
+  }

@@ -1,4 +1,5 @@
 """Where the golden data of the official PyTorch DiMSUM lives: `shared/golden/` beside the repo."""
+
 import json
 import pathlib
 
@@ -9,8 +10,9 @@ def golden_file(name: str) -> pathlib.Path:
   path = GOLDEN / name
   if not path.exists():
     raise FileNotFoundError(
-        f"Golden file {path} is missing: the parity tests need the golden data of the official "
-        "implementation in shared/golden/ next to the repository checkout.")
+      f"Golden file {path} is missing: the parity tests need the golden data of the official "
+      "implementation in shared/golden/ next to the repository checkout."
+    )
   return path
 
 

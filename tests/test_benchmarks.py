@@ -1,4 +1,5 @@
 """The benchmarks' own logic: kernel-time categories of a profile, FLOP counts."""
+
 import math
 import os
 import sys
@@ -99,15 +100,15 @@ ENTRY %main.9 (Arg_0.1: bf16[8,16], Arg_1.2: f32[8]) -> (f32[8,8], f32[8]) {
 '''
 
 EXPECTED = {
-    "fusion.1": ("attention", None),      # a GEMM written inside layers.attention
-    "fusion.2": ("matmuls", None),        # the Mamba in_proj GEMM
-    "fusion.3": ("scan", None),           # holds an op of selective_scan.py (inner frame)
-    "custom-call.4": ("scan", None),      # the Pallas (Mosaic GPU) kernel
-    "fusion.5": ("wavelet", None),        # a convolution of jaxwt: wavelet, not matmuls
-    "fusion.6": ("other", "optimizer"),
-    "gather.7": ("other", "permutes"),
-    "add.8": ("other", "elementwise"),
-    "all-reduce.10": ("collectives", None),  # the gradient all-reduce, whatever its stack
+  "fusion.1": ("attention", None),  # a GEMM written inside layers.attention
+  "fusion.2": ("matmuls", None),  # the Mamba in_proj GEMM
+  "fusion.3": ("scan", None),  # holds an op of selective_scan.py (inner frame)
+  "custom-call.4": ("scan", None),  # the Pallas (Mosaic GPU) kernel
+  "fusion.5": ("wavelet", None),  # a convolution of jaxwt: wavelet, not matmuls
+  "fusion.6": ("other", "optimizer"),
+  "gather.7": ("other", "permutes"),
+  "add.8": ("other", "elementwise"),
+  "all-reduce.10": ("collectives", None),  # the gradient all-reduce, whatever its stack
 }
 
 
@@ -120,9 +121,14 @@ def test_hlo_index_reads_instructions_and_python_stacks():
   assert index["__computations__"]["fused_scan"] == ["param_0.2", "exp.3", "mul.4"]
   # frame 4 (mamba) -> printed parent 2 = frame 1 (train_step); frame 1 has no parent.
   assert [(f.split("/")[-1], fn) for f, fn, _ in index["dot.2"]["stack"]] == [
-      ("mamba.py", "MambaMixer.__call__"), ("train.py", "train_step")]
-  assert [fn for _, fn, _ in index["exp.3"]["stack"]] == ["selective_scan_reference",
-                                                          "MambaMixer.__call__", "train_step"]
+    ("mamba.py", "MambaMixer.__call__"),
+    ("train.py", "train_step"),
+  ]
+  assert [fn for _, fn, _ in index["exp.3"]["stack"]] == [
+    "selective_scan_reference",
+    "MambaMixer.__call__",
+    "train_step",
+  ]
 
 
 def test_classify_by_stack_and_contents():
@@ -159,8 +165,9 @@ def test_summarize_sums_kernel_time_per_step_and_category():
     assert math.isclose(s["categories_ms_per_step"][c], by_cat[c] / steps, rel_tol=1e-12)
     assert math.isclose(s["categories_share"][c], by_cat[c] / total, rel_tol=1e-12)
   for p in profile_step.OTHER_PARTS:
-    assert math.isclose(s["other_parts_ms_per_step"][p], by_part.get(p, 0.0) / steps,
-                        rel_tol=1e-12, abs_tol=1e-15)
+    assert math.isclose(
+      s["other_parts_ms_per_step"][p], by_part.get(p, 0.0) / steps, rel_tol=1e-12, abs_tol=1e-15
+    )
   assert math.isclose(s["kernel_ms_per_step"], total / steps, rel_tol=1e-12)
   assert math.isclose(s["idle_ms_per_step"], 100.0 - total / steps, rel_tol=1e-12)
   assert s["unmapped_ms_per_step"] == 0.0
@@ -172,10 +179,17 @@ def test_training_flops_per_image():
   accounting (embedders, 24 blocks of adaLN + attention + MLP, final layer)."""
   cfg = common.model_config("DiT-L/2", 32)
   n, d, depth, p, c = 256, 1024, 24, 2, 4
-  macs = (n * c * p * p * d + 256 * d + d * d + 2 * d * d + n * d * p * p * c
-          + depth * (6 * d * d + 4 * n * d * d + 2 * n * n * d + 8 * n * d * d))
-  assert common.train_flops_per_image(models.create_model(cfg)) == pytest.approx(6 * macs,
-                                                                                 rel=1e-12)
+  macs = (
+    n * c * p * p * d
+    + 256 * d
+    + d * d
+    + 2 * d * d
+    + n * d * p * p * c
+    + depth * (6 * d * d + 4 * n * d * d + 2 * n * n * d + 8 * n * d * d)
+  )
+  assert common.train_flops_per_image(models.create_model(cfg)) == pytest.approx(
+    6 * macs, rel=1e-12
+  )
   # The usual 575 G per DiMSUM-L/2 training image (96 G MACs forward, x2, x3).
   dimsum = models.create_model(common.model_config("DiMSUM-L/2", 32))
   assert common.train_flops_per_image(dimsum) == pytest.approx(575e9, rel=0.01)

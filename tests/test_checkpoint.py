@@ -3,6 +3,7 @@
 One real (tiny) training run in this process saves at steps 2, 4 and 6 and keeps the last two;
 each test works on a copy of its workdir.
 """
+
 import inspect
 import logging
 import os
@@ -22,8 +23,13 @@ STEPS, EVERY, KEEP = 6, 2, 2
 
 
 def config(**overrides):
-  base = dict(num_train_steps=STEPS, checkpoint_every_steps=EVERY, log_every_steps=EVERY,
-              keep_checkpoints=KEEP, sample__every_steps=-1)
+  base = dict(
+    num_train_steps=STEPS,
+    checkpoint_every_steps=EVERY,
+    log_every_steps=EVERY,
+    keep_checkpoints=KEEP,
+    sample__every_steps=-1,
+  )
   base.update(overrides)
   return train_util.digits_config('smoke_dit', **base)
 
@@ -68,14 +74,15 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(run, tmp_path, ca
     state, data_state = train_util.restore(workdir, config())
   assert int(state.step) == 4 and data_state == expected_data == {'epoch': 0, 'index': 64}
   train_util.assert_trees_close(state, expected, rtol=0, atol=0, what='fallback state')
-  assert any(newest in r.getMessage() and 'could not be restored' in r.getMessage()
-             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  assert any(
+    newest in r.getMessage() and 'could not be restored' in r.getMessage() for r in caplog.records
+  ), [r.getMessage() for r in caplog.records]
   # The damaged one is kept aside, not deleted, so a new save of step 4 cannot collide with it.
   aside = os.path.join(workdir, 'checkpoints_unreadable', '6')
   assert os.path.isdir(aside) and not os.path.exists(newest)
   assert os.path.getsize(os.path.join(aside, os.path.relpath(biggest, newest))) == (
-      os.path.getsize(os.path.join(run[0], 'checkpoints', '6', os.path.relpath(biggest, newest)))
-      // 3)
+    os.path.getsize(os.path.join(run[0], 'checkpoints', '6', os.path.relpath(biggest, newest))) // 3
+  )
 
 
 def test_all_checkpoints_damaged_is_an_error_and_nothing_moves(run, tmp_path):
@@ -121,6 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, tmp_path):
 
 # --- a checkpoint that cannot be written ------------------------------------------------------
 
+
 def fail_the_save_of(step, when):
   """Orbax's writer fails on the checkpoint of `step`: 'start', at once, as a directory without
   write permission does; 'commit', in the background after the arrays were written, as a full
@@ -130,6 +138,7 @@ def fail_the_save_of(step, when):
   import errno  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import os  # pylint: disable=g-import-not-at-top,redefined-outer-name,reimported
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,redefined-outer-name
+
   real = ocp.PyTreeCheckpointHandler.async_save
   target = f'{os.sep}checkpoints{os.sep}{step}.orbax-checkpoint-tmp'
 
@@ -146,10 +155,13 @@ def fail_the_save_of(step, when):
   return real
 
 
-@pytest.mark.parametrize('when, reason', [('commit', '[Errno 28] No space left on device'),
-                                          ('start', '[Errno 13] Permission denied')])
-def test_failed_save_stops_in_one_sentence_and_keeps_the_good_checkpoints(run, tmp_path, when,
-                                                                         reason):
+@pytest.mark.parametrize(
+  'when, reason',
+  [('commit', '[Errno 28] No space left on device'), ('start', '[Errno 13] Permission denied')],
+)
+def test_failed_save_stops_in_one_sentence_and_keeps_the_good_checkpoints(
+  run, tmp_path, when, reason
+):
   workdir = copy(run, tmp_path)
   ckdir = checkpoint.checkpoint_dir(workdir)
   real = fail_the_save_of(8, when)
@@ -159,8 +171,10 @@ def test_failed_save_stops_in_one_sentence_and_keeps_the_good_checkpoints(run, t
   finally:
     ocp.PyTreeCheckpointHandler.async_save = real
   message = str(e.value)
-  assert message.startswith(f'error: The checkpoint of step 8 could not be written to {ckdir} '
-                            f'({reason}') and '\n' not in message, message
+  assert (
+    message.startswith(f'error: The checkpoint of step 8 could not be written to {ckdir} ({reason}')
+    and '\n' not in message
+  ), message
   assert 'the newest complete one, step 6, is intact' in message, message
   # The run stopped at the failure (at the next save, step 10, at the latest): steps 4 and 6
   # are as they were and restore, and the half-written step 8 is no checkpoint.
@@ -184,16 +198,30 @@ def test_failed_save_on_the_command_line_is_one_line_without_traceback(run, tmp_
       sys.argv = ['main', *sys.argv[1:]]
       main.cli()
       ''')
-  r = train_util.run_python(['-c', script, f'--workdir={workdir}', *train_util.flags(
-      'smoke_dit', num_train_steps=12, checkpoint_every_steps=EVERY, log_every_steps=EVERY,
-      keep_checkpoints=KEEP, sample__every_steps=-1)])
+  r = train_util.run_python(
+    [
+      '-c',
+      script,
+      f'--workdir={workdir}',
+      *train_util.flags(
+        'smoke_dit',
+        num_train_steps=12,
+        checkpoint_every_steps=EVERY,
+        log_every_steps=EVERY,
+        keep_checkpoints=KEEP,
+        sample__every_steps=-1,
+      ),
+    ]
+  )
   assert r.returncode == 1, r.stderr[-4000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith('error: The checkpoint of step 8 could not be written to '), last
   assert 'No space left on device' in last and 'step 6, is intact' in last, last
   assert 'Traceback' not in r.stderr, r.stderr[-4000:]
   assert sorted(n for n in os.listdir(checkpoint.checkpoint_dir(workdir)) if n.isdigit()) == [
-      '4', '6']
+    '4',
+    '6',
+  ]
 
 
 def test_export_writes_the_ema_alone_with_its_config(run, tmp_path):
@@ -217,6 +245,7 @@ def test_export_writes_the_ema_alone_with_its_config(run, tmp_path):
 
 # --- the best checkpoint (config.eval.best_metric) ----------------------------------------------
 
+
 def _save_state(manager, step, **metrics):
   """A small checkpoint of `step` with `metrics` (none when empty); the steps kept after it."""
   data = checkpoint.encode_data_state({'index': step}, train_util.one_device_mesh())
@@ -238,7 +267,7 @@ def test_best_checkpoint_is_kept_besides_the_last_and_survives_reopening(tmp_pat
   assert _save_state(manager, 4, fid=3.0, accuracy=0.9) == [2, 4]
   assert _save_state(manager, 5, fid=float('nan')) == [2, 5]
   manager.close()
-  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))   # a resumed run
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))  # a resumed run
   assert manager.best() == (2, {'fid': 2.0, 'accuracy': 0.5})
   assert _save_state(manager, 6) == [2, 6] and _save_state(manager, 7) == [2, 7]
   assert _save_state(manager, 8, fid=1.0) == [8]
@@ -246,8 +275,7 @@ def test_best_checkpoint_is_kept_besides_the_last_and_survives_reopening(tmp_pat
   data = checkpoint.encode_data_state({'index': 9}, train_util.one_device_mesh())
   checkpoint.save(manager, 9, {'x': jax.numpy.zeros([2])}, data, force=True, metrics={'fid': 9.0})
   assert manager.best() == (8, {'fid': 1.0})
-  checkpoint.save(manager, 10, {'x': jax.numpy.zeros([2])}, data, force=True,
-                  metrics={'fid': 0.5})
+  checkpoint.save(manager, 10, {'x': jax.numpy.zeros([2])}, data, force=True, metrics={'fid': 0.5})
   assert manager.best() == (10, {'fid': 0.5})
   manager.close()
   # Highest is best for the other metrics.
@@ -278,7 +306,7 @@ def test_best_checkpoint_survives_a_failed_save_of_a_better_one(tmp_path):
   finally:
     ocp.PyTreeCheckpointHandler.async_save = real
   manager.close()
-  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))   # the next start
+  manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))  # the next start
   try:
     assert sorted(manager.all_steps()) == [2, 3] and manager.best() == (2, {'fid': 2.0})
     for step in (2, 3):
@@ -298,7 +326,7 @@ def test_a_kill_between_a_new_best_and_the_old_ones_removal_keeps_the_new(tmp_pa
   _save_state(manager, 2, fid=2.0)
   deleter = manager._checkpoint_deleter  # pylint: disable=protected-access
   monkeypatch.setattr(deleter, 'delete_steps', lambda steps: None)
-  _save_state(manager, 4, fid=1.0)   # "killed" before its finalize deleted step 2
+  _save_state(manager, 4, fid=1.0)  # "killed" before its finalize deleted step 2
   manager.close()
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['2', '4']
   manager = checkpoint.create_manager(workdir, keep=1, best=('fid', 'min'))

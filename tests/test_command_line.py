@@ -1,5 +1,6 @@
 """dimsum_jax.command_line: commands whose absl flags are their own, run in-process as the program
 runs them, and importable side by side."""
+
 import importlib
 import types
 
@@ -11,11 +12,20 @@ from dimsum_jax import command_line
 from tests import train_util
 
 # The commands built on command_line (a FlagValues of their own).
-COMMANDS = ("dimsum_jax.main", "dimsum_jax.sample", "dimsum_jax.export", "dimsum_jax.tools.flops",
-            "dimsum_jax.convert", "dimsum_jax.vae.convert", "dimsum_jax.data.encode",
-            "dimsum_jax.tools.parity", "dimsum_jax.evaluate.command",
-            "dimsum_jax.evaluate.reference", "dimsum_jax.evaluate.sweep",
-            "dimsum_jax.evaluate.inception")
+COMMANDS = (
+  "dimsum_jax.main",
+  "dimsum_jax.sample",
+  "dimsum_jax.export",
+  "dimsum_jax.tools.flops",
+  "dimsum_jax.convert",
+  "dimsum_jax.vae.convert",
+  "dimsum_jax.data.encode",
+  "dimsum_jax.tools.parity",
+  "dimsum_jax.evaluate.command",
+  "dimsum_jax.evaluate.reference",
+  "dimsum_jax.evaluate.sweep",
+  "dimsum_jax.evaluate.inception",
+)
 
 
 def _command():
@@ -32,6 +42,7 @@ def _command():
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     module.seen.append((module.FLAGS.name, module.FLAGS.n))
     return 7
+
   module.main = main
   return module
 
@@ -39,7 +50,7 @@ def _command():
 def test_call_parses_afresh_each_time():
   command = _command()
   assert command_line.call(command, ["--name=a", "--n", "5"]) == 7
-  assert command_line.call(command, ["--name=b"]) == 7   # --n is back at its default
+  assert command_line.call(command, ["--name=b"]) == 7  # --n is back at its default
   assert command.seen == [("a", 5), ("b", 3)]
 
 
@@ -68,8 +79,12 @@ def test_commands_import_together_and_keep_clear_of_absls_flags():
   """Importing every command into one process defines nothing twice, nothing on absl's global
   FLAGS, and no flag of absl's own (what command_line.run adds each command's flags to)."""
   app.define_help_flags()
-  absl_own = {flag.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
-              if module.startswith("absl.") for flag in defined} | {"flagfile", "undefok"}
+  absl_own = {
+    flag.name
+    for module, defined in flags.FLAGS.flags_by_module_dict().items()
+    if module.startswith("absl.")
+    for flag in defined
+  } | {"flagfile", "undefok"}
   assert {"help", "helpshort", "verbosity", "logtostderr", "only_check_args"} <= absl_own
   for name in COMMANDS:
     module = importlib.import_module(name)

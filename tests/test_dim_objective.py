@@ -4,6 +4,7 @@ probability-flow ODE of the discrete model (diffrax), DPM-Solver (against a NumP
 of upstream's dpm_solver_pp.py, a Gaussian closed form and a tight diffrax solve), and U-ViT
 guidance. Float64 references; random inputs from stated seeds (named on failure).
 """
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,12 @@ def _cfg(**kw):
 def _alphabar():
   """Independent of transport: Stable Diffusion's betas written out, float64."""
   n = np.arange(1, N + 1)
-  betas = (0.00085 ** 0.5 + (n - 1) / (N - 1) * (0.012 ** 0.5 - 0.00085 ** 0.5)) ** 2
+  betas = (0.00085**0.5 + (n - 1) / (N - 1) * (0.012**0.5 - 0.00085**0.5)) ** 2
   return np.cumprod(1.0 - betas)
 
 
 # ---------------------------------------------------------------- schedule
+
 
 def test_schedule_is_stable_diffusions_scaled_linear():
   """alphabar against the betas written out and against upstream's float32 table values (the
@@ -54,8 +56,12 @@ def test_continuous_schedule_is_dpm_solvers_discrete_one(seed):
   differences inside a segment), NumPy and JAX alike."""
   rng = np.random.default_rng(seed)
   knots = np.arange(1, N + 1) / N
-  np.testing.assert_allclose(transport.discrete_log_alpha(knots)[0], 0.5 * np.log(_alphabar()),
-                             rtol=1e-12, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    transport.discrete_log_alpha(knots)[0],
+    0.5 * np.log(_alphabar()),
+    rtol=1e-12,
+    err_msg=f"seed {seed}",
+  )
   n = rng.integers(1, N, size=64)
   frac = rng.uniform(0.05, 0.95, size=64)
   tc = (n + frac) / N
@@ -70,7 +76,7 @@ def test_continuous_schedule_is_dpm_solvers_discrete_one(seed):
     t = 1.0 - tc
     a, s, da, ds = (np.asarray(v) for v in transport.path_coefficients("ScaledLinear", t))
     np.testing.assert_allclose(a, np.exp(want), rtol=1e-12)
-    np.testing.assert_allclose(a ** 2 + s ** 2, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(a**2 + s**2, 1.0, rtol=1e-12)
     h = 1e-7
     plus = transport.path_coefficients("ScaledLinear", t + h)
     minus = transport.path_coefficients("ScaledLinear", t - h)
@@ -79,6 +85,7 @@ def test_continuous_schedule_is_dpm_solvers_discrete_one(seed):
 
 
 # ---------------------------------------------------------------- training objective
+
 
 @seeds.each(0)
 def test_draw_noise_and_time_draws_every_step_uniformly(seed):
@@ -122,16 +129,27 @@ def test_loss_at_is_lsimple(seed):
 
 
 def test_objective_choices_are_validated():
-  assert transport.canonical_path("scaled_linear") == "ScaledLinear"   # diffusers' spelling
+  assert transport.canonical_path("scaled_linear") == "ScaledLinear"  # diffusers' spelling
   with pytest.raises(ValueError, match="set transport.prediction='noise'") as e:
-    transport.loss_at(lambda *a: a[0], jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros(1),
-                      None, _cfg(prediction="velocity"))
+    transport.loss_at(
+      lambda *a: a[0],
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.zeros(1),
+      None,
+      _cfg(prediction="velocity"),
+    )
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="prediction='noise'"):
     sampling.make_sampling_velocity_fn(lambda *a: a[0], path_type="ScaledLinear")
-  config = ml_collections.ConfigDict({"transport": _cfg(), "sample": {"solver": "heun"},
-                                      "model": default_model_config(),
-                                      "optim": optim.default_optim_config()})
+  config = ml_collections.ConfigDict(
+    {
+      "transport": _cfg(),
+      "sample": {"solver": "heun"},
+      "model": default_model_config(),
+      "optim": optim.default_optim_config(),
+    }
+  )
   config.model.name = "DiM-L/2"
   train.check_choices(config)
   assert transport.time_interval(_cfg(), eval=True) == (0.0, 1.0 - 1e-3)
@@ -143,23 +161,33 @@ def test_train_batch_loss_on_a_dim(seed):
   LSimple computed by hand from the same draws."""
   rng = np.random.default_rng(seed)
   mc = default_model_config()
-  mc.update(name="DiM-L/2", hidden_size=32, depth=3, input_size=8, num_classes=10,
-            label_dropout=0.0, scan_impl="reference", remat="none")
+  mc.update(
+    name="DiM-L/2",
+    hidden_size=32,
+    depth=3,
+    input_size=8,
+    num_classes=10,
+    label_dropout=0.0,
+    scan_impl="reference",
+    remat="none",
+  )
   model = create_model(mc)
-  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
-                        dim_convert.abstract_params(model))
+  params = jax.tree.map(
+    lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+    dim_convert.abstract_params(model),
+  )
   x1 = jnp.asarray(rng.standard_normal((4, 8, 8, 4)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, size=4), jnp.int32)
   x0, t = transport.draw_noise_and_time(jax.random.key(seed), x1, _cfg())
   micro = {"x0": x0, "x1": x1, "t": t, "y": y}
 
   def both(params):
-    loss = train.batch_loss(params, micro, jax.random.key(1), model=model,
-                            transport_config=_cfg())
+    loss = train.batch_loss(params, micro, jax.random.key(1), model=model, transport_config=_cfg())
     n = transport.discrete_index(t)
     ab = jnp.asarray(_alphabar(), jnp.float32)[n - 1][:, None, None, None]
-    eps = model.apply({"params": params}, jnp.sqrt(ab) * x1 + jnp.sqrt(1 - ab) * x0,
-                      n.astype(jnp.float32), y)
+    eps = model.apply(
+      {"params": params}, jnp.sqrt(ab) * x1 + jnp.sqrt(1 - ab) * x0, n.astype(jnp.float32), y
+    )
     return loss, jnp.mean((eps - x0) ** 2)
 
   loss, manual = jax.jit(both, compiler_options=common.FAST)(params)
@@ -169,7 +197,7 @@ def test_train_batch_loss_on_a_dim(seed):
 
 # ---------------------------------------------------------------- Gaussian data: exact answers
 
-MU, S2 = 0.7, 0.5 ** 2    # data ~ N(MU, S2 I)
+MU, S2 = 0.7, 0.5**2  # data ~ N(MU, S2 I)
 
 
 def _exact_eps(x, t_cont):
@@ -191,14 +219,16 @@ def _exact_flow(x_T, t_from, t_to):
 def _diffrax_solve(eps_fn, x_T, tol):
   """The package's PF-ODE velocity of the discrete model (make_sampling_velocity_fn), solved by
   diffrax in float64 with the schedule's 1000 kinks as jump times."""
-  vf = sampling.make_sampling_velocity_fn(lambda x, t_net, y: eps_fn(x, t_net / N),
-                                          path_type="ScaledLinear", prediction="noise")
+  vf = sampling.make_sampling_velocity_fn(
+    lambda x, t_net, y: eps_fn(x, t_net / N), path_type="ScaledLinear", prediction="noise"
+  )
   term = diffrax.ODETerm(lambda t, x, _: vf(x, jnp.broadcast_to(t, (x.shape[0],))))
   t1 = 1.0 - 1e-3
   jumps = np.sort(1.0 - np.arange(2, N) / N)
   controller = diffrax.PIDController(rtol=tol, atol=tol, jump_ts=jumps[jumps < t1])
-  sol = diffrax.diffeqsolve(term, diffrax.Dopri8(), 0.0, t1, 1e-3, x_T,
-                            stepsize_controller=controller, max_steps=100_000)
+  sol = diffrax.diffeqsolve(
+    term, diffrax.Dopri8(), 0.0, t1, 1e-3, x_T, stepsize_controller=controller, max_steps=100_000
+  )
   return sol.ys[0]
 
 
@@ -211,15 +241,18 @@ def test_probability_flow_ode_of_the_discrete_model(seed):
   with jax.enable_x64(True):
     x = jax.jit(lambda x: _diffrax_solve(_exact_eps, x, 1e-12))(x_T)
   assert np.abs(np.asarray(x) - exact).max() < 1e-8, seed
-  vf = sampling.make_sampling_velocity_fn(lambda x, t_net, y: _exact_eps(x, t_net / N),
-                                          path_type="ScaledLinear", prediction="noise")
+  vf = sampling.make_sampling_velocity_fn(
+    lambda x, t_net, y: _exact_eps(x, t_net / N), path_type="ScaledLinear", prediction="noise"
+  )
   t0, t1 = transport.time_interval(_cfg(), eval=True)
-  res = jax.jit(lambda x: sampling.solve_ode(vf, x, solver="heun", num_steps=200, t0=t0,
-                                             t1=t1))(x_T.astype(np.float32))
+  res = jax.jit(lambda x: sampling.solve_ode(vf, x, solver="heun", num_steps=200, t0=t0, t1=t1))(
+    x_T.astype(np.float32)
+  )
   assert np.abs(np.asarray(res.x1) - exact).max() < 1e-3, seed
 
 
 # ---------------------------------------------------------------- DPM-Solver
+
 
 class UpstreamDPMSolver:
   """upstream dpm_solver_pp.py's DPM_Solver ('fast' and 'multistep', solver_type 'dpm_solver'),
@@ -258,8 +291,7 @@ class UpstreamDPMSolver:
     if self.x0:
       p11, p1 = np.expm1(-r1 * h), np.expm1(-h)
       m1 = self.model(sig(s1) / sig(s) * x - np.exp(la(s1)) * p11 * m, s1)
-      return (sig(t) / sig(s) * x - np.exp(la(t)) * p1 * m
-              - 0.5 / r1 * np.exp(la(t)) * p1 * (m1 - m))
+      return sig(t) / sig(s) * x - np.exp(la(t)) * p1 * m - 0.5 / r1 * np.exp(la(t)) * p1 * (m1 - m)
     p11, p1 = np.expm1(r1 * h), np.expm1(h)
     m1 = self.model(np.exp(la(s1) - la(s)) * x - sig(s1) * p11 * m, s1)
     return np.exp(la(t) - la(s)) * x - sig(t) * p1 * m - 0.5 / r1 * sig(t) * p1 * (m1 - m)
@@ -273,14 +305,17 @@ class UpstreamDPMSolver:
       p11, p12, p1 = np.expm1(-r1 * h), np.expm1(-r2 * h), np.expm1(-h)
       p22, p2 = np.expm1(-r2 * h) / (r2 * h) + 1, p1 / h + 1
       m1 = self.model(sig(s1) / sig(s) * x - np.exp(la(s1)) * p11 * m, s1)
-      m2 = self.model(sig(s2) / sig(s) * x - np.exp(la(s2)) * p12 * m
-                      + r2 / r1 * np.exp(la(s2)) * p22 * (m1 - m), s2)
+      m2 = self.model(
+        sig(s2) / sig(s) * x - np.exp(la(s2)) * p12 * m + r2 / r1 * np.exp(la(s2)) * p22 * (m1 - m),
+        s2,
+      )
       return sig(t) / sig(s) * x - np.exp(la(t)) * p1 * m + 1 / r2 * np.exp(la(t)) * p2 * (m2 - m)
     p11, p12, p1 = np.expm1(r1 * h), np.expm1(r2 * h), np.expm1(h)
     p22, p2 = np.expm1(r2 * h) / (r2 * h) - 1, p1 / h - 1
     m1 = self.model(np.exp(la(s1) - la(s)) * x - sig(s1) * p11 * m, s1)
-    m2 = self.model(np.exp(la(s2) - la(s)) * x - sig(s2) * p12 * m
-                    - r2 / r1 * sig(s2) * p22 * (m1 - m), s2)
+    m2 = self.model(
+      np.exp(la(s2) - la(s)) * x - sig(s2) * p12 * m - r2 / r1 * sig(s2) * p22 * (m1 - m), s2
+    )
     return np.exp(la(t) - la(s)) * x - sig(t) * p1 * m - 1 / r2 * sig(t) * p2 * (m2 - m)
 
   def multistep(self, x, ms, ts, t):
@@ -294,23 +329,37 @@ class UpstreamDPMSolver:
     if len(ms) == 2:
       if self.x0:
         return sig(t) / sig(ts[-1]) * x - a * (e - 1) * ms[-1] - 0.5 * a * (e - 1) * d10
-      return (np.exp(la(t) - la(ts[-1])) * x - sig(t) * (e - 1) * ms[-1]
-              - 0.5 * sig(t) * (e - 1) * d10)
+      return (
+        np.exp(la(t) - la(ts[-1])) * x - sig(t) * (e - 1) * ms[-1] - 0.5 * sig(t) * (e - 1) * d10
+      )
     r1 = (lam(ts[-2]) - lam(ts[-3])) / h
     d11 = (ms[-2] - ms[-3]) / r1
     d1, d2 = d10 + r0 / (r0 + r1) * (d10 - d11), (d10 - d11) / (r0 + r1)
     if self.x0:
-      return (sig(t) / sig(ts[-1]) * x - a * (e - 1) * ms[-1] + a * ((e - 1) / h + 1) * d1
-              - a * ((e - 1 + h) / h ** 2 - 0.5) * d2)
-    return (np.exp(la(t) - la(ts[-1])) * x - sig(t) * (e - 1) * ms[-1]
-            - sig(t) * ((e - 1) / h - 1) * d1 - sig(t) * ((e - 1 - h) / h ** 2 - 0.5) * d2)
+      return (
+        sig(t) / sig(ts[-1]) * x
+        - a * (e - 1) * ms[-1]
+        + a * ((e - 1) / h + 1) * d1
+        - a * ((e - 1 + h) / h**2 - 0.5) * d2
+      )
+    return (
+      np.exp(la(t) - la(ts[-1])) * x
+      - sig(t) * (e - 1) * ms[-1]
+      - sig(t) * ((e - 1) / h - 1) * d1
+      - sig(t) * ((e - 1 - h) / h**2 - 0.5) * d2
+    )
 
   def sample(self, x, steps, method, order=3, t_T=1.0, t_0=1e-3):
     ts = np.linspace(t_T, t_0, steps + 1)
     if method == "fast":
       k = steps // 3 + 1
-      orders = ([3] * (k - 2) + [2, 1] if steps % 3 == 0 else
-                [3] * (k - 1) + [1] if steps % 3 == 1 else [3] * (k - 1) + [2])
+      orders = (
+        [3] * (k - 2) + [2, 1]
+        if steps % 3 == 0
+        else [3] * (k - 1) + [1]
+        if steps % 3 == 1
+        else [3] * (k - 1) + [2]
+      )
       i = 0
       for o in orders:
         s, t = ts[i], ts[i + o]
@@ -347,8 +396,11 @@ def test_dpm_solver_is_upstreams_algorithm(method, predict_x0, steps):
   plan = sampling.dpm_solver_plan(steps, 3, method, predict_x0=predict_x0)
   np.testing.assert_allclose(plan.t, ref.calls, rtol=0, atol=1e-13)
   with jax.enable_x64(True):
-    x = jax.jit(lambda x: sampling.sample_dpm_solver(
-        _net, x, steps=steps, method=method, predict_x0=predict_x0)[0])(x_T)
+    x = jax.jit(
+      lambda x: sampling.sample_dpm_solver(
+        _net, x, steps=steps, method=method, predict_x0=predict_x0
+      )[0]
+    )(x_T)
   assert len(plan.t) == steps == len(ref.calls)
   assert np.abs(np.asarray(x) - want).max() < 1e-12 * np.abs(want).max()
 
@@ -375,8 +427,14 @@ def test_dpm_solver_on_gaussian_data(seed):
   err = lambda x: np.abs(np.asarray(x) - exact).max() / np.abs(exact).max()
   with jax.enable_x64(True):
     fast = err(sampling.sample_dpm_solver(_exact_eps, x_T, steps=200, skip_type="logSNR")[0])
-    multi = [err(sampling.sample_dpm_solver(_exact_eps, x_T, steps=n, skip_type="logSNR",
-                                            method="multistep")[0]) for n in (150, 300)]
+    multi = [
+      err(
+        sampling.sample_dpm_solver(
+          _exact_eps, x_T, steps=n, skip_type="logSNR", method="multistep"
+        )[0]
+      )
+      for n in (150, 300)
+    ]
     dim_default = err(sampling.sample_dpm_solver(_exact_eps, x_T)[0])
   assert fast < 5e-6 and multi[1] < 1e-5 and 0.2 < multi[1] / multi[0] < 0.3, (seed, fast, multi)
   assert dim_default < 2e-2, (seed, dim_default)
@@ -398,6 +456,7 @@ def test_dpm_solver_against_diffrax(seed):
 
 # ---------------------------------------------------------------- guidance and a real DiM
 
+
 @seeds.each(0)
 def test_uvit_guidance_and_dpm_solver_on_a_dim(seed):
   """U-ViT guidance is cond + s (cond - uncond) of two separate calls (= guided_velocity with
@@ -405,11 +464,20 @@ def test_uvit_guidance_and_dpm_solver_on_a_dim(seed):
   network traced once (one scan body) and called at 1000 t_cont."""
   rng = np.random.default_rng(seed)
   mc = default_model_config()
-  mc.update(name="DiM-L/2", hidden_size=32, depth=3, input_size=8, num_classes=10,
-            scan_impl="reference", remat="none")
+  mc.update(
+    name="DiM-L/2",
+    hidden_size=32,
+    depth=3,
+    input_size=8,
+    num_classes=10,
+    scan_impl="reference",
+    remat="none",
+  )
   model = create_model(mc)
-  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
-                        dim_convert.abstract_params(model))
+  params = jax.tree.map(
+    lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+    dim_convert.abstract_params(model),
+  )
   traces, times = [], []
 
   def net(x, t, y):
@@ -420,14 +488,20 @@ def test_uvit_guidance_and_dpm_solver_on_a_dim(seed):
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
   y = jnp.asarray([3, 7], jnp.int32)
   t = jnp.asarray([250.0, 250.0])
-  guided, cond, uncond, velocity_form = jax.jit(lambda x: (
-      sampling.uvit_guided_noise(net, x, t, y, 0.4, 10), net(x, t, y),
-      net(x, t, jnp.full_like(y, 10)), sampling.guided_velocity(net, x, t, y, 1.4, 10)),
-      compiler_options=common.FAST)(x)
+  guided, cond, uncond, velocity_form = jax.jit(
+    lambda x: (
+      sampling.uvit_guided_noise(net, x, t, y, 0.4, 10),
+      net(x, t, y),
+      net(x, t, jnp.full_like(y, 10)),
+      sampling.guided_velocity(net, x, t, y, 1.4, 10),
+    ),
+    compiler_options=common.FAST,
+  )(x)
   np.testing.assert_allclose(guided, cond + 0.4 * (cond - uncond), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(guided, velocity_form, rtol=1e-5, atol=1e-5)
   traces.clear()
   noise_fn = sampling.make_noise_fn(net, y, cfg_scale=0.4, null_label=10)
-  out, nfe = jax.jit(lambda x: sampling.sample_dpm_solver(noise_fn, x),
-                     compiler_options=common.FAST)(x)
+  out, nfe = jax.jit(
+    lambda x: sampling.sample_dpm_solver(noise_fn, x), compiler_options=common.FAST
+  )(x)
   assert nfe == 50 and len(traces) == 1 and np.isfinite(np.asarray(out)).all(), seed

@@ -4,6 +4,7 @@ Defaults (models.default_model_config): wavelet_impl=direct, remat=dots, attenti
 scan-order permutations differentiate through the gather of the inverse order (no scatter-add).
 Each is compared here with its reference setting on CPU (cuDNN's side runs under `pytest -m gpu`).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,16 +27,19 @@ def test_auto_attention_is_xla_off_gpu_and_equals_it():
   rng = np.random.default_rng(SEED)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 4, 8)), jnp.float32) for _ in range(3))
   assert not layers.cudnn_attention_supported(q)  # CPU, float32
-  np.testing.assert_array_equal(layers.attention(q, k, v, "auto"),
-                                layers.attention(q, k, v, "xla"))
+  np.testing.assert_array_equal(layers.attention(q, k, v, "auto"), layers.attention(q, k, v, "xla"))
   # float64 by hand against a NumPy softmax.
   q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
   s = np.einsum("bqhd,bkhd->bhqk", q64, k64) / np.sqrt(8)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  np.testing.assert_allclose(layers.attention(q, k, v, "auto"),
-                             np.einsum("bhqk,bkhd->bqhd", p, v64), rtol=1e-5, atol=1e-6,
-                             err_msg=f"seed {SEED}")
+  np.testing.assert_allclose(
+    layers.attention(q, k, v, "auto"),
+    np.einsum("bhqk,bkhd->bqhd", p, v64),
+    rtol=1e-5,
+    atol=1e-6,
+    err_msg=f"seed {SEED}",
+  )
 
 
 def test_cudnn_needs_a_gpu_and_says_what_to_set():
@@ -47,9 +51,11 @@ def test_cudnn_needs_a_gpu_and_says_what_to_set():
 @pytest.mark.parametrize("order", ["raster", "window", "zoo"])
 def test_permutation_gradient_is_the_inverse_gather(order):
   h = w = 8
-  perm = {"raster": scan_orders.raster_order(h, w, transpose=True, reverse=True),
-          "window": scan_orders.window_order(h, w, 4, column_first=True),
-          "zoo": scan_orders.jpeg_paths(h, w)[5]}[order]
+  perm = {
+    "raster": scan_orders.raster_order(h, w, transpose=True, reverse=True),
+    "window": scan_orders.window_order(h, w, 4, column_first=True),
+    "zoo": scan_orders.jpeg_paths(h, w)[5],
+  }[order]
   inverse = scan_orders.inverse_permutation(perm)
   rng = np.random.default_rng(SEED)
   x = jnp.asarray(rng.standard_normal((2, h * w, 3)), jnp.float32)
@@ -60,6 +66,7 @@ def test_permutation_gradient_is_the_inverse_gather(order):
 
   def plain(x):
     return jnp.sum(x[:, perm] * weight)
+
   np.testing.assert_array_equal(dimsum.permute_tokens(x, perm, inverse), np.asarray(x)[:, perm])
   # d/dx sum(x[:, perm] * w) = w[:, inverse]: exact (a permutation moves values, adds nothing).
   np.testing.assert_array_equal(jax.grad(ours)(x), np.asarray(weight)[:, inverse])

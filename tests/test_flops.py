@@ -1,4 +1,5 @@
 """Tests of dimsum_jax.tools.flops: parameter counts, hand-counted XLA flops, unrolled scans."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,10 +34,17 @@ def _hand_count_small_dimsum(D=512, N=16, depth=4):
   dt_rank d/16, d_state 16, MLP hidden 4D; one shared-attention application."""
   d, E, n, H = D // 2, D, 16, 4 * D
   r = d // 16
-  mixer = N * d * 2 * E + N * E * (r + 2 * n) + N * r * E + N * E * d   # in, x, dt, out proj
-  block = (2 * mixer + 2 * D * 3 * d                  # two mixers, two branch adaLNs
-           + 2 * N * d * 3 * d + 2 * 2 * N * N * d + N * D * D   # fusion qkv, attention, proj
-           + D * 3 * D + N * D * 2 * H + N * H * D)   # block adaLN, gated MLP
+  mixer = N * d * 2 * E + N * E * (r + 2 * n) + N * r * E + N * E * d  # in, x, dt, out proj
+  block = (
+    2 * mixer
+    + 2 * D * 3 * d  # two mixers, two branch adaLNs
+    + 2 * N * d * 3 * d
+    + 2 * 2 * N * N * d
+    + N * D * D  # fusion qkv, attention, proj
+    + D * 3 * D
+    + N * D * 2 * H
+    + N * H * D
+  )  # block adaLN, gated MLP
   shared = D * 6 * D + N * D * 3 * D + 2 * N * N * D + N * D * D + N * D * 2 * H + N * H * D
   top = N * 4 * 2 * 2 * D + 256 * D + D * D + D * 2 * D + N * D * 2 * 2 * 4
   return depth * block + shared + top
@@ -44,11 +52,11 @@ def _hand_count_small_dimsum(D=512, N=16, depth=4):
 
 # ---------------------------------------------------------------- parameters
 
+
 def _tiny_inputs(cfg, seed):
   """Random inputs (x, t) of the tiny model from `seed`, and the label 3."""
   rng = np.random.default_rng(seed)
-  x, t = (jnp.asarray(rng.uniform(size=s.shape), s.dtype)
-          for s in flops.example_inputs(cfg)[:2])
+  x, t = (jnp.asarray(rng.uniform(size=s.shape), s.dtype) for s in flops.example_inputs(cfg)[:2])
   return x, t, jnp.asarray([3], jnp.int32)
 
 
@@ -60,8 +68,10 @@ def tiny():
   model = models.create_model(cfg)
   variables = {"params": common.filled_params(model, cfg)}
   forward = lambda v, x, t, y: model.apply(v, x, t, y)
-  jitted = {"rolled": jax.jit(forward, compiler_options=flops.FAST_COMPILE),
-            "unrolled": jax.jit(flops.unroll_scans(forward), compiler_options=flops.FAST_COMPILE)}
+  jitted = {
+    "rolled": jax.jit(forward, compiler_options=flops.FAST_COMPILE),
+    "unrolled": jax.jit(flops.unroll_scans(forward), compiler_options=flops.FAST_COMPILE),
+  }
   return cfg, model, variables, jitted
 
 
@@ -81,7 +91,8 @@ def test_xla_counts_linear_and_attention_exactly():
   assert flops.xla_flops(lambda x, w: x @ w, S((m, k), F32), S((k, n), F32)) == 2 * m * k * n
   dense = lambda x, w, b: x @ w + b
   assert flops.xla_flops(dense, S((m, k), F32), S((k, n), F32), S((n,), F32)) == (
-      2 * m * k * n + m * n)
+    2 * m * k * n + m * n
+  )
 
   def attention(q, k, v):
     e = jnp.exp(q @ k.T)
@@ -95,6 +106,7 @@ def test_xla_counts_linear_and_attention_exactly():
 def test_scan_bodies_count_once_unless_unrolled():
   """A lax.scan of 4 matmuls [3, 5] @ [5, 5]: XLA's plain count holds one body (plus a couple of
   flops of loop bookkeeping); the tool's unrolled count is exactly 4 bodies."""
+
   def loop(h, ws):
     return jax.lax.scan(lambda h, w: (h @ w, None), h, ws)[0]
 
@@ -114,10 +126,13 @@ def test_param_count_is_sum_of_leaves(tiny):
   assert set(per) == set(variables["params"])
 
 
-@pytest.mark.parametrize("name,key", [
+@pytest.mark.parametrize(
+  "name,key",
+  [
     ("DiMSUM-B/2", "DiM-B/2 ImageNet-256 (1000 classes + null row)"),
     ("DiMSUM-L/2", "DiM-L/2 ImageNet-256 (1000 classes + null row)"),
-])
+  ],
+)
 def test_param_counts_match_upstream_manifest(name, key):
   """Per top-level module, against upstream's counts without the dead cond_proj layers."""
   upstream = manifest()["l2"]["param_counts"][key]
@@ -132,6 +147,7 @@ def test_param_counts_match_upstream_manifest(name, key):
 
 # ---------------------------------------------------------------- XLA counts
 
+
 def test_xla_count_matches_hand_count_of_matmuls():
   _, forward, args = _forward_and_args(_cfg(**SMALL))
   macs = flops.xla_flops(forward, *args) / 2
@@ -139,7 +155,8 @@ def test_xla_count_matches_hand_count_of_matmuls():
   # XLA also counts norms, activations, softmax and the scan's elementwise work: a few percent.
   assert hand <= macs <= 1.05 * hand, (macs, hand)
   assert flops.port_macs(flops.dimsum_components(models.create_model(_cfg(**SMALL)))) == (
-      hand + 4 * 2 * (16 * 512 * 4 + 3 * 16 * 512 * 16))    # + conv1d and scan terms
+    hand + 4 * 2 * (16 * 512 * 4 + 3 * 16 * 512 * 16)
+  )  # + conv1d and scan terms
 
 
 def test_xla_count_matches_hand_count_dit():
@@ -173,11 +190,17 @@ def test_unrolled_forward_computes_the_same_output(tiny, seed):
   inputs = _tiny_inputs(cfg, seed)
   out = jitted["rolled"](variables, *inputs)
   assert float(jnp.abs(out).max()) > 1e-2, f"seed {seed}"
-  np.testing.assert_allclose(jitted["unrolled"](variables, *inputs), out, rtol=1e-5,
-                             atol=1e-5 * float(jnp.abs(out).max()), err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    jitted["unrolled"](variables, *inputs),
+    out,
+    rtol=1e-5,
+    atol=1e-5 * float(jnp.abs(out).max()),
+    err_msg=f"seed {seed}",
+  )
 
 
 # ---------------------------------------------------------------- published numbers
+
 
 @pytest.mark.parametrize("input_size,published", [(32, 84.49), (64, 337.48)])
 def test_paper_convention_reproduces_published_gflops(input_size, published):
@@ -187,10 +210,17 @@ def test_paper_convention_reproduces_published_gflops(input_size, published):
   # The reference's hand estimate: about 4.9 G per block, 4.4 G per shared-attention
   # application, about 96 G in all (256 px).
   if input_size == 32:
-    block = sum(v for k, v in components.items()
-                if k.split(".")[0] in ("mamba", "branch", "fusion", "block")) / 16
-    shared = sum(v for k, v in components.items()
-                 if k.startswith("shared.") and not k.endswith("*")) / 4
+    block = (
+      sum(
+        v
+        for k, v in components.items()
+        if k.split(".")[0] in ("mamba", "branch", "fusion", "block")
+      )
+      / 16
+    )
+    shared = (
+      sum(v for k, v in components.items() if k.startswith("shared.") and not k.endswith("*")) / 4
+    )
     assert round(block / 1e9, 1) == 4.9 and round(shared / 1e9, 1) == 4.4
     assert round(flops.port_macs(components) / 1e9) == 96
 
@@ -222,8 +252,9 @@ def _hand_count_small_dim(depth, D=1024, h=4, w=4):
   L, N, E, n = 2 + 3 + (h + 3) * (w + 3), h * w, 2 * D, 16
   r = D // 16
   mixer = L * D * 2 * E + L * E * (r + 2 * n) + L * r * E + L * E * D
-  top = (N * 4 * 2 * 2 * D + 256 * D + D * D + D * 3 * D + 2 * N * D * 9 + D * 2 * D
-         + N * D * 2 * 2 * 4)
+  top = (
+    N * 4 * 2 * 2 * D + 256 * D + D * D + D * 3 * D + 2 * N * D * 9 + D * 2 * D + N * D * 2 * 2 * 4
+  )
   return depth * mixer + (depth - 1) // 2 * L * 2 * D * D + top
 
 
@@ -254,16 +285,23 @@ def test_xla_count_matches_hand_count_dim(capsys):
   assert two <= counts[5] - counts[3] <= 1.06 * two
 
 
-@pytest.mark.parametrize("name,input_size,params,gmacs", [
+@pytest.mark.parametrize(
+  "name,input_size,params,gmacs",
+  [
     ("DiM-L/2", 32, 386_063_376, 139.0),
     ("DiM-H/2", 32, 862_407_184, 310.5),
     ("DiM-H/2", 64, 863_586_832, 1043.5),
-])
+  ],
+)
 def test_dim_published_sizes(name, input_size, params, gmacs):
   """The README's DiM rows: parameters (jax.eval_shape; the official counts) and the analytic
   multiply-accumulates per image."""
-  cfg = _cfg(name=name, input_size=input_size, num_classes=1000,
-             dim_padding="rho_pad" if input_size == 64 else "lateral")
+  cfg = _cfg(
+    name=name,
+    input_size=input_size,
+    num_classes=1000,
+    dim_padding="rho_pad" if input_size == 64 else "lateral",
+  )
   model = models.create_model(cfg)
   total, _ = flops.param_counts(flops.abstract_params(model, flops.example_inputs(cfg)))
   assert total == params

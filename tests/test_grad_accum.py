@@ -7,6 +7,7 @@ times are drawn for the whole batch, so nothing else differs. AdamW runs with ep
 makes its first update -lr g / (|g| + 1): linear in the gradient, so a component near zero cannot
 flip from -lr to +lr on a rounding difference (with eps = 1e-8 the first update is lr sign(g)).
 """
+
 import json
 
 import jax
@@ -57,28 +58,40 @@ def test_accumulated_step_equals_the_whole_batch_step(tmp_path):
   for name in ('one_k4', 'eight_k4'):
     for got, want in zip(report[name]['metrics'], report['one_k1']['metrics']):
       for key in ('loss', 'grad_norm', 'param_norm', 'learning_rate'):
-        np.testing.assert_allclose(got[key], want[key], rtol=2e-6,
-                                   err_msg=f'{name} {key} (seed {SEED})')
+        np.testing.assert_allclose(
+          got[key], want[key], rtol=2e-6, err_msg=f'{name} {key} (seed {SEED})'
+        )
   states = np.load(out)
-  names = sorted(k[len('one_k1/'):] for k in states if k.startswith('one_k1/'))
+  names = sorted(k[len('one_k1/') :] for k in states if k.startswith('one_k1/'))
   assert any('.ema_params' in n for n in names) and any('.opt_state' in n for n in names)
   for name in ('one_k4', 'eight_k4'):
     for leaf in names:  # params, EMA, Adam moments and count, step, rng after two steps
       want = states['one_k1/' + leaf]
-      np.testing.assert_allclose(states[f'{name}/{leaf}'], want, rtol=1e-5,
-                                 atol=1e-6 * max(1.0, float(np.abs(want).max())),
-                                 err_msg=f'{name} {leaf} (seed {SEED})')
+      np.testing.assert_allclose(
+        states[f'{name}/{leaf}'],
+        want,
+        rtol=1e-5,
+        atol=1e-6 * max(1.0, float(np.abs(want).max())),
+        err_msg=f'{name} {leaf} (seed {SEED})',
+      )
   assert int(states['one_k4/.step']) == int(states['eight_k4/.step']) == 2
 
 
 def test_grad_accum_that_does_not_divide_the_device_batch_is_one_sentence(tmp_path):
   workdir = tmp_path / 'run'
-  r = train_util.run_python(['-m', 'dimsum_jax.main', *train_util.flags(
-      'smoke_dit', optim__grad_accum_steps=3), f'--workdir={workdir}'])
+  r = train_util.run_python(
+    [
+      '-m',
+      'dimsum_jax.main',
+      *train_util.flags('smoke_dit', optim__grad_accum_steps=3),
+      f'--workdir={workdir}',
+    ]
+  )
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: --config.optim.grad_accum_steps=3 does not divide the '
-                         'per-device batch of 16'), r.stderr[-2000:]
+  assert last.startswith(
+    'error: --config.optim.grad_accum_steps=3 does not divide the per-device batch of 16'
+  ), r.stderr[-2000:]
   assert '[1, 2, 4, 8, 16]' in last and 'Traceback' not in r.stderr
   assert not workdir.exists()
 
@@ -92,9 +105,9 @@ def test_fewest_passes_takes_the_largest_micro_batch_under_the_budget():
   np.testing.assert_allclose(plan.bytes(64, 1) / gib, 10 + 2 + memory.SLACK * 33)
   np.testing.assert_allclose(plan.bytes(32, 2) / gib, 10 + 4 + memory.SLACK * 17)
   assert memory.fewest_passes(64, plan, int(70 * gib)) == 1
-  assert memory.fewest_passes(64, plan, int(50 * gib)) == 2   # 58.2 > 46, 37.8 <= 46
-  assert memory.fewest_passes(64, plan, int(30 * gib)) == 4   # 37.8 > 27.6, 26.6 <= 27.6
-  assert memory.fewest_passes(48, plan, int(1 * gib)) == 48   # nothing fits: one image a pass
+  assert memory.fewest_passes(64, plan, int(50 * gib)) == 2  # 58.2 > 46, 37.8 <= 46
+  assert memory.fewest_passes(64, plan, int(30 * gib)) == 4  # 37.8 > 27.6, 26.6 <= 27.6
+  assert memory.fewest_passes(48, plan, int(1 * gib)) == 48  # nothing fits: one image a pass
   assert memory.divisors(12) == [1, 2, 3, 4, 6, 12]
 
 
@@ -105,6 +118,7 @@ def test_residual_estimate_grows_with_the_batch_as_the_activations_do():
 
   def loss_of_batch(b):
     return (lambda w, x: (x @ w).sum()), (w, jax.ShapeDtypeStruct((b, 3), np.float32))
+
   one, two = memory.residual_bytes(loss_of_batch, 1), memory.residual_bytes(loss_of_batch, 2)
   assert two - one == 3 * 4
 

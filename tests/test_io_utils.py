@@ -1,4 +1,5 @@
 """io_utils: a failed write leaves the old file whole and no temporary behind; the time format."""
+
 import json
 import os
 
@@ -27,7 +28,7 @@ def test_write_json_replaces_whole_and_a_failed_write_keeps_the_old_file(tmp_pat
 
 def test_hms():
   assert io_utils.hms(0) == '0h00m00s'
-  assert io_utils.hms(3725.9) == '1h02m05s'   # truncated, as a progress line
+  assert io_utils.hms(3725.9) == '1h02m05s'  # truncated, as a progress line
   assert io_utils.hms(100 * 3600 + 59) == '100h00m59s'
 
 

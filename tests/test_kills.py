@@ -15,6 +15,7 @@ The default suite kills each command twice; `pytest -m slow` ten times. A failur
 of the kill moments; the moments themselves depend on the machine's speed (they are drawn as
 fractions of the uninterrupted run's duration).
 """
+
 import functools
 import os
 import re
@@ -63,8 +64,13 @@ def loop_seconds(text, start, end):
 
 def launch(args, log, env=None):
   with open(log, 'w') as f:
-    return subprocess.Popen([sys.executable, *args], cwd=train_util.ROOT, stdout=f,
-                            stderr=subprocess.STDOUT, env=train_util.env(1, **(env or {})))
+    return subprocess.Popen(
+      [sys.executable, *args],
+      cwd=train_util.ROOT,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      env=train_util.env(1, **(env or {})),
+    )
 
 
 def kill_at(proc, log, marker, delay, before_kill=None):
@@ -123,10 +129,20 @@ def damage_newest(workdir):
 
 
 def train_args(workdir, cache, steps):
-  return ['-m', 'dimsum_jax.main', f'--workdir={workdir}', *train_util.flags(
-      'smoke_dit', num_train_steps=steps, checkpoint_every_steps=TRAIN_EVERY,
-      log_every_steps=TRAIN_EVERY, keep_checkpoints=3, sample__every_steps=-1,
-      compilation_cache_dir=cache)]
+  return [
+    '-m',
+    'dimsum_jax.main',
+    f'--workdir={workdir}',
+    *train_util.flags(
+      'smoke_dit',
+      num_train_steps=steps,
+      checkpoint_every_steps=TRAIN_EVERY,
+      log_every_steps=TRAIN_EVERY,
+      keep_checkpoints=3,
+      sample__every_steps=-1,
+      compilation_cache_dir=cache,
+    ),
+  ]
 
 
 def second_run_is_refused(live, workdir, cache, steps, seed):
@@ -136,9 +152,9 @@ def second_run_is_refused(live, workdir, cache, steps, seed):
   r = train_util.run_python(train_args(workdir, cache, steps))
   assert r.returncode == 1, f'seed {seed}: {r.stderr[-4000:]}'
   assert r.stderr.strip().splitlines()[-1] == (
-      f'error: Another training run, process {live.pid} on host {socket.gethostname()}, is '
-      f'training in {workdir}: wait for it to end or stop it, or pass another --workdir.'), (
-          f'seed {seed}: {r.stderr[-4000:]}')
+    f'error: Another training run, process {live.pid} on host {socket.gethostname()}, is '
+    f'training in {workdir}: wait for it to end or stop it, or pass another --workdir.'
+  ), f'seed {seed}: {r.stderr[-4000:]}'
   assert 'Traceback' not in r.stderr
   assert train_util.fingerprint(workdir) == before, f'seed {seed}'
 
@@ -160,8 +176,9 @@ def check_training_killed_at_random_moments(tmp_path, cache, seed, kills):
       # together the kills cover much of the run, which cannot end before the last one.
       delay = rng.uniform(0, 0.6 * seconds / kills)
       second = functools.partial(second_run_is_refused, proc, interrupted, cache, steps, seed)
-      if not kill_at(proc, logs[-1], 'Training from step', delay,
-                     before_kill=None if killed_at else second):
+      if not kill_at(
+        proc, logs[-1], 'Training from step', delay, before_kill=None if killed_at else second
+      ):
         break  # the run finished before this moment: nothing killed
     finally:
       if proc.poll() is None:
@@ -185,18 +202,23 @@ def check_training_killed_at_random_moments(tmp_path, cache, seed, kills):
   expected, expected_data = train_util.restore(straight, config)
   assert int(resumed.step) == steps, f'seed {seed}'
   assert resumed_data == expected_data, f'seed {seed}'
-  train_util.assert_trees_equal(resumed, expected,
-                                what=f'seed {seed}: resumed after kills at {killed_at} vs straight')
-  print(f'training, seed {seed}: {len(killed_at)} kills survived, at {killed_at}; '
-        f'{len(logs) - 1} runs killed or tried, checkpoint {step} damaged')
+  train_util.assert_trees_equal(
+    resumed, expected, what=f'seed {seed}: resumed after kills at {killed_at} vs straight'
+  )
+  print(
+    f'training, seed {seed}: {len(killed_at)} kills survived, at {killed_at}; '
+    f'{len(logs) - 1} runs killed or tried, checkpoint {step} damaged'
+  )
   return len(killed_at), len(logs) - 1
 
 
 @pytest.mark.parametrize('seed, kills', [SHORT, pytest.param(*LONG, marks=pytest.mark.slow)])
-def test_training_killed_at_random_moments_ends_bit_identical(tmp_path, tmp_path_factory, seed,
-                                                              kills):
+def test_training_killed_at_random_moments_ends_bit_identical(
+  tmp_path, tmp_path_factory, seed, kills
+):
   killed, _ = check_training_killed_at_random_moments(
-      tmp_path, train_util.xla_cache(tmp_path_factory), seed, kills)
+    tmp_path, train_util.xla_cache(tmp_path_factory), seed, kills
+  )
   assert killed == kills, f'seed {seed}: the run ended after {killed} of {kills} kills'
 
 
@@ -205,8 +227,13 @@ def test_training_killed_at_random_moments_ends_bit_identical(tmp_path, tmp_path
 
 def sample_args(checkpoint_dir, out, kills):
   settings = dict(SAMPLE_SETTINGS, num_samples=SAMPLES_PER_KILL * kills)
-  return ['-m', 'dimsum_jax.sample', f'--checkpoint={checkpoint_dir}', f'--out={out}',
-          *(f'--{k}={v}' for k, v in settings.items())]
+  return [
+    '-m',
+    'dimsum_jax.sample',
+    f'--checkpoint={checkpoint_dir}',
+    f'--out={out}',
+    *(f'--{k}={v}' for k, v in settings.items()),
+  ]
 
 
 def converted_model(root):
@@ -214,6 +241,7 @@ def converted_model(root):
   from dimsum_jax import convert  # pylint: disable=g-import-not-at-top
   from dimsum_jax import models  # pylint: disable=g-import-not-at-top
   from tests.models import common  # pylint: disable=g-import-not-at-top
+
   mc = common.tiny_config(in_channels=3)
   convert.save_params(str(root), common.filled_params(models.create_model(mc), mc), mc)
   return str(root)
@@ -237,8 +265,9 @@ def check_sampling_killed_at_random_moments(tmp_path, model, cache, seed, kills)
   rng = np.random.default_rng(seed)
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   env = dict(JAX_COMPILATION_CACHE_DIR=cache)
-  text = run_to_the_end(sample_args(model, straight, kills), str(tmp_path / 'straight.log'), seed,
-                        env)
+  text = run_to_the_end(
+    sample_args(model, straight, kills), str(tmp_path / 'straight.log'), seed, env
+  )
   seconds = loop_seconds(text, 'Compiled the sampler', 'Wrote ')
   killed_at, tried = [], 0
   while len(killed_at) < kills:
@@ -264,9 +293,11 @@ def check_sampling_killed_at_random_moments(tmp_path, model, cache, seed, kills)
 
 
 @pytest.mark.parametrize('seed, kills', [SHORT, pytest.param(*LONG, marks=pytest.mark.slow)])
-def test_sampling_killed_at_random_moments_gives_the_same_bytes(tmp_path, tmp_path_factory, seed,
-                                                               kills):
+def test_sampling_killed_at_random_moments_gives_the_same_bytes(
+  tmp_path, tmp_path_factory, seed, kills
+):
   model = converted_model(tmp_path / 'model')
   killed, _ = check_sampling_killed_at_random_moments(
-      tmp_path, model, train_util.xla_cache(tmp_path_factory), seed, kills)
+    tmp_path, model, train_util.xla_cache(tmp_path_factory), seed, kills
+  )
   assert killed == kills, f'seed {seed}: sampling ended after {killed} of {kills} kills'

@@ -7,6 +7,7 @@ decoder and metrics.image_grid); the latent set's rows are checked against the V
 mean of the images and of their mirrors, and the batches encoded in the step against posterior
 samples drawn by hand.
 """
+
 import json
 import os
 
@@ -22,7 +23,7 @@ from dimsum_jax.vae import model as vae_model
 from tests import train_util
 from tests.data.test_encode import SIZE, expected_latents, make_image_folder, make_vae_dir, read_set
 
-LATENT = SIZE // 2   # the tiny VAE halves once
+LATENT = SIZE // 2  # the tiny VAE halves once
 
 
 def latent_config(latents_dir, vae_dir):
@@ -46,7 +47,7 @@ def latent_config(latents_dir, vae_dir):
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
   c.optim.learning_rate = 1e-3
-  c.sample.every_steps = 0          # one grid, at the end
+  c.sample.every_steps = 0  # one grid, at the end
   c.sample.rows = 2
   c.sample.per_row = 2
   c.sample.num_steps = 2
@@ -60,11 +61,23 @@ def latent_set(tmp_path_factory):
   vae, params = make_vae_dir(root / "vae", seed=5)
   names = [f"class_a/{i}.png" for i in range(4)] + [f"class_b/{i}.png" for i in range(4)]
   paths = make_image_folder(root / "images", names, seed=5)
-  meta = encode.encode_dataset(dict(
-      dataset="image_folder", data_dir=str(root / "images"), vae=str(root / "vae"),
-      out=str(root / "latents"), image_size=SIZE, class_conditional=True, mode="mean",
-      batch_size=4, shard_size=8, log_every_s=0.0, num_workers=2, process_index=0,
-      process_count=1))
+  meta = encode.encode_dataset(
+    dict(
+      dataset="image_folder",
+      data_dir=str(root / "images"),
+      vae=str(root / "vae"),
+      out=str(root / "latents"),
+      image_size=SIZE,
+      class_conditional=True,
+      mode="mean",
+      batch_size=4,
+      shard_size=8,
+      log_every_s=0.0,
+      num_workers=2,
+      process_index=0,
+      process_count=1,
+    )
+  )
   return root, vae, params, paths, meta
 
 
@@ -87,9 +100,19 @@ def test_encode_train_sample_decode(latent_set):
   # Sample the EMA model (2 Euler steps, labels as the grid's rows) and decode.
   labels = np.asarray([0, 0, 1, 1], np.int32)
   x0 = jax.random.normal(jax.random.PRNGKey(config.sample.seed), (4, LATENT, LATENT, 4))
-  sample_fn = jax.jit(lambda p, x, y: train.sample(
-      p, x, y, model=models.create_model(config.model), transport_config=config.transport,
-      sample_config=config.sample, num_classes=2).x1)
+  sample_fn = jax.jit(
+    lambda p, x, y: (
+      train.sample(
+        p,
+        x,
+        y,
+        model=models.create_model(config.model),
+        transport_config=config.transport,
+        sample_config=config.sample,
+        num_classes=2,
+      ).x1
+    )
+  )
   sampled = sample_fn(state.ema_params, x0, labels)
   assert sampled.shape == (4, LATENT, LATENT, 4) and bool(np.isfinite(sampled).all())
   images = jax.jit(vae_model.latents_to_images, static_argnums=0)(vae, params, sampled)
@@ -110,36 +133,45 @@ def test_encode_train_sample_decode(latent_set):
   # starts from normal(fold_in(split(PRNGKey(seed))[0], i)) with label i % 2, so its samples are
   # train.sample from that noise, decoded (computed as rows 0-1 of a batch of 4, the shape the
   # jitted functions above were compiled for).
-  sample.run(out=str(root / "sampled"), workdir=str(workdir), num_samples=2, batch_size=2,
-             solver="euler", num_steps=2, pngs=False)
+  sample.run(
+    out=str(root / "sampled"),
+    workdir=str(workdir),
+    num_samples=2,
+    batch_size=2,
+    solver="euler",
+    num_steps=2,
+    pngs=False,
+  )
   with np.load(root / "sampled" / "samples.npz") as f:
     arr, sampled_labels = f["arr_0"], f["labels"]
   assert arr.dtype == np.uint8 and arr.shape == (2, SIZE, SIZE, 3)
   np.testing.assert_array_equal(sampled_labels, [0, 1])
   key = jax.random.split(jax.random.PRNGKey(0))[0]
-  x0 = np.stack([jax.random.normal(jax.random.fold_in(key, i), (LATENT, LATENT, 4))
-                 for i in range(4)])
+  x0 = np.stack(
+    [jax.random.normal(jax.random.fold_in(key, i), (LATENT, LATENT, 4)) for i in range(4)]
+  )
   want = np.asarray(pixels_of(sample_fn(state.ema_params, x0, np.asarray([0, 1, 0, 1], np.int32))))
-  difference = np.abs(arr.astype(int) - want[:2].astype(int))   # uint8 truncation may flip by 1
+  difference = np.abs(arr.astype(int) - want[:2].astype(int))  # uint8 truncation may flip by 1
   assert difference.max() <= 1 and np.mean(difference == 0) > 0.99
-  assert all(image.std() > 1 for image in arr)                  # decoded images, not constants
+  assert all(image.std() > 1 for image in arr)  # decoded images, not constants
 
 
 def test_a_latent_set_of_another_shape_is_one_sentence(latent_set):
   root = latent_set[0]
   config = latent_config(root / "latents", root / "vae")
-  config.data.image_size = SIZE                 # pixels, not the latent grid
+  config.data.image_size = SIZE  # pixels, not the latent grid
   config.model.input_size = SIZE
   with pytest.raises(SystemExit) as error:
     train.train_and_evaluate(config, str(root / "work_wrong_shape"))
   message = str(error.value)
-  assert "holds latents of shape [8, 8, 4] (h, w, c) but config.data asks for image_size=16" in (
-      message) and "\n" not in message
+  assert (
+    "holds latents of shape [8, 8, 4] (h, w, c) but config.data asks for image_size=16" in (message)
+    and "\n" not in message
+  )
   assert not os.path.exists(root / "work_wrong_shape" / "checkpoints")
 
 
-def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_path,
-                                                                monkeypatch):
+def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_path, monkeypatch):
   """Upstream's CelebA-HQ / LSUN way: pixels in the data, each batch encoded by the VAE in the
   step (config.vae.dir with a latent model). The latent shape is the VAE's own: this one halves
   once, so 16 px images give the [8, 8, 4] model input (the SD VAE's 8x is not assumed)."""
@@ -153,16 +185,17 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
   config.num_train_steps = 1
   config.checkpoint_every_steps = 1
   config.sample.every_steps = -1
-  config.model.name = "DiT-S/2"      # the encoding is the point: the cheapest model to compile
-  config.model.hidden_size = 48      # 6 heads of 8
-  config.model.attn_every = 4        # a DiMSUM field: back at its default for the DiT
+  config.model.name = "DiT-S/2"  # the encoding is the point: the cheapest model to compile
+  config.model.hidden_size = 48  # 6 heads of 8
+  config.model.attn_every = 4  # a DiMSUM field: back at its default for the DiT
   # A model sized for an 8x VAE is refused with the size this VAE gives, before any writing.
   config.model.input_size = SIZE // 8
   with pytest.raises(SystemExit) as error:
     train.train_and_evaluate(config, str(tmp_path / "work"))
   assert str(error.value) == (
-      f"error: The data gives [{SIZE}, {SIZE}, 3] inputs (VAE latents [8, 8, 4]) but the model "
-      f"expects [2, 2, 4]: set --config.model.input_size=8 --config.model.in_channels=4.")
+    f"error: The data gives [{SIZE}, {SIZE}, 3] inputs (VAE latents [8, 8, 4]) but the model "
+    f"expects [2, 2, 4]: set --config.model.input_size=8 --config.model.in_channels=4."
+  )
   assert not os.path.exists(tmp_path / "work")
   # A pixel model with a VAE set is refused too: its sample grids would be decoded as latents.
   pixel = config.copy_and_resolve_references()
@@ -170,9 +203,10 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
   with pytest.raises(SystemExit) as error:
     train.train_and_evaluate(pixel, str(tmp_path / "work"))
   assert str(error.value) == (
-      f"error: config.vae.dir is set but the model works on [{SIZE}, {SIZE}, 3] pixels, not the "
-      f"VAE's 4-channel latents: unset it (--config.vae.dir=) or set "
-      f"--config.model.in_channels=4 to train on VAE latents.")
+    f"error: config.vae.dir is set but the model works on [{SIZE}, {SIZE}, 3] pixels, not the "
+    f"VAE's 4-channel latents: unset it (--config.vae.dir=) or set "
+    f"--config.model.in_channels=4 to train on VAE latents."
+  )
   assert not os.path.exists(tmp_path / "work")
 
   seen = []  # (pixels, latents) of each step: the latents are the batch the step is given
@@ -185,7 +219,9 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
       latents = encode_fn(images, step)
       seen.append(jax.device_get((images, latents)))
       return latents
+
     return encode_and_record
+
   monkeypatch.setattr(train, "_make_encoder", recording_encoder)
 
   config.model.input_size = LATENT
@@ -200,11 +236,14 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
   pixels, latents = seen[0]
   batch = next(train_util.global_batches(config, 1))
   np.testing.assert_array_equal(pixels, batch["image"])
-  mean, logvar = (np.asarray(m, np.float64) for m in
-                  jax.jit(vae_model.encode, static_argnums=0)(vae, params, batch["image"]))
+  mean, logvar = (
+    np.asarray(m, np.float64)
+    for m in jax.jit(vae_model.encode, static_argnums=0)(vae, params, batch["image"])
+  )
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 0)
   noise = np.asarray(jax.random.normal(key, mean.shape), np.float64)
   assert latents.shape == (4, LATENT, LATENT, 4)
-  np.testing.assert_allclose(latents, (mean + np.exp(0.5 * logvar) * noise) * 0.18215,
-                             rtol=1e-5, atol=1e-6)
-  assert np.abs(latents - mean * 0.18215).max() > 1e-2   # a sample, not the posterior mean
+  np.testing.assert_allclose(
+    latents, (mean + np.exp(0.5 * logvar) * noise) * 0.18215, rtol=1e-5, atol=1e-6
+  )
+  assert np.abs(latents - mean * 0.18215).max() > 1e-2  # a sample, not the posterior mean

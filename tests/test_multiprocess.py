@@ -3,6 +3,7 @@
 Each test launches `python -m dimsum_jax.main` on CPU with a tiny DiT and compares what the
 processes saved with a run that was not split or not interrupted.
 """
+
 import os
 import re
 import signal
@@ -31,8 +32,12 @@ def free_port():
 
 
 def main_args(workdir, **overrides):
-  return ['-m', 'dimsum_jax.main', f'--workdir={workdir}', *train_util.flags('smoke_dit',
-                                                                             **overrides)]
+  return [
+    '-m',
+    'dimsum_jax.main',
+    f'--workdir={workdir}',
+    *train_util.flags('smoke_dit', **overrides),
+  ]
 
 
 def launch_two_processes(workdir, logdir, **overrides):
@@ -42,11 +47,17 @@ def launch_two_processes(workdir, logdir, **overrides):
   for i in range(2):
     log = os.path.join(logdir, f'process_{i}_{time.monotonic_ns()}.log')
     with open(log, 'w') as f:
-      procs.append(subprocess.Popen(
-          [sys.executable, *main_args(workdir, **overrides)], cwd=train_util.ROOT,
-          stdout=f, stderr=subprocess.STDOUT,
-          env=train_util.env(4, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-                             JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)))
+      procs.append(
+        subprocess.Popen(
+          [sys.executable, *main_args(workdir, **overrides)],
+          cwd=train_util.ROOT,
+          stdout=f,
+          stderr=subprocess.STDOUT,
+          env=train_util.env(
+            4, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i
+          ),
+        )
+      )
     logs.append(log)
   try:
     codes = [p.wait(timeout=400) for p in procs]
@@ -62,8 +73,9 @@ def launch_two_processes(workdir, logdir, **overrides):
 
 def test_two_processes_train_save_and_resume_together(tmp_path):
   workdir, cache = str(tmp_path / 'workdir'), str(tmp_path / 'xla_cache')
-  common = dict(checkpoint_every_steps=2, log_every_steps=2, sample__every_steps=-1,
-                compilation_cache_dir=cache)
+  common = dict(
+    checkpoint_every_steps=2, log_every_steps=2, sample__every_steps=-1, compilation_cache_dir=cache
+  )
   first = launch_two_processes(workdir, str(tmp_path), num_train_steps=2, **common)
   assert 'process 0 of 2, 4 local of 8 devices' in first[0]
   assert 'process 1 of 2, 4 local of 8 devices' in first[1]
@@ -85,24 +97,32 @@ def test_two_processes_train_save_and_resume_together(tmp_path):
   saved, data_state = train_util.restore(workdir, config)
   assert int(saved.step) == 4
   assert data_state == {'epoch': 0, 'index': 4 * 8}  # 8 of each process's 898 digits per step
-  train_util.assert_trees_close(saved, state, rtol=1e-5, atol=1e-6,
-                                what='two processes vs one')
+  train_util.assert_trees_close(saved, state, rtol=1e-5, atol=1e-6, what='two processes vs one')
 
 
 def test_sigterm_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
   steps, batch = 60, 64  # 3 840 digits: the run crosses two epoch boundaries of the 1 797
-  overrides = dict(num_train_steps=steps, checkpoint_every_steps=5, log_every_steps=5,
-                   sample__every_steps=-1, data__global_batch_size=batch,
-                   compilation_cache_dir=str(tmp_path / 'xla_cache'))
+  overrides = dict(
+    num_train_steps=steps,
+    checkpoint_every_steps=5,
+    log_every_steps=5,
+    sample__every_steps=-1,
+    data__global_batch_size=batch,
+    compilation_cache_dir=str(tmp_path / 'xla_cache'),
+  )
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   r = train_util.run_python(main_args(straight, **overrides))
   assert r.returncode == 0, r.stderr[-4000:]
 
   log = str(tmp_path / 'interrupted.log')
   with open(log, 'w') as f:
-    proc = subprocess.Popen([sys.executable, *main_args(interrupted, **overrides)],
-                            cwd=train_util.ROOT, stdout=f, stderr=subprocess.STDOUT,
-                            env=train_util.env(1))
+    proc = subprocess.Popen(
+      [sys.executable, *main_args(interrupted, **overrides)],
+      cwd=train_util.ROOT,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      env=train_util.env(1),
+    )
   try:
     deadline = time.monotonic() + 300
     while not os.path.isdir(os.path.join(interrupted, 'checkpoints', '5')):
@@ -127,7 +147,9 @@ def test_sigterm_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path)
   resumed, resumed_data = train_util.restore(interrupted, config)
   expected, expected_data = train_util.restore(straight, config)
   assert int(resumed.step) == steps and resumed_data == expected_data == {
-      'epoch': steps * batch // 1797, 'index': steps * batch % 1797}
+    'epoch': steps * batch // 1797,
+    'index': steps * batch % 1797,
+  }
   # Same program, same data, same keys: the interruption leaves no trace in the numbers.
   train_util.assert_trees_close(resumed, expected, rtol=0, atol=0, what='resumed vs straight')
   np.testing.assert_array_equal(np.asarray(resumed.rng), np.asarray(expected.rng))

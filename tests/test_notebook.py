@@ -1,5 +1,6 @@
 """notebooks/sampling.ipynb runs top to bottom on the small digits export and shows the grid that
 `python -m dimsum_jax.sample` writes for the same settings."""
+
 import base64
 import io
 import os
@@ -18,16 +19,26 @@ NOTEBOOK = os.path.join(ROOT, 'notebooks', 'sampling.ipynb')
 
 def _run_notebook(export_dir, monkeypatch, **extra_env):
   """(printed text, shown grid [h, w, 3] uint8) of the notebook on `export_dir` with SETTINGS."""
-  env = {'DIMSUM_CHECKPOINT': str(export_dir), 'DIMSUM_PER_CLASS': '1',
-         'DIMSUM_CFG_SCALE': str(SETTINGS['cfg_scale']), 'DIMSUM_SOLVER': SETTINGS['solver'],
-         'DIMSUM_NUM_STEPS': str(SETTINGS['num_steps']),
-         'DIMSUM_BATCH_SIZE': str(SETTINGS['batch_size']), 'DIMSUM_SEED': str(SETTINGS['seed']),
-         'JAX_PLATFORMS': 'cpu', **extra_env}
+  env = {
+    'DIMSUM_CHECKPOINT': str(export_dir),
+    'DIMSUM_PER_CLASS': '1',
+    'DIMSUM_CFG_SCALE': str(SETTINGS['cfg_scale']),
+    'DIMSUM_SOLVER': SETTINGS['solver'],
+    'DIMSUM_NUM_STEPS': str(SETTINGS['num_steps']),
+    'DIMSUM_BATCH_SIZE': str(SETTINGS['batch_size']),
+    'DIMSUM_SEED': str(SETTINGS['seed']),
+    'JAX_PLATFORMS': 'cpu',
+    **extra_env,
+  }
   for k, v in env.items():
     monkeypatch.setenv(k, v)  # the kernel inherits this environment
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
-                          resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}).execute()
+  nbclient.NotebookClient(
+    nb,
+    timeout=300,
+    kernel_name='python3',
+    resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}},
+  ).execute()
   text = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.outputs)
   pngs = [o['data']['image/png'] for o in nb.cells[-1].outputs if 'image/png' in o.get('data', {})]
   assert len(pngs) == 1
@@ -56,10 +67,12 @@ def test_notebook_samples_above_the_trained_size(tmp_path_factory, monkeypatch):
   """IMAGE_SIZE=16 with Upsample Guidance on the 8 px model shows the CLI's 16 px guided grid."""
   _, export_dir = digits_run(tmp_path_factory)
   out = tmp_path_factory.getbasetemp() / 'digits_samples_16'
-  sample.run(checkpoint=str(export_dir), out=str(out), image_size=16, upsample_guidance=1.0,
-             **SETTINGS)
+  sample.run(
+    checkpoint=str(export_dir), out=str(out), image_size=16, upsample_guidance=1.0, **SETTINGS
+  )
   reference = np.asarray(Image.open(out / 'grid.png'))
-  text, shown = _run_notebook(export_dir, monkeypatch, DIMSUM_IMAGE_SIZE='16',
-                              DIMSUM_UPSAMPLE_GUIDANCE='1.0')
+  text, shown = _run_notebook(
+    export_dir, monkeypatch, DIMSUM_IMAGE_SIZE='16', DIMSUM_UPSAMPLE_GUIDANCE='1.0'
+  )
   assert 'images (16, 16, 1)' in text
   _assert_shows(shown, reference)

@@ -5,6 +5,7 @@ CLI, corrupted weights, files derived from tiny.npz by dropping or reshaping arr
 single compilation. Random inputs come from the seed of each randomised test (tests/seeds.py:
 seed 0 in the default run, 51 seeds with -m slow), named in its id and failure messages.
 """
+
 import json
 import math
 
@@ -35,11 +36,28 @@ def test_tiny_float32_all_outputs():
   rows = parity.run_parity(str(golden_file("tiny.npz")), verbose=False)
   names = {r[0] for r in rows}
   # Final output, every block-0 intermediate, per-block outputs, shared attention and CFG.
-  assert {"out", "t_emb", "y_emb", "c", "tokens_in", "block0_norm_out",
-          "block0_spatial_mixer_in", "block0_spatial_mixer_out", "block0_spatial_out",
-          "block0_wavelet_mixer_in", "block0_wavelet_mixer_out", "block0_wavelet_out",
-          "block0_fusion_out", "block0_hidden_out", "block0_residual_out", "blocks_hidden_out",
-          "blocks_residual_out", "attn_block_out", "cfg_out", "final_layer_out"} <= names
+  assert {
+    "out",
+    "t_emb",
+    "y_emb",
+    "c",
+    "tokens_in",
+    "block0_norm_out",
+    "block0_spatial_mixer_in",
+    "block0_spatial_mixer_out",
+    "block0_spatial_out",
+    "block0_wavelet_mixer_in",
+    "block0_wavelet_mixer_out",
+    "block0_wavelet_out",
+    "block0_fusion_out",
+    "block0_hidden_out",
+    "block0_residual_out",
+    "blocks_hidden_out",
+    "blocks_residual_out",
+    "attn_block_out",
+    "cfg_out",
+    "final_layer_out",
+  } <= names
   _assert_all_ok(rows)
   # Upstream's own float32 run lands within 8.6e-6 of its float64 run; we are as close.
   assert max(r[2] for r in rows) < 2e-5
@@ -81,12 +99,23 @@ def test_cli_refuses_file_without_config(tmp_path):
     command_line.call(parity, [f"--golden={path}"])
 
 
-@pytest.mark.parametrize("key", [
-    "pos_embed", "x_embedder.proj.bias", "y_embedder.embedding_table.weight",
-    "blocks.0.norm.weight", "blocks.0.spatial_mamba.mixer.A_log", "blocks.0.spatial_mamba.mixer.D",
-    "blocks.0.spatial_mamba.mixer.conv1d.weight", "blocks.0.spatial_mamba.mixer.dt_proj.bias",
-    "blocks.0.freq_mamba.mixer.x_proj.weight", "blocks.7.norm_2.weight",
-    "attn_block.attn.qkv.bias", "final_layer.linear.weight"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "pos_embed",
+    "x_embedder.proj.bias",
+    "y_embedder.embedding_table.weight",
+    "blocks.0.norm.weight",
+    "blocks.0.spatial_mamba.mixer.A_log",
+    "blocks.0.spatial_mamba.mixer.D",
+    "blocks.0.spatial_mamba.mixer.conv1d.weight",
+    "blocks.0.spatial_mamba.mixer.dt_proj.bias",
+    "blocks.0.freq_mamba.mixer.x_proj.weight",
+    "blocks.7.norm_2.weight",
+    "attn_block.attn.qkv.bias",
+    "final_layer.linear.weight",
+  ],
+)
 def test_hashfill_reproduces_manifest_checksums(key):
   """The README's weight fill, against the checksums of the golden generator (one per rule)."""
   shape, total, first = manifest()["l2"]["forward"]["hashfill_checksums"][key]
@@ -121,8 +150,14 @@ def test_l2_published_size(tmp_path):
   del state
   rows = parity.run_parity(str(path), verbose=False)
   names = {r[0] for r in rows}
-  assert {"out", "c", "blocks_hidden_out_rms", "blocks_hidden_out_slice", "attn_block_out_rms",
-          "attn_block_out_slice"} <= names
+  assert {
+    "out",
+    "c",
+    "blocks_hidden_out_rms",
+    "blocks_hidden_out_slice",
+    "attn_block_out_rms",
+    "attn_block_out_slice",
+  } <= names
   _assert_all_ok(rows)
   assert max(r[2] for r in rows) < 2e-5
 
@@ -135,14 +170,23 @@ def test_tool_reads_other_sizes(tmp_path, seed):
   corrupted weight fails it."""
   input_size, depth, hidden, every = 24, 4, 64, 2
   mc = default_model_config()
-  mc.update(name="DiMSUM-L/2", input_size=input_size, depth=depth, hidden_size=hidden,
-            num_classes=0, scan_type="sweep_8", scan_impl="reference", attn_every=every)
+  mc.update(
+    name="DiMSUM-L/2",
+    input_size=input_size,
+    depth=depth,
+    hidden_size=hidden,
+    num_classes=0,
+    scan_type="sweep_8",
+    scan_impl="reference",
+    attn_every=every,
+  )
   model = create_model(mc)
   # Upstream names and shapes of every parameter, then the README's fill (non-zero everywhere).
   abstract = models.abstract_params(model, mc)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract)
   state = hashfill.fill_state_dict(
-      [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()], seed=3)
+    [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()], seed=3
+  )
   assert "blocks.3.freq_mamba.mixer.A_log" in state and "y_embedder.embedding_table.weight" in state
   params = convert.from_upstream(state, model, abstract)
   rng = np.random.default_rng(seed)
@@ -153,16 +197,31 @@ def test_tool_reads_other_sizes(tmp_path, seed):
     mc64.dtype = "float64"
     model64 = create_model(mc64)
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-    out = jax.jit(lambda p, x, t: model64.apply({"params": p}, x, t),
-                  compiler_options={"xla_backend_optimization_level": 0})(p64, x, t)
+    out = jax.jit(
+      lambda p, x, t: model64.apply({"params": p}, x, t),
+      compiler_options={"xla_backend_optimization_level": 0},
+    )(p64, x, t)
     out = np.asarray(out)
   assert out.dtype == np.float64 and 0.05 < np.abs(out).max() < 1e3, f"seed {seed}"
-  cfg = dict(hidden_size=hidden, depth=depth, patch_size=2, img_resolution=input_size,
-             in_channels=4, num_classes=1, label_dropout=0, use_attn_every_k_layers=every,
-             scan_type="sweep_8", learn_sigma=False)
-  arrays = dict(state, x=np.transpose(x, (0, 3, 1, 2)).astype(np.float32),
-                t=t.astype(np.float32), out_f64=np.transpose(out, (0, 3, 1, 2)),
-                config_json=np.array(json.dumps(cfg)))
+  cfg = dict(
+    hidden_size=hidden,
+    depth=depth,
+    patch_size=2,
+    img_resolution=input_size,
+    in_channels=4,
+    num_classes=1,
+    label_dropout=0,
+    use_attn_every_k_layers=every,
+    scan_type="sweep_8",
+    learn_sigma=False,
+  )
+  arrays = dict(
+    state,
+    x=np.transpose(x, (0, 3, 1, 2)).astype(np.float32),
+    t=t.astype(np.float32),
+    out_f64=np.transpose(out, (0, 3, 1, 2)),
+    config_json=np.array(json.dumps(cfg)),
+  )
   path = tmp_path / "own.npz"
   np.savez(path, **arrays)
   # x and t are rounded to float32 in the file: 6e-8 relative, far inside the 1e-4 tolerance.
@@ -188,8 +247,9 @@ def test_mismatched_checkpoint_names_the_keys():
   with pytest.raises(ValueError) as e:
     convert.from_upstream(broken, model, abstract)
   msg = str(e.value)
-  assert ("Mis-shaped keys (1): blocks.0.mlp.w3.weight: checkpoint [5, 5] vs expected [96, 384]"
-          in msg)
+  assert (
+    "Mis-shaped keys (1): blocks.0.mlp.w3.weight: checkpoint [5, 5] vs expected [96, 384]" in msg
+  )
   assert "no place for (1): blocks.0.unknown.weight" in msg
   # Missing parameters are named by their upstream keys.
   assert "does not provide (2): blocks.0.mlp.w3.weight, blocks.1.norm.weight" in msg
@@ -214,10 +274,12 @@ def test_upstream_round_trip_and_cond_proj_dropping():
   model = create_model(mc)
   params = convert.from_upstream(state, model, models.abstract_params(model, mc))
   np.testing.assert_array_equal(
-      params["groups"]["block_1"]["spatial_mamba"]["mixer"]["cond_proj"]["kernel"][0],
-      state["blocks.1.spatial_mamba.mixer.cond_proj.weight"].T)
+    params["groups"]["block_1"]["spatial_mamba"]["mixer"]["cond_proj"]["kernel"][0],
+    state["blocks.1.spatial_mamba.mixer.cond_proj.weight"].T,
+  )
   assert set(convert.to_upstream(params, model)) == set(state) - {
-      k for k in skipped if "cond_proj" not in k}
+    k for k in skipped if "cond_proj" not in k
+  }
 
 
 # --- golden files derived from tiny.npz ----------------------------------------------------------
@@ -240,7 +302,7 @@ def _unconditional_from_tiny(rows=(1, 1)):
   out = {}
   for key, value in data.items():
     if key.startswith("cfg_") or key == "y":
-      continue              # guidance needs a conditional model; an unconditional one takes no y
+      continue  # guidance needs a conditional model; an unconditional one takes no y
     if key in ("x", "t"):
       out[key] = value[list(rows)]
     elif key.endswith(("_f64", "_f32")):
@@ -261,8 +323,16 @@ def test_unconditional_with_the_label_embedding_per_row(tmp_path, capsys):
   np.savez(path, **arrays)
   rows = parity.run_parity(str(path), verbose=False)
   names = {r[0] for r in rows}
-  assert {"out", "t_emb", "y_emb", "c", "block0_hidden_out", "blocks_residual_out",
-          "attn_block_out", "final_layer_out"} <= names and "cfg_out" not in names
+  assert {
+    "out",
+    "t_emb",
+    "y_emb",
+    "c",
+    "block0_hidden_out",
+    "blocks_residual_out",
+    "attn_block_out",
+    "final_layer_out",
+  } <= names and "cfg_out" not in names
   _assert_all_ok(rows)
   assert max(r[2] for r in rows) < 2e-5
   assert command_line.call(parity, [f"--golden={path}"]) == 0
@@ -282,7 +352,7 @@ def _layouts(key, value, rng):
     shapes.append(value.shape[:-2] + (8, 8, value.shape[-1]))
   if value.ndim >= 2:
     axis = _batch_axis(key)
-    shapes.append(value.shape[:axis + 1] + (-1,))
+    shapes.append(value.shape[: axis + 1] + (-1,))
   if value.shape[0] == 1:
     shapes.append(value.shape[1:])
   return value.reshape(shapes[rng.integers(len(shapes))])
@@ -333,15 +403,20 @@ def test_a_reference_of_another_shape_fails_by_name(tmp_path, capsys):
   assert all(r[4] for name, r in rows.items() if name != "c")
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (lambda d: d.pop("y"), "has no labels `y` but its model is class-conditional (10 classes)"),
     (lambda d: d.pop("x"), "has no input `x`"),
     (lambda d: d.update(x=d["x"][:, :, :8]), "`x` is [3, 4, 8, 16] but the model"),
     (lambda d: d.update(config_json=np.array("{not json")), "`config_json` is not valid JSON"),
     (lambda d: d.pop("blocks.1.norm.weight"), "does not provide (1): blocks.1.norm.weight"),
-    (lambda d: [d.pop(k) for k in list(d) if k.endswith("_f64")],
-     "holds no reference array that this tool can compare"),
-])
+    (
+      lambda d: [d.pop(k) for k in list(d) if k.endswith("_f64")],
+      "holds no reference array that this tool can compare",
+    ),
+  ],
+)
 def test_files_that_cannot_be_checked_are_one_sentence(tmp_path, change, message):
   data = _tiny()
   change(data)
@@ -358,11 +433,13 @@ def test_missing_and_unreadable_files_are_one_sentence(tmp_path):
   junk.write_bytes(b"not an archive at all" * 10)
   truncated = tmp_path / "truncated.npz"
   data = golden_file("tiny.npz").read_bytes()
-  truncated.write_bytes(data[:len(data) // 2])
-  for path, message in ((tmp_path / "missing.npz", "does not exist"),
-                        (tmp_path, "is a directory"),
-                        (junk, "is not an .npz archive"),
-                        (truncated, "is not a readable .npz file")):
+  truncated.write_bytes(data[: len(data) // 2])
+  for path, message in (
+    (tmp_path / "missing.npz", "does not exist"),
+    (tmp_path, "is a directory"),
+    (junk, "is not an .npz archive"),
+    (truncated, "is not a readable .npz file"),
+  ):
     with pytest.raises(SystemExit) as e:
       command_line.call(parity, [f"--golden={path}"])
     text = str(e.value.code)

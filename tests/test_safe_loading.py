@@ -9,6 +9,7 @@ weights (dimsum_jax.vae.convert), golden .npz files (dimsum_jax.tools.parity) an
 (dimsum_jax.data.encode.finish). A normal upstream checkpoint, with its argparse.Namespace `args`,
 still converts.
 """
+
 import argparse
 import os
 import pickle
@@ -107,8 +108,9 @@ def test_convert_refuses_a_harmful_checkpoint(tmp_path, kind, where):
 def test_convert_cli_process_refuses_it_in_one_sentence(tmp_path):
   marker = tmp_path / "marker"
   path = _harmful_checkpoint(tmp_path / "evil.pt", RunsShell(marker), "args")
-  r = train_util.run_python(["-m", "dimsum_jax.convert", f"--upstream={path}",
-                             f"--out={tmp_path / 'out'}"], timeout=120)
+  r = train_util.run_python(
+    ["-m", "dimsum_jax.convert", f"--upstream={path}", f"--out={tmp_path / 'out'}"], timeout=120
+  )
   assert r.returncode == 1, r.stderr
   assert "Traceback" not in r.stderr, r.stderr
   assert r.stderr.strip().count("\n") == 0, r.stderr
@@ -193,10 +195,12 @@ def test_encode_verification_refuses_a_shard_holding_objects(tmp_path):
   verification pass refuses to read it, naming the shard."""
   out = tmp_path / "latents"
   part = out / encode.part_name(0, 1)
-  extra = dict(num_images=2, total_images=2, skipped=[], mode="mean", seed=0, dtype="float32",
-               crop="adm")
-  with latents_lib.LatentShardWriter(str(part), latent_shape=(2, 2, 4), num_classes=0,
-                                     shard_size=2, extra=extra) as writer:
+  extra = dict(
+    num_images=2, total_images=2, skipped=[], mode="mean", seed=0, dtype="float32", crop="adm"
+  )
+  with latents_lib.LatentShardWriter(
+    str(part), latent_shape=(2, 2, 4), num_classes=0, shard_size=2, extra=extra
+  ) as writer:
     writer.append(np.zeros((2, 2, 2, 4), np.float32), np.zeros(2, np.int32))
   shard = part / latents_lib.read_meta(str(part))["shards"][0]["latents"]
   marker = tmp_path / "marker"

@@ -5,6 +5,7 @@ with depth 1, trained for 2 steps and exported; built once per session (`digits_
 with tests/test_notebook.py. The samples are checked against a direct Euler loop over the model
 (`reference_samples`), written here from the documented conventions.
 """
+
 import importlib.util
 import json
 import logging
@@ -30,10 +31,9 @@ from dimsum_jax import sampling
 from tests import seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = 7   # of the samples' noise (and of the random weights below); -m slow tries 50 more
+SEED = 7  # of the samples' noise (and of the random weights below); -m slow tries 50 more
 # Two global batches of 8 for 10 samples (the second padded), CFG on, a cheap fixed-step solver.
-SETTINGS = dict(num_samples=10, batch_size=8, solver='euler', num_steps=4, cfg_scale=2.0,
-                seed=SEED)
+SETTINGS = dict(num_samples=10, batch_size=8, solver='euler', num_steps=4, cfg_scale=2.0, seed=SEED)
 
 
 def _digits_config():
@@ -55,6 +55,7 @@ def digits_run(tmp_path_factory):
   if not (export_dir / 'step.txt').exists():
     from dimsum_jax import export  # pylint: disable=g-import-not-at-top
     from dimsum_jax import train  # pylint: disable=g-import-not-at-top
+
     shutil.rmtree(base, ignore_errors=True)
     train.train_and_evaluate(_digits_config(), str(workdir))
     export.export(str(workdir), str(export_dir))
@@ -84,20 +85,31 @@ def load_npz(path):
 def reference_samples(export_dir, indices, labels, *, seed, num_steps, cfg_scale, latents=False):
   """`euler_samples` of the model and EMA weights of an export."""
   config, params = checkpoint.load_exported(str(export_dir))
-  return euler_samples(models.create_model(config.model), params, config.model, indices, labels,
-                       seed=seed, num_steps=num_steps, cfg_scale=cfg_scale, latents=latents)
+  return euler_samples(
+    models.create_model(config.model),
+    params,
+    config.model,
+    indices,
+    labels,
+    seed=seed,
+    num_steps=num_steps,
+    cfg_scale=cfg_scale,
+    latents=latents,
+  )
 
 
-def euler_samples(model, params, model_config, indices, labels, *, seed, num_steps, cfg_scale,
-                  latents=False):
+def euler_samples(
+  model, params, model_config, indices, labels, *, seed, num_steps, cfg_scale, latents=False
+):
   """Sample i from the documented noise (fold_in(split(PRNGKey(seed))[0], i)), then Euler steps
   of v = v_null + s (v_label - v_null) over [0, 1] with the conditional and null passes run
   separately; uint8 by upstream's 127.5 x + 128 (or the float latents). Takes the module and
   parameters directly, so it shares no loading code with the command it checks."""
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   noise_key = jax.random.split(jax.random.PRNGKey(seed))[0]
-  x = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(noise_key, int(i)), shape))
-                for i in indices]).astype(np.float64)
+  x = np.stack(
+    [np.asarray(jax.random.normal(jax.random.fold_in(noise_key, int(i)), shape)) for i in indices]
+  ).astype(np.float64)
   apply = jax.jit(lambda x, t, y: model.apply({'params': params}, x, t, y))
   n = model_config.num_classes
   y = jnp.asarray(labels, jnp.int32) if n else None
@@ -129,8 +141,7 @@ def test_samples_match_a_direct_euler_loop(run_dirs):
   images, labels = load_npz(out / 'samples.npz')
   assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 1)
   np.testing.assert_array_equal(labels, np.arange(10) % 10)  # every class, in order
-  expected = reference_samples(export_dir, range(10), labels, seed=SEED, num_steps=4,
-                               cfg_scale=2.0)
+  expected = reference_samples(export_dir, range(10), labels, seed=SEED, num_steps=4, cfg_scale=2.0)
   assert_close_uint8(images, expected)
   # One PNG per sample, the same pixels.
   pngs = sorted(os.listdir(out / 'images'))
@@ -142,7 +153,7 @@ def test_samples_match_a_direct_euler_loop(run_dirs):
   grid = np.asarray(Image.open(out / 'grid.png'))
   assert grid.shape == (2 + 10, 2 + 10 * 10, 3)
   for c in (0, 7):
-    np.testing.assert_array_equal(grid[2:10, 2 + 10 * c:10 + 10 * c, 0], images[c, ..., 0])
+    np.testing.assert_array_equal(grid[2:10, 2 + 10 * c : 10 + 10 * c, 0], images[c, ..., 0])
   summary = json.loads((out / 'summary.json').read_text())
   assert summary['nfe_per_batch'] == [4, 4] and summary['step'] == 2
   assert summary['batch_size'] == 8 and summary['num_batches'] == 2
@@ -154,17 +165,18 @@ def test_samples_match_a_direct_euler_loop_for_many_seeds(run_dirs, tmp_path):
   _, export_dir, _ = run_dirs
   for seed in seeds.seed_list(SEED)[1:]:
     out = tmp_path / f'seed{seed}'
-    sample.run(checkpoint=str(export_dir), out=str(out), pngs=False,
-               **dict(SETTINGS, seed=seed))
+    sample.run(checkpoint=str(export_dir), out=str(out), pngs=False, **dict(SETTINGS, seed=seed))
     images, labels = load_npz(out / 'samples.npz')
-    expected = reference_samples(export_dir, range(10), labels, seed=seed, num_steps=4,
-                                 cfg_scale=2.0)
+    expected = reference_samples(
+      export_dir, range(10), labels, seed=seed, num_steps=4, cfg_scale=2.0
+    )
     assert_close_uint8(images, expected, what=f'seed {seed}')
     shutil.rmtree(out)
 
 
-def test_interrupted_run_resumes_without_redoing_or_skipping(run_dirs, tmp_path, monkeypatch,
-                                                            caplog):
+def test_interrupted_run_resumes_without_redoing_or_skipping(
+  run_dirs, tmp_path, monkeypatch, caplog
+):
   _, export_dir, ref_out = run_dirs
   reference, _ = load_npz(ref_out / 'samples.npz')
   out = tmp_path / 'out'
@@ -197,10 +209,11 @@ def test_interrupted_run_resumes_without_redoing_or_skipping(run_dirs, tmp_path,
   monkeypatch.setattr(sampler.BatchSampler, '__call__', counting)
   caplog.set_level(logging.INFO, logger='absl')  # whatever verbosity earlier tests left
   summary = sample.run(checkpoint=str(export_dir), out=str(out), **SETTINGS)
-  assert sampled == [8]          # only the missing batch
+  assert sampled == [8]  # only the missing batch
   assert '2 global batches of 8, 1 already done' in caplog.text
-  assert re.search(r'Batch 2/2 \(samples 8-9\): NFE 4, [0-9.e+]+ samples/s, ETA 0h00m00s\.',
-                   caplog.text), caplog.text
+  assert re.search(
+    r'Batch 2/2 \(samples 8-9\): NFE 4, [0-9.e+]+ samples/s, ETA 0h00m00s\.', caplog.text
+  ), caplog.text
   images, _ = load_npz(out / 'samples.npz')
   np.testing.assert_array_equal(images, reference)
   assert summary['batches_sampled_now'] == 1 and summary['nfe_per_batch'] == [4, 4]
@@ -244,20 +257,30 @@ def test_bad_input_is_one_clear_sentence_and_writes_nothing(run_dirs, tmp_path):
     config['model']['hidden_size'] = 96
     (d / 'config.json').write_text(json.dumps(config))
   cases = [
-      (dict(checkpoint=str(tmp_path / 'nope')), r'--checkpoint=.*nope: no such directory\.$'),
-      (dict(checkpoint=str(workdir)), r'has config.json but no ema_params/'),
-      (dict(checkpoint=str(misfit)),
-       r'do not fit its config \(.* has shape \(.*\) there, the config needs \(.*\)\)'),
-      (dict(workdir=str(misfit_workdir)),
-       r'checkpoint of step 2 in .* does not fit config.json \(.* has shape \(.*\) there'),
-      (dict(checkpoint=str(export_dir), classes=[3, 10]),
-       r'^Class 10 is out of range: this model has 10 classes \(0 to 9\)\.$'),
-      (dict(checkpoint=str(export_dir), solver='rk4'),
-       r'^Unknown --solver=rk4: choose one of dopri5, euler, heun\.$'),
-      (dict(checkpoint=str(export_dir), mode='ddim'),
-       r'^Unknown --mode=ddim: use ode, sde or dpm\.$'),
-      (dict(checkpoint=str(export_dir), workdir=str(workdir)), r'exactly one of --checkpoint'),
-      (dict(), r'exactly one of --checkpoint'),
+    (dict(checkpoint=str(tmp_path / 'nope')), r'--checkpoint=.*nope: no such directory\.$'),
+    (dict(checkpoint=str(workdir)), r'has config.json but no ema_params/'),
+    (
+      dict(checkpoint=str(misfit)),
+      r'do not fit its config \(.* has shape \(.*\) there, the config needs \(.*\)\)',
+    ),
+    (
+      dict(workdir=str(misfit_workdir)),
+      r'checkpoint of step 2 in .* does not fit config.json \(.* has shape \(.*\) there',
+    ),
+    (
+      dict(checkpoint=str(export_dir), classes=[3, 10]),
+      r'^Class 10 is out of range: this model has 10 classes \(0 to 9\)\.$',
+    ),
+    (
+      dict(checkpoint=str(export_dir), solver='rk4'),
+      r'^Unknown --solver=rk4: choose one of dopri5, euler, heun\.$',
+    ),
+    (
+      dict(checkpoint=str(export_dir), mode='ddim'),
+      r'^Unknown --mode=ddim: use ode, sde or dpm\.$',
+    ),
+    (dict(checkpoint=str(export_dir), workdir=str(workdir)), r'exactly one of --checkpoint'),
+    (dict(), r'exactly one of --checkpoint'),
   ]
   for overrides, message in cases:
     with pytest.raises(sample.SampleError, match=message):
@@ -269,10 +292,14 @@ def test_failed_batches_are_reported():
   opts = sample.sampling_options(solver='dopri5', max_steps=64)
   images = jnp.zeros((2, 1, 1, 1), jnp.uint8)
   z = lambda v: jnp.asarray(v, jnp.int32)
-  with pytest.raises(sampling.ODESolveError, match=r'samples 8-9 stopped at --max_steps=64 .*'
-                     r'raise --max_steps, loosen --atol/--rtol, or use a fixed-step solver'):
-    sampler.check_batch_result((images, z(392), z(sampling.STATUS_MAX_STEPS), z(64), True), opts,
-                               '8-9')
+  with pytest.raises(
+    sampling.ODESolveError,
+    match=r'samples 8-9 stopped at --max_steps=64 .*'
+    r'raise --max_steps, loosen --atol/--rtol, or use a fixed-step solver',
+  ):
+    sampler.check_batch_result(
+      (images, z(392), z(sampling.STATUS_MAX_STEPS), z(64), True), opts, '8-9'
+    )
   with pytest.raises(sample.SampleError, match=r'NaN or inf for samples 0-7'):
     sampler.check_batch_result((images, z(20), z(0), z(3), False), opts, '0-7')
   assert sampler.check_batch_result((images, z(20), z(0), z(3), True), opts, '0-7') == (20, 3)
@@ -282,6 +309,7 @@ def test_every_sampling_option_is_a_flag_made_from_its_default():
   """sampling.SAMPLING_OPTIONS gives the command its flags (name, default, type, help) and run()
   its keyword options, so that an option is added in one place."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flag_values = flags.FlagValues()
   sample.define_option_flags(flag_values)
   assert set(sample.sampling_options()) == set(sampling.SAMPLING_OPTIONS) == set(flag_values)
@@ -290,19 +318,37 @@ def test_every_sampling_option_is_a_flag_made_from_its_default():
     assert flag_values[name].default == default and flag_values[name].help == help_text, name
     assert type(flag_values[name].value) is type(default), name
   flag_values(['sample', '--num_steps=7', '--per_sample', '--atol=1e-4', '--last_step=None'])
-  assert (flag_values.num_steps, flag_values.per_sample, flag_values.atol,
-          flag_values.last_step) == (7, True, 1e-4, 'None')
+  assert (
+    flag_values.num_steps,
+    flag_values.per_sample,
+    flag_values.atol,
+    flag_values.last_step,
+  ) == (7, True, 1e-4, 'None')
 
 
 def test_command_line_errors_exit_nonzero(run_dirs, tmp_path):
   _, export_dir, _ = run_dirs
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-m', 'dimsum_jax.sample', f'--checkpoint={export_dir}',
-                      f'--out={tmp_path / "out"}', '--num_samples=2', '--classes=0,11'],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'dimsum_jax.sample',
+      f'--checkpoint={export_dir}',
+      f'--out={tmp_path / "out"}',
+      '--num_samples=2',
+      '--classes=0,11',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 1, r.stderr[-2000:]
-  assert r.stderr.strip().splitlines()[-1] == ('error: Class 11 is out of range: this model has '
-                                               '10 classes (0 to 9).')
+  assert r.stderr.strip().splitlines()[-1] == (
+    'error: Class 11 is out of range: this model has 10 classes (0 to 9).'
+  )
   assert not (tmp_path / 'out').exists()
 
 
@@ -330,10 +376,19 @@ def test_same_seed_same_samples_on_1_and_8_devices(run_dirs, tmp_path):
   """Dopri5 with guidance: batches sharded over 8 (CPU) devices or on one give the same samples
   and take the same steps (the adaptive step sizes are shared by each global batch)."""
   _, export_dir, _ = run_dirs
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-             '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-c', _DEVICES, str(export_dir), str(tmp_path), str(SEED)],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
+    JAX_PLATFORMS='cpu',
+  )
+  r = subprocess.run(
+    [sys.executable, '-c', _DEVICES, str(export_dir), str(tmp_path), str(SEED)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(r.stdout.strip().splitlines()[-1])
   assert result['devices'] == [8, 1]
@@ -351,20 +406,38 @@ def _tiny_latent_export(root, vae_dir):
   from dimsum_jax import config_utils  # pylint: disable=g-import-not-at-top
   from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(SEED)
-  vae_config = dict(block_out_channels=[8, 8], layers_per_block=1, norm_num_groups=4,
-                    latent_channels=4, down_block_types=['DownEncoderBlock2D'] * 2,
-                    up_block_types=['UpDecoderBlock2D'] * 2)
+  vae_config = dict(
+    block_out_channels=[8, 8],
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+    down_block_types=['DownEncoderBlock2D'] * 2,
+    up_block_types=['UpDecoderBlock2D'] * 2,
+  )
   vae = vae_lib.vae_from_config(vae_config)
   vae_params = _random_like(vae_lib.abstract_params(vae), rng, 0.2)
   vae_lib.save_vae(str(vae_dir), vae_config, vae_params)
   config = config_utils.base_config()
-  config.model.update(name='DiT-S/2', depth=1, hidden_size=48, input_size=4, in_channels=4,
-                      num_classes=0, label_dropout=0.0)
+  config.model.update(
+    name='DiT-S/2',
+    depth=1,
+    hidden_size=48,
+    input_size=4,
+    in_channels=4,
+    num_classes=0,
+    label_dropout=0.0,
+  )
   config.vae.dir = str(vae_dir)
   model = models.create_model(config.model)
-  params = _random_like(jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,)), None))['params'], rng, 0.1)
+  params = _random_like(
+    jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,)), None)
+    )['params'],
+    rng,
+    0.1,
+  )
   os.makedirs(root)
   (root / 'config.json').write_text(config.to_json())
   with ocp.StandardCheckpointer() as checkpointer:
@@ -380,8 +453,10 @@ def test_latent_model_decodes_through_the_vae(tmp_path):
   images, labels = load_npz(tmp_path / 'out' / 'samples.npz')
   assert images.shape == (3, 8, 8, 3) and list(labels) == [0, 0, 0]
   from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  latents = reference_samples(export_dir, range(3), None, seed=SEED, num_steps=2, cfg_scale=1,
-                              latents=True)
+
+  latents = reference_samples(
+    export_dir, range(3), None, seed=SEED, num_steps=2, cfg_scale=1, latents=True
+  )
   decode = jax.jit(lambda z: vae_lib.latents_to_images(vae, vae_params, z))
   decoded = np.asarray(decode(jnp.asarray(latents, jnp.float32)))
   assert_close_uint8(images, np.clip(127.5 * decoded + 128.0, 0, 255).astype(np.uint8))
@@ -390,16 +465,24 @@ def test_latent_model_decodes_through_the_vae(tmp_path):
   config = json.loads((export_dir / 'config.json').read_text())
   config['vae']['dir'] = ''
   (export_dir / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(sample.SampleError, match=r'latent model \(4 channels\) and no VAE is '
-                     r'configured: pass --vae_dir=DIR'):
+  with pytest.raises(
+    sample.SampleError,
+    match=r'latent model \(4 channels\) and no VAE is '
+    r'configured: pass --vae_dir=DIR',
+  ):
     sample.run(checkpoint=str(export_dir), out=str(tmp_path / 'none'), **settings)
   with pytest.raises(sample.SampleError, match=r'The VAE directory .*empty has no config.json'):
-    sample.run(checkpoint=str(export_dir), out=str(tmp_path / 'none'),
-               vae_dir=str(tmp_path / 'empty'), **settings)
+    sample.run(
+      checkpoint=str(export_dir),
+      out=str(tmp_path / 'none'),
+      vae_dir=str(tmp_path / 'empty'),
+      **settings,
+    )
   assert not (tmp_path / 'none').exists()
   # --vae_dir supplies it.
-  sample.run(checkpoint=str(export_dir), out=str(tmp_path / 'flag'), vae_dir=str(vae_dir),
-             **settings)
+  sample.run(
+    checkpoint=str(export_dir), out=str(tmp_path / 'flag'), vae_dir=str(vae_dir), **settings
+  )
   np.testing.assert_array_equal(load_npz(tmp_path / 'flag' / 'samples.npz')[0], images)
 
 
@@ -410,25 +493,30 @@ def test_converted_upstream_layout_samples_like_a_direct_euler_loop(tmp_path):
   with class 9, the last real row, so a null index off by one would show."""
   from dimsum_jax import convert  # pylint: disable=g-import-not-at-top
   from tests.models import common  # pylint: disable=g-import-not-at-top
-  mc = common.tiny_config(in_channels=3)   # pixels: no VAE needed
+
+  mc = common.tiny_config(in_channels=3)  # pixels: no VAE needed
   model = models.create_model(mc)
   params = common.filled_params(model, mc)
   converted = tmp_path / 'converted'
   convert.save_params(str(converted), params, mc)
   assert sorted(os.listdir(converted)) == ['model_config.json', 'params']
-  settings = dict(num_samples=3, batch_size=4, classes=[9, 0], solver='euler', num_steps=3,
-                  cfg_scale=2.0, seed=SEED)
-  summary = sample.run(checkpoint=str(converted), out=str(tmp_path / 'out'), pngs=False,
-                       **settings)
+  settings = dict(
+    num_samples=3,
+    batch_size=4,
+    classes=[9, 0],
+    solver='euler',
+    num_steps=3,
+    cfg_scale=2.0,
+    seed=SEED,
+  )
+  summary = sample.run(checkpoint=str(converted), out=str(tmp_path / 'out'), pngs=False, **settings)
   images, labels = load_npz(tmp_path / 'out' / 'samples.npz')
   assert images.shape == (3, 8, 8, 3) and list(labels) == [9, 0, 9]
-  guided = euler_samples(model, params, mc, range(3), labels, seed=SEED, num_steps=3,
-                         cfg_scale=2.0)
+  guided = euler_samples(model, params, mc, range(3), labels, seed=SEED, num_steps=3, cfg_scale=2.0)
   assert_close_uint8(images, guided)
   # Not a trivial match: many pixels are unclipped, and guidance moves them.
   assert ((guided > 0) & (guided < 255)).mean() > 0.1
-  unguided = euler_samples(model, params, mc, range(3), labels, seed=SEED, num_steps=3,
-                           cfg_scale=1)
+  unguided = euler_samples(model, params, mc, range(3), labels, seed=SEED, num_steps=3, cfg_scale=1)
   assert np.abs(unguided.astype(int) - guided.astype(int)).max() > 8
   assert summary['source'] == str(converted) and summary['step'] is None
   assert summary['nfe_per_batch'] == [3] and summary['batch_size'] == 3
@@ -454,20 +542,35 @@ def test_two_processes_write_one_result(run_dirs, tmp_path):
     port = s.getsockname()[1]
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-               '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu',
-               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(
+    env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0',
+      JAX_PLATFORMS='cpu',
+      JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+      JAX_NUM_PROCESSES='2',
+      JAX_PROCESS_ID=str(pid),
+    )
+    procs.append(
+      subprocess.Popen(
         [sys.executable, '-c', _PROCESS, str(export_dir), str(tmp_path / 'out'), str(SEED)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (stdout, stderr) in zip(procs, outputs):
     assert p.returncode == 0 and 'done' in stdout, stderr[-3000:]
   chunks = sorted(os.listdir(tmp_path / 'out' / 'chunks'))
   # Each process wrote its own rows of each global batch (2 devices x 2 rows each).
-  assert chunks == ['000000000-000000004.npz', '000000004-000000008.npz',
-                    '000000008-000000012.npz', '000000012-000000016.npz']
+  assert chunks == [
+    '000000000-000000004.npz',
+    '000000004-000000008.npz',
+    '000000008-000000012.npz',
+    '000000012-000000016.npz',
+  ]
   images, _ = load_npz(tmp_path / 'out' / 'samples.npz')
   assert_close_uint8(images, load_npz(ref_out / 'samples.npz')[0])
   assert len(os.listdir(tmp_path / 'out' / 'images')) == 10

@@ -8,6 +8,7 @@ U-ViT guidance eps_c + s (eps_c - eps_u) at DiM's network time 1000 t_cont, thro
 `sampling.sample_dpm_solver` (itself checked against closed forms and diffrax in
 tests/test_sampling.py); it shares no loading, noise or guidance code with the command.
 """
+
 import os
 import subprocess
 import sys
@@ -23,15 +24,23 @@ from dimsum_jax.tools import parity_dim
 from tests import seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 6          # DPM-Solver model evaluations: orders 3, 2, 1 over the grid
+STEPS = 6  # DPM-Solver model evaluations: orders 3, 2, 1 over the grid
 U_VIT_SCALE = 0.4  # DiM's ImageNet-256 guidance, --cfg_scale = 1 + 0.4
-FAST = {"xla_backend_optimization_level": 0}   # values, not speed, are checked
+FAST = {"xla_backend_optimization_level": 0}  # values, not speed, are checked
 
 
 def _model_config():
   mc = models.default_model_config()
-  mc.update(name="DiM-S/2", depth=3, hidden_size=32, input_size=8, in_channels=3,
-            num_classes=10, label_dropout=0.1, scan_impl="reference")
+  mc.update(
+    name="DiM-S/2",
+    depth=3,
+    hidden_size=32,
+    input_size=8,
+    in_channels=3,
+    num_classes=10,
+    label_dropout=0.1,
+    scan_impl="reference",
+  )
   return mc
 
 
@@ -51,8 +60,9 @@ def dpm_reference(model, params, indices, labels, *, seed, steps, scale):
   """Sample i from the documented noise fold_in(split(PRNGKey(seed))[0], i), then DPM-Solver on
   the guided noise prediction, the two labels in separate calls; float64 result."""
   noise_key = jax.random.split(jax.random.PRNGKey(seed))[0]
-  x = jnp.stack([jax.random.normal(jax.random.fold_in(noise_key, int(i)), (8, 8, 3))
-                 for i in indices])
+  x = jnp.stack(
+    [jax.random.normal(jax.random.fold_in(noise_key, int(i)), (8, 8, 3)) for i in indices]
+  )
   y = jnp.asarray(labels, jnp.int32)
   null = jnp.full_like(y, 10)
 
@@ -62,8 +72,9 @@ def dpm_reference(model, params, indices, labels, *, seed, steps, scale):
       return cond
     return cond + scale * (cond - model.apply({"params": params}, x, 1000.0 * t_cont, null))
 
-  out, nfe = jax.jit(lambda x: sampling.sample_dpm_solver(noise, x, steps=steps),
-                     compiler_options=FAST)(x)
+  out, nfe = jax.jit(
+    lambda x: sampling.sample_dpm_solver(noise, x, steps=steps), compiler_options=FAST
+  )(x)
   assert int(nfe) == steps
   return np.asarray(out, np.float64)
 
@@ -77,24 +88,29 @@ def test_dpm_samples_match_a_direct_solve(converted, tmp_path, seed):
   out_dir, model, params = converted
   loaded = sample.load_model(checkpoint_dir=str(out_dir))
   assert (loaded.config.transport.path_type, loaded.config.transport.prediction) == (
-      "ScaledLinear", "noise")
+    "ScaledLinear",
+    "noise",
+  )
   labels = [9, 0, 9]
-  settings = dict(classes=[9, 0], batch_size=4, mode="dpm", dpm_steps=STEPS,
-                  cfg_scale=1 + U_VIT_SCALE, seed=seed)
-  opts = sample.sampling_options(**{k: v for k, v in settings.items() if k not in (
-      "classes", "batch_size")})
-  ours, got_labels, nfes = sample.generate(loaded, 3, classes=[9, 0], batch_size=4, opts=opts,
-                                           output="latents")
+  settings = dict(
+    classes=[9, 0], batch_size=4, mode="dpm", dpm_steps=STEPS, cfg_scale=1 + U_VIT_SCALE, seed=seed
+  )
+  opts = sample.sampling_options(
+    **{k: v for k, v in settings.items() if k not in ("classes", "batch_size")}
+  )
+  ours, got_labels, nfes = sample.generate(
+    loaded, 3, classes=[9, 0], batch_size=4, opts=opts, output="latents"
+  )
   assert list(got_labels) == labels and nfes == [STEPS], f"seed {seed}"
-  ref = dpm_reference(model, params, range(3), labels, seed=seed, steps=STEPS,
-                      scale=U_VIT_SCALE)
+  ref = dpm_reference(model, params, range(3), labels, seed=seed, steps=STEPS, scale=U_VIT_SCALE)
   rel = np.abs(ours - ref).max() / np.abs(ref).max()
   assert rel < 1e-4, (rel, f"seed {seed}")
   unguided = dpm_reference(model, params, range(3), labels, seed=seed, steps=STEPS, scale=0.0)
   assert np.abs(unguided - ref).max() > 0.05 * np.abs(ref).max(), f"seed {seed}"
 
-  summary = sample.run(checkpoint=str(out_dir), out=str(tmp_path / "out"), num_samples=3,
-                       pngs=False, **settings)
+  summary = sample.run(
+    checkpoint=str(out_dir), out=str(tmp_path / "out"), num_samples=3, pngs=False, **settings
+  )
   assert summary["nfe_per_batch"] == [STEPS] and summary["mode"] == "dpm"
   assert summary["dpm_steps"] == STEPS and "solver" not in summary
   with np.load(tmp_path / "out" / "samples.npz") as z:
@@ -104,8 +120,13 @@ def test_dpm_samples_match_a_direct_solve(converted, tmp_path, seed):
   assert images.shape == (3, 8, 8, 3) and diff.max() <= 1, f"seed {seed}"
   # Resuming into OUT with other steps is refused, as any other setting.
   with pytest.raises(sample.SampleError, match=r"other settings \(dpm_steps was 6, now 7\)"):
-    sample.run(checkpoint=str(out_dir), out=str(tmp_path / "out"), num_samples=3, pngs=False,
-               **dict(settings, dpm_steps=STEPS + 1))
+    sample.run(
+      checkpoint=str(out_dir),
+      out=str(tmp_path / "out"),
+      num_samples=3,
+      pngs=False,
+      **dict(settings, dpm_steps=STEPS + 1),
+    )
 
 
 def test_dpm_is_refused_for_other_objectives(converted, tmp_path):
@@ -123,11 +144,15 @@ def test_dpm_is_refused_for_other_objectives(converted, tmp_path):
     sample.run(checkpoint=str(export), out=str(out), num_samples=2, mode="dpm")
   path = config.transport.path_type
   assert str(e.value) == (
-      "--mode=dpm (DPM-Solver) samples models of DiM's discrete noise-prediction objective "
-      f"(transport path ScaledLinear), and this one was trained on path {path}: use "
-      "--mode=ode or --mode=sde.")
-  with pytest.raises(sample.SampleError, match=r"^--dpm_steps=2 is too few for DPM-Solver of "
-                     r"order 3: use at least 3 \(DiM uses 50\)\.$"):
+    "--mode=dpm (DPM-Solver) samples models of DiM's discrete noise-prediction objective "
+    f"(transport path ScaledLinear), and this one was trained on path {path}: use "
+    "--mode=ode or --mode=sde."
+  )
+  with pytest.raises(
+    sample.SampleError,
+    match=r"^--dpm_steps=2 is too few for DPM-Solver of "
+    r"order 3: use at least 3 \(DiM uses 50\)\.$",
+  ):
     sample.run(checkpoint=str(out_dir), out=str(out), num_samples=2, mode="dpm", dpm_steps=2)
   assert not out.exists()
 
@@ -137,10 +162,22 @@ def test_dpm_flags_of_the_command(converted, tmp_path):
   bad value ends in one sentence, exit status 1, no traceback."""
   assert sample.sampling_options(mode="dpm").dpm_steps == sampling.DPM_STEPS == 50
   out_dir, _, _ = converted
-  r = subprocess.run([sys.executable, "-m", "dimsum_jax.sample", f"--checkpoint={out_dir}",
-                      f"--out={tmp_path / 'out'}", "--mode=dpm", "--dpm_steps=1"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dimsum_jax.sample",
+      f"--checkpoint={out_dir}",
+      f"--out={tmp_path / 'out'}",
+      "--mode=dpm",
+      "--dpm_steps=1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
   assert "error: --dpm_steps=1 is too few for DPM-Solver of order 3" in r.stderr
   assert not (tmp_path / "out").exists()

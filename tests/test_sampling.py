@@ -12,6 +12,7 @@ e.g. for the Linear path (a = t, g = 1 - t): v = mu + (t s^2 - (1 - t)) / (t^2 s
 
 mu, s, x0 and the toy networks come from each test's seed (tests/seeds.py).
 """
+
 import os
 import subprocess
 import sys
@@ -32,11 +33,16 @@ def _transport_cfg(**kw):
   cfg.update(kw)
   return cfg
 
+
 # Independent closed forms (not transport.path_coefficients): t -> (a, g, a', g').
 COEFFS = {
-    "Linear": lambda t, xp=np: (t, 1 - t, 1 + 0 * t, -1 + 0 * t),
-    "GVP": lambda t, xp=np: (xp.sin(np.pi * t / 2), xp.cos(np.pi * t / 2),
-                             np.pi / 2 * xp.cos(np.pi * t / 2), -np.pi / 2 * xp.sin(np.pi * t / 2)),
+  "Linear": lambda t, xp=np: (t, 1 - t, 1 + 0 * t, -1 + 0 * t),
+  "GVP": lambda t, xp=np: (
+    xp.sin(np.pi * t / 2),
+    xp.cos(np.pi * t / 2),
+    np.pi / 2 * xp.cos(np.pi * t / 2),
+    -np.pi / 2 * xp.sin(np.pi * t / 2),
+  ),
 }
 
 
@@ -54,14 +60,17 @@ def gaussian_velocity(path, mu, s):
   def velocity_fn(x, t):
     A, B, _, _ = _affine_velocity(path, mu, s, t[:, None, None, None])
     return A * x + B
+
   return velocity_fn
 
 
 def counting(fn, log):
   """Wrap fn so that every executed evaluation appends its batch size to `log` (host side)."""
+
   def wrapped(x, *args):
     jax.debug.callback(lambda b: log.append(int(b)), jnp.asarray(x.shape[0]))
     return fn(x, *args)
+
   return wrapped
 
 
@@ -99,8 +108,7 @@ def test_noise_prediction_ode_from_sample_eps(seed):
   """A noise-predicting network (exact eps = E[x0 | x] = g (x - a mu) / S^2) sampled through
   make_sampling_velocity_fn on [eps, 1 - eps]: x(t1) = m_t1 + S_t1 / S_t0 (x0 - m_t0)."""
   mu, s, x0 = _problem(seed)
-  t0, t1 = transport.time_interval(
-      _transport_cfg(path_type="GVP", prediction="noise"), eval=True)
+  t0, t1 = transport.time_interval(_transport_cfg(path_type="GVP", prediction="noise"), eval=True)
   assert (t0, t1) == (1e-3, 1 - 1e-3)
 
   def noise_model(x, t, y):
@@ -110,7 +118,7 @@ def test_noise_prediction_ode_from_sample_eps(seed):
   vf = sampling.make_sampling_velocity_fn(noise_model, path_type="GVP", prediction="noise")
   x1, _ = sampling.sample_ode(vf, x0, t0=t0, t1=t1, atol=1e-7, rtol=1e-6)
   (a0, g0, _, _), (a1, g1, _, _) = COEFFS["GVP"](t0), COEFFS["GVP"](t1)
-  std0, std1 = np.sqrt(a0 ** 2 * s ** 2 + g0 ** 2), np.sqrt(a1 ** 2 * s ** 2 + g1 ** 2)
+  std0, std1 = np.sqrt(a0**2 * s**2 + g0**2), np.sqrt(a1**2 * s**2 + g1**2)
   exact = a1 * mu + std1 / std0 * (np.asarray(x0) - a0 * mu)
   np.testing.assert_allclose(x1, exact, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
 
@@ -151,13 +159,15 @@ def test_euler_order_one_heun_order_two(seed):
 
 def _toy_model(num_classes, channels, seed, log=None):
   """A label-dependent toy network; the null label (index num_classes) has its own embedding."""
-  emb = jnp.asarray(np.random.default_rng([seed, 1]).normal(size=(num_classes + 1, channels)),
-                    jnp.float32)
+  emb = jnp.asarray(
+    np.random.default_rng([seed, 1]).normal(size=(num_classes + 1, channels)), jnp.float32
+  )
 
   def model_fn(x, t, y):
     if log is not None:
       jax.debug.callback(lambda b: log.append(int(b)), jnp.asarray(x.shape[0]))
     return -x * (1.0 + t[:, None, None, None]) + emb[y][:, None, None, :]
+
   return model_fn
 
 
@@ -180,13 +190,15 @@ def test_guided_velocity(seed):
   # scale 4: uncond + 4 (cond - uncond), one call on the doubled batch.
   log.clear()
   out = sampling.guided_velocity(model, x, t, y, 4.0, num_classes)
-  np.testing.assert_allclose(out, uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5,
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    out, uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}"
+  )
   assert log == [2 * b]
   # A traced scale (one compiled function for all scales) gives the same values.
   f = jax.jit(lambda sc: sampling.guided_velocity(model, x, t, y, sc, num_classes))
-  np.testing.assert_allclose(f(4.0), uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5,
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    f(4.0), uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}"
+  )
   np.testing.assert_allclose(f(1.0), cond, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
 
 
@@ -198,8 +210,9 @@ def test_guidance_scale_one_costs_one_evaluation_per_step(seed):
   y = jnp.asarray(rng.integers(0, num_classes, size=b), jnp.int32)
   for scale, batch in ((1.0, b), (2.5, 2 * b)):
     log = []
-    vf = sampling.make_sampling_velocity_fn(_toy_model(num_classes, 2, seed, log), y,
-                                            cfg_scale=scale, null_label=num_classes)
+    vf = sampling.make_sampling_velocity_fn(
+      _toy_model(num_classes, 2, seed, log), y, cfg_scale=scale, null_label=num_classes
+    )
     _, nfe = sampling.sample_ode(vf, x0, solver="euler", num_steps=n)
     assert int(nfe) == n and log == [batch] * n
 
@@ -234,7 +247,7 @@ def test_per_sample_step_sizes(seed):
   # Each sample follows exactly the steps it would take alone.
   solo = jax.jit(lambda x: sampling.solve_ode(gaussian_velocity("GVP", mu, s), x))
   for i in (0, 3):
-    r = solo(x0[i:i + 1])
+    r = solo(x0[i : i + 1])
     assert int(r.num_steps) == steps[i], f"seed {seed}"
     np.testing.assert_allclose(res.x1[i], r.x1[0], rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
 
@@ -245,16 +258,18 @@ def test_per_sample_step_sizes_with_labels_and_guidance(seed):
   CFG), so every sample equals its solo solve with that label."""
   num_classes, b = 4, 3
   rng = np.random.default_rng(seed)
-  x0 = jnp.asarray(rng.normal(size=(b, 2, 2, 2)) * np.array([0.1, 1, 10])[:, None, None, None],
-                   jnp.float32)
+  x0 = jnp.asarray(
+    rng.normal(size=(b, 2, 2, 2)) * np.array([0.1, 1, 10])[:, None, None, None], jnp.float32
+  )
   y = jnp.asarray(rng.permutation(num_classes)[:b], jnp.int32)
-  vf = sampling.make_sampling_velocity_fn(_toy_model(num_classes, 2, seed), cfg_scale=3.0,
-                                          null_label=num_classes)
+  vf = sampling.make_sampling_velocity_fn(
+    _toy_model(num_classes, 2, seed), cfg_scale=3.0, null_label=num_classes
+  )
   res = jax.jit(lambda x, y: sampling.solve_ode(vf, x, per_sample=True, args=y))(x0, y)
   sampling.check_ode_result(res)
   solo = jax.jit(lambda x, y: sampling.solve_ode(vf, x, args=y))
   for i in range(b):
-    r = solo(x0[i:i + 1], y[i:i + 1])
+    r = solo(x0[i : i + 1], y[i : i + 1])
     assert int(r.num_steps) == int(res.num_steps[i]), f"seed {seed}"
     np.testing.assert_allclose(res.x1[i], r.x1[0], rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
   # The batch-shared solve with the same args agrees within the tolerances.
@@ -284,54 +299,79 @@ def _sde_moments(path, mu, s, *, n, t0, t1, last_step, last_step_size, method, d
       p2, q2 = drift(t + dt)
       gain = 1 + dt / 2 * (p1 + p2 * (1 + dt * p1))
       shift = dt / 2 * (q1 + p2 * dt * q1 + q2)
-      m, var = gain * m + shift, gain ** 2 * (var + c2)
+      m, var = gain * m + shift, gain**2 * (var + c2)
   if last_step == "Mean":
     p, q = drift(t1)
     m, var = m + last_step_size * (p * m + q), (1 + last_step_size * p) ** 2 * var
   elif last_step == "Tweedie":  # E[x1 | x] = mu + a s^2 (x - a mu) / S^2
     a, g, _, _ = COEFFS[path](t1)
     k = a * s * s / (a * a * s * s + g * g)
-    m, var = mu + k * (m - a * mu), k ** 2 * var
+    m, var = mu + k * (m - a * mu), k**2 * var
   return m, var
 
 
 @seeds.each()
-@pytest.mark.parametrize("path,method,form,last_step", [
+@pytest.mark.parametrize(
+  "path,method,form,last_step",
+  [
     ("Linear", "euler", "sigma", "Mean"),
     ("GVP", "heun", "linear", "Tweedie"),
-])
+  ],
+)
 def test_sde_endpoint_statistics(path, method, form, last_step, seed):
   mu, s, _ = _problem(seed, channels=2)
   batch = 8192
   x0 = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 0), (batch, 2, 2, 2))
   rng = jax.random.fold_in(jax.random.key(seed), 1)
   num_steps, lss = 80, 0.04
-  x1, nfe = jax.jit(lambda x, k: sampling.sample_sde(
-      gaussian_velocity(path, mu, s), x, k, path_type=path, num_steps=num_steps, method=method,
-      diffusion_form=form, last_step=last_step, last_step_size=lss))(x0, rng)
+  x1, nfe = jax.jit(
+    lambda x, k: sampling.sample_sde(
+      gaussian_velocity(path, mu, s),
+      x,
+      k,
+      path_type=path,
+      num_steps=num_steps,
+      method=method,
+      diffusion_form=form,
+      last_step=last_step,
+      last_step_size=lss,
+    )
+  )(x0, rng)
   n = num_steps if method == "euler" else num_steps // 2
   assert nfe == (n - 1) * (1 if method == "euler" else 2) + 1
   diffusion = {"sigma": lambda t: COEFFS[path](t)[1], "linear": lambda t: 1 - t}[form]
-  m_ref, v_ref = _sde_moments(path, mu, s, n=n, t0=0.0, t1=1 - lss, last_step=last_step,
-                              last_step_size=lss, method=method, diffusion=diffusion)
+  m_ref, v_ref = _sde_moments(
+    path,
+    mu,
+    s,
+    n=n,
+    t0=0.0,
+    t1=1 - lss,
+    last_step=last_step,
+    last_step_size=lss,
+    method=method,
+    diffusion=diffusion,
+  )
   x1 = np.asarray(x1, np.float64).reshape(-1, 2)
   count = x1.shape[0]
   mean, var = x1.mean(0), x1.var(0)
   # Monte-Carlo tolerance (5 standard errors) against the exact moments of the discrete scheme ...
-  np.testing.assert_array_less(np.abs(mean - m_ref), 5 * np.sqrt(v_ref / count),
-                               err_msg=f"seed {seed}")
-  np.testing.assert_array_less(np.abs(var - v_ref), 5 * v_ref * np.sqrt(2 / count),
-                               err_msg=f"seed {seed}")
+  np.testing.assert_array_less(
+    np.abs(mean - m_ref), 5 * np.sqrt(v_ref / count), err_msg=f"seed {seed}"
+  )
+  np.testing.assert_array_less(
+    np.abs(var - v_ref), 5 * v_ref * np.sqrt(2 / count), err_msg=f"seed {seed}"
+  )
   # ... and, looser (discretisation error), against the target N(mu, s^2).
-  np.testing.assert_allclose(mean, mu, atol=0.05 * s + 5 * s / np.sqrt(count),
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    mean, mu, atol=0.05 * s + 5 * s / np.sqrt(count), err_msg=f"seed {seed}"
+  )
   np.testing.assert_allclose(var, s * s, rtol=0.15, err_msg=f"seed {seed}")
 
 
 def test_sde_rejects_sbdm_at_zero():
   with pytest.raises(ValueError, match="SBDM"):
-    sampling.sample_sde(lambda x, t: x, jnp.zeros((1, 2)), jax.random.key(0),
-                        diffusion_form="SBDM")
+    sampling.sample_sde(lambda x, t: x, jnp.zeros((1, 2)), jax.random.key(0), diffusion_form="SBDM")
 
 
 _SHARDED = textwrap.dedent("""
@@ -365,9 +405,9 @@ _SHARDED = textwrap.dedent("""
 
 def test_sharded_batch_under_jit():
   """Samplers on a batch-sharded global array (4 CPU devices), no host transfers inside."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=root, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDED], env=env, cwd=root, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -4,6 +4,7 @@ The sharded step runs in a subprocess with 8 fake CPU devices and is compared wi
 step on one device; the optimiser pieces are compared with float64 NumPy loops and closed forms.
 Random inputs come from stated seeds (tests/seeds.py): one by default, 51 under -m slow.
 """
+
 import functools
 import json
 import math
@@ -110,15 +111,22 @@ print(json.dumps(dict(report, refusal=refusal, workdir_created=os.path.exists(ou
 '''
 
 
-@pytest.mark.parametrize('seed_list', [
+@pytest.mark.parametrize(
+  'seed_list',
+  [
     pytest.param([0], id='seed0'),
-    pytest.param(seeds.seed_list()[1:], id='seeds1-50', marks=pytest.mark.slow)])
+    pytest.param(seeds.seed_list()[1:], id='seeds1-50', marks=pytest.mark.slow),
+  ],
+)
 def test_sharded_step_equals_one_device_step(tmp_path, seed_list):
   """Each seed: its init key, batches; the EMA samples start from the first seed's noise."""
   out = str(tmp_path / 'out')
-  r = train_util.run_python(['-c', SHARDED_STEP, ','.join(map(str, seed_list)), out], devices=8,
-                            timeout=600 if len(seed_list) == 1 else 3600)
-  assert r.returncode == 0, r.stderr[-4000:]   # the numerical checks ran there, per seed
+  r = train_util.run_python(
+    ['-c', SHARDED_STEP, ','.join(map(str, seed_list)), out],
+    devices=8,
+    timeout=600 if len(seed_list) == 1 else 3600,
+  )
+  assert r.returncode == 0, r.stderr[-4000:]  # the numerical checks ran there, per seed
   report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report['seeds'] == len(seed_list)
   # The parameters are really split over the fsdp axis (not all replicated).
@@ -182,12 +190,17 @@ print(json.dumps(reports))
 '''
 
 
-@pytest.mark.parametrize('seed_list', [
+@pytest.mark.parametrize(
+  'seed_list',
+  [
     pytest.param([0], id='seed0'),
-    pytest.param(seeds.seed_list()[1:], id='seeds1-50', marks=pytest.mark.slow)])
+    pytest.param(seeds.seed_list()[1:], id='seeds1-50', marks=pytest.mark.slow),
+  ],
+)
 def test_bfloat16_step_keeps_float32_state_and_follows_the_float32_step(seed_list):
-  r = train_util.run_python(['-c', BF16_STEP, ','.join(map(str, seed_list))],
-                            timeout=300 if len(seed_list) == 1 else 3600)
+  r = train_util.run_python(
+    ['-c', BF16_STEP, ','.join(map(str, seed_list))], timeout=300 if len(seed_list) == 1 else 3600
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   reports = json.loads(r.stdout.strip().splitlines()[-1])
   assert [report['seed'] for report in reports] == seed_list
@@ -199,8 +212,9 @@ def test_bfloat16_step_keeps_float32_state_and_follows_the_float32_step(seed_lis
       assert run['init_dtypes'] == run['opt_dtypes'] == ['float32', 'int32'], run
     assert np.isfinite(bf16['loss']) and np.isfinite(bf16['grad_norm'])
     np.testing.assert_allclose(bf16['loss'], f32['loss'], rtol=1e-2, err_msg=f'seed {seed}')
-    np.testing.assert_allclose(bf16['grad_norm'], f32['grad_norm'], rtol=2e-2,
-                               err_msg=f'seed {seed}')
+    np.testing.assert_allclose(
+      bf16['grad_norm'], f32['grad_norm'], rtol=2e-2, err_msg=f'seed {seed}'
+    )
     # The update of every parameter, bfloat16 vs float32: close overall (measured ~5e-3
     # relative), and not equal, or the model would not have computed in bfloat16 at all; and
     # no element off by more than a tenth of the largest update.
@@ -233,10 +247,13 @@ def adamw_first_update(g, eps):
 def test_train_step_matches_closed_form(seed):
   rng = np.random.default_rng(seed)
   model, tx, step_fn = _closed_form_setup()
-  state = train.init_state(jax.random.PRNGKey(seed), model=model, tx=tx, image_shape=(4, 4, 1),
-                           conditional=True)
-  batch = {'image': rng.uniform(-1, 1, (8, 4, 4, 1)).astype(np.float32),
-           'label': rng.integers(0, 10, 8).astype(np.int32)}
+  state = train.init_state(
+    jax.random.PRNGKey(seed), model=model, tx=tx, image_shape=(4, 4, 1), conditional=True
+  )
+  batch = {
+    'image': rng.uniform(-1, 1, (8, 4, 4, 1)).astype(np.float32),
+    'label': rng.integers(0, 10, 8).astype(np.int32),
+  }
   new, metrics = step_fn(state, batch)
 
   # The same randomness as the step: fold in the step, split off the loss key, then (t, x0).
@@ -246,26 +263,32 @@ def test_train_step_matches_closed_form(seed):
   x0 = np.asarray(jax.random.normal(x_rng, (8, 4, 4, 1)), np.float64)
   x1 = batch['image'].astype(np.float64)
   a, s = np.sin(np.pi * t / 2)[:, None, None, None], np.cos(np.pi * t / 2)[:, None, None, None]
-  x_t = a * x1 + s * x0                                   # GVP path
-  u_t = np.pi / 2 * (s * x1 - a * x0)                     # its time derivative
-  apply = lambda p: model.apply({'params': p}, jnp.asarray(x_t, jnp.float32),
-                                jnp.asarray(t, jnp.float32), batch['label'])
+  x_t = a * x1 + s * x0  # GVP path
+  u_t = np.pi / 2 * (s * x1 - a * x0)  # its time derivative
+  apply = lambda p: model.apply(
+    {'params': p}, jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.float32), batch['label']
+  )
   v = np.asarray(apply(state.params), np.float64)
-  np.testing.assert_allclose(float(metrics['loss']), np.mean((v - u_t) ** 2), rtol=1e-5,
-                             err_msg=f'seed {seed}')
+  np.testing.assert_allclose(
+    float(metrics['loss']), np.mean((v - u_t) ** 2), rtol=1e-5, err_msg=f'seed {seed}'
+  )
 
   # Gradient of that loss, clipped to norm 0.05, then one AdamW step (float64 by hand).
   grads = jax.grad(lambda p: jnp.mean((apply(p) - jnp.asarray(u_t, jnp.float32)) ** 2))(
-      state.params)
-  g_norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2))
-                         for g in jax.tree.leaves(grads)))
-  np.testing.assert_allclose(float(metrics['grad_norm']), g_norm, rtol=1e-4,
-                             err_msg=f'seed {seed}')
+    state.params
+  )
+  g_norm = math.sqrt(
+    sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree.leaves(grads))
+  )
+  np.testing.assert_allclose(float(metrics['grad_norm']), g_norm, rtol=1e-4, err_msg=f'seed {seed}')
   assert g_norm > 0.05, f'the clip is not active (seed {seed})'
   lr, wd, eps = 3e-3, 0.01, 1e-8
-  for (path, p0), g, p1, e1 in zip(jax.tree_util.tree_leaves_with_path(state.params),
-                                   jax.tree.leaves(grads), jax.tree.leaves(new.params),
-                                   jax.tree.leaves(new.ema_params)):
+  for (path, p0), g, p1, e1 in zip(
+    jax.tree_util.tree_leaves_with_path(state.params),
+    jax.tree.leaves(grads),
+    jax.tree.leaves(new.params),
+    jax.tree.leaves(new.ema_params),
+  ):
     where = f'{jax.tree_util.keystr(path)} (seed {seed})'
     p0, g = np.asarray(p0, np.float64), np.asarray(g, np.float64) * 0.05 / g_norm
     # The step's float32 gradient and this one (computed in float32 in another order) differ
@@ -279,7 +302,7 @@ def test_train_step_matches_closed_form(seed):
     step = lambda gg: p0 - lr * (adamw_first_update(gg, eps) + wd * p0)
     low, high = step(g + dg), step(g - dg)
     expected = step(g)
-    slack = 1e-6 + 1e-5 * np.abs(expected)                # the former rtol=1e-5, atol=1e-6
+    slack = 1e-6 + 1e-5 * np.abs(expected)  # the former rtol=1e-5, atol=1e-6
     p1 = np.asarray(p1, np.float64)
     outside = (p1 < low - slack) | (p1 > high + slack)
     assert not outside.any(), (where, p1[outside], expected[outside], g[outside], dg)
@@ -287,47 +310,75 @@ def test_train_step_matches_closed_form(seed):
     firm = np.abs(g) > 100 * dg
     np.testing.assert_allclose(p1[firm], expected[firm], rtol=1e-5, atol=1e-6, err_msg=where)
     # EMA started as a copy of the initial parameters: ema = d p0 + (1 - d) p1.
-    np.testing.assert_allclose(np.asarray(e1), 0.9 * p0 + 0.1 * p1, rtol=1e-6, atol=1e-7,
-                               err_msg=where)
+    np.testing.assert_allclose(
+      np.asarray(e1), 0.9 * p0 + 0.1 * p1, rtol=1e-6, atol=1e-7, err_msg=where
+    )
   assert int(new.step) == 1
   np.testing.assert_allclose(float(metrics['learning_rate']), lr, rtol=1e-6)
-  np.testing.assert_allclose(float(metrics['param_norm']), math.sqrt(sum(
-      float(np.sum(np.asarray(p, np.float64) ** 2)) for p in jax.tree.leaves(new.params))),
-                             rtol=1e-5, err_msg=f'seed {seed}')
+  np.testing.assert_allclose(
+    float(metrics['param_norm']),
+    math.sqrt(
+      sum(float(np.sum(np.asarray(p, np.float64) ** 2)) for p in jax.tree.leaves(new.params))
+    ),
+    rtol=1e-5,
+    err_msg=f'seed {seed}',
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def _closed_form_setup():
   """(model, optimiser, jitted step) of test_train_step_matches_closed_form, compiled once for
   all seeds."""
-  config = train_util.digits_config(optim__learning_rate=3e-3, optim__weight_decay=0.01,
-                                    optim__grad_clip=0.05, optim__ema_decay=0.9)
+  config = train_util.digits_config(
+    optim__learning_rate=3e-3, optim__weight_decay=0.01, optim__grad_clip=0.05, optim__ema_decay=0.9
+  )
   model = TinyVelocity()
   schedule = optim.learning_rate_schedule(config.optim, config.num_train_steps)
   tx = optim.make_optimizer(config.optim, schedule)
-  return model, tx, jax.jit(functools.partial(
-      train.train_step, model=model, tx=tx, schedule=schedule, transport_config=config.transport,
-      ema_decay=config.optim.ema_decay, conditional=True))
+  return (
+    model,
+    tx,
+    jax.jit(
+      functools.partial(
+        train.train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        transport_config=config.transport,
+        ema_decay=config.optim.ema_decay,
+        conditional=True,
+      )
+    ),
+  )
 
 
 @seeds.each()
 def test_clipped_adamw_matches_numpy_over_several_steps(seed):
   """Three steps with gradients above the clip, weight decay on: optax chain vs float64 loop."""
   rng = np.random.default_rng(seed)
-  config = train_util.digits_config(optim__learning_rate=1e-2, optim__weight_decay=0.1,
-                                    optim__grad_clip=1.5, optim__b1=0.8, optim__b2=0.95,
-                                    optim__schedule='constant')
+  config = train_util.digits_config(
+    optim__learning_rate=1e-2,
+    optim__weight_decay=0.1,
+    optim__grad_clip=1.5,
+    optim__b1=0.8,
+    optim__b2=0.95,
+    optim__schedule='constant',
+  )
   tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 100))
-  params = {'w': rng.normal(size=(5, 3)).astype(np.float32),
-            'b': rng.normal(size=3).astype(np.float32)}
+  params = {
+    'w': rng.normal(size=(5, 3)).astype(np.float32),
+    'b': rng.normal(size=3).astype(np.float32),
+  }
   state = tx.init(params)
   ref = {k: v.astype(np.float64) for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in ref.items()}
   v2 = {k: np.zeros_like(v) for k, v in ref.items()}
-  scales = [0.5, 3.0, 10.0]                   # the first step is under the clip, the others over
+  scales = [0.5, 3.0, 10.0]  # the first step is under the clip, the others over
   for step, scale in enumerate(scales, start=1):
-    grads = {k: (scale * rng.normal(size=v.shape) / math.sqrt(18)).astype(np.float32)
-             for k, v in params.items()}
+    grads = {
+      k: (scale * rng.normal(size=v.shape) / math.sqrt(18)).astype(np.float32)
+      for k, v in params.items()
+    }
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     norm = math.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
@@ -336,18 +387,27 @@ def test_clipped_adamw_matches_numpy_over_several_steps(seed):
       g = grads[k].astype(np.float64) * factor
       m[k] = 0.8 * m[k] + 0.2 * g
       v2[k] = 0.95 * v2[k] + 0.05 * g * g
-      m_hat, v_hat = m[k] / (1 - 0.8 ** step), v2[k] / (1 - 0.95 ** step)
+      m_hat, v_hat = m[k] / (1 - 0.8**step), v2[k] / (1 - 0.95**step)
       ref[k] = ref[k] - 1e-2 * (m_hat / (np.sqrt(v_hat) + 1e-8) + 0.1 * ref[k])
     for k in ref:
-      np.testing.assert_allclose(np.asarray(params[k]), ref[k], rtol=2e-5, atol=1e-6,
-                                 err_msg=f'{k} after step {step} (seed {seed})')
+      np.testing.assert_allclose(
+        np.asarray(params[k]),
+        ref[k],
+        rtol=2e-5,
+        atol=1e-6,
+        err_msg=f'{k} after step {step} (seed {seed})',
+      )
 
 
 @pytest.mark.parametrize('kind', ['constant', 'cosine', 'linear'])
 def test_learning_rate_schedule_warmup_and_decay(kind):
   lr, end, warmup, total = 2e-3, 1e-5, 10, 50
-  config = train_util.digits_config(optim__learning_rate=lr, optim__end_learning_rate=end,
-                                    optim__warmup_steps=warmup, optim__schedule=kind)
+  config = train_util.digits_config(
+    optim__learning_rate=lr,
+    optim__end_learning_rate=end,
+    optim__warmup_steps=warmup,
+    optim__schedule=kind,
+  )
   schedule = optim.learning_rate_schedule(config.optim, total)
 
   def expected(s):
@@ -361,14 +421,18 @@ def test_learning_rate_schedule_warmup_and_decay(kind):
     return lr + (end - lr) * frac
 
   for s in [0, 1, 5, 9, 10, 11, 30, 49, 50]:
-    np.testing.assert_allclose(float(schedule(s)), expected(s), rtol=1e-5, atol=1e-12,
-                               err_msg=f'{kind} at step {s}')
+    np.testing.assert_allclose(
+      float(schedule(s)), expected(s), rtol=1e-5, atol=1e-12, err_msg=f'{kind} at step {s}'
+    )
 
 
 def test_unknown_schedule_is_refused():
   config = train_util.digits_config(optim__schedule='cosin')
-  with pytest.raises(ValueError, match="--config.optim.schedule=cosin is not a valid choice: use "
-                     "one of constant, cosine, linear."):
+  with pytest.raises(
+    ValueError,
+    match="--config.optim.schedule=cosin is not a valid choice: use "
+    "one of constant, cosine, linear.",
+  ):
     optim.learning_rate_schedule(config.optim, 10)
 
 
@@ -407,26 +471,41 @@ def _choice_error(flag, choices):
 # only when the step or the sampler is traced (or, loss_weight with velocity, never), so before
 # the checks these failed with a traceback after writing the workdir, or not at all.
 BAD_VALUES = [
-    ('transport.path_type=GVPP', _choice_error('transport.path_type=GVPP', _PATHS), False),
-    ('transport.path_type=GVPP', _choice_error('transport.path_type=GVPP', _PATHS), True),
-    ('sample.solver=eulr', _choice_error('sample.solver=eulr', 'dopri5, euler, heun'), True),
-    ('transport.t_sampling=lognormal',
-     _choice_error('transport.t_sampling=lognormal', 'uniform, logit_normal'), False),
-    ('transport.loss_weight=velocty',
-     _choice_error('transport.loss_weight=velocty', 'none, velocity, likelihood'), True),
-    ('model.scan_type=swep_4',
-     _choice_error('model.scan_type=swep_4', 'none, v2, sweep_8, sweep_4, zigma_8, jpeg_8, jpeg_2'),
-     False),
-    ('model.dtype=bf16', _choice_error('model.dtype=bf16', 'float32, bfloat16, float64'), False),
-    ('model.depth=3', 'error: config.model cannot be built: depth 3 must be a multiple of '
-     'attn_every 4.', True),
+  ('transport.path_type=GVPP', _choice_error('transport.path_type=GVPP', _PATHS), False),
+  ('transport.path_type=GVPP', _choice_error('transport.path_type=GVPP', _PATHS), True),
+  ('sample.solver=eulr', _choice_error('sample.solver=eulr', 'dopri5, euler, heun'), True),
+  (
+    'transport.t_sampling=lognormal',
+    _choice_error('transport.t_sampling=lognormal', 'uniform, logit_normal'),
+    False,
+  ),
+  (
+    'transport.loss_weight=velocty',
+    _choice_error('transport.loss_weight=velocty', 'none, velocity, likelihood'),
+    True,
+  ),
+  (
+    'model.scan_type=swep_4',
+    _choice_error('model.scan_type=swep_4', 'none, v2, sweep_8, sweep_4, zigma_8, jpeg_8, jpeg_2'),
+    False,
+  ),
+  ('model.dtype=bf16', _choice_error('model.dtype=bf16', 'float32, bfloat16, float64'), False),
+  (
+    'model.depth=3',
+    'error: config.model cannot be built: depth 3 must be a multiple of attn_every 4.',
+    True,
+  ),
 ]
 
 
-@pytest.mark.parametrize('flag, last_line, existing', BAD_VALUES,
-                         ids=[f'{f}-{"existing" if e else "fresh"}' for f, _, e in BAD_VALUES])
-def test_bad_value_is_one_sentence_and_the_workdir_is_untouched(tmp_path, flag, last_line,
-                                                                existing):
+@pytest.mark.parametrize(
+  'flag, last_line, existing',
+  BAD_VALUES,
+  ids=[f'{f}-{"existing" if e else "fresh"}' for f, _, e in BAD_VALUES],
+)
+def test_bad_value_is_one_sentence_and_the_workdir_is_untouched(
+  tmp_path, flag, last_line, existing
+):
   workdir = tmp_path / 'workdir'
   if existing:  # a run to resume: its config.json (which export reads) must stay as it was
     (workdir / 'checkpoints' / '2').mkdir(parents=True)
@@ -434,8 +513,15 @@ def test_bad_value_is_one_sentence_and_the_workdir_is_untouched(tmp_path, flag, 
     (workdir / 'checkpoints' / '2' / 'marker').write_text('step 2')
     before = train_util.fingerprint(workdir)
     assert 'config.json' in before
-  r = train_util.run_python(['-m', 'dimsum_jax.main', *train_util.flags('smoke'),
-                             f'--config.{flag}', f'--workdir={workdir}'])
+  r = train_util.run_python(
+    [
+      '-m',
+      'dimsum_jax.main',
+      *train_util.flags('smoke'),
+      f'--config.{flag}',
+      f'--workdir={workdir}',
+    ]
+  )
   assert r.returncode == 1, r.stderr[-4000:]
   assert r.stderr.strip().splitlines()[-1] == last_line, r.stderr[-4000:]
   assert 'Traceback' not in r.stderr
@@ -448,16 +534,21 @@ def test_bad_value_is_one_sentence_and_the_workdir_is_untouched(tmp_path, flag, 
 def test_other_spellings_that_the_step_reads_are_accepted():
   """The checks follow the readers: case, '-' for '_' and upstream's 'logitnormal' pass."""
   config = train_util.digits_config(
-      'smoke', transport__path_type='gvp', transport__prediction='Noise',
-      transport__loss_weight='Likelihood', transport__t_sampling='logitnormal',
-      sample__solver='Heun')
+    'smoke',
+    transport__path_type='gvp',
+    transport__prediction='Noise',
+    transport__loss_weight='Likelihood',
+    transport__t_sampling='logitnormal',
+    sample__solver='Heun',
+  )
   train.check_choices(config)
   t = transport.sample_time(jax.random.PRNGKey(0), 4, config.transport)  # the readers agree
   assert np.all(np.isfinite(np.asarray(transport.loss_weight(config.transport, t))))
   # Heun on dx/dt = -x: each step of h = 1/2 multiplies x by 1 - h + h^2 / 2 = 0.625.
-  x1 = sampling.solve_ode(lambda x, t: -x, jnp.ones([1]), solver=config.sample.solver,
-                          num_steps=2).x1
-  np.testing.assert_allclose(np.asarray(x1), [0.625 ** 2], rtol=1e-6)
+  x1 = sampling.solve_ode(
+    lambda x, t: -x, jnp.ones([1]), solver=config.sample.solver, num_steps=2
+  ).x1
+  np.testing.assert_allclose(np.asarray(x1), [0.625**2], rtol=1e-6)
 
 
 def test_mesh_that_does_not_fit_the_devices_is_refused(tmp_path):

@@ -1,5 +1,6 @@
 """Tests for dimsum_jax.transport against closed forms and NumPy references (random inputs from
 each test's seed, tests/seeds.py)."""
+
 import math
 
 import jax
@@ -24,8 +25,12 @@ def _np_coeffs(path, t):
   """Independent float64 NumPy closed forms (alpha, sigma, alpha', sigma')."""
   t = np.asarray(t, np.float64)
   if path == "GVP":
-    return (np.sin(np.pi * t / 2), np.cos(np.pi * t / 2), np.pi / 2 * np.cos(np.pi * t / 2),
-            -np.pi / 2 * np.sin(np.pi * t / 2))
+    return (
+      np.sin(np.pi * t / 2),
+      np.cos(np.pi * t / 2),
+      np.pi / 2 * np.cos(np.pi * t / 2),
+      -np.pi / 2 * np.sin(np.pi * t / 2),
+    )
   if path == "Linear":
     return t, 1 - t, np.ones_like(t), -np.ones_like(t)
   smin, smax = 0.1, 20.0
@@ -43,7 +48,7 @@ def _np_drift_var(path, t):
   if path == "VP":
     return (0.1 + (1 - t) * (20.0 - 0.1)) / 2
   ratio = 1 / t if path == "Linear" else np.pi / (2 * np.tan(t * np.pi / 2))
-  return ratio * sigma ** 2 - sigma * d_sigma
+  return ratio * sigma**2 - sigma * d_sigma
 
 
 @seeds.each()
@@ -57,8 +62,9 @@ def test_coefficients_match_closed_form_and_derivative(path, seed):
   # d alpha / dt and d sigma / dt against autodiff of the coefficients themselves.
   tj = jnp.asarray(t, jnp.float32)
   for i in (0, 1):
-    _, tangent = jax.jvp(lambda s: transport.path_coefficients(path, s)[i], (tj,),
-                         (jnp.ones_like(tj),))
+    _, tangent = jax.jvp(
+      lambda s: transport.path_coefficients(path, s)[i], (tj,), (jnp.ones_like(tj),)
+    )
     np.testing.assert_allclose(tangent, got[i + 2], rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}")
   # Variance preservation for GVP and VP.
   if path != "Linear":
@@ -78,16 +84,20 @@ def test_target_is_time_derivative_of_path(path, seed):
   x0 = jax.random.normal(k0, (5, 4, 4, 3))
   x1 = jax.random.normal(k1, (5, 4, 4, 3))
   t = jax.random.uniform(kt, (5,), minval=0.05, maxval=0.95)
-  (x_t, u_t), (dx_t, _) = jax.jvp(lambda s: transport.interpolate(path, s, x0, x1), (t,),
-                                  (jnp.ones_like(t),))
+  (x_t, u_t), (dx_t, _) = jax.jvp(
+    lambda s: transport.interpolate(path, s, x0, x1), (t,), (jnp.ones_like(t),)
+  )
   np.testing.assert_allclose(u_t, dx_t, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
   # Central finite differences in float64 with the NumPy closed form.
   tn, x0n, x1n = (np.asarray(v, np.float64) for v in (t, x0, x1))
   h = 1e-6
-  xp = lambda s: (_np_coeffs(path, s)[0][:, None, None, None] * x1n
-                  + _np_coeffs(path, s)[1][:, None, None, None] * x0n)
-  np.testing.assert_allclose(u_t, (xp(tn + h) - xp(tn - h)) / (2 * h), rtol=1e-4, atol=1e-4,
-                             err_msg=f"seed {seed}")
+  xp = lambda s: (
+    _np_coeffs(path, s)[0][:, None, None, None] * x1n
+    + _np_coeffs(path, s)[1][:, None, None, None] * x0n
+  )
+  np.testing.assert_allclose(
+    u_t, (xp(tn + h) - xp(tn - h)) / (2 * h), rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}"
+  )
   np.testing.assert_allclose(x_t, xp(tn), rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
 
 
@@ -108,12 +118,14 @@ def test_conversions_roundtrip(path, seed):
   np.testing.assert_allclose(transport.noise_from_score(score, x, t, path), eps, **tol)
   for pred, kind in ((v, "velocity"), (eps, "noise"), (score, "score")):
     np.testing.assert_allclose(
-        transport.velocity_from_prediction(pred, x, t, path_type=path, prediction=kind), v, **tol)
+      transport.velocity_from_prediction(pred, x, t, path_type=path, prediction=kind), v, **tol
+    )
   # Upstream's drift form: v = (alpha'/alpha) x + drift_var * score (compute_drift, get_drift).
   tn = np.asarray(t, np.float64)
   ratio = _np_coeffs(path, tn)[2] / _np_coeffs(path, tn)[0]
-  ref = (ratio[:, None, None, None] * np.asarray(x, np.float64)
-         + _np_drift_var(path, tn)[:, None, None, None] * np.asarray(score, np.float64))
+  ref = ratio[:, None, None, None] * np.asarray(x, np.float64) + _np_drift_var(path, tn)[
+    :, None, None, None
+  ] * np.asarray(score, np.float64)
   np.testing.assert_allclose(v, ref, **tol)
 
 
@@ -128,9 +140,9 @@ def test_conversions_on_exact_gaussian_posterior(path, seed):
   t = rng.uniform(0.1, 0.9, size=5)
   x = rng.normal(size=(5, 2, 2, 3)) * 2
   a, sg, da, ds = (c[:, None, None, None] for c in _np_coeffs(path, t))
-  var = a ** 2 * s ** 2 + sg ** 2
+  var = a**2 * s**2 + sg**2
   e0 = sg * (x - a * mu) / var
-  e1 = mu + a * s ** 2 * (x - a * mu) / var
+  e1 = mu + a * s**2 * (x - a * mu) / var
   score = -(x - a * mu) / var
   v = da * e1 + ds * e0
   j = lambda z: jnp.asarray(z, jnp.float32)
@@ -144,17 +156,26 @@ def test_conversions_on_exact_gaussian_posterior(path, seed):
 
 def _linear_model(w, b):
   """A fixed linear network: channel mixing plus a t-dependent bias."""
+
   def model_fn(x, t, y):
     del y
     return jnp.einsum("bhwc,cd->bhwd", x, w) + b * t[:, None, None, None]
+
   return model_fn
 
 
 @seeds.each()
-@pytest.mark.parametrize("path,prediction,weight", [
-    ("GVP", "velocity", "none"), ("VP", "velocity", "likelihood"), ("Linear", "noise", "velocity"),
-    ("VP", "noise", "likelihood"), ("GVP", "score", "likelihood"), ("Linear", "score", "none"),
-])
+@pytest.mark.parametrize(
+  "path,prediction,weight",
+  [
+    ("GVP", "velocity", "none"),
+    ("VP", "velocity", "likelihood"),
+    ("Linear", "noise", "velocity"),
+    ("VP", "noise", "likelihood"),
+    ("GVP", "score", "likelihood"),
+    ("Linear", "score", "none"),
+  ],
+)
 def test_loss_matches_numpy(path, prediction, weight, seed):
   rng = np.random.default_rng(seed)
   w = rng.normal(size=(3, 3)) * 0.5
@@ -172,8 +193,11 @@ def test_loss_matches_numpy(path, prediction, weight, seed):
   xt = a * x1n + sg * x0
   pred = np.einsum("bhwc,cd->bhwd", xt, w) + b * t[:, None, None, None]
   g = _np_drift_var(path, t)
-  wt = {"none": np.ones_like(t), "velocity": (g / sg[:, 0, 0, 0]) ** 2,
-        "likelihood": g / sg[:, 0, 0, 0] ** 2}[weight]
+  wt = {
+    "none": np.ones_like(t),
+    "velocity": (g / sg[:, 0, 0, 0]) ** 2,
+    "likelihood": g / sg[:, 0, 0, 0] ** 2,
+  }[weight]
   if prediction == "velocity":
     ref = ((pred - (da * x1n + ds * x0)) ** 2).mean(axis=(1, 2, 3))
   elif prediction == "noise":
@@ -195,8 +219,9 @@ def test_loss_is_differentiable_and_zero_for_exact_velocity_at_one_point(seed):
   _, u = transport.interpolate("GVP", t, x0, x1)
   exact = transport.loss_at(lambda x, tt, y: u, x0, x1, t, None, cfg)
   np.testing.assert_allclose(exact, 0.0, atol=1e-10)
-  grad = jax.grad(lambda w: transport.loss_at(_linear_model(w, jnp.zeros(3)), x0, x1, t, None,
-                                              cfg).mean())(jnp.eye(3))
+  grad = jax.grad(
+    lambda w: transport.loss_at(_linear_model(w, jnp.zeros(3)), x0, x1, t, None, cfg).mean()
+  )(jnp.eye(3))
   assert grad.shape == (3, 3) and np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0
 
 
@@ -227,7 +252,9 @@ def test_t_sampling_statistics(seed):
   assert t.min() >= 1e-3 and t.max() <= 1 - 1e-3, f"seed {seed}"
 
 
-@pytest.mark.parametrize("path,prediction,kw,expected", [
+@pytest.mark.parametrize(
+  "path,prediction,kw,expected",
+  [
     # (kw for time_interval) -> upstream check_interval values
     ("GVP", "velocity", dict(), (0.0, 1.0)),
     ("GVP", "velocity", dict(eval=True), (0.0, 1.0)),
@@ -236,13 +263,26 @@ def test_t_sampling_statistics(seed):
     ("VP", "velocity", dict(), (0.0, 1 - 1e-5)),
     ("VP", "velocity", dict(eval=True), (0.0, 1 - 1e-3)),
     ("VP", "noise", dict(eval=True, sde=True, last_step_size=0.04), (0.0, 0.96)),
-    ("GVP", "velocity", dict(eval=True, sde=True, diffusion_form="sigma", last_step_size=0.04),
-     (0.0, 0.96)),
-    ("GVP", "velocity", dict(eval=True, sde=True, diffusion_form="SBDM", last_step_size=0.04),
-     (0.0, 0.96)),
-    ("Linear", "noise", dict(eval=True, sde=True, diffusion_form="sigma", last_step_size=0.0),
-     (1e-3, 1 - 1e-3)),
-])
+    (
+      "GVP",
+      "velocity",
+      dict(eval=True, sde=True, diffusion_form="sigma", last_step_size=0.04),
+      (0.0, 0.96),
+    ),
+    (
+      "GVP",
+      "velocity",
+      dict(eval=True, sde=True, diffusion_form="SBDM", last_step_size=0.04),
+      (0.0, 0.96),
+    ),
+    (
+      "Linear",
+      "noise",
+      dict(eval=True, sde=True, diffusion_form="sigma", last_step_size=0.0),
+      (1e-3, 1 - 1e-3),
+    ),
+  ],
+)
 def test_time_interval_matches_upstream(path, prediction, kw, expected):
   cfg = _cfg(path_type=path, prediction=prediction)
   np.testing.assert_allclose(transport.time_interval(cfg, **kw), expected, atol=1e-12)
@@ -251,8 +291,9 @@ def test_time_interval_matches_upstream(path, prediction, kw, expected):
 def test_explicit_eps_is_used():
   cfg = _cfg(sample_eps=1e-3, train_eps=1e-4)
   assert transport.resolve_eps(cfg) == (1e-4, 1e-3)
-  assert transport.time_interval(cfg, eval=True, sde=True, diffusion_form="SBDM",
-                                 last_step_size=0.04) == (1e-3, 0.96)
+  assert transport.time_interval(
+    cfg, eval=True, sde=True, diffusion_form="SBDM", last_step_size=0.04
+  ) == (1e-3, 0.96)
 
 
 @seeds.each()
@@ -260,10 +301,14 @@ def test_diffusion_forms_match_upstream_formulas(seed):
   t = np.random.default_rng(seed).uniform(0.05, 0.95, size=16)
   n = 1.7
   ref = {
-      "none": 0 * t, "constant": n + 0 * t, "SBDM": n * 2 * _np_drift_var("GVP", t),
-      "sigma": n * np.cos(np.pi * t / 2), "linear": n * (1 - t),
-      "decreasing": 0.25 * (n * np.cos(np.pi * t) + 1) ** 2,
-      "increasing-decreasing": n * np.sin(np.pi * t) ** 2, "log": n * np.log(t - t ** 2 + 1),
+    "none": 0 * t,
+    "constant": n + 0 * t,
+    "SBDM": n * 2 * _np_drift_var("GVP", t),
+    "sigma": n * np.cos(np.pi * t / 2),
+    "linear": n * (1 - t),
+    "decreasing": 0.25 * (n * np.cos(np.pi * t) + 1) ** 2,
+    "increasing-decreasing": n * np.sin(np.pi * t) ** 2,
+    "log": n * np.log(t - t**2 + 1),
   }
   for form, r in ref.items():
     got = transport.diffusion_coefficient(form, jnp.asarray(t), path_type="GVP", norm=n)
@@ -273,7 +318,11 @@ def test_diffusion_forms_match_upstream_formulas(seed):
 def test_default_config_and_names():
   cfg = transport.default_transport_config()
   assert (cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.t_sampling) == (
-      "GVP", "velocity", "none", "uniform")
+    "GVP",
+    "velocity",
+    "none",
+    "uniform",
+  )
   assert (cfg.logit_normal_mean, cfg.logit_normal_std) == (-0.5, 1.0)
   assert cfg.train_eps is None and cfg.sample_eps is None
   assert transport.canonical_path("linear") == "Linear"

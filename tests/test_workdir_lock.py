@@ -7,6 +7,7 @@ killed; with `python -m dimsum_jax.main` (a second run refused while the first l
 after SIGKILLs) in tests/test_kills.py; two processes of one job sharing a workdir in
 tests/test_multiprocess.py.
 """
+
 import os
 import signal
 import socket
@@ -28,19 +29,28 @@ time.sleep(600)
 
 
 def refusal(workdir, pid):
-  return (f'Another training run, process {pid} on host {socket.gethostname()}, is training in '
-          f'{os.path.abspath(workdir)}: wait for it to end or stop it, or pass another --workdir.')
+  return (
+    f'Another training run, process {pid} on host {socket.gethostname()}, is training in '
+    f'{os.path.abspath(workdir)}: wait for it to end or stop it, or pass another --workdir.'
+  )
 
 
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
   workdir = str(tmp_path / 'workdir')
   os.makedirs(workdir)
-  holder = subprocess.Popen([sys.executable, '-c', HOLD, workdir], cwd=train_util.ROOT,
-                            env=train_util.env(1), stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, '-c', HOLD, workdir],
+    cwd=train_util.ROOT,
+    env=train_util.env(1),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == 'locked'
-    for attempt in (lambda: checkpoint.WorkdirLock(workdir).acquire(),
-                    lambda: checkpoint.check_workdir_free(workdir)):
+    for attempt in (
+      lambda: checkpoint.WorkdirLock(workdir).acquire(),
+      lambda: checkpoint.check_workdir_free(workdir),
+    ):
       with pytest.raises(checkpoint.CheckpointError) as e:
         attempt()
       assert str(e.value) == refusal(workdir, holder.pid)

@@ -1,4 +1,5 @@
 """Tiny training configs and helpers shared by the training, checkpoint and multi-process tests."""
+
 import hashlib
 import importlib.util
 import os
@@ -42,17 +43,27 @@ def flags(variant='smoke_dit', **overrides):
 
 def env(devices=1, **extra):
   """Environment of a CPU subprocess with `devices` fake devices (fast, unoptimised compiles)."""
-  e = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-           XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                     '--xla_backend_optimization_level=0')
+  e = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONUNBUFFERED='1',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+    '--xla_backend_optimization_level=0',
+  )
   e.pop('JAX_NUM_PROCESSES', None)
   e.update({k: str(v) for k, v in extra.items()})
   return e
 
 
 def run_python(args, *, devices=1, timeout=300, **extra_env):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env(devices, **extra_env),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env(devices, **extra_env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def xla_cache(tmp_path_factory):
@@ -80,8 +91,12 @@ def restore(workdir, config, step=None):
 def global_batches(config, num_steps, process_count=1):
   """The global batches a run with `process_count` processes trains on: each process's share,
   in process order (the order of the batch rows over the devices)."""
-  sources = [data_lib.create_dataset(config.data, process_index=p, process_count=process_count,
-                                     seed=config.seed) for p in range(process_count)]
+  sources = [
+    data_lib.create_dataset(
+      config.data, process_index=p, process_count=process_count, seed=config.seed
+    )
+    for p in range(process_count)
+  ]
   for _ in range(num_steps):
     parts = [next(s) for s in sources]
     yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -91,8 +106,13 @@ def assert_trees_close(actual, expected, *, rtol, atol, what):
   actual, expected = jax.device_get(actual), jax.device_get(expected)
   assert jax.tree.structure(actual) == jax.tree.structure(expected), what
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
-                               err_msg=f'{what}: {jax.tree_util.keystr(path)}')
+    np.testing.assert_allclose(
+      np.asarray(a),
+      np.asarray(b),
+      rtol=rtol,
+      atol=atol,
+      err_msg=f'{what}: {jax.tree_util.keystr(path)}',
+    )
 
 
 def assert_trees_equal(actual, expected, *, what):

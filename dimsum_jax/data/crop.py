@@ -6,6 +6,7 @@ resize so the short side is `size` (each side rounded), then take the centre (of
 `resize_center_crop` is torchvision's Resize(size) + CenterCrop(size) on a PIL image (BILINEAR, the
 long side truncated, offsets rounded half to even): DiMSUM's transform for LSUN and CelebA-HQ.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,7 @@ def adm_center_crop_pil(image: Image.Image, size: int) -> np.ndarray:
   array = np.asarray(image)
   top = (array.shape[0] - size) // 2
   left = (array.shape[1] - size) // 2
-  return array[top:top + size, left:left + size]
+  return array[top : top + size, left : left + size]
 
 
 def resize_center_crop_pil(image: Image.Image, size: int) -> np.ndarray:
@@ -48,7 +49,7 @@ def resize_center_crop_pil(image: Image.Image, size: int) -> np.ndarray:
   array = np.asarray(image)
   top = int(round((array.shape[0] - size) / 2.0))
   left = int(round((array.shape[1] - size) / 2.0))
-  return array[top:top + size, left:left + size]
+  return array[top : top + size, left : left + size]
 
 
 def adm_center_crop(array: np.ndarray, size: int) -> np.ndarray:
@@ -70,8 +71,9 @@ def crop_pil(image: Image.Image, size: int, method: str) -> np.ndarray:
   elif method == "none":
     out = np.asarray(image)
     if out.shape[:2] != (size, size):
-      raise ValueError(f"crop='none' needs {size}x{size} images, "
-                       f"got {out.shape[1]}x{out.shape[0]}.")
+      raise ValueError(
+        f"crop='none' needs {size}x{size} images, got {out.shape[1]}x{out.shape[0]}."
+      )
   else:
     raise ValueError(f"Unknown crop {method!r}.")
   return out[..., None] if out.ndim == 2 else out

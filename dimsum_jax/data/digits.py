@@ -5,6 +5,7 @@ nearest or bilinear resampling (half-pixel centres, edges clamped: the conventio
 jax.image.resize and PIL for upsampling), then mapped linearly to [-1, 1]: x / 8 - 1, so
 background is -1 and ink +1. Three channels repeat the grey value.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,12 +35,14 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
   return w
 
 
-def load_digits_images(image_size: int = 16, channels: int = 1,
-                       resize: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+def load_digits_images(
+  image_size: int = 16, channels: int = 1, resize: str = "bilinear"
+) -> tuple[np.ndarray, np.ndarray]:
   """All 1 797 digits as (float32 [n, size, size, channels] in [-1, 1], int32 [n] labels)."""
-  from sklearn.datasets import load_digits   # scikit-learn ships the data; no download
+  from sklearn.datasets import load_digits  # scikit-learn ships the data; no download
+
   digits = load_digits()
-  raw = digits.images.astype(np.float64)                 # [n, 8, 8], 0..16
+  raw = digits.images.astype(np.float64)  # [n, 8, 8], 0..16
   w = resize_matrix(SOURCE_SIZE, image_size, resize)
   big = np.einsum("yi,nij,xj->nyx", w, raw, w)
   images = (big / 8.0 - 1.0).astype(np.float32)[..., None]
@@ -54,17 +57,23 @@ class DigitsSource(IndexedSource):
   """The digits held in memory; the order and state rules are IndexedSource's."""
 
   def __init__(self, config, *, process_index: int, process_count: int, seed: int):
-    self.images, self.labels = load_digits_images(config.image_size, config.channels,
-                                                  config.resize)
+    self.images, self.labels = load_digits_images(config.image_size, config.channels, config.resize)
     if not config.class_conditional:
       self.labels = np.zeros_like(self.labels)
     super().__init__(
-        num_examples=len(self.images),
-        num_classes=NUM_CLASSES if config.class_conditional else 0,
-        image_shape=self.images.shape[1:], global_batch_size=config.global_batch_size,
-        process_index=process_index, process_count=process_count, seed=seed,
-        shuffle=config.shuffle, random_flip=config.random_flip, num_epochs=config.num_epochs,
-        drop_remainder=config.drop_remainder, prefetch=0)
+      num_examples=len(self.images),
+      num_classes=NUM_CLASSES if config.class_conditional else 0,
+      image_shape=self.images.shape[1:],
+      global_batch_size=config.global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      seed=seed,
+      shuffle=config.shuffle,
+      random_flip=config.random_flip,
+      num_epochs=config.num_epochs,
+      drop_remainder=config.drop_remainder,
+      prefetch=0,
+    )
 
   def _gather(self, ids, flips):
     images = self.images[ids]

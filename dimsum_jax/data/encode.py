@@ -36,6 +36,7 @@ a finished latent set (dimsum_jax.data.latents) listing the shards of all parts.
 Bad images (a file PIL cannot decode) are reported with their path: --on_bad_image=fail (default)
 stops, --on_bad_image=skip logs a warning, leaves the image out and lists it in the manifest.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -70,8 +71,12 @@ log = logging.getLogger(__name__)
 DATASETS = ("imagenet2012", "celeb_a_hq", "lsun_church", "image_folder")
 # Upstream's crop per dataset: ADM's centre crop for ImageNet, torchvision Resize + CenterCrop for
 # CelebA-HQ and LSUN (crop.py).
-DEFAULT_CROP = {"imagenet2012": "adm", "celeb_a_hq": "resize_center",
-                "lsun_church": "resize_center", "image_folder": "adm"}
+DEFAULT_CROP = {
+  "imagenet2012": "adm",
+  "celeb_a_hq": "resize_center",
+  "lsun_church": "resize_center",
+  "image_folder": "adm",
+}
 MODES = ("sample", "mean")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SETTINGS = "encode.json"
@@ -79,8 +84,21 @@ SKIPPED = "skipped.json"
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 # Settings that change the stored values: a resumed part must have been started with the same.
-_RESUME_KEYS = ("dataset", "split", "tfds_name", "image_size", "crop", "class_conditional", "flip",
-                "mode", "seed", "dtype", "latent_dtype", "shard_size", "vae_name")
+_RESUME_KEYS = (
+  "dataset",
+  "split",
+  "tfds_name",
+  "image_size",
+  "crop",
+  "class_conditional",
+  "flip",
+  "mode",
+  "seed",
+  "dtype",
+  "latent_dtype",
+  "shard_size",
+  "vae_name",
+)
 
 
 class EncodeError(ValueError):
@@ -90,28 +108,28 @@ class EncodeError(ValueError):
 def default_config() -> dict[str, Any]:
   """Every setting of the encoding step with its default (the CLI flags have the same names)."""
   return dict(
-      dataset="imagenet2012",   # one of DATASETS
-      data_dir="",              # tfds data_dir ('' = tfds default) or the image folder
-      split="train",            # tfds split; slicing allowed ("train[:120000]")
-      tfds_name="",             # '' = the usual builder for the dataset (tfds_images.TFDS_NAMES)
-      vae="",                   # a converted VAE directory (python -m dimsum_jax.vae.convert)
-      out="",                   # the latent set directory to write
-      image_size=256,           # pixels; latents are image_size / 8 for the SD VAE
-      crop="",                  # adm | resize_center | none; '' = the dataset's (DEFAULT_CROP)
-      class_conditional=None,   # None: True for imagenet2012, else False (image_folder: subfolders)
-      flip=True,                # also encode the horizontal mirror of every image
-      mode="sample",            # sample: one posterior sample (upstream); mean: the posterior mean
-      seed=0,                   # noise of the posterior samples
-      dtype="float32",          # VAE compute dtype (float32 as upstream, or bfloat16)
-      latent_dtype="float32",   # stored dtype (float32 or float16)
-      batch_size=0,             # images per step of this process; 0 = 32 per local device
-      shard_size=8192,          # latent rows per shard file (even when flip is on)
-      on_bad_image="fail",      # fail | skip
-      num_workers=0,            # decoding threads; 0 = the CPU count (at most 32)
-      prefetch=4,               # batches decoded ahead
-      log_every_s=30.0,         # progress line period
-      process_index=None,       # None: from the JAX distributed runtime
-      process_count=None,
+    dataset="imagenet2012",  # one of DATASETS
+    data_dir="",  # tfds data_dir ('' = tfds default) or the image folder
+    split="train",  # tfds split; slicing allowed ("train[:120000]")
+    tfds_name="",  # '' = the usual builder for the dataset (tfds_images.TFDS_NAMES)
+    vae="",  # a converted VAE directory (python -m dimsum_jax.vae.convert)
+    out="",  # the latent set directory to write
+    image_size=256,  # pixels; latents are image_size / 8 for the SD VAE
+    crop="",  # adm | resize_center | none; '' = the dataset's (DEFAULT_CROP)
+    class_conditional=None,  # None: True for imagenet2012, else False (image_folder: subfolders)
+    flip=True,  # also encode the horizontal mirror of every image
+    mode="sample",  # sample: one posterior sample (upstream); mean: the posterior mean
+    seed=0,  # noise of the posterior samples
+    dtype="float32",  # VAE compute dtype (float32 as upstream, or bfloat16)
+    latent_dtype="float32",  # stored dtype (float32 or float16)
+    batch_size=0,  # images per step of this process; 0 = 32 per local device
+    shard_size=8192,  # latent rows per shard file (even when flip is on)
+    on_bad_image="fail",  # fail | skip
+    num_workers=0,  # decoding threads; 0 = the CPU count (at most 32)
+    prefetch=4,  # batches decoded ahead
+    log_every_s=30.0,  # progress line period
+    process_index=None,  # None: from the JAX distributed runtime
+    process_count=None,
   )
 
 
@@ -144,11 +162,15 @@ class FolderImages:
   def __init__(self, root: str, class_conditional: bool, process_index: int, process_count: int):
     try:
       paths = list_images(root)
-      labels, classes = (class_labels(paths) if class_conditional
-                         else (np.zeros(len(paths), np.int32), []))
+      labels, classes = (
+        class_labels(paths) if class_conditional else (np.zeros(len(paths), np.int32), [])
+      )
     except (FileNotFoundError, ValueError) as e:
-      raise EncodeError(str(e).replace("config.data.data_dir", "--data_dir").replace(
-          "set class_conditional=False", "leave out --class_conditional")) from e
+      raise EncodeError(
+        str(e)
+        .replace("config.data.data_dir", "--data_dir")
+        .replace("set class_conditional=False", "leave out --class_conditional")
+      ) from e
     sizes = even_parts(len(paths), process_count)
     self.offset = sum(sizes[:process_index])
     self.num_images = sizes[process_index]
@@ -156,8 +178,8 @@ class FolderImages:
     self.num_classes = len(classes)
     self.source = f"image_folder:{os.path.basename(os.path.abspath(root))}"
     self._root = root
-    self._paths = paths[self.offset:self.offset + self.num_images]
-    self._labels = labels[self.offset:self.offset + self.num_images]
+    self._paths = paths[self.offset : self.offset + self.num_images]
+    self._labels = labels[self.offset : self.offset + self.num_images]
 
   def iterate(self, start: int) -> Iterator[tuple[int, Any, int, str]]:
     """(position in this part, path, label, name) from position `start` on."""
@@ -169,9 +191,19 @@ class FolderImages:
 class TfdsImages:
   """This process's contiguous part of a tfds split, undecoded, in file order."""
 
-  def __init__(self, dataset: str, data_dir: str, split: str, tfds_name: str, image_size: int,
-               class_conditional: bool, process_index: int, process_count: int):
+  def __init__(
+    self,
+    dataset: str,
+    data_dir: str,
+    split: str,
+    tfds_name: str,
+    image_size: int,
+    class_conditional: bool,
+    process_index: int,
+    process_count: int,
+  ):
     from dimsum_jax.data import tfds_images  # pylint: disable=g-import-not-at-top
+
     name = tfds_name or tfds_images.TFDS_NAMES[dataset].format(image_size=image_size)
     tf, tfds = tfds_images.import_tensorflow(name)
     del tf
@@ -180,7 +212,8 @@ class TfdsImages:
     if not self._builder.is_prepared():
       where = data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
       how = tfds_images._HOW_TO_PREPARE.get(  # pylint: disable=protected-access
-          dataset, "run `tfds build {tfds_name} --data_dir={data_dir}`")
+        dataset, "run `tfds build {tfds_name} --data_dir={data_dir}`"
+      )
       how = how.format(data_dir=data_dir or "~/tensorflow_datasets", tfds_name=name)
       raise EncodeError(f"tfds dataset {name} is not prepared under {where}: {how}.")
     features = self._builder.info.features
@@ -193,8 +226,10 @@ class TfdsImages:
       self._parts = tfds.even_splits(split, n=process_count)
       sizes = [int(self._builder.info.splits[s].num_examples) for s in self._parts]
     except (KeyError, ValueError) as e:
-      raise EncodeError(f"tfds dataset {name} has no split {split!r} "
-                        f"(it has {sorted(self._builder.info.splits)}): set --split.") from e
+      raise EncodeError(
+        f"tfds dataset {name} has no split {split!r} "
+        f"(it has {sorted(self._builder.info.splits)}): set --split."
+      ) from e
     self._part = self._parts[process_index]
     self.offset = sum(sizes[:process_index])
     self.num_images = sizes[process_index]
@@ -206,8 +241,12 @@ class TfdsImages:
     """(position in this part, encoded bytes, label, name) from position `start` on."""
     tfds = self._tfds
     read_config = tfds.ReadConfig(try_autocache=False)
-    ds = self._builder.as_dataset(split=self._part, shuffle_files=False, read_config=read_config,
-                                  decoders={"image": tfds.decode.SkipDecoding()})
+    ds = self._builder.as_dataset(
+      split=self._part,
+      shuffle_files=False,
+      read_config=read_config,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
     ds = ds.skip(start).prefetch(64)
     for pos, example in enumerate(ds.as_numpy_iterator(), start):
       label = int(example["label"]) if self._conditional else 0
@@ -242,7 +281,7 @@ def make_encode_fn(vae, mesh, *, mode: str, seed: int, flip: bool, out_dtype="fl
   key = jax.random.key(seed)
 
   def fn(params, pixels, ids):
-    images = pixels.astype(jnp.float32) / 127.5 - 1.0   # crop.to_unit_range
+    images = pixels.astype(jnp.float32) / 127.5 - 1.0  # crop.to_unit_range
     mirrors = jnp.zeros_like(ids)
     if flip:
       images = jnp.stack([images, images[:, :, ::-1]], axis=1).reshape(-1, *images.shape[1:])
@@ -252,8 +291,10 @@ def make_encode_fn(vae, mesh, *, mode: str, seed: int, flip: bool, out_dtype="fl
     if mode == "mean":
       z = mean
     else:
+
       def noise(i, m):
         return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), m), mean.shape[1:])
+
       z = mean + jnp.exp(0.5 * logvar) * jax.vmap(noise)(ids, mirrors)
     return (z * model.SCALING_FACTOR).astype(out_dtype)
 
@@ -265,6 +306,7 @@ def local_mesh():
   the batch: processes encode independently."""
   import jax  # pylint: disable=g-import-not-at-top
   from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
+
   return sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.local_devices())
 
 
@@ -272,11 +314,13 @@ def load_encoder_vae(directory: str, dtype: str, mesh):
   """(module, replicated params, name) of a converted VAE, or EncodeError in one sentence."""
   import jax  # pylint: disable=g-import-not-at-top
   from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+
   if dtype not in COMPUTE_DTYPES:
     raise EncodeError(f"--dtype is {dtype!r}; choose one of {COMPUTE_DTYPES}.")
   try:
-    module, params = vae_lib.load_vae(directory, dtype=dtype,
-                                      sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+    module, params = vae_lib.load_vae(
+      directory, dtype=dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P())
+    )
   except (FileNotFoundError, ValueError) as e:
     raise EncodeError(f"--vae: {e}") from e
   with open(os.path.join(directory, vae_lib.checkpoint.CONFIG_FILE)) as f:
@@ -288,8 +332,9 @@ def load_encoder_vae(directory: str, dtype: str, mesh):
 # Host side: decoding threads ahead of the device
 
 
-def _decoded_batches(stream, start: int, batch_size: int, size: int, crop: str,
-                     on_bad_image: str, pool) -> Iterator[dict]:
+def _decoded_batches(
+  stream, start: int, batch_size: int, size: int, crop: str, on_bad_image: str, pool
+) -> Iterator[dict]:
   """Batches of decoded images from position `start`: pixels, labels, positions, names and the
   (position, name, error) of images that could not be decoded (on_bad_image='skip')."""
   records = stream.iterate(start)
@@ -297,16 +342,18 @@ def _decoded_batches(stream, start: int, batch_size: int, size: int, crop: str,
     chunk = list(itertools.islice(records, batch_size))
     if not chunk:
       return
-    futures = [pool.submit(decode_image, payload, size, crop, name)
-               for _, payload, _, name in chunk]
+    futures = [
+      pool.submit(decode_image, payload, size, crop, name) for _, payload, _, name in chunk
+    ]
     pixels, labels, positions, names, bad = [], [], [], [], []
     for (pos, _, label, name), future in zip(chunk, futures):
       try:
         image = future.result()
       except BadImageError as e:
         if on_bad_image == "fail":
-          raise EncodeError(f"{e}; remove or replace the file, or pass --on_bad_image=skip to "
-                            "leave it out.") from e
+          raise EncodeError(
+            f"{e}; remove or replace the file, or pass --on_bad_image=skip to leave it out."
+          ) from e
         log.warning("Skipping an image that cannot be decoded (--on_bad_image=skip): %s", e)
         bad.append({"position": pos, "name": name, "error": str(e)})
         continue
@@ -314,9 +361,14 @@ def _decoded_batches(stream, start: int, batch_size: int, size: int, crop: str,
       labels.append(label)
       positions.append(pos)
       names.append(name)
-    yield {"pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
-           "labels": np.asarray(labels, np.int32), "positions": np.asarray(positions, np.int64),
-           "names": names, "bad": bad, "end": chunk[-1][0] + 1}
+    yield {
+      "pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
+      "labels": np.asarray(labels, np.int32),
+      "positions": np.asarray(positions, np.int64),
+      "names": names,
+      "bad": bad,
+      "end": chunk[-1][0] + 1,
+    }
 
 
 class _Prefetch:
@@ -387,9 +439,10 @@ def _read_json(path: str, default=None):
   try:
     with open(path) as f:
       return json.load(f)
-  except ValueError as e:   # not JSON (an interrupted write by hand, a damaged disk)
-    raise EncodeError(f"{path} is not valid JSON ({e}): delete its part directory and run the "
-                      "encoding again.") from e
+  except ValueError as e:  # not JSON (an interrupted write by hand, a damaged disk)
+    raise EncodeError(
+      f"{path} is not valid JSON ({e}): delete its part directory and run the encoding again."
+    ) from e
 
 
 def _load_shard(path: str, out: str) -> np.ndarray:
@@ -399,9 +452,11 @@ def _load_shard(path: str, out: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except  (missing, truncated, object arrays...)
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    raise EncodeError(f"Shard {os.path.relpath(path, out)} cannot be read as a numeric array "
-                      f"({type(e).__name__}: {reason}); delete its part and run the encoding "
-                      "again.") from e
+    raise EncodeError(
+      f"Shard {os.path.relpath(path, out)} cannot be read as a numeric array "
+      f"({type(e).__name__}: {reason}); delete its part and run the encoding "
+      "again."
+    ) from e
 
 
 def _check_settings(out: str, part_dir: str, settings: dict, process_count: int) -> None:
@@ -409,17 +464,21 @@ def _check_settings(out: str, part_dir: str, settings: dict, process_count: int)
   for path in glob.glob(os.path.join(out, "part-*-of-*")):
     match = _PART.match(os.path.basename(path))
     if match and int(match.group(2)) != process_count:
-      raise EncodeError(f"{out} holds parts of an encoding with {int(match.group(2))} processes "
-                        f"({os.path.basename(path)}), not {process_count}: resume with "
-                        f"{int(match.group(2))} processes or write to a new --out directory.")
+      raise EncodeError(
+        f"{out} holds parts of an encoding with {int(match.group(2))} processes "
+        f"({os.path.basename(path)}), not {process_count}: resume with "
+        f"{int(match.group(2))} processes or write to a new --out directory."
+      )
   previous = _read_json(os.path.join(part_dir, SETTINGS))
   if previous is None:
     return
   for key in _RESUME_KEYS:
     if previous.get(key) != settings[key]:
-      raise EncodeError(f"{part_dir} was started with {key}={previous.get(key)!r}, not "
-                        f"{settings[key]!r}: resume with the same settings or write to a new "
-                        "--out directory.")
+      raise EncodeError(
+        f"{part_dir} was started with {key}={previous.get(key)!r}, not "
+        f"{settings[key]!r}: resume with the same settings or write to a new "
+        "--out directory."
+      )
 
 
 def _resume_position(good_images: int, skipped_positions) -> int:
@@ -433,8 +492,9 @@ def _resume_position(good_images: int, skipped_positions) -> int:
   return position
 
 
-def encode_part(config: dict, stream, vae, params, vae_name: str, mesh, part_dir: str,
-                batch_size: int) -> dict:
+def encode_part(
+  config: dict, stream, vae, params, vae_name: str, mesh, part_dir: str, batch_size: int
+) -> dict:
   """Encodes this process's images into `part_dir` (resuming there); returns the part's meta."""
   c = config
   if os.path.exists(os.path.join(part_dir, latents_lib.META)):
@@ -447,28 +507,49 @@ def encode_part(config: dict, stream, vae, params, vae_name: str, mesh, part_dir
   os.makedirs(part_dir, exist_ok=True)
   _write_json(os.path.join(part_dir, SETTINGS), {k: c[k] for k in _RESUME_KEYS})
   writer = latents_lib.LatentShardWriter(
-      part_dir, latent_shape=latent_shape, num_classes=stream.num_classes, source=stream.source,
-      image_size=c["image_size"], flip_doubled=c["flip"], vae=vae_name, scaled=True,
-      scaling_factor=latents_lib.SD_VAE_SCALING, dtype=c["latent_dtype"],
-      shard_size=c["shard_size"])
+    part_dir,
+    latent_shape=latent_shape,
+    num_classes=stream.num_classes,
+    source=stream.source,
+    image_size=c["image_size"],
+    flip_doubled=c["flip"],
+    vae=vae_name,
+    scaled=True,
+    scaling_factor=latents_lib.SD_VAE_SCALING,
+    dtype=c["latent_dtype"],
+    shard_size=c["shard_size"],
+  )
   if writer.num_written % mult:
-    raise EncodeError(f"{part_dir} holds an odd number of rows with flips on; it is damaged: "
-                      "delete the directory and encode again.")
+    raise EncodeError(
+      f"{part_dir} holds an odd number of rows with flips on; it is damaged: "
+      "delete the directory and encode again."
+    )
   start = _resume_position(writer.num_written // mult, [s["position"] for s in skipped])
   if start:
-    log.info("Resuming %s at image %d of %d (%d latents in complete shards).", part_dir, start,
-             stream.num_images, writer.num_written)
+    log.info(
+      "Resuming %s at image %d of %d (%d latents in complete shards).",
+      part_dir,
+      start,
+      stream.num_images,
+      writer.num_written,
+    )
 
-  encode = make_encode_fn(vae, mesh, mode=c["mode"], seed=c["seed"], flip=c["flip"],
-                          out_dtype=c["latent_dtype"])
+  encode = make_encode_fn(
+    vae, mesh, mode=c["mode"], seed=c["seed"], flip=c["flip"], out_dtype=c["latent_dtype"]
+  )
   import jax  # pylint: disable=g-import-not-at-top
   from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
+
   batch_sharding = sharding.batch_sharding(mesh)
   known_bad = {s["position"] for s in skipped}
   workers = c["num_workers"] or min(32, os.cpu_count() or 1)
   pool = concurrent.futures.ThreadPoolExecutor(workers)
-  batches = _Prefetch(_decoded_batches(stream, start, batch_size, c["image_size"], c["crop"],
-                                       c["on_bad_image"], pool), c["prefetch"])
+  batches = _Prefetch(
+    _decoded_batches(
+      stream, start, batch_size, c["image_size"], c["crop"], c["on_bad_image"], pool
+    ),
+    c["prefetch"],
+  )
   pending = None
   t0 = last_log = time.monotonic()
   first = [None]  # (time, position) when the first batch was retired
@@ -482,8 +563,10 @@ def encode_part(config: dict, stream, vae, params, vae_name: str, mesh, part_dir
     finite = np.isfinite(values).all(axis=(1, 2, 3))
     if not finite.all():
       name = batch["names"][int(np.flatnonzero(~finite)[0]) // mult]
-      raise FloatingPointError(f"The VAE latents of {name} are not finite (NaN or inf); check the "
-                               "VAE weights, or encode with --dtype=float32.")
+      raise FloatingPointError(
+        f"The VAE latents of {name} are not finite (NaN or inf); check the "
+        "VAE weights, or encode with --dtype=float32."
+      )
     writer.append(values, np.repeat(batch["labels"], mult))
     now = time.monotonic()
     if first[0] is None:  # the rate leaves out the first batch, which waited for the compile
@@ -492,9 +575,15 @@ def encode_part(config: dict, stream, vae, params, vae_name: str, mesh, part_dir
       since, at = first[0] if batch["end"] > first[0][1] else (t0, start)
       rate = (batch["end"] - at) / max(now - since, 1e-9)
       left = stream.num_images - batch["end"]
-      log.info("%s: %d/%d images (%.1f%%), %.1f images/s, ETA %s", os.path.basename(part_dir),
-               batch["end"], stream.num_images, 100 * batch["end"] / max(stream.num_images, 1),
-               rate, _duration(left / rate) if rate > 0 else "?")
+      log.info(
+        "%s: %d/%d images (%.1f%%), %.1f images/s, ETA %s",
+        os.path.basename(part_dir),
+        batch["end"],
+        stream.num_images,
+        100 * batch["end"] / max(stream.num_images, 1),
+        rate,
+        _duration(left / rate) if rate > 0 else "?",
+      )
       last_log = now
 
   try:
@@ -511,28 +600,45 @@ def encode_part(config: dict, stream, vae, params, vae_name: str, mesh, part_dir
         pixels[:n] = batch["pixels"]
         ids = np.zeros((batch_size,), np.int32)
         ids[:n] = stream.offset + batch["positions"]
-        device_latents = encode(params, jax.device_put(pixels, batch_sharding),
-                                jax.device_put(ids, batch_sharding))
+        device_latents = encode(
+          params, jax.device_put(pixels, batch_sharding), jax.device_put(ids, batch_sharding)
+        )
       if pending is not None:
         retire(pending)
       pending = (batch, device_latents if n else np.zeros((0, *latent_shape), np.float32))
     if pending is not None:
       retire(pending)
   except KeyboardInterrupt:
-    log.warning("Interrupted: %d latents of %s are in complete shards; run the same command to "
-                "resume.", writer.num_written, part_dir)
+    log.warning(
+      "Interrupted: %d latents of %s are in complete shards; run the same command to resume.",
+      writer.num_written,
+      part_dir,
+    )
     raise
   finally:
     batches.close()
     pool.shutdown(wait=False, cancel_futures=True)
 
-  writer.extra = {"mode": c["mode"], "seed": c["seed"], "dtype": c["dtype"], "crop": c["crop"],
-                  "first_image": stream.offset, "num_images": stream.num_images,
-                  "total_images": stream.total_images, "skipped": skipped}
+  writer.extra = {
+    "mode": c["mode"],
+    "seed": c["seed"],
+    "dtype": c["dtype"],
+    "crop": c["crop"],
+    "first_image": stream.offset,
+    "num_images": stream.num_images,
+    "total_images": stream.total_images,
+    "skipped": skipped,
+  }
   meta = writer.finalize()
   elapsed = time.monotonic() - t0
-  log.info("%s complete: %d latents of %d images (%d skipped) in %s.", part_dir,
-           meta["num_examples"], stream.num_images, len(skipped), _duration(elapsed))
+  log.info(
+    "%s complete: %d latents of %d images (%d skipped) in %s.",
+    part_dir,
+    meta["num_examples"],
+    stream.num_images,
+    len(skipped),
+    _duration(elapsed),
+  )
   return meta
 
 
@@ -555,8 +661,10 @@ def _part_dirs(out: str) -> tuple[list[str], int]:
     if match:
       found.setdefault(int(match.group(2)), []).append(path)
   if len(found) != 1:
-    raise EncodeError(f"{out} holds parts of {len(found)} different encodings "
-                      f"({sorted(found)} processes); write to an empty --out directory.")
+    raise EncodeError(
+      f"{out} holds parts of {len(found)} different encodings "
+      f"({sorted(found)} processes); write to an empty --out directory."
+    )
   ((count, dirs),) = found.items()
   return sorted(dirs), count
 
@@ -570,8 +678,7 @@ def finish(out: str, chunk_rows: int = 4096) -> dict | None:
   if os.path.exists(os.path.join(out, latents_lib.META)):
     return latents_lib.read_meta(out)
   dirs, count = _part_dirs(out)
-  if len(dirs) != count or not all(os.path.exists(os.path.join(d, latents_lib.META))
-                                   for d in dirs):
+  if len(dirs) != count or not all(os.path.exists(os.path.join(d, latents_lib.META)) for d in dirs):
     return None
   metas = [latents_lib.read_meta(d) for d in dirs]
   identity = {k: metas[0][k] for k in latents_lib._IDENTITY}  # pylint: disable=protected-access
@@ -586,16 +693,20 @@ def finish(out: str, chunk_rows: int = 4096) -> dict | None:
   for part_dir, meta in zip(dirs, metas):
     for key, value in identity.items():
       if meta[key] != value:
-        raise EncodeError(f"{part_dir} has {key}={meta[key]!r} but the first part has {value!r}; "
-                          "the parts come from different runs: delete OUT and encode again.")
+        raise EncodeError(
+          f"{part_dir} has {key}={meta[key]!r} but the first part has {value!r}; "
+          "the parts come from different runs: delete OUT and encode again."
+        )
     extra = meta["extra"]
     images += extra["num_images"]
     skipped += [s["name"] for s in extra["skipped"]]
     want = (extra["num_images"] - len(extra["skipped"])) * mult
     if meta["num_examples"] != want:
-      raise EncodeError(f"{part_dir} holds {meta['num_examples']} latents but its "
-                        f"{extra['num_images']} images ({len(extra['skipped'])} skipped) give "
-                        f"{want}; delete the part and run the encoding again.")
+      raise EncodeError(
+        f"{part_dir} holds {meta['num_examples']} latents but its "
+        f"{extra['num_images']} images ({len(extra['skipped'])} skipped) give "
+        f"{want}; delete the part and run the encoding again."
+      )
     part_rows = 0
     for shard in meta["shards"]:
       lat_path = os.path.join(part_dir, shard["latents"])
@@ -605,60 +716,104 @@ def finish(out: str, chunk_rows: int = 4096) -> dict | None:
       lab = _load_shard(lab_path, out)
       n = shard["num_examples"]
       if lat.shape != (n, *shape) or lat.dtype != np.dtype(identity["dtype"]) or lab.shape != (n,):
-        raise EncodeError(f"Shard {relative} holds {lat.dtype} {lat.shape} and labels "
-                          f"{lab.shape}, not {n} rows of {list(shape)} {identity['dtype']}; "
-                          "delete its part and run the encoding again.")
+        raise EncodeError(
+          f"Shard {relative} holds {lat.dtype} {lat.shape} and labels "
+          f"{lab.shape}, not {n} rows of {list(shape)} {identity['dtype']}; "
+          "delete its part and run the encoding again."
+        )
       labels = np.asarray(lab)
       if n and (labels.min() < 0 or labels.max() >= max(k, 1)):
-        raise EncodeError(f"Shard {os.path.relpath(lab_path, out)} has labels in "
-                          f"[{labels.min()}, {labels.max()}], outside [0, {max(k, 1)}); delete its "
-                          "part and run the encoding again.")
+        raise EncodeError(
+          f"Shard {os.path.relpath(lab_path, out)} has labels in "
+          f"[{labels.min()}, {labels.max()}], outside [0, {max(k, 1)}); delete its "
+          "part and run the encoding again."
+        )
       for i in range(0, n, chunk_rows):
-        block = np.asarray(lat[i:i + chunk_rows], np.float64)
+        block = np.asarray(lat[i : i + chunk_rows], np.float64)
         bad = ~np.isfinite(block).all(axis=(1, 2, 3))
         if bad.any():
-          raise EncodeError(f"Shard {relative} row {i + int(np.flatnonzero(bad)[0])} is not "
-                            "finite (NaN or inf); delete its part and run the encoding again "
-                            "(with --dtype=float32 if it was bfloat16).")
+          raise EncodeError(
+            f"Shard {relative} row {i + int(np.flatnonzero(bad)[0])} is not "
+            "finite (NaN or inf); delete its part and run the encoding again "
+            "(with --dtype=float32 if it was bfloat16)."
+          )
         total[0][:] += block.sum(axis=(0, 1, 2))
         total[1][:] += np.square(block).sum(axis=(0, 1, 2))
         low, high = min(low, float(block.min())), max(high, float(block.max()))
       rows_seen += n
       part_rows += n
-      shards.append({"latents": relative, "labels": os.path.relpath(lab_path, out),
-                     "num_examples": n, "sha256_latents": _sha256(lat_path),
-                     "sha256_labels": _sha256(lab_path)})
+      shards.append(
+        {
+          "latents": relative,
+          "labels": os.path.relpath(lab_path, out),
+          "num_examples": n,
+          "sha256_latents": _sha256(lat_path),
+          "sha256_labels": _sha256(lab_path),
+        }
+      )
     if part_rows != meta["num_examples"]:
-      raise EncodeError(f"The shards of {part_dir} hold {part_rows} rows, its meta.json says "
-                        f"{meta['num_examples']}; delete the part and run the encoding again.")
+      raise EncodeError(
+        f"The shards of {part_dir} hold {part_rows} rows, its meta.json says "
+        f"{meta['num_examples']}; delete the part and run the encoding again."
+      )
   if images != metas[0]["extra"]["total_images"]:
-    raise EncodeError(f"The parts of {out} cover {images} images, but the dataset has "
-                      f"{metas[0]['extra']['total_images']}; delete OUT and encode again.")
+    raise EncodeError(
+      f"The parts of {out} cover {images} images, but the dataset has "
+      f"{metas[0]['extra']['total_images']}; delete OUT and encode again."
+    )
   values = rows_seen * shape[0] * shape[1]
   mean = total[0] / max(values, 1)
   std = np.sqrt(np.maximum(total[1] / max(values, 1) - np.square(mean), 0.0))
   extra0 = metas[0]["extra"]
   manifest = {
-      "num_examples": rows_seen, "num_images": images, "num_skipped": len(skipped),
-      "skipped": skipped, "flip_doubled": identity["flip_doubled"], "mode": extra0["mode"],
-      "seed": extra0["seed"], "dtype": extra0["dtype"], "crop": extra0["crop"],
-      "latent_shape": list(shape), "channel_mean": mean.tolist(), "channel_std": std.tolist(),
-      "min": low, "max": high, "parts": [os.path.basename(d) for d in dirs], "shards": shards,
-      "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    "num_examples": rows_seen,
+    "num_images": images,
+    "num_skipped": len(skipped),
+    "skipped": skipped,
+    "flip_doubled": identity["flip_doubled"],
+    "mode": extra0["mode"],
+    "seed": extra0["seed"],
+    "dtype": extra0["dtype"],
+    "crop": extra0["crop"],
+    "latent_shape": list(shape),
+    "channel_mean": mean.tolist(),
+    "channel_std": std.tolist(),
+    "min": low,
+    "max": high,
+    "parts": [os.path.basename(d) for d in dirs],
+    "shards": shards,
+    "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
   _write_json(os.path.join(out, MANIFEST), manifest)
-  meta = {"format": latents_lib.FORMAT, "version": latents_lib.VERSION, **identity,
-          "num_examples": rows_seen,
-          "extra": {"mode": extra0["mode"], "seed": extra0["seed"], "dtype": extra0["dtype"],
-                    "crop": extra0["crop"], "num_images": images, "num_skipped": len(skipped),
-                    "manifest": MANIFEST,
-                    "layout": ("row 2k: image k, row 2k+1: its mirror" if mult == 2
-                               else "row k: image k")},
-          "shards": [{k_: s[k_] for k_ in ("latents", "labels", "num_examples")} for s in shards]}
+  meta = {
+    "format": latents_lib.FORMAT,
+    "version": latents_lib.VERSION,
+    **identity,
+    "num_examples": rows_seen,
+    "extra": {
+      "mode": extra0["mode"],
+      "seed": extra0["seed"],
+      "dtype": extra0["dtype"],
+      "crop": extra0["crop"],
+      "num_images": images,
+      "num_skipped": len(skipped),
+      "manifest": MANIFEST,
+      "layout": ("row 2k: image k, row 2k+1: its mirror" if mult == 2 else "row k: image k"),
+    },
+    "shards": [{k_: s[k_] for k_ in ("latents", "labels", "num_examples")} for s in shards],
+  }
   _write_json(os.path.join(out, latents_lib.META), meta)
-  log.info("Verified %d latents %s of %d images (%d skipped) in %s: channel mean %s, std %s. "
-           "Wrote %s.", rows_seen, list(shape), images, len(skipped),
-           _duration(time.monotonic() - t0), np.round(mean, 3).tolist(),
-           np.round(std, 3).tolist(), os.path.join(out, latents_lib.META))
+  log.info(
+    "Verified %d latents %s of %d images (%d skipped) in %s: channel mean %s, std %s. Wrote %s.",
+    rows_seen,
+    list(shape),
+    images,
+    len(skipped),
+    _duration(time.monotonic() - t0),
+    np.round(mean, 3).tolist(),
+    np.round(std, 3).tolist(),
+    os.path.join(out, latents_lib.META),
+  )
   return meta
 
 
@@ -671,8 +826,9 @@ def check_config(config: dict) -> dict:
   c = {**default_config(), **config}
   unknown = set(config) - set(default_config())
   if unknown:
-    raise EncodeError(f"Unknown encoding settings {sorted(unknown)}; valid ones: "
-                      f"{sorted(default_config())}.")
+    raise EncodeError(
+      f"Unknown encoding settings {sorted(unknown)}; valid ones: {sorted(default_config())}."
+    )
   if c["dataset"] not in DATASETS:
     raise EncodeError(f"--dataset is {c['dataset']!r}; choose one of {DATASETS}.")
   if not c["out"]:
@@ -689,13 +845,16 @@ def check_config(config: dict) -> dict:
   if c["mode"] not in MODES:
     raise EncodeError(f"--mode is {c['mode']!r}; choose one of {MODES}.")
   if c["latent_dtype"] not in latents_lib.DTYPES:
-    raise EncodeError(f"--latent_dtype is {c['latent_dtype']!r}; choose one of "
-                      f"{latents_lib.DTYPES}.")
+    raise EncodeError(
+      f"--latent_dtype is {c['latent_dtype']!r}; choose one of {latents_lib.DTYPES}."
+    )
   if c["on_bad_image"] not in ("fail", "skip"):
     raise EncodeError(f"--on_bad_image is {c['on_bad_image']!r}; choose fail or skip.")
   if c["shard_size"] <= 0 or (c["flip"] and c["shard_size"] % 2):
-    raise EncodeError(f"--shard_size is {c['shard_size']}; it must be positive, and even when "
-                      "mirrors are encoded (image and mirror share a shard).")
+    raise EncodeError(
+      f"--shard_size is {c['shard_size']}; it must be positive, and even when "
+      "mirrors are encoded (image and mirror share a shard)."
+    )
   if c["image_size"] <= 0 or c["batch_size"] < 0:
     raise EncodeError("--image_size must be positive and --batch_size not negative.")
   return c
@@ -707,6 +866,7 @@ def encode_dataset(config: dict) -> dict | None:
   that finished before the others)."""
   import jax  # pylint: disable=g-import-not-at-top
   from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
+
   c = check_config(config)
   out = os.path.abspath(c["out"])
   if os.path.exists(os.path.join(out, latents_lib.META)):
@@ -724,86 +884,164 @@ def encode_dataset(config: dict) -> dict | None:
   devices = mesh.devices.size
   batch_size = c["batch_size"] or 32 * devices
   if batch_size % devices:
-    raise EncodeError(f"--batch_size {batch_size} does not split over the {devices} local "
-                      f"devices: use a multiple of {devices}.")
+    raise EncodeError(
+      f"--batch_size {batch_size} does not split over the {devices} local "
+      f"devices: use a multiple of {devices}."
+    )
   vae, params, vae_name = load_encoder_vae(c["vae"], c["dtype"], mesh)
   if c["image_size"] % vae.downsampling_factor:
-    raise EncodeError(f"--image_size {c['image_size']} is not a multiple of the VAE's "
-                      f"downsampling factor {vae.downsampling_factor}.")
+    raise EncodeError(
+      f"--image_size {c['image_size']} is not a multiple of the VAE's "
+      f"downsampling factor {vae.downsampling_factor}."
+    )
   c["vae_name"] = vae_name
   if c["dataset"] == "image_folder":
     stream = FolderImages(c["data_dir"], c["class_conditional"], p, count)
   else:
-    stream = TfdsImages(c["dataset"], c["data_dir"], c["split"], c["tfds_name"], c["image_size"],
-                        c["class_conditional"], p, count)
+    stream = TfdsImages(
+      c["dataset"],
+      c["data_dir"],
+      c["split"],
+      c["tfds_name"],
+      c["image_size"],
+      c["class_conditional"],
+      p,
+      count,
+    )
   if stream.total_images < count:
     raise EncodeError(f"{stream.total_images} images cannot be split over {count} processes.")
   part_dir = os.path.join(out, part_name(p, count))
   _check_settings(out, part_dir, c, count)
-  log.info("Process %d of %d: images %d..%d of %d from %s, %d local devices, batch %d%s.", p,
-           count, stream.offset, stream.offset + stream.num_images - 1, stream.total_images,
-           stream.source, devices, batch_size, " (+ mirrors)" if c["flip"] else "")
+  log.info(
+    "Process %d of %d: images %d..%d of %d from %s, %d local devices, batch %d%s.",
+    p,
+    count,
+    stream.offset,
+    stream.offset + stream.num_images - 1,
+    stream.total_images,
+    stream.source,
+    devices,
+    batch_size,
+    " (+ mirrors)" if c["flip"] else "",
+  )
   encode_part(c, stream, vae, params, vae_name, mesh, part_dir, batch_size)
   if distributed and count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices("dimsum_jax.data.encode: all parts written")
     if p != 0:
       return None
   meta = finish(out)
   if meta is None:
-    log.info("Part %d is complete; the set is finalized by whichever process completes the "
-             "last part.", p)
+    log.info(
+      "Part %d is complete; the set is finalized by whichever process completes the last part.", p
+    )
   return meta
 
 
-FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
-_D = default_config()   # the flags are its settings, by the same names and defaults
-flags.DEFINE_string("dataset", _D["dataset"], f"{', '.join(DATASETS[:-1])} (tfds; see "
-                    "dimsum_jax.data.tfds_images) or image_folder.", flag_values=FLAGS)
-flags.DEFINE_string("data_dir", _D["data_dir"], "The tfds data_dir ('' = tfds's default) or the "
-                    "image folder.", flag_values=FLAGS)
-flags.DEFINE_string("split", _D["split"], "tfds split; slicing allowed (train[:120000]).",
-                    flag_values=FLAGS)
-flags.DEFINE_string("tfds_name", _D["tfds_name"], "tfds builder ('' = the usual one of "
-                    "--dataset, tfds_images.TFDS_NAMES).", flag_values=FLAGS)
-flags.DEFINE_string("vae", _D["vae"], "A VAE converted by python -m dimsum_jax.vae.convert.",
-                    flag_values=FLAGS)
-flags.DEFINE_string("out", _D["out"], "The latent set directory to write (or to resume).",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("image_size", _D["image_size"], "Pixels; latents are image_size / 8 for the "
-                     "SD VAE.", flag_values=FLAGS)
-flags.DEFINE_string("crop", _D["crop"], "adm, resize_center or none ('' = the dataset's: ADM's "
-                    "centre crop for ImageNet and image folders, else resize_center).",
-                    flag_values=FLAGS)
-flags.DEFINE_boolean("class_conditional", _D["class_conditional"], "Store labels (default: for "
-                     "imagenet2012 only; an image folder's labels are its subfolders).",
-                     flag_values=FLAGS)
-flags.DEFINE_boolean("flip", _D["flip"], "Also encode the horizontal mirror of every image.",
-                     flag_values=FLAGS)
-flags.DEFINE_string("mode", _D["mode"], "sample: one posterior sample (as upstream); mean: the "
-                    "posterior mean.", flag_values=FLAGS)
+FLAGS = flags.FlagValues()  # this command's own (see dimsum_jax.command_line)
+_D = default_config()  # the flags are its settings, by the same names and defaults
+flags.DEFINE_string(
+  "dataset",
+  _D["dataset"],
+  f"{', '.join(DATASETS[:-1])} (tfds; see dimsum_jax.data.tfds_images) or image_folder.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "data_dir",
+  _D["data_dir"],
+  "The tfds data_dir ('' = tfds's default) or the image folder.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "split", _D["split"], "tfds split; slicing allowed (train[:120000]).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "tfds_name",
+  _D["tfds_name"],
+  "tfds builder ('' = the usual one of --dataset, tfds_images.TFDS_NAMES).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "vae", _D["vae"], "A VAE converted by python -m dimsum_jax.vae.convert.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "out", _D["out"], "The latent set directory to write (or to resume).", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "image_size",
+  _D["image_size"],
+  "Pixels; latents are image_size / 8 for the SD VAE.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "crop",
+  _D["crop"],
+  "adm, resize_center or none ('' = the dataset's: ADM's "
+  "centre crop for ImageNet and image folders, else resize_center).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_boolean(
+  "class_conditional",
+  _D["class_conditional"],
+  "Store labels (default: for imagenet2012 only; an image folder's labels are its subfolders).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_boolean(
+  "flip", _D["flip"], "Also encode the horizontal mirror of every image.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "mode",
+  _D["mode"],
+  "sample: one posterior sample (as upstream); mean: the posterior mean.",
+  flag_values=FLAGS,
+)
 flags.DEFINE_integer("seed", _D["seed"], "Noise of the posterior samples.", flag_values=FLAGS)
-flags.DEFINE_string("dtype", _D["dtype"], "VAE compute dtype: float32 (as upstream) or bfloat16.",
-                    flag_values=FLAGS)
-flags.DEFINE_string("latent_dtype", _D["latent_dtype"], "Stored dtype: float32 or float16.",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", _D["batch_size"], "Images per step of this process; 0 = 32 per "
-                     "local device.", flag_values=FLAGS)
-flags.DEFINE_integer("shard_size", _D["shard_size"], "Latent rows per shard file (even when "
-                     "mirrors are encoded).", flag_values=FLAGS)
-flags.DEFINE_string("on_bad_image", _D["on_bad_image"], "An image that does not decode: fail "
-                    "(stop, naming it) or skip (warn, leave it out, list it in the manifest).",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("num_workers", _D["num_workers"], "Decoding threads; 0 = the CPU count (at "
-                     "most 32).", flag_values=FLAGS)
+flags.DEFINE_string(
+  "dtype", _D["dtype"], "VAE compute dtype: float32 (as upstream) or bfloat16.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "latent_dtype", _D["latent_dtype"], "Stored dtype: float32 or float16.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "batch_size",
+  _D["batch_size"],
+  "Images per step of this process; 0 = 32 per local device.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "shard_size",
+  _D["shard_size"],
+  "Latent rows per shard file (even when mirrors are encoded).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "on_bad_image",
+  _D["on_bad_image"],
+  "An image that does not decode: fail "
+  "(stop, naming it) or skip (warn, leave it out, list it in the manifest).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "num_workers",
+  _D["num_workers"],
+  "Decoding threads; 0 = the CPU count (at most 32).",
+  flag_values=FLAGS,
+)
 flags.DEFINE_integer("prefetch", _D["prefetch"], "Batches decoded ahead.", flag_values=FLAGS)
-flags.DEFINE_float("log_every_s", _D["log_every_s"], "Seconds between progress lines.",
-                   flag_values=FLAGS)
-flags.DEFINE_integer("process_index", _D["process_index"], "This process's part (default: from "
-                     "JAX's distributed runtime); for independent jobs sharing --out.",
-                     flag_values=FLAGS)
-flags.DEFINE_integer("process_count", _D["process_count"], "How many parts, with "
-                     "--process_index.", flag_values=FLAGS)
+flags.DEFINE_float(
+  "log_every_s", _D["log_every_s"], "Seconds between progress lines.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "process_index",
+  _D["process_index"],
+  "This process's part (default: from "
+  "JAX's distributed runtime); for independent jobs sharing --out.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "process_count", _D["process_count"], "How many parts, with --process_index.", flag_values=FLAGS
+)
 del _D
 
 

@@ -10,6 +10,7 @@ An image that PIL cannot decode is never passed over silently: on_bad_image='fai
 BadImageError naming its path; 'skip' logs a warning with the path once, records it in
 `skipped`, and fills its slot with the next example of the stream (deterministically).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -33,9 +34,11 @@ class BadImageError(ValueError):
 def list_images(root: str) -> list[str]:
   """Relative paths (with '/') of every image under root, sorted."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"Image folder {root!r} does not exist; point config.data.data_dir at "
-                            "a directory of .jpg/.png/.webp files (class subfolders if "
-                            "conditional).")
+    raise FileNotFoundError(
+      f"Image folder {root!r} does not exist; point config.data.data_dir at "
+      "a directory of .jpg/.png/.webp files (class subfolders if "
+      "conditional)."
+    )
   found = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames.sort()
@@ -53,9 +56,11 @@ def class_labels(paths: list[str]) -> tuple[np.ndarray, list[str]]:
   """Label per path from its top-level directory, and the sorted class names."""
   loose = [p for p in paths if "/" not in p]
   if loose:
-    raise ValueError(f"class_conditional needs one subfolder per class, but {loose[0]!r} (and "
-                     f"{len(loose) - 1} more) lie directly in the root; "
-                     "set class_conditional=False.")
+    raise ValueError(
+      f"class_conditional needs one subfolder per class, but {loose[0]!r} (and "
+      f"{len(loose) - 1} more) lie directly in the root; "
+      "set class_conditional=False."
+    )
   tops = [p.split("/", 1)[0] for p in paths]
   classes = sorted(set(tops))
   index = {c: i for i, c in enumerate(classes)}
@@ -86,15 +91,23 @@ class ImageFolderSource(IndexedSource):
     self.on_bad_image = config.on_bad_image
     self.skipped: list[str] = []
     self._bad: set[int] = set()
-    self._pool = (concurrent.futures.ThreadPoolExecutor(config.num_workers)
-                  if config.num_workers > 1 else None)
+    self._pool = (
+      concurrent.futures.ThreadPoolExecutor(config.num_workers) if config.num_workers > 1 else None
+    )
     super().__init__(
-        num_examples=len(self.paths), num_classes=len(self.classes),
-        image_shape=(config.image_size, config.image_size, config.channels),
-        global_batch_size=config.global_batch_size, process_index=process_index,
-        process_count=process_count, seed=seed, shuffle=config.shuffle,
-        random_flip=config.random_flip, num_epochs=config.num_epochs,
-        drop_remainder=config.drop_remainder, prefetch=config.prefetch)
+      num_examples=len(self.paths),
+      num_classes=len(self.classes),
+      image_shape=(config.image_size, config.image_size, config.channels),
+      global_batch_size=config.global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      seed=seed,
+      shuffle=config.shuffle,
+      random_flip=config.random_flip,
+      num_epochs=config.num_epochs,
+      drop_remainder=config.drop_remainder,
+      prefetch=config.prefetch,
+    )
 
   def path(self, i: int) -> str:
     return os.path.join(self.root, *self.paths[i].split("/"))
@@ -111,8 +124,9 @@ class ImageFolderSource(IndexedSource):
 
   def _gather(self, ids, flips):
     ids = ids.tolist()
-    loaded = list(self._pool.map(self._load_one, ids)) if self._pool else [
-        self._load_one(i) for i in ids]
+    loaded = (
+      list(self._pool.map(self._load_one, ids)) if self._pool else [self._load_one(i) for i in ids]
+    )
     images, labels = [], []
     for i, image, flip in zip(ids, loaded, flips):
       if isinstance(image, BadImageError):

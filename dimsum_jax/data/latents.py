@@ -29,6 +29,7 @@ While a set is being written there is no meta.json; completed shards are named w
 every shard. Re-opening the directory with LatentShardWriter continues after the last complete
 shard: `num_written` tells the encoder how many examples of its (deterministic) input to skip.
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,8 +48,17 @@ PROGRESS = "progress.json"
 DTYPES = ("float32", "float16")
 SD_VAE_SCALING = 0.18215
 # Fields that must agree when a partial set is re-opened.
-_IDENTITY = ("latent_shape", "dtype", "scaled", "scaling_factor", "num_classes", "source",
-             "image_size", "flip_doubled", "vae")
+_IDENTITY = (
+  "latent_shape",
+  "dtype",
+  "scaled",
+  "scaling_factor",
+  "num_classes",
+  "source",
+  "image_size",
+  "flip_doubled",
+  "vae",
+)
 
 
 class LatentSetError(ValueError):
@@ -77,10 +87,22 @@ class LatentShardWriter:
   Only complete shards survive a crash; the rows of the open shard are encoded again.
   """
 
-  def __init__(self, directory: str, *, latent_shape, num_classes: int = 0, source: str = "",
-               image_size: int = 0, flip_doubled: bool = False, vae: str = "",
-               scaled: bool = True, scaling_factor: float = SD_VAE_SCALING,
-               dtype: str = "float32", shard_size: int = 8192, extra: dict | None = None):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    latent_shape,
+    num_classes: int = 0,
+    source: str = "",
+    image_size: int = 0,
+    flip_doubled: bool = False,
+    vae: str = "",
+    scaled: bool = True,
+    scaling_factor: float = SD_VAE_SCALING,
+    dtype: str = "float32",
+    shard_size: int = 8192,
+    extra: dict | None = None,
+  ):
     if dtype not in DTYPES:
       raise ValueError(f"Latent dtype {dtype!r} is not one of {DTYPES}.")
     if shard_size <= 0:
@@ -88,10 +110,16 @@ class LatentShardWriter:
     self.directory = directory
     self.shard_size = int(shard_size)
     self.identity = {
-        "latent_shape": [int(s) for s in latent_shape], "dtype": dtype, "scaled": bool(scaled),
-        "scaling_factor": float(scaling_factor), "num_classes": int(num_classes),
-        "source": str(source), "image_size": int(image_size), "flip_doubled": bool(flip_doubled),
-        "vae": str(vae)}
+      "latent_shape": [int(s) for s in latent_shape],
+      "dtype": dtype,
+      "scaled": bool(scaled),
+      "scaling_factor": float(scaling_factor),
+      "num_classes": int(num_classes),
+      "source": str(source),
+      "image_size": int(image_size),
+      "flip_doubled": bool(flip_doubled),
+      "vae": str(vae),
+    }
     self.extra = dict(extra or {})
     self.shards: list[dict] = []
     self._latents: list[np.ndarray] = []
@@ -99,8 +127,10 @@ class LatentShardWriter:
     self._buffered = 0
     self.finalized = False
     if os.path.exists(os.path.join(directory, META)):
-      raise LatentSetError(f"Latent set {directory} is already complete (meta.json exists); "
-                           "write a new set to another directory or delete this one.")
+      raise LatentSetError(
+        f"Latent set {directory} is already complete (meta.json exists); "
+        "write a new set to another directory or delete this one."
+      )
     os.makedirs(directory, exist_ok=True)
     progress = os.path.join(directory, PROGRESS)
     if os.path.exists(progress):
@@ -109,13 +139,16 @@ class LatentShardWriter:
       for key in _IDENTITY:
         if state[key] != self.identity[key]:
           raise LatentSetError(
-              f"Partial latent set {directory} was started with {key}={state[key]!r}, not "
-              f"{self.identity[key]!r}; resume it with the same settings or use a new directory.")
+            f"Partial latent set {directory} was started with {key}={state[key]!r}, not "
+            f"{self.identity[key]!r}; resume it with the same settings or use a new directory."
+          )
       self.shards = state["shards"]
       for k in range(len(self.shards)):
         if self._locate(k)[0] is None:
-          raise LatentSetError(f"Partial latent set {directory} lists shard {k} in progress.json "
-                               "but its file is gone; delete the directory and encode again.")
+          raise LatentSetError(
+            f"Partial latent set {directory} lists shard {k} in progress.json "
+            "but its file is gone; delete the directory and encode again."
+          )
     self.resumed_from = self.num_written
 
   @property
@@ -129,12 +162,17 @@ class LatentShardWriter:
     return self.num_written + self._buffered
 
   def _locate(self, k: int) -> tuple[str | None, str | None]:
-    for name in (_shard_names(k, None)[0],
-                 *sorted(os.path.basename(p) for p in
-                         glob.glob(os.path.join(self.directory, f"latents-{k:05d}-of-*.npy")))):
-      labels = "labels" + name[len("latents"):]
-      if (os.path.exists(os.path.join(self.directory, name))
-          and os.path.exists(os.path.join(self.directory, labels))):
+    for name in (
+      _shard_names(k, None)[0],
+      *sorted(
+        os.path.basename(p)
+        for p in glob.glob(os.path.join(self.directory, f"latents-{k:05d}-of-*.npy"))
+      ),
+    ):
+      labels = "labels" + name[len("latents") :]
+      if os.path.exists(os.path.join(self.directory, name)) and os.path.exists(
+        os.path.join(self.directory, labels)
+      ):
         return name, labels
     return None, None
 
@@ -144,16 +182,19 @@ class LatentShardWriter:
     latents = np.asarray(latents)
     shape = tuple(self.identity["latent_shape"])
     if latents.ndim != 4 or latents.shape[1:] != shape:
-      raise LatentSetError(f"Latents of shape {latents.shape} do not match this set's "
-                           f"[n, {', '.join(map(str, shape))}] (NHWC).")
+      raise LatentSetError(
+        f"Latents of shape {latents.shape} do not match this set's "
+        f"[n, {', '.join(map(str, shape))}] (NHWC)."
+      )
     n = latents.shape[0]
     labels = np.zeros(n, np.int32) if labels is None else np.asarray(labels).astype(np.int32)
     if labels.shape != (n,):
       raise LatentSetError(f"Labels of shape {labels.shape} do not match {n} latents.")
     k = self.identity["num_classes"]
     if n and (labels.min() < 0 or (k and labels.max() >= k) or (not k and labels.any())):
-      raise LatentSetError(f"Labels must lie in [0, {max(k, 1)}), "
-                           f"got [{labels.min()}, {labels.max()}].")
+      raise LatentSetError(
+        f"Labels must lie in [0, {max(k, 1)}), got [{labels.min()}, {labels.max()}]."
+      )
     self._latents.append(latents.astype(self.identity["dtype"]))
     self._labels.append(labels)
     self._buffered += n
@@ -168,8 +209,9 @@ class LatentShardWriter:
     _save_npy_atomic(os.path.join(self.directory, lab_name), labels[:count])
     _save_npy_atomic(os.path.join(self.directory, lat_name), latents[:count])
     self.shards.append({"latents": lat_name, "labels": lab_name, "num_examples": int(count)})
-    io_utils.write_json(os.path.join(self.directory, PROGRESS),
-                       {**self.identity, "shards": self.shards})
+    io_utils.write_json(
+      os.path.join(self.directory, PROGRESS), {**self.identity, "shards": self.shards}
+    )
     self._latents, self._labels = [latents[count:]], [labels[count:]]
     self._buffered -= count
 
@@ -188,8 +230,14 @@ class LatentShardWriter:
         if have != want:
           os.replace(os.path.join(self.directory, have), os.path.join(self.directory, want))
       shard["latents"], shard["labels"] = final
-    meta = {"format": FORMAT, "version": VERSION, **self.identity,
-            "num_examples": self.num_written, "extra": self.extra, "shards": self.shards}
+    meta = {
+      "format": FORMAT,
+      "version": VERSION,
+      **self.identity,
+      "num_examples": self.num_written,
+      "extra": self.extra,
+      "shards": self.shards,
+    }
     io_utils.write_json(os.path.join(self.directory, META), meta)
     os.remove(os.path.join(self.directory, PROGRESS))
     self.finalized = True
@@ -211,10 +259,14 @@ def read_meta(directory: str) -> dict:
     if os.path.exists(progress):
       with open(progress) as f:
         n = sum(s["num_examples"] for s in json.load(f)["shards"])
-      raise LatentSetError(f"Latent set {directory} is incomplete ({n} examples written, no "
-                           "meta.json); re-run the encoding step, which resumes and finalizes it.")
-    raise LatentSetError(f"No latent set at {directory} (meta.json is missing); create one with "
-                         "the VAE encoding step, which writes meta.json and latents-*.npy there.")
+      raise LatentSetError(
+        f"Latent set {directory} is incomplete ({n} examples written, no "
+        "meta.json); re-run the encoding step, which resumes and finalizes it."
+      )
+    raise LatentSetError(
+      f"No latent set at {directory} (meta.json is missing); create one with "
+      "the VAE encoding step, which writes meta.json and latents-*.npy there."
+    )
   with open(path) as f:
     meta = json.load(f)
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -227,15 +279,20 @@ def check_meta(meta: dict, config, directory: str = "") -> None:
   want = [config.image_size, config.image_size, config.channels]
   if list(meta["latent_shape"]) != want:
     raise LatentSetError(
-        f"Latent set {directory} holds latents of shape {meta['latent_shape']} (h, w, c) but "
-        f"config.data asks for image_size={config.image_size}, channels={config.channels} "
-        f"({want}); point data_dir at a matching set or change the config.")
+      f"Latent set {directory} holds latents of shape {meta['latent_shape']} (h, w, c) but "
+      f"config.data asks for image_size={config.image_size}, channels={config.channels} "
+      f"({want}); point data_dir at a matching set or change the config."
+    )
   if config.class_conditional and not meta["num_classes"]:
-    raise LatentSetError(f"Latent set {directory} is unconditional (num_classes 0) but "
-                         "config.data.class_conditional is True.")
+    raise LatentSetError(
+      f"Latent set {directory} is unconditional (num_classes 0) but "
+      "config.data.class_conditional is True."
+    )
   if config.random_flip:
-    raise LatentSetError("config.data.random_flip would flip latents, which is not a flip of the "
-                         "image; encode a flip_doubled set instead and set random_flip=False.")
+    raise LatentSetError(
+      "config.data.random_flip would flip latents, which is not a flip of the "
+      "image; encode a flip_doubled set instead and set random_flip=False."
+    )
 
 
 class LatentSource(IndexedSource):
@@ -247,31 +304,44 @@ class LatentSource(IndexedSource):
     check_meta(meta, config, self.directory)
     self.latents, self.labels = [], []
     for shard in meta["shards"]:
-      lat = np.load(os.path.join(self.directory, shard["latents"]), mmap_mode="r",
-                    allow_pickle=False)
-      lab = np.load(os.path.join(self.directory, shard["labels"]), mmap_mode="r",
-                    allow_pickle=False)
+      lat = np.load(
+        os.path.join(self.directory, shard["latents"]), mmap_mode="r", allow_pickle=False
+      )
+      lab = np.load(
+        os.path.join(self.directory, shard["labels"]), mmap_mode="r", allow_pickle=False
+      )
       n = shard["num_examples"]
       if lat.shape != (n, *meta["latent_shape"]) or lab.shape != (n,):
-        raise LatentSetError(f"Shard {shard['latents']} of {self.directory} holds {lat.shape} and "
-                             f"{lab.shape}, but meta.json promises {n} rows of "
-                             f"{meta['latent_shape']}; the set is damaged, encode it again.")
+        raise LatentSetError(
+          f"Shard {shard['latents']} of {self.directory} holds {lat.shape} and "
+          f"{lab.shape}, but meta.json promises {n} rows of "
+          f"{meta['latent_shape']}; the set is damaged, encode it again."
+        )
       self.latents.append(lat)
       self.labels.append(lab)
     self.offsets = np.cumsum([0] + [s["num_examples"] for s in meta["shards"]])
     if self.offsets[-1] != meta["num_examples"]:
-      raise LatentSetError(f"Latent set {self.directory}: shards hold {self.offsets[-1]} rows, "
-                           f"meta.json says {meta['num_examples']}.")
+      raise LatentSetError(
+        f"Latent set {self.directory}: shards hold {self.offsets[-1]} rows, "
+        f"meta.json says {meta['num_examples']}."
+      )
     self.scaling_factor = float(meta["scaling_factor"])
     self._scale = 1.0 if meta["scaled"] else self.scaling_factor
     self._conditional = bool(config.class_conditional)
     super().__init__(
-        num_examples=meta["num_examples"],
-        num_classes=meta["num_classes"] if config.class_conditional else 0,
-        image_shape=tuple(meta["latent_shape"]), global_batch_size=config.global_batch_size,
-        process_index=process_index, process_count=process_count, seed=seed,
-        shuffle=config.shuffle, random_flip=False, num_epochs=config.num_epochs,
-        drop_remainder=config.drop_remainder, prefetch=config.prefetch)
+      num_examples=meta["num_examples"],
+      num_classes=meta["num_classes"] if config.class_conditional else 0,
+      image_shape=tuple(meta["latent_shape"]),
+      global_batch_size=config.global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      seed=seed,
+      shuffle=config.shuffle,
+      random_flip=False,
+      num_epochs=config.num_epochs,
+      drop_remainder=config.drop_remainder,
+      prefetch=config.prefetch,
+    )
 
   def _gather(self, ids, flips):
     del flips  # never set for latents (check_meta)
@@ -281,7 +351,7 @@ class LatentSource(IndexedSource):
     for s in np.unique(shard):
       rows = np.flatnonzero(shard == s)
       local = ids[rows] - self.offsets[s]
-      order = np.argsort(local, kind="stable")        # read each shard front to back
+      order = np.argsort(local, kind="stable")  # read each shard front to back
       images[rows[order]] = self.latents[s][local[order]]
       labels[rows[order]] = self.labels[s][local[order]]
     if self._scale != 1.0:

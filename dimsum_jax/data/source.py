@@ -19,6 +19,7 @@ permutation. It counts examples, not batches, and is the same on every process (
 the same size), so saving process 0's state is enough. `set_state` on a fresh source built with
 the same config, seed and process layout continues the stream exactly where it stopped.
 """
+
 from __future__ import annotations
 
 import abc
@@ -48,18 +49,19 @@ def process_split(num_examples: int, process_index: int, process_count: int) -> 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
-                     f"{process_count} processes.")
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by the {process_count} processes."
+    )
   return global_batch_size // process_count
 
 
 class DataSource(abc.ABC):
   """What training consumes. Subclasses set the metadata fields in __init__."""
 
-  num_classes: int             # 0 for unconditional sets
-  image_shape: tuple           # (H, W, C) of one "image" entry
-  num_examples: int            # examples in the whole split, all processes together
-  local_batch_size: int        # rows per yielded batch (the last one may be short if finite)
+  num_classes: int  # 0 for unconditional sets
+  image_shape: tuple  # (H, W, C) of one "image" entry
+  num_examples: int  # examples in the whole split, all processes together
+  local_batch_size: int  # rows per yielded batch (the last one may be short if finite)
   process_index: int
   process_count: int
 
@@ -67,16 +69,13 @@ class DataSource(abc.ABC):
     return self
 
   @abc.abstractmethod
-  def __next__(self) -> Batch:
-    ...
+  def __next__(self) -> Batch: ...
 
   @abc.abstractmethod
-  def get_state(self) -> dict[str, int]:
-    ...
+  def get_state(self) -> dict[str, int]: ...
 
   @abc.abstractmethod
-  def set_state(self, state: dict[str, int]) -> None:
-    ...
+  def set_state(self, state: dict[str, int]) -> None: ...
 
   def close(self) -> None:
     """Stops background work; the source can still be restarted with set_state."""
@@ -102,7 +101,8 @@ def _check_state(state: dict[str, Any]) -> tuple[int, int]:
     epoch, index = int(state["epoch"]), int(state["index"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(
-        f"A data state needs integer 'epoch' and 'index' entries, got {state!r}.") from e
+      f"A data state needs integer 'epoch' and 'index' entries, got {state!r}."
+    ) from e
   if epoch < 0 or index < 0:
     raise ValueError(f"A data state cannot be negative, got {state!r}.")
   return epoch, index
@@ -119,10 +119,22 @@ class IndexedSource(DataSource):
   they are part of the deterministic stream too.
   """
 
-  def __init__(self, *, num_examples: int, num_classes: int, image_shape: tuple,
-               global_batch_size: int, process_index: int, process_count: int, seed: int,
-               shuffle: bool = True, random_flip: bool = False, num_epochs: int = 0,
-               drop_remainder: bool = True, prefetch: int = 0):
+  def __init__(
+    self,
+    *,
+    num_examples: int,
+    num_classes: int,
+    image_shape: tuple,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    shuffle: bool = True,
+    random_flip: bool = False,
+    num_epochs: int = 0,
+    drop_remainder: bool = True,
+    prefetch: int = 0,
+  ):
     self.num_examples = int(num_examples)
     self.num_classes = int(num_classes)
     self.image_shape = tuple(int(s) for s in image_shape)
@@ -132,7 +144,7 @@ class IndexedSource(DataSource):
     self.seed = int(seed)
     self.shuffle = bool(shuffle)
     self.random_flip = bool(random_flip)
-    self.num_epochs = int(num_epochs)       # 0: repeat forever
+    self.num_epochs = int(num_epochs)  # 0: repeat forever
     self.drop_remainder = bool(drop_remainder)
     self.prefetch = int(prefetch)
     self._ids = process_split(self.num_examples, self.process_index, self.process_count)
@@ -146,7 +158,7 @@ class IndexedSource(DataSource):
   # ---- order -------------------------------------------------------------------------------
   def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(example ids, flip flags) in the order epoch `epoch` visits them on this process."""
-    cached = self._epoch_cache      # one read: the prefetch thread may replace it
+    cached = self._epoch_cache  # one read: the prefetch thread may replace it
     if cached is not None and cached[0] == epoch:
       return cached[1], cached[2]
     n = len(self._ids)
@@ -174,21 +186,25 @@ class IndexedSource(DataSource):
       while have < b and not (self.num_epochs and epoch >= self.num_epochs):
         ids, flips = self.epoch_order(epoch)
         take = min(b - have, n - index)
-        x, y = self._gather(ids[index:index + take], flips[index:index + take])
+        x, y = self._gather(ids[index : index + take], flips[index : index + take])
         images.append(x)
         labels.append(y)
         have += len(y)
         index += take
         unusable_run = 0 if len(y) else unusable_run + take
         if unusable_run >= n:
-          raise RuntimeError(f"None of the {n} examples of process {self.process_index} can be "
-                             "loaded; see the warnings above for their paths.")
+          raise RuntimeError(
+            f"None of the {n} examples of process {self.process_index} can be "
+            "loaded; see the warnings above for their paths."
+          )
         if index == n:
           epoch, index = epoch + 1, 0
       if have == 0 or (have < b and self.drop_remainder):
         return
-      batch = {"image": images[0] if len(images) == 1 else np.concatenate(images),
-               "label": labels[0] if len(labels) == 1 else np.concatenate(labels)}
+      batch = {
+        "image": images[0] if len(images) == 1 else np.concatenate(images),
+        "label": labels[0] if len(labels) == 1 else np.concatenate(labels),
+      }
       yield batch, (epoch, index)
 
   # ---- iteration, with an optional background thread ----------------------------------------
@@ -212,7 +228,7 @@ class IndexedSource(DataSource):
           if stop.is_set():
             return
         item = _Stop()
-      except BaseException as e:    # re-raised in the consumer
+      except BaseException as e:  # re-raised in the consumer
         item = e
       while not stop.is_set():
         try:
@@ -246,8 +262,10 @@ class IndexedSource(DataSource):
   def set_state(self, state: dict[str, int]) -> None:
     epoch, index = _check_state(state)
     if index >= len(self._ids):
-      raise ValueError(f"Data state index {index} is past this process's {len(self._ids)} "
-                       "examples; was it saved with another dataset or process count?")
+      raise ValueError(
+        f"Data state index {index} is past this process's {len(self._ids)} "
+        "examples; was it saved with another dataset or process count?"
+      )
     self.close()
     self._state = (epoch, index)
 
@@ -256,4 +274,3 @@ class IndexedSource(DataSource):
       self._stop.set()
       self._thread.join()
     self._thread, self._queue, self._producer = None, None, None
-

@@ -16,6 +16,7 @@ Preprocessing: decode (tf.io.decode_image, 1 or 3 channels), crop to image_size 
 crop.crop_array (ADM centre crop by default: the exact PIL code, run through tf.numpy_function),
 optional flip, x / 127.5 - 1.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,22 +25,28 @@ from dimsum_jax.data.crop import crop_array
 from dimsum_jax.data.source import DataSource, _check_state, local_batch_size
 
 TFDS_NAMES = {
-    "imagenet2012": "imagenet2012",
-    "celeb_a_hq": "celeb_a_hq/{image_size}",
-    "lsun_church": "lsun/church_outdoor",
+  "imagenet2012": "imagenet2012",
+  "celeb_a_hq": "celeb_a_hq/{image_size}",
+  "lsun_church": "lsun/church_outdoor",
 }
 
 _HOW_TO_PREPARE = {
-    "imagenet2012": ("put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) "
-                     "in {data_dir}/downloads/manual and run `tfds build imagenet2012 "
-                     "--data_dir={data_dir}` once (about 150 GB)"),
-    "celeb_a_hq": ("make the CelebA-HQ tar files (data2x2.tar .. data1024x1024.tar, see "
-                   "github.com/tkarras/progressive_growing_of_gans), put them in "
-                   "{data_dir}/downloads/manual and run `tfds build {tfds_name} "
-                   "--data_dir={data_dir}` once"),
-    "lsun_church": ("run `tfds build lsun/church_outdoor --data_dir={data_dir}` once (needs "
-                    "tensorflow-io; it downloads church_outdoor_train_lmdb.zip from the LSUN "
-                    "site), or export the images to a folder and use name='image_folder'"),
+  "imagenet2012": (
+    "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) "
+    "in {data_dir}/downloads/manual and run `tfds build imagenet2012 "
+    "--data_dir={data_dir}` once (about 150 GB)"
+  ),
+  "celeb_a_hq": (
+    "make the CelebA-HQ tar files (data2x2.tar .. data1024x1024.tar, see "
+    "github.com/tkarras/progressive_growing_of_gans), put them in "
+    "{data_dir}/downloads/manual and run `tfds build {tfds_name} "
+    "--data_dir={data_dir}` once"
+  ),
+  "lsun_church": (
+    "run `tfds build lsun/church_outdoor --data_dir={data_dir}` once (needs "
+    "tensorflow-io; it downloads church_outdoor_train_lmdb.zip from the LSUN "
+    "site), or export the images to a folder and use name='image_folder'"
+  ),
 }
 
 
@@ -49,9 +56,11 @@ def import_tensorflow(dataset: str):
     import tensorflow as tf
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError(f"pip install tensorflow-datasets tensorflow-cpu to read {dataset} "
-                      "(GPU training hosts use pre-encoded latent shards instead).") from e
-  tf.config.set_visible_devices([], "GPU")   # TF must not take accelerator memory from JAX
+    raise ImportError(
+      f"pip install tensorflow-datasets tensorflow-cpu to read {dataset} "
+      "(GPU training hosts use pre-encoded latent shards instead)."
+    ) from e
+  tf.config.set_visible_devices([], "GPU")  # TF must not take accelerator memory from JAX
   return tf, tfds
 
 
@@ -83,15 +92,18 @@ class TfdsSource(DataSource):
     features = self.builder.info.features
     has_labels = "label" in features
     if config.class_conditional and not has_labels:
-      raise ValueError(f"tfds dataset {self.name} has no labels but config.data.class_conditional "
-                       "is True; set it to False.")
+      raise ValueError(
+        f"tfds dataset {self.name} has no labels but config.data.class_conditional "
+        "is True; set it to False."
+      )
     self.conditional = config.class_conditional and has_labels
     self.num_classes = int(features["label"].num_classes) if self.conditional else 0
     self.image_shape = (config.image_size, config.image_size, config.channels)
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.local_batch_size = local_batch_size(config.global_batch_size, process_count)
-    self.split = tfds.split_for_jax_process(config.split, process_index=process_index,
-                                            process_count=process_count, drop_remainder=True)
+    self.split = tfds.split_for_jax_process(
+      config.split, process_index=process_index, process_count=process_count, drop_remainder=True
+    )
     self.num_examples = int(self.builder.info.splits[config.split].num_examples)
     self._local = int(self.builder.info.splits[self.split].num_examples)
     self.seed = int(seed)
@@ -117,8 +129,9 @@ class TfdsSource(DataSource):
       image = tf.ensure_shape(image, (size, size, channels))
       image = tf.cast(image, tf.float32) / 127.5 - 1.0
       if c.random_flip:
-        u = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(flip_seed, tf.int64),
-                                                           position]))
+        u = tf.random.stateless_uniform(
+          [], seed=tf.stack([tf.constant(flip_seed, tf.int64), position])
+        )
         image = tf.cond(u < 0.5, lambda: tf.reverse(image, axis=[1]), lambda: image)
       label = tf.cast(example["label"], tf.int32) if self.conditional else tf.constant(0, tf.int32)
       return image, label
@@ -132,15 +145,24 @@ class TfdsSource(DataSource):
     file_seed, shuffle_seed, flip_seed = epoch_seeds(self.seed, epoch, self.process_index)
     options = tf.data.Options()
     options.deterministic = True
-    read_config = tfds.ReadConfig(options=options, shuffle_seed=file_seed,
-                                  shuffle_reshuffle_each_iteration=False, try_autocache=False)
-    ds = self.builder.as_dataset(split=self.split, shuffle_files=c.shuffle, read_config=read_config,
-                                 decoders={"image": tfds.decode.SkipDecoding()})
+    read_config = tfds.ReadConfig(
+      options=options,
+      shuffle_seed=file_seed,
+      shuffle_reshuffle_each_iteration=False,
+      try_autocache=False,
+    )
+    ds = self.builder.as_dataset(
+      split=self.split,
+      shuffle_files=c.shuffle,
+      read_config=read_config,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
     if c.shuffle and c.shuffle_buffer > 1:
       ds = ds.shuffle(c.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(skip)
-    ds = ds.map(self._preprocess(flip_seed), num_parallel_calls=max(1, c.num_workers),
-                deterministic=True)
+    ds = ds.map(
+      self._preprocess(flip_seed), num_parallel_calls=max(1, c.num_workers), deterministic=True
+    )
     if pad:
       zeros = (tf.zeros(self.image_shape, tf.float32), tf.constant(0, tf.int32))
       ds = tf.data.Dataset.from_tensors(zeros).repeat(pad).concatenate(ds)
@@ -160,7 +182,7 @@ class TfdsSource(DataSource):
           images = np.concatenate([tail[0], images[pad:]])
           labels = np.concatenate([tail[1], labels[pad:]])
           pad, tail = 0, None
-        if len(labels) < b:       # only at the end of the epoch
+        if len(labels) < b:  # only at the end of the epoch
           tail = (images, labels)
           break
         if index == n:
@@ -184,8 +206,10 @@ class TfdsSource(DataSource):
   def set_state(self, state: dict[str, int]) -> None:
     epoch, index = _check_state(state)
     if index >= self._local:
-      raise ValueError(f"Data state index {index} is past this process's {self._local} examples; "
-                       "was it saved with another split or process count?")
+      raise ValueError(
+        f"Data state index {index} is past this process's {self._local} examples; "
+        "was it saved with another split or process count?"
+      )
     self._producer = None
     self._state = (epoch, index)
 

@@ -25,16 +25,28 @@ From code:
 
 Names are imported on first use, so `python -m dimsum_jax.evaluate.<module>` runs cleanly.
 """
+
 import importlib
 
 _EXPORTS = {
-    "FeatureNet": "features", "Extractor": "features", "build_feature_net": "features",
-    "default_eval_config": "config", "EvalConfigError": "config",
-    "EvaluationError": "metrics", "evaluate_images": "metrics", "evaluate_features": "metrics",
-    "frechet_distance": "metrics", "inception_score": "metrics", "precision_recall": "metrics",
-    "Reference": "reference", "load_reference": "reference", "save_reference": "reference",
-    "reference_from_images": "reference", "reference_for": "reference",
-    "digits_feature_net": "digits_features", "digits_reference": "digits_features",
+  "FeatureNet": "features",
+  "Extractor": "features",
+  "build_feature_net": "features",
+  "default_eval_config": "config",
+  "EvalConfigError": "config",
+  "EvaluationError": "metrics",
+  "evaluate_images": "metrics",
+  "evaluate_features": "metrics",
+  "frechet_distance": "metrics",
+  "inception_score": "metrics",
+  "precision_recall": "metrics",
+  "Reference": "reference",
+  "load_reference": "reference",
+  "save_reference": "reference",
+  "reference_from_images": "reference",
+  "reference_for": "reference",
+  "digits_feature_net": "digits_features",
+  "digits_reference": "digits_features",
 }
 
 __all__ = sorted(_EXPORTS)

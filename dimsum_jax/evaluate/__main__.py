@@ -2,6 +2,7 @@
 
 See dimsum_jax/evaluate/command.py for the options, the output and the refusals.
 """
+
 from dimsum_jax.evaluate.command import cli
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ refuses every mistake that needs no file in one sentence naming the field and th
 (EvalConfigError); `check_metrics` does the same for the metrics that the feature net and the
 reference resolve to. The training loop calls both before its workdir is touched.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,13 +29,13 @@ class EvalConfigError(ValueError):
 def default_eval_config() -> ml_collections.ConfigDict:
   """Defaults: Inception features (weights and reference to be set), evaluation off."""
   c = ml_collections.ConfigDict()
-  c.features = "inception"        # one of FEATURES
-  c.inception_weights = ""        # pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz)
-  c.preprocess = "pytorch_fid"    # Inception input: pytorch_fid | tf (the TF graph's resize)
-  c.reference = ""                # ADM-style reference batch .npz ('' with digits: the digits set)
-  c.metrics = ""                  # e.g. "fid,sfid,is,precision,recall" ('' = all possible)
-  c.batch_size = 50               # images per device per extraction step
-  c.cache_dir = "~/.cache/dimsum_jax"   # the fitted digits net
+  c.features = "inception"  # one of FEATURES
+  c.inception_weights = ""  # pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz)
+  c.preprocess = "pytorch_fid"  # Inception input: pytorch_fid | tf (the TF graph's resize)
+  c.reference = ""  # ADM-style reference batch .npz ('' with digits: the digits set)
+  c.metrics = ""  # e.g. "fid,sfid,is,precision,recall" ('' = all possible)
+  c.batch_size = 50  # images per device per extraction step
+  c.cache_dir = "~/.cache/dimsum_jax"  # the fitted digits net
   # During training (dimsum_jax.evaluate.training): every `every_steps` steps and at the last
   # one (0 = never), `num_samples` EMA samples in global batches of `sample_batch_size` (split
   # over every device), by the ODE `solver` (euler | heun: `num_steps`; dopri5: adaptive) with
@@ -62,14 +63,20 @@ def validate(c, model_config=None, num_devices: int = 1, vae_dir: str = "") -> N
   the run needs: weights and a reference for Inception, images to score (a latent model needs
   config.vae.dir), guidance the model can give (model_config), a sample batch that splits over
   `num_devices`, enough samples."""
-  for key, choices in (("features", FEATURES), ("preprocess", PREPROCESS),
-                       ("solver", sampling.ODE_SOLVERS)):
+  for key, choices in (
+    ("features", FEATURES),
+    ("preprocess", PREPROCESS),
+    ("solver", sampling.ODE_SOLVERS),
+  ):
     if str(c[key]) not in choices:
-      raise EvalConfigError(f"{_flag(key, c[key])} is not a valid choice: use one of "
-                            f"{', '.join(choices)}.")
+      raise EvalConfigError(
+        f"{_flag(key, c[key])} is not a valid choice: use one of {', '.join(choices)}."
+      )
   if c.best_metric and c.best_metric not in metrics_lib.METRICS:
-    raise EvalConfigError(f"{_flag('best_metric', c.best_metric)} is not a metric: use one of "
-                          f"{', '.join(metrics_lib.METRICS)}, or '' to keep no best checkpoint.")
+    raise EvalConfigError(
+      f"{_flag('best_metric', c.best_metric)} is not a metric: use one of "
+      f"{', '.join(metrics_lib.METRICS)}, or '' to keep no best checkpoint."
+    )
   requested = _requested(c)
   if c.every_steps < 0:
     raise EvalConfigError(f"{_flag('every_steps', c.every_steps)} must be 0 (off) or positive.")
@@ -81,30 +88,42 @@ def validate(c, model_config=None, num_devices: int = 1, vae_dir: str = "") -> N
   if not c.every_steps:
     return
   if c.features == "inception" and not c.inception_weights:
-    raise EvalConfigError("The Inception features need weights: set "
-                          "--config.eval.inception_weights to pytorch-fid's "
-                          "pt_inception-2015-12-05-6726825d.pth (downloaded once), or use "
-                          "--config.eval.features=digits.")
+    raise EvalConfigError(
+      "The Inception features need weights: set "
+      "--config.eval.inception_weights to pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth (downloaded once), or use "
+      "--config.eval.features=digits."
+    )
   if c.features == "inception" and not c.reference:
-    raise EvalConfigError("The Inception features need a reference batch: set "
-                          "--config.eval.reference to an ADM-style .npz (e.g. "
-                          "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
-                          "dimsum_jax.evaluate.reference`).")
+    raise EvalConfigError(
+      "The Inception features need a reference batch: set "
+      "--config.eval.reference to an ADM-style .npz (e.g. "
+      "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
+      "dimsum_jax.evaluate.reference`)."
+    )
   if model_config is not None and model_config.in_channels not in (1, 3) and not vae_dir:
-    raise EvalConfigError("Evaluation scores images, and this model's samples are "
-                          f"{model_config.in_channels}-channel latents: set --config.vae.dir to "
-                          "the VAE that decodes them, or --config.eval.every_steps=0.")
+    raise EvalConfigError(
+      "Evaluation scores images, and this model's samples are "
+      f"{model_config.in_channels}-channel latents: set --config.vae.dir to "
+      "the VAE that decodes them, or --config.eval.every_steps=0."
+    )
   if c.sample_batch_size % num_devices:
-    raise EvalConfigError(f"{_flag('sample_batch_size', c.sample_batch_size)} does not divide "
-                          f"over {num_devices} devices: use a multiple of {num_devices}.")
+    raise EvalConfigError(
+      f"{_flag('sample_batch_size', c.sample_batch_size)} does not divide "
+      f"over {num_devices} devices: use a multiple of {num_devices}."
+    )
   if model_config is not None and c.cfg_scale != 1.0:
     if model_config.num_classes == 0:
-      raise EvalConfigError(f"{_flag('cfg_scale', c.cfg_scale)} needs a class-conditional "
-                            "model; this one is unconditional: use --config.eval.cfg_scale=1.")
+      raise EvalConfigError(
+        f"{_flag('cfg_scale', c.cfg_scale)} needs a class-conditional "
+        "model; this one is unconditional: use --config.eval.cfg_scale=1."
+      )
     if model_config.label_dropout <= 0:
-      raise EvalConfigError(f"{_flag('cfg_scale', c.cfg_scale)} needs a model trained with "
-                            "label dropout (its null class is never trained otherwise): use "
-                            "--config.eval.cfg_scale=1.")
+      raise EvalConfigError(
+        f"{_flag('cfg_scale', c.cfg_scale)} needs a model trained with "
+        "label dropout (its null class is never trained otherwise): use "
+        "--config.eval.cfg_scale=1."
+      )
   if requested:
     check_metrics(c, requested, conditional=model_config is None or model_config.num_classes > 0)
 
@@ -116,9 +135,11 @@ def _requested(c) -> tuple[str, ...]:
   try:
     return metrics_lib.parse_metrics(str(c.metrics))
   except metrics_lib.EvaluationError:
-    raise EvalConfigError(f"{_flag('metrics', c.metrics)} names an unknown metric: use a "
-                          f"comma-separated subset of {','.join(metrics_lib.METRICS)}, or '' for "
-                          "all that apply.") from None
+    raise EvalConfigError(
+      f"{_flag('metrics', c.metrics)} names an unknown metric: use a "
+      f"comma-separated subset of {','.join(metrics_lib.METRICS)}, or '' for "
+      "all that apply."
+    ) from None
 
 
 def check_metrics(c, metrics, conditional: bool = True) -> None:
@@ -127,17 +148,23 @@ def check_metrics(c, metrics, conditional: bool = True) -> None:
   for m in metrics:
     need = metrics_lib.MIN_SAMPLES[m]
     if c.num_samples < need:
-      raise EvalConfigError(f"{_flag('num_samples', c.num_samples)} is too few for {m}, which "
-                            f"needs at least {need}: raise it, or leave {m} out of "
-                            "--config.eval.metrics.")
+      raise EvalConfigError(
+        f"{_flag('num_samples', c.num_samples)} is too few for {m}, which "
+        f"needs at least {need}: raise it, or leave {m} out of "
+        "--config.eval.metrics."
+      )
   if "accuracy" in metrics and not conditional:
-    raise EvalConfigError("The sample accuracy needs a class-conditional model: leave accuracy "
-                          "out of --config.eval.metrics.")
+    raise EvalConfigError(
+      "The sample accuracy needs a class-conditional model: leave accuracy "
+      "out of --config.eval.metrics."
+    )
   if c.best_metric and c.best_metric not in metrics:
-    raise EvalConfigError(f"{_flag('best_metric', c.best_metric)} is not among the metrics "
-                          f"evaluated ({', '.join(metrics)}): add it to --config.eval.metrics, "
-                          "choose one of those, or set --config.eval.best_metric= to keep no "
-                          "best checkpoint.")
+    raise EvalConfigError(
+      f"{_flag('best_metric', c.best_metric)} is not among the metrics "
+      f"evaluated ({', '.join(metrics)}): add it to --config.eval.metrics, "
+      "choose one of those, or set --config.eval.best_metric= to keep no "
+      "best checkpoint."
+    )
 
 
 def best(c) -> tuple[str, str] | None:

@@ -23,6 +23,7 @@ the digit classes, so evaluate_images reports the sample accuracy, the fraction 
 classified as their label); `digits_reference(net, image_size, channels)` the reference built
 from all 1 797 digits at the samples' size, in dimsum_jax.evaluate.reference's format.
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,11 +60,19 @@ def preprocess(images):
   h, w = x.shape[1], x.shape[2]
   hi = jax.lax.Precision.HIGHEST
   if w != SIZE:
-    x = jnp.einsum("nhwc,xw->nhxc", x, jnp.asarray(
-        digits_data.resize_matrix(w, SIZE, "bilinear"), jnp.float32), precision=hi)
+    x = jnp.einsum(
+      "nhwc,xw->nhxc",
+      x,
+      jnp.asarray(digits_data.resize_matrix(w, SIZE, "bilinear"), jnp.float32),
+      precision=hi,
+    )
   if h != SIZE:
-    x = jnp.einsum("nhxc,yh->nyxc", x, jnp.asarray(
-        digits_data.resize_matrix(h, SIZE, "bilinear"), jnp.float32), precision=hi)
+    x = jnp.einsum(
+      "nhxc,yh->nyxc",
+      x,
+      jnp.asarray(digits_data.resize_matrix(h, SIZE, "bilinear"), jnp.float32),
+      precision=hi,
+    )
   return (x - 127.5) / 127.5
 
 
@@ -131,10 +140,12 @@ def _load(path):
     accuracy = float(z["heldout_accuracy"])
     flat = {tuple(k.split("/")): z[k] for k in z.files if k != "heldout_accuracy"}
   params = flax.traverse_util.unflatten_dict(flat)
-  want = jax.eval_shape(DigitsMLP().init, jax.random.PRNGKey(0),
-                        jax.ShapeDtypeStruct((1, SIZE, SIZE, 1), jnp.uint8))["params"]
+  want = jax.eval_shape(
+    DigitsMLP().init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, SIZE, SIZE, 1), jnp.uint8)
+  )["params"]
   if jax.tree.structure(want) != jax.tree.structure(params) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params))):
+    a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params))
+  ):
     raise ValueError("another network's parameters")
   return params, accuracy
 
@@ -147,20 +158,31 @@ def load_or_fit(cache_dir: str | None = None) -> tuple[dict, float]:
     try:
       return _load(path)
     except Exception as e:  # pylint: disable=broad-except
-      log.warning("The cached digits features %s cannot be read (%s: %s); fitting them again.",
-                  path, type(e).__name__, e)
+      log.warning(
+        "The cached digits features %s cannot be read (%s: %s); fitting them again.",
+        path,
+        type(e).__name__,
+        e,
+      )
   params, accuracy = fit()
   _save(path, params, accuracy)
-  log.info("Fitted the digits features (held-out accuracy %.4f) and cached them in %s.",
-           accuracy, path)
+  log.info(
+    "Fitted the digits features (held-out accuracy %.4f) and cached them in %s.", accuracy, path
+  )
   return params, accuracy
 
 
 def digits_feature_net(cache_dir: str | None = None, batch_size: int = 256) -> FeatureNet:
   params, accuracy = load_or_fit(cache_dir)
-  return FeatureNet(name=NAME, apply=DigitsMLP().apply, variables={"params": params},
-                    dims=dict(DIMS), batch_size=batch_size, classifies_labels=True,
-                    info={"heldout_accuracy": accuracy})
+  return FeatureNet(
+    name=NAME,
+    apply=DigitsMLP().apply,
+    variables={"params": params},
+    dims=dict(DIMS),
+    batch_size=batch_size,
+    classifies_labels=True,
+    info={"heldout_accuracy": accuracy},
+  )
 
 
 @functools.lru_cache(maxsize=8)
@@ -173,6 +195,8 @@ def digits_images(image_size: int = SIZE, channels: int = 1) -> tuple[np.ndarray
 def digits_reference(net: FeatureNet, image_size: int = SIZE, channels: int = 1, extractor=None):
   """The reference of all 1 797 digits at the samples' size (see reference.Reference)."""
   from dimsum_jax.evaluate import reference  # pylint: disable=g-import-not-at-top
+
   images, _ = digits_images(image_size, channels)
-  return reference.reference_from_images(images, net, extractor=extractor,
-                                         source=f"digits:{image_size}x{image_size}x{channels}")
+  return reference.reference_from_images(
+    images, net, extractor=extractor, source=f"digits:{image_size}x{image_size}x{channels}"
+  )

@@ -23,6 +23,7 @@ device count beyond float rounding (tests/evaluate check 8 devices against 1).
 Devices default to jax.devices() in one process; with several processes each uses its own
 jax.local_devices() (evaluate on one process, or split the images yourself).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,11 +43,11 @@ KINDS = ("pool", "spatial", "is_logits", "logits")
 
 @dataclasses.dataclass(eq=False)
 class FeatureNet:
-  name: str                        # names the features (written into reference files)
-  apply: Callable                  # (variables, uint8 [B, H, W, C]) -> {kind: float32 [B, D]}
+  name: str  # names the features (written into reference files)
+  apply: Callable  # (variables, uint8 [B, H, W, C]) -> {kind: float32 [B, D]}
   variables: Any
-  dims: dict                       # {kind: D} of every kind `apply` returns
-  batch_size: int = 50             # images per device per step
+  dims: dict  # {kind: D} of every kind `apply` returns
+  batch_size: int = 50  # images per device per step
   classifies_labels: bool = False  # logits index the data's own classes (sample accuracy)
   info: dict = dataclasses.field(default_factory=dict)
 
@@ -56,20 +57,30 @@ def build_feature_net(config) -> FeatureNet:
   features = str(config.features)
   if features == "inception":
     from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
+
     if not config.inception_weights:
       raise inception.WeightsError(
-          f"The Inception features need weights: pass the path of {inception.WEIGHTS_HINT} "
-          "(downloaded once; nothing is fetched at run time), or use the digits features.")
+        f"The Inception features need weights: pass the path of {inception.WEIGHTS_HINT} "
+        "(downloaded once; nothing is fetched at run time), or use the digits features."
+      )
     variables = inception.load_variables(os.path.expanduser(config.inception_weights))
     module = inception.InceptionV3(preprocess=str(config.get("preprocess", "pytorch_fid")))
     name = inception.NAME if module.preprocess == "pytorch_fid" else f"{inception.NAME}, tf input"
     return FeatureNet(
-        name=name, apply=module.apply, variables=variables,
-        dims={"pool": inception.POOL_DIM, "spatial": inception.SPATIAL_DIM,
-              "is_logits": inception.NUM_LOGITS, "logits": inception.NUM_LOGITS},
-        batch_size=int(config.batch_size))
+      name=name,
+      apply=module.apply,
+      variables=variables,
+      dims={
+        "pool": inception.POOL_DIM,
+        "spatial": inception.SPATIAL_DIM,
+        "is_logits": inception.NUM_LOGITS,
+        "logits": inception.NUM_LOGITS,
+      },
+      batch_size=int(config.batch_size),
+    )
   if features == "digits":
     from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
+
     net = digits_features.digits_feature_net(config.get("cache_dir") or None)
     net.batch_size = int(config.batch_size) if config.batch_size else net.batch_size
     return net
@@ -87,7 +98,7 @@ def _batches_of(images, size: int) -> Iterable[np.ndarray]:
   if isinstance(images, (np.ndarray, jax.Array)):
     images = np.asarray(images)
     for start in range(0, images.shape[0], size):
-      yield images[start:start + size]
+      yield images[start : start + size]
     return
   pending, have = [], 0
   for part in images:
@@ -124,8 +135,9 @@ class Extractor:
 
     self._fn = jax.jit(run, in_shardings=(replicated, self._batch), out_shardings=self._batch)
 
-  def __call__(self, images, *, total: int | None = None, what: str = "images",
-               log_every_s: float = 30.0) -> dict[str, np.ndarray]:
+  def __call__(
+    self, images, *, total: int | None = None, what: str = "images", log_every_s: float = 30.0
+  ) -> dict[str, np.ndarray]:
     """Features of `images` (uint8 [N, H, W, C], or an iterable of such batches)."""
     if total is None and isinstance(images, (np.ndarray, jax.Array)):
       total = int(images.shape[0])
@@ -144,8 +156,15 @@ class Extractor:
       if now - last_log > log_every_s:
         rate = done / (now - start)
         eta = f", ETA {(total - done) / rate:.0f} s" if total else ""
-        logging.info("%s features of %d%s %s (%.1f images/s%s).", self.net.name, done,
-                     f"/{total}" if total else "", what, rate, eta)
+        logging.info(
+          "%s features of %d%s %s (%.1f images/s%s).",
+          self.net.name,
+          done,
+          f"/{total}" if total else "",
+          what,
+          rate,
+          eta,
+        )
         last_log = now
     if not done:
       return {k: np.zeros((0, self.net.dims[k]), np.float32) for k in self.kinds}

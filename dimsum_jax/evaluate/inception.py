@@ -61,6 +61,7 @@ that names the keys. Conv weights go [out, in, kh, kw] -> [kh, kw, in, out], fc 
 out]; BatchNorm weight/bias are `scale`/`bias` in `params`, running_mean/var `mean`/`var` in
 `batch_stats`.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,8 +86,9 @@ NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 PREPROCESS = ("pytorch_fid", "tf")
-WEIGHTS_HINT = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth (from its GitHub release "
-                "fid_weights)")
+WEIGHTS_HINT = (
+  "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (from its GitHub release fid_weights)"
+)
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -119,8 +121,11 @@ def preprocess(images, mode: str = "pytorch_fid"):
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   h, w = x.shape[1], x.shape[2]
-  make = (lambda i: tf1_resize_matrix(i, SIZE)) if mode == "tf" else (
-      lambda i: resize_matrix(i, SIZE, "bilinear"))
+  make = (
+    (lambda i: tf1_resize_matrix(i, SIZE))
+    if mode == "tf"
+    else (lambda i: resize_matrix(i, SIZE, "bilinear"))
+  )
   if (h, w) != (SIZE, SIZE):
     wh, ww = (jnp.asarray(make(s), jnp.float32) for s in (h, w))
     x = jnp.einsum("nhwc,xw->nhxc", x, ww, precision=HIGHEST)
@@ -140,6 +145,7 @@ def _pair(v):
 
 class BasicConv2d(nn.Module):
   """conv (no bias) -> BatchNorm(eps 0.001, running statistics) -> ReLU."""
+
   features: int
   kernel_size: Any
   strides: int = 1
@@ -148,8 +154,15 @@ class BasicConv2d(nn.Module):
   @nn.compact
   def __call__(self, x):
     ph, pw = _pair(self.padding)
-    x = nn.Conv(self.features, _pair(self.kernel_size), strides=_pair(self.strides),
-                padding=((ph, ph), (pw, pw)), use_bias=False, precision=HIGHEST, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      _pair(self.kernel_size),
+      strides=_pair(self.strides),
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      precision=HIGHEST,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
@@ -157,8 +170,7 @@ class BasicConv2d(nn.Module):
 def _avg_pool_3x3(x):
   """3x3 stride-1 average pool, padding 1, the padded zeros left out of the mean (the TF graph;
   the port's patch of torchvision's count_include_pad=True)."""
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool(x, stride, pad=0):
@@ -192,6 +204,7 @@ class InceptionB(nn.Module):
 
 class FIDInceptionC(nn.Module):
   """Returns (block output, the 1x1 branch): the latter of Mixed_6d is `mixed_6/conv`."""
+
   channels_7x7: int
 
   @nn.compact
@@ -224,20 +237,29 @@ class InceptionD(nn.Module):
 
 class FIDInceptionE(nn.Module):
   """FIDInceptionE_1 (pool="avg", Mixed_7b) and FIDInceptionE_2 (pool="max", Mixed_7c)."""
+
   pool: str
 
   @nn.compact
   def __call__(self, x):
     b1 = BasicConv2d(320, 1, name="branch1x1")(x)
     b3 = BasicConv2d(384, 1, name="branch3x3_1")(x)
-    b3 = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)],
-                         axis=-1)
+    b3 = jnp.concatenate(
+      [
+        BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+        BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+      ],
+      axis=-1,
+    )
     bd = BasicConv2d(448, 1, name="branch3x3dbl_1")(x)
     bd = BasicConv2d(384, 3, padding=1, name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)],
-                         axis=-1)
+    bd = jnp.concatenate(
+      [
+        BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+        BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+      ],
+      axis=-1,
+    )
     pooled = _avg_pool_3x3(x) if self.pool == "avg" else _max_pool(x, 1, pad=1)
     bp = BasicConv2d(192, 1, name="branch_pool")(pooled)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -256,31 +278,32 @@ class Logits(nn.Module):
 
 class InceptionV3(nn.Module):
   """uint8 images [N, H, W, 1 or 3] -> {pool, logits, is_logits, spatial} (see the docstring)."""
+
   preprocess: str = "pytorch_fid"
 
   @nn.compact
   def __call__(self, images):
-    x = preprocess(images, self.preprocess)                        # [N, 299, 299, 3]
-    x = BasicConv2d(32, 3, strides=2, name="Conv2d_1a_3x3")(x)     # [N, 149, 149, 32]
-    x = BasicConv2d(32, 3, name="Conv2d_2a_3x3")(x)                # [N, 147, 147, 32]
-    x = BasicConv2d(64, 3, padding=1, name="Conv2d_2b_3x3")(x)     # [N, 147, 147, 64]
-    x = _max_pool(x, 2)                                            # [N, 73, 73, 64]
-    x = BasicConv2d(80, 1, name="Conv2d_3b_1x1")(x)                # [N, 73, 73, 80]
-    x = BasicConv2d(192, 3, name="Conv2d_4a_3x3")(x)               # [N, 71, 71, 192]
-    x = _max_pool(x, 2)                                            # [N, 35, 35, 192]
-    x = FIDInceptionA(32, name="Mixed_5b")(x)                      # [N, 35, 35, 256]
-    x = FIDInceptionA(64, name="Mixed_5c")(x)                      # [N, 35, 35, 288]
-    x = FIDInceptionA(64, name="Mixed_5d")(x)                      # [N, 35, 35, 288]
-    x = InceptionB(name="Mixed_6a")(x)                             # [N, 17, 17, 768]
+    x = preprocess(images, self.preprocess)  # [N, 299, 299, 3]
+    x = BasicConv2d(32, 3, strides=2, name="Conv2d_1a_3x3")(x)  # [N, 149, 149, 32]
+    x = BasicConv2d(32, 3, name="Conv2d_2a_3x3")(x)  # [N, 147, 147, 32]
+    x = BasicConv2d(64, 3, padding=1, name="Conv2d_2b_3x3")(x)  # [N, 147, 147, 64]
+    x = _max_pool(x, 2)  # [N, 73, 73, 64]
+    x = BasicConv2d(80, 1, name="Conv2d_3b_1x1")(x)  # [N, 73, 73, 80]
+    x = BasicConv2d(192, 3, name="Conv2d_4a_3x3")(x)  # [N, 71, 71, 192]
+    x = _max_pool(x, 2)  # [N, 35, 35, 192]
+    x = FIDInceptionA(32, name="Mixed_5b")(x)  # [N, 35, 35, 256]
+    x = FIDInceptionA(64, name="Mixed_5c")(x)  # [N, 35, 35, 288]
+    x = FIDInceptionA(64, name="Mixed_5d")(x)  # [N, 35, 35, 288]
+    x = InceptionB(name="Mixed_6a")(x)  # [N, 17, 17, 768]
     x, _ = FIDInceptionC(128, name="Mixed_6b")(x)
     x, _ = FIDInceptionC(160, name="Mixed_6c")(x)
-    x, mixed_6_conv = FIDInceptionC(160, name="Mixed_6d")(x)       # mixed_6/conv [N,17,17,192]
-    x, _ = FIDInceptionC(192, name="Mixed_6e")(x)                  # [N, 17, 17, 768]
-    x = InceptionD(name="Mixed_7a")(x)                             # [N, 8, 8, 1280]
-    x = FIDInceptionE("avg", name="Mixed_7b")(x)                   # [N, 8, 8, 2048]
-    x = FIDInceptionE("max", name="Mixed_7c")(x)                   # [N, 8, 8, 2048]
-    pool = jnp.mean(x, axis=(1, 2))                                # pool_3 [N, 2048]
-    logits, is_logits = Logits(name="fc")(pool)                    # [N, 1008] each
+    x, mixed_6_conv = FIDInceptionC(160, name="Mixed_6d")(x)  # mixed_6/conv [N,17,17,192]
+    x, _ = FIDInceptionC(192, name="Mixed_6e")(x)  # [N, 17, 17, 768]
+    x = InceptionD(name="Mixed_7a")(x)  # [N, 8, 8, 1280]
+    x = FIDInceptionE("avg", name="Mixed_7b")(x)  # [N, 8, 8, 2048]
+    x = FIDInceptionE("max", name="Mixed_7c")(x)  # [N, 8, 8, 2048]
+    pool = jnp.mean(x, axis=(1, 2))  # pool_3 [N, 2048]
+    logits, is_logits = Logits(name="fc")(pool)  # [N, 1008] each
     spatial = mixed_6_conv[..., :SPATIAL_CHANNELS].reshape(pool.shape[0], SPATIAL_DIM)
     return {"pool": pool, "logits": logits, "is_logits": is_logits, "spatial": spatial}
 
@@ -295,13 +318,16 @@ def abstract_variables(net: InceptionV3 | None = None):
 # ------------------------------------------------------------------------------------------------
 # The weight file
 
-_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_LEAVES = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 
 def torch_key(collection: str, path: tuple) -> str:
-  """('params', ('Mixed_5b', 'branch1x1', 'conv', 'kernel')) -> 'Mixed_5b.branch1x1.conv.weight'.
-  """
+  """('params', ('Mixed_5b', 'branch1x1', 'conv', 'kernel')) -> 'Mixed_5b.branch1x1.conv.weight'."""
   *modules, leaf = path
   if modules[-1] == "bn":
     leaf = {v: k for k, v in _BN_LEAVES.items()}[(collection, leaf)]
@@ -311,7 +337,7 @@ def torch_key(collection: str, path: tuple) -> str:
 
 
 def _torch_shape(shape) -> tuple:
-  if len(shape) == 4:                      # [kh, kw, in, out] -> [out, in, kh, kw]
+  if len(shape) == 4:  # [kh, kw, in, out] -> [out, in, kh, kw]
     return (shape[3], shape[2], shape[0], shape[1])
   if len(shape) == 2:
     return (shape[1], shape[0])
@@ -333,23 +359,29 @@ def _first(names, n=3):
   return ", ".join(names[:n]) + more
 
 
-def variables_from_state_dict(state_dict, *, source: str = "the weight file",
-                              net: InceptionV3 | None = None) -> dict:
+def variables_from_state_dict(
+  state_dict, *, source: str = "the weight file", net: InceptionV3 | None = None
+) -> dict:
   """The Flax variables of `net` from the port's state dict (numpy or torch tensors).
 
   WeightsError, one sentence, when a key is missing, unexpected or of another shape;
   `*.num_batches_tracked` entries are ignored.
   """
   if not hasattr(state_dict, "items"):
-    raise WeightsError(f"{source} holds a {type(state_dict).__name__}, not a state dict of "
-                       f"tensors: pass {WEIGHTS_HINT}.")
+    raise WeightsError(
+      f"{source} holds a {type(state_dict).__name__}, not a state dict of "
+      f"tensors: pass {WEIGHTS_HINT}."
+    )
   want = expected_keys(net)
   have = {k: v for k, v in state_dict.items() if not str(k).endswith(".num_batches_tracked")}
   missing = set(want) - set(have)
   unexpected = set(have) - set(want)
   shapes = {k: tuple(np.shape(_numpy(v))) for k, v in have.items() if k in want}
-  misshapen = [f"{k} is {list(s)}, not {list(want[k][2])}" for k, s in sorted(shapes.items())
-               if s != want[k][2]]
+  misshapen = [
+    f"{k} is {list(s)}, not {list(want[k][2])}"
+    for k, s in sorted(shapes.items())
+    if s != want[k][2]
+  ]
   problems = []
   if missing:
     problems.append(f"{len(missing)} missing ({_first(missing)})")
@@ -358,8 +390,10 @@ def variables_from_state_dict(state_dict, *, source: str = "the weight file",
   if misshapen:
     problems.append(f"{len(misshapen)} of another shape ({_first(misshapen)})")
   if problems:
-    raise WeightsError(f"{source} is not the FID Inception's weights: of its keys "
-                       f"{'; '.join(problems)}; pass {WEIGHTS_HINT}.")
+    raise WeightsError(
+      f"{source} is not the FID Inception's weights: of its keys "
+      f"{'; '.join(problems)}; pass {WEIGHTS_HINT}."
+    )
   flat = {}
   for key, (collection, path, _) in want.items():
     value = np.asarray(_numpy(have[key]), np.float32)
@@ -372,7 +406,7 @@ def variables_from_state_dict(state_dict, *, source: str = "the weight file",
 
 
 def _numpy(value):
-  if hasattr(value, "detach"):           # a torch tensor
+  if hasattr(value, "detach"):  # a torch tensor
     return value.detach().cpu().numpy()
   return np.asarray(value)
 
@@ -381,31 +415,39 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """{key: float32 array} from a .pth (torch, weights_only) or an .npz of the same keys."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise WeightsError(f"Inception weights {path} do not exist: download {WEIGHTS_HINT} once "
-                       "and pass its path.")
+    raise WeightsError(
+      f"Inception weights {path} do not exist: download {WEIGHTS_HINT} once and pass its path."
+    )
   if path.endswith(".npz"):
     try:
       with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
     except Exception as e:  # a damaged zip, a pickled member: numpy raises many kinds
-      raise WeightsError(f"{path} is not a readable .npz of Inception weights "
-                         f"({type(e).__name__}): convert the .pth again with `python -m "
-                         "dimsum_jax.evaluate.inception --convert=IN.pth --out=OUT.npz`.") from e
+      raise WeightsError(
+        f"{path} is not a readable .npz of Inception weights "
+        f"({type(e).__name__}): convert the .pth again with `python -m "
+        "dimsum_jax.evaluate.inception --convert=IN.pth --out=OUT.npz`."
+      ) from e
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise WeightsError(f"Reading {path} needs torch: pip install -e \".[torch]\", or convert it "
-                       "to .npz on a host that has torch (python -m dimsum_jax.evaluate.inception "
-                       "--convert=IN.pth --out=OUT.npz).") from e
+    raise WeightsError(
+      f"Reading {path} needs torch: pip install -e \".[torch]\", or convert it "
+      "to .npz on a host that has torch (python -m dimsum_jax.evaluate.inception "
+      "--convert=IN.pth --out=OUT.npz)."
+    ) from e
   try:
     # weights_only: tensors and plain containers; a pickle asking for more is refused unrun.
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise WeightsError(f"{path} is not a torch weight file that loads with weights_only=True "
-                       f"({type(e).__name__}): pass {WEIGHTS_HINT}.") from e
+    raise WeightsError(
+      f"{path} is not a torch weight file that loads with weights_only=True "
+      f"({type(e).__name__}): pass {WEIGHTS_HINT}."
+    ) from e
   if not hasattr(obj, "items"):
-    raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors: "
-                       f"pass {WEIGHTS_HINT}.")
+    raise WeightsError(
+      f"{path} holds a {type(obj).__name__}, not a state dict of tensors: pass {WEIGHTS_HINT}."
+    )
   return {str(k): (_numpy(v) if hasattr(v, "detach") else v) for k, v in obj.items()}
 
 
@@ -414,9 +456,13 @@ def load_variables(path: str, net: InceptionV3 | None = None) -> dict:
   return variables_from_state_dict(load_state_dict(path), source=os.fspath(path), net=net)
 
 
-FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
-flags.DEFINE_string("convert", None, "pytorch-fid's .pth weight file "
-                    "(pt_inception-2015-12-05-6726825d.pth).", flag_values=FLAGS)
+FLAGS = flags.FlagValues()  # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string(
+  "convert",
+  None,
+  "pytorch-fid's .pth weight file (pt_inception-2015-12-05-6726825d.pth).",
+  flag_values=FLAGS,
+)
 flags.DEFINE_string("out", None, "The .npz to write (read without torch).", flag_values=FLAGS)
 flags.mark_flags_as_required(["convert", "out"], flag_values=FLAGS)
 

@@ -33,6 +33,7 @@ features already computed. Metrics need a minimum of samples (MIN_SAMPLES): a co
 and precision/recall are refused below 100 samples or 100 reference images, where one image
 moves them by more than a point and a 3-NN manifold of so few points means little.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,15 @@ import numpy as np
 METRICS = ("fid", "sfid", "is", "precision", "recall", "accuracy")
 OUTPUT_KEY = {"is": "inception_score"}
 MIN_SAMPLES = {"fid": 2, "sfid": 2, "is": 1, "precision": 100, "recall": 100, "accuracy": 1}
-IMAGINARY_ATOL = 1e-3   # ADM: np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
-NEEDS = {"fid": "pool", "sfid": "spatial", "is": "is_logits", "precision": "pool",
-         "recall": "pool", "accuracy": "logits"}
+IMAGINARY_ATOL = 1e-3  # ADM: np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+NEEDS = {
+  "fid": "pool",
+  "sfid": "spatial",
+  "is": "is_logits",
+  "precision": "pool",
+  "recall": "pool",
+  "accuracy": "logits",
+}
 
 
 class EvaluationError(ValueError):
@@ -63,9 +70,10 @@ class EvaluationError(ValueError):
 class Moments:
   """Count, mean and centred sum of outer products of feature rows (float64), mergeable (Chan et
   al.'s pairwise update), so that statistics can be accumulated chunk by chunk."""
+
   n: int
-  mean: np.ndarray          # [D]
-  m2: np.ndarray            # [D, D]
+  mean: np.ndarray  # [D]
+  m2: np.ndarray  # [D, D]
 
   @classmethod
   def of(cls, features) -> "Moments":
@@ -135,17 +143,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, root2=None, features1=None) ->
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    raise EvaluationError(f"Statistics of {mu1.shape[0]} and {mu2.shape[0]} features cannot be "
-                          "compared: compute both with the same feature network.")
+    raise EvaluationError(
+      f"Statistics of {mu1.shape[0]} and {mu2.shape[0]} features cannot be "
+      "compared: compute both with the same feature network."
+    )
   if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-    raise EvaluationError("The feature statistics hold NaN or inf: check the images (or the "
-                          "reference file) for NaN, and the weights of the feature network.")
+    raise EvaluationError(
+      "The feature statistics hold NaN or inf: check the images (or the "
+      "reference file) for NaN, and the weights of the feature network."
+    )
   roots = _sqrt_product_eigenvalues(sigma1, sigma2, root2, features1)
   imaginary = np.abs(roots.imag).max()
   if imaginary > IMAGINARY_ATOL:
-    raise EvaluationError(f"sqrtm(sigma1 sigma2) has an imaginary component of {imaginary:.3g} "
-                          f"(ADM's limit is {IMAGINARY_ATOL}): a covariance is not positive "
-                          "semi-definite; recompute the statistics.")
+    raise EvaluationError(
+      f"sqrtm(sigma1 sigma2) has an imaginary component of {imaginary:.3g} "
+      f"(ADM's limit is {IMAGINARY_ATOL}): a covariance is not positive "
+      "semi-definite; recompute the statistics."
+    )
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * roots.real.sum())
 
@@ -163,7 +177,7 @@ def inception_score(logits, split_size: int = 5000) -> float:
   logp = x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
   scores = []
   for start in range(0, len(x), split_size):
-    part = logp[start:start + split_size]
+    part = logp[start : start + split_size]
     p = np.exp(part)
     log_marginal = np.log(p.mean(axis=0))
     scores.append(np.exp(np.mean(np.sum(p * (part - log_marginal), axis=1))))
@@ -204,7 +218,7 @@ def _blocks(x, block):
   """[(start, padded float32 block [block, D], valid rows)] of x."""
   out = []
   for start in range(0, len(x), block):
-    part = x[start:start + block]
+    part = x[start : start + block]
     pad = np.zeros((block - len(part), x.shape[1]), np.float32)
     out.append((start, jnp.asarray(np.concatenate([part, pad])), len(part)))
   return out
@@ -225,12 +239,13 @@ def manifold_radii(features, k: int = 3, block: int = 4096, shift=None) -> np.nd
     best = jnp.full((block, k + 1), jnp.inf, jnp.float32)
     for _, v, m in blocks:
       best = _knn_update(best, u, v, jnp.arange(block) < m, k)
-    radii[start:start + n] = np.asarray(best[:n, k])
+    radii[start : start + n] = np.asarray(best[:n, k])
   return radii
 
 
-def precision_recall(ref_features, sample_features, k: int = 3,
-                     block: int = 4096) -> tuple[float, float]:
+def precision_recall(
+  ref_features, sample_features, k: int = 3, block: int = 4096
+) -> tuple[float, float]:
   """ADM's (precision, recall) of samples against reference features (module docstring)."""
   shift = np.asarray(ref_features, np.float64).mean(axis=0)
   ref_radii = manifold_radii(ref_features, k, block, shift)
@@ -238,12 +253,12 @@ def precision_recall(ref_features, sample_features, k: int = 3,
   ref, block_r = _prepare(ref_features, shift, block)
   smp, block_s = _prepare(sample_features, shift, block)
   block = max(block_r, block_s)
-  ref_in = np.zeros(len(ref), bool)       # reference point inside a sample ball -> recall
-  smp_in = np.zeros(len(smp), bool)       # sample inside a reference ball -> precision
+  ref_in = np.zeros(len(ref), bool)  # reference point inside a sample ball -> recall
+  smp_in = np.zeros(len(smp), bool)  # sample inside a reference ball -> precision
 
   def radii_block(r, start, n):
     out = np.full(block, -np.inf, np.float32)
-    out[:n] = r[start:start + n]
+    out[:n] = r[start : start + n]
     return jnp.asarray(out)
 
   ref_blocks = [(s, u, n, radii_block(ref_radii, s, n)) for s, u, n in _blocks(ref, block)]
@@ -251,8 +266,8 @@ def precision_recall(ref_features, sample_features, k: int = 3,
   for s1, u, n, ru in ref_blocks:
     for s2, v, m, rv in smp_blocks:
       a, b = _covered(u, ru, v, rv)
-      ref_in[s1:s1 + n] |= np.asarray(a[:n])
-      smp_in[s2:s2 + m] |= np.asarray(b[:m])
+      ref_in[s1 : s1 + n] |= np.asarray(a[:n])
+      smp_in[s2 : s2 + m] |= np.asarray(b[:m])
   return float(smp_in.mean()), float(ref_in.mean())
 
 
@@ -267,8 +282,9 @@ def parse_metrics(metrics) -> tuple[str, ...]:
   metrics = tuple(metrics)
   unknown = [m for m in metrics if m not in METRICS]
   if unknown or not metrics:
-    raise EvaluationError(f"Unknown metric(s) {unknown or '(none given)'}: choose among "
-                          f"{', '.join(METRICS)}.")
+    raise EvaluationError(
+      f"Unknown metric(s) {unknown or '(none given)'}: choose among {', '.join(METRICS)}."
+    )
   return metrics
 
 
@@ -288,39 +304,56 @@ def available_metrics(net, reference) -> tuple[str, ...]:
   return tuple(out)
 
 
-def check_counts(metrics: Iterable[str], num_samples: int, num_reference: int | None,
-                 split_size: int = 5000) -> None:
+def check_counts(
+  metrics: Iterable[str], num_samples: int, num_reference: int | None, split_size: int = 5000
+) -> None:
   for m in metrics:
     need = MIN_SAMPLES[m]
     if num_samples < need:
-      raise EvaluationError(f"{m} needs at least {need} samples and there are {num_samples}: "
-                            "evaluate more samples, or leave it out of the metrics.")
+      raise EvaluationError(
+        f"{m} needs at least {need} samples and there are {num_samples}: "
+        "evaluate more samples, or leave it out of the metrics."
+      )
     if m in ("precision", "recall") and num_reference is not None and num_reference < need:
-      raise EvaluationError(f"{m} needs at least {need} reference images and the reference "
-                            f"holds {num_reference}: use a reference batch with more images, or "
-                            "leave it out of the metrics.")
+      raise EvaluationError(
+        f"{m} needs at least {need} reference images and the reference "
+        f"holds {num_reference}: use a reference batch with more images, or "
+        "leave it out of the metrics."
+      )
   if "is" in metrics and split_size < 1:
     raise EvaluationError("The Inception Score's split size must be positive.")
 
 
-def evaluate_features(features: dict, labels, reference, metrics: Iterable[str], *,
-                      ref_pool=None, split_size: int = 5000, k: int = 3,
-                      block: int = 4096) -> dict:
+def evaluate_features(
+  features: dict,
+  labels,
+  reference,
+  metrics: Iterable[str],
+  *,
+  ref_pool=None,
+  split_size: int = 5000,
+  k: int = 3,
+  block: int = 4096,
+) -> dict:
   """Metrics from features {kind: [N, D]} against `reference` (mu, sigma, mu_s, sigma_s)."""
   out = {}
   for m in metrics:
     if m == "fid":
-      out["fid"] = fid_of_features(features["pool"], reference.mu, reference.sigma,
-                                   reference.sigma_root("pool"))
+      out["fid"] = fid_of_features(
+        features["pool"], reference.mu, reference.sigma, reference.sigma_root("pool")
+      )
     elif m == "sfid":
-      out["sfid"] = fid_of_features(features["spatial"], reference.mu_s, reference.sigma_s,
-                                    reference.sigma_root("spatial"))
+      out["sfid"] = fid_of_features(
+        features["spatial"], reference.mu_s, reference.sigma_s, reference.sigma_root("spatial")
+      )
     elif m == "is":
       out["inception_score"] = inception_score(features["is_logits"], split_size)
     elif m == "accuracy":
       if labels is None:
-        raise EvaluationError("The sample accuracy needs the samples' labels: write them as "
-                              "`labels` in samples.npz, or leave accuracy out of the metrics.")
+        raise EvaluationError(
+          "The sample accuracy needs the samples' labels: write them as "
+          "`labels` in samples.npz, or leave accuracy out of the metrics."
+        )
       out["accuracy"] = accuracy(features["logits"], labels)
   if "precision" in metrics or "recall" in metrics:
     precision, recall = precision_recall(ref_pool, features["pool"], k=k, block=block)
@@ -335,18 +368,25 @@ def check_images(images, labels=None, what: str = "The samples") -> None:
   shape = np.shape(images)
   dtype = getattr(images, "dtype", None)
   if len(shape) != 4 or shape[-1] not in (1, 3):
-    raise EvaluationError(f"{what} have shape {list(shape)}; evaluation takes uint8 images "
-                          "[N, H, W, C] with C = 1 or 3 (the layout of samples.npz's arr_0).")
+    raise EvaluationError(
+      f"{what} have shape {list(shape)}; evaluation takes uint8 images "
+      "[N, H, W, C] with C = 1 or 3 (the layout of samples.npz's arr_0)."
+    )
   if dtype != np.uint8:
-    raise EvaluationError(f"{what} are {dtype}, not uint8: pass images in [0, 255] as uint8, as "
-                          "`python -m dimsum_jax.sample` writes them.")
+    raise EvaluationError(
+      f"{what} are {dtype}, not uint8: pass images in [0, 255] as uint8, as "
+      "`python -m dimsum_jax.sample` writes them."
+    )
   if labels is not None and np.shape(labels) != (shape[0],):
-    raise EvaluationError(f"{what} have {shape[0]} images but labels of shape "
-                          f"{list(np.shape(labels))}: give one label per image.")
+    raise EvaluationError(
+      f"{what} have {shape[0]} images but labels of shape "
+      f"{list(np.shape(labels))}: give one label per image."
+    )
 
 
-def evaluate_images(images, labels, reference, feature_net, *, metrics=None, extractor=None,
-                    split_size: int = 5000) -> dict:
+def evaluate_images(
+  images, labels, reference, feature_net, *, metrics=None, extractor=None, split_size: int = 5000
+) -> dict:
   """Metrics of uint8 samples [N, H, W, C] (labels [N] or None) against a Reference.
 
   metrics: names or 'fid,sfid,...' (None or '': every metric the net and the reference allow).
@@ -354,13 +394,13 @@ def evaluate_images(images, labels, reference, feature_net, *, metrics=None, ext
   features it has seen); one over every device is built otherwise. Returns {metric: float, ...,
   'num_samples', 'feature_net'}.
   """
-  with jax.transfer_guard("allow"):   # a host-side step: callable inside a training loop's guard
-    return _evaluate_images(images, labels, reference, feature_net, metrics, extractor,
-                            split_size)
+  with jax.transfer_guard("allow"):  # a host-side step: callable inside a training loop's guard
+    return _evaluate_images(images, labels, reference, feature_net, metrics, extractor, split_size)
 
 
 def _evaluate_images(images, labels, reference, feature_net, metrics, extractor, split_size):
   from dimsum_jax.evaluate.features import Extractor  # pylint: disable=g-import-not-at-top
+
   check_images(images, labels)
   metrics = parse_metrics(metrics) if metrics else available_metrics(feature_net, reference)
   reference.check_compatible(feature_net, np.shape(images)[1:], metrics)
@@ -372,7 +412,8 @@ def _evaluate_images(images, labels, reference, feature_net, metrics, extractor,
   ref_pool = None
   if "precision" in metrics or "recall" in metrics:
     ref_pool = reference.pool_features(extractor)
-  out = evaluate_features(features, labels, reference, metrics, ref_pool=ref_pool,
-                          split_size=split_size)
+  out = evaluate_features(
+    features, labels, reference, metrics, ref_pool=ref_pool, split_size=split_size
+  )
   out.update(num_samples=int(np.shape(images)[0]), feature_net=feature_net.name)
   return out

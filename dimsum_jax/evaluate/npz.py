@@ -8,6 +8,7 @@ array. Object arrays (pickles) are refused, as np.load(allow_pickle=False) would
 `write_json(path, obj)` replaces a JSON file atomically (temp file in the same directory, fsync,
 os.replace), so a reader never sees half a result and a failed run leaves the old one.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,10 @@ class NpzArray:
     try:
       with zipfile.ZipFile(self.path) as z:
         if f"{name}.npy" not in z.namelist():
-          raise NpzError(f"{self.path} has no `{name}` array (it holds "
-                         f"{sorted(n[:-4] for n in z.namelist() if n.endswith('.npy'))}).")
+          raise NpzError(
+            f"{self.path} has no `{name}` array (it holds "
+            f"{sorted(n[:-4] for n in z.namelist() if n.endswith('.npy'))})."
+          )
         with z.open(f"{name}.npy") as f:
           self.shape, self.dtype, self._offset = _read_header(f, self.path, name)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -50,8 +53,10 @@ class NpzArray:
         n = min(size, self.shape[0] - first)
         data = f.read(n * row_bytes)
         if len(data) != n * row_bytes:
-          raise NpzError(f"{self.path}: `{self.name}` ends after {first} of {self.shape[0]} "
-                         "rows; the file is truncated, write it again.")
+          raise NpzError(
+            f"{self.path}: `{self.name}` ends after {first} of {self.shape[0]} "
+            "rows; the file is truncated, write it again."
+          )
         yield np.frombuffer(data, self.dtype).reshape((n, *self.shape[1:]))
 
   def read(self) -> np.ndarray:
@@ -70,11 +75,15 @@ def _read_header(f, path, name):
   except ValueError as e:
     raise NpzError(f"{path}: `{name}` is not a .npy array ({e}).") from e
   if dtype.hasobject:
-    raise NpzError(f"{path}: `{name}` is an object array (a pickle), which is never loaded: "
-                   "store plain numeric arrays.")
+    raise NpzError(
+      f"{path}: `{name}` is an object array (a pickle), which is never loaded: "
+      "store plain numeric arrays."
+    )
   if fortran and len(shape) > 1:
-    raise NpzError(f"{path}: `{name}` is stored in Fortran order: save it C-ordered "
-                   "(np.ascontiguousarray) with numpy.savez.")
+    raise NpzError(
+      f"{path}: `{name}` is stored in Fortran order: save it C-ordered "
+      "(np.ascontiguousarray) with numpy.savez."
+    )
   return tuple(shape), dtype, f.tell()
 
 
@@ -83,12 +92,17 @@ def write_npz(path: str, arrays: dict, streamed: dict | None = None) -> None:
   path = os.fspath(path)
   tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
   try:
-    with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED,
-                                                 allowZip64=True) as z:
+    with (
+      open(tmp, "wb") as raw,
+      zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as z,
+    ):
       for name, (shape, dtype, blocks) in (streamed or {}).items():
         dtype = np.dtype(dtype)
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                  "shape": tuple(int(s) for s in shape)}
+        header = {
+          "descr": np.lib.format.dtype_to_descr(dtype),
+          "fortran_order": False,
+          "shape": tuple(int(s) for s in shape),
+        }
         with z.open(f"{name}.npy", "w", force_zip64=True) as member:
           np.lib.format.write_array_header_2_0(member, header)
           rows = 0
@@ -101,8 +115,7 @@ def write_npz(path: str, arrays: dict, streamed: dict | None = None) -> None:
       for name, value in arrays.items():
         buf = io.BytesIO()
         np.lib.format.write_array(buf, np.asarray(value), allow_pickle=False)
-        z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                   buf.getvalue())
+        z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
       raw.flush()
       os.fsync(raw.fileno())
     os.replace(tmp, path)

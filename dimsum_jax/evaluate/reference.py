@@ -30,6 +30,7 @@ into the same OUT are refused). arr_0 holds --pr_images images (10 000 as ADM) a
 uniformly by --seed over the images read. The .npz is written last, atomically, and OUT.partial/
 is then removed. Progress (images/s, ETA) is logged per chunk.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,8 @@ class Reference:
   sigma: np.ndarray
   mu_s: np.ndarray | None = None
   sigma_s: np.ndarray | None = None
-  images: np.ndarray | npz.NpzArray | None = None   # arr_0 (read lazily from a file)
-  feature_net: str | None = None                    # None: unknown (ADM's files)
+  images: np.ndarray | npz.NpzArray | None = None  # arr_0 (read lazily from a file)
+  feature_net: str | None = None  # None: unknown (ADM's files)
   num_stat_images: int | None = None
   source: str = ""
   path: str | None = None
@@ -83,25 +84,35 @@ class Reference:
   def check_compatible(self, net: FeatureNet, sample_shape, metrics) -> None:
     """EvaluationError, one sentence, when `net`'s features or the samples do not fit."""
     if self.feature_net is not None and self.feature_net != net.name:
-      raise EvaluationError(f"{self.name} holds statistics of {self.feature_net} features, not "
-                            f"of {net.name}: evaluate with the same features or write a reference "
-                            "with these (python -m dimsum_jax.evaluate.reference).")
+      raise EvaluationError(
+        f"{self.name} holds statistics of {self.feature_net} features, not "
+        f"of {net.name}: evaluate with the same features or write a reference "
+        "with these (python -m dimsum_jax.evaluate.reference)."
+      )
     for kind, mu in (("pool", self.mu), ("spatial", self.mu_s)):
       if mu is not None and kind in net.dims and mu.shape[0] != net.dims[kind]:
-        raise EvaluationError(f"{self.name} holds {mu.shape[0]}-dimensional {kind} statistics but "
-                              f"{net.name} gives {net.dims[kind]}: it was made with another "
-                              "feature network; use a reference of these features.")
+        raise EvaluationError(
+          f"{self.name} holds {mu.shape[0]}-dimensional {kind} statistics but "
+          f"{net.name} gives {net.dims[kind]}: it was made with another "
+          "feature network; use a reference of these features."
+        )
     if "sfid" in metrics and self.mu_s is None:
-      raise EvaluationError(f"{self.name} has no spatial statistics (mu_s, sigma_s): leave sfid "
-                            "out of the metrics or use a reference that has them.")
+      raise EvaluationError(
+        f"{self.name} has no spatial statistics (mu_s, sigma_s): leave sfid "
+        "out of the metrics or use a reference that has them."
+      )
     if ("precision" in metrics or "recall" in metrics) and self.images is None:
-      raise EvaluationError(f"{self.name} has no images (arr_0) for precision and recall: leave "
-                            "them out of the metrics or use a reference batch with arr_0.")
+      raise EvaluationError(
+        f"{self.name} has no images (arr_0) for precision and recall: leave "
+        "them out of the metrics or use a reference batch with arr_0."
+      )
     if self.image_shape is not None and tuple(self.image_shape[:2]) != tuple(sample_shape[:2]):
       h, w = self.image_shape[:2]
-      raise EvaluationError(f"{self.name} holds {h}x{w} images but the samples are "
-                            f"{sample_shape[0]}x{sample_shape[1]}: use the reference batch of "
-                            "the samples' resolution.")
+      raise EvaluationError(
+        f"{self.name} holds {h}x{w} images but the samples are "
+        f"{sample_shape[0]}x{sample_shape[1]}: use the reference batch of "
+        "the samples' resolution."
+      )
 
   def sigma_root(self, kind: str = "pool") -> np.ndarray | None:
     """sqrt(sigma) (or of sigma_s for kind 'spatial'), computed once; None if not PSD."""
@@ -119,8 +130,7 @@ class Reference:
       images = self.images
       if isinstance(images, npz.NpzArray):
         images = images.batches(extractor.global_batch)
-      self._pool[name] = extractor(images, total=self.num_images,
-                                   what="reference images")["pool"]
+      self._pool[name] = extractor(images, total=self.num_images, what="reference images")["pool"]
     return self._pool[name]
 
 
@@ -132,31 +142,43 @@ def load_reference(path: str) -> Reference:
   """A reference .npz (ADM's or ours); arr_0 stays on disk until its features are needed."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise EvaluationError(f"The reference {path} does not exist: pass an ADM reference batch "
-                          "(e.g. VIRTUAL_imagenet256_labeled.npz) or write one with `python -m "
-                          "dimsum_jax.evaluate.reference`.")
+    raise EvaluationError(
+      f"The reference {path} does not exist: pass an ADM reference batch "
+      "(e.g. VIRTUAL_imagenet256_labeled.npz) or write one with `python -m "
+      "dimsum_jax.evaluate.reference`."
+    )
   try:
     with np.load(path, allow_pickle=False) as z:
       files = set(z.files)
-      small = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "feature_net", "num_images",
-                                 "source") if k in files}
+      small = {
+        k: z[k]
+        for k in ("mu", "sigma", "mu_s", "sigma_s", "feature_net", "num_images", "source")
+        if k in files
+      }
   except Exception as e:  # a damaged zip, a pickled member: numpy raises many kinds
-    raise EvaluationError(f"The reference {path} is not a readable .npz ({type(e).__name__}): "
-                          "download or write it again.") from e
+    raise EvaluationError(
+      f"The reference {path} is not a readable .npz ({type(e).__name__}): "
+      "download or write it again."
+    ) from e
   for key in ("mu", "sigma"):
     if key not in small:
-      raise EvaluationError(f"The reference {path} has no `{key}`: a reference batch holds mu, "
-                            "sigma (and mu_s, sigma_s, arr_0) as ADM's evaluator reads them.")
+      raise EvaluationError(
+        f"The reference {path} has no `{key}`: a reference batch holds mu, "
+        "sigma (and mu_s, sigma_s, arr_0) as ADM's evaluator reads them."
+      )
   for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
     if (mu_key in small) != (sigma_key in small):
-      raise EvaluationError(f"The reference {path} has only one of {mu_key} and {sigma_key}: "
-                            "write it again.")
+      raise EvaluationError(
+        f"The reference {path} has only one of {mu_key} and {sigma_key}: write it again."
+      )
     if mu_key in small:
       mu, sigma = small[mu_key], small[sigma_key]
       if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.dtype.kind != "f":
-        raise EvaluationError(f"The reference {path} has {mu_key} {list(mu.shape)} and "
-                              f"{sigma_key} {list(sigma.shape)}, not a float mean [D] and "
-                              "covariance [D, D]: write it again.")
+        raise EvaluationError(
+          f"The reference {path} has {mu_key} {list(mu.shape)} and "
+          f"{sigma_key} {list(sigma.shape)}, not a float mean [D] and "
+          "covariance [D, D]: write it again."
+        )
   images = None
   if "arr_0" in files:
     try:
@@ -164,16 +186,22 @@ def load_reference(path: str) -> Reference:
     except npz.NpzError as e:
       raise EvaluationError(str(e)) from e
     if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3):
-      raise EvaluationError(f"The reference {path} holds arr_0 {images.dtype} "
-                            f"{list(images.shape)}, not uint8 images [N, H, W, C]: write it "
-                            "again.")
+      raise EvaluationError(
+        f"The reference {path} holds arr_0 {images.dtype} "
+        f"{list(images.shape)}, not uint8 images [N, H, W, C]: write it "
+        "again."
+      )
   return Reference(
-      mu=small["mu"].astype(np.float64), sigma=small["sigma"].astype(np.float64),
-      mu_s=small["mu_s"].astype(np.float64) if "mu_s" in small else None,
-      sigma_s=small["sigma_s"].astype(np.float64) if "sigma_s" in small else None,
-      images=images, feature_net=str(small["feature_net"]) if "feature_net" in small else None,
-      num_stat_images=int(small["num_images"]) if "num_images" in small else None,
-      source=str(small["source"]) if "source" in small else "", path=path)
+    mu=small["mu"].astype(np.float64),
+    sigma=small["sigma"].astype(np.float64),
+    mu_s=small["mu_s"].astype(np.float64) if "mu_s" in small else None,
+    sigma_s=small["sigma_s"].astype(np.float64) if "sigma_s" in small else None,
+    images=images,
+    feature_net=str(small["feature_net"]) if "feature_net" in small else None,
+    num_stat_images=int(small["num_images"]) if "num_images" in small else None,
+    source=str(small["source"]) if "source" in small else "",
+    path=path,
+  )
 
 
 def save_reference(path: str, ref: Reference, arr_0=None) -> None:
@@ -188,14 +216,17 @@ def save_reference(path: str, ref: Reference, arr_0=None) -> None:
   arrays["source"] = np.asarray(ref.source)
   if arr_0 is None and ref.images is not None:
     images = ref.images
-    arr_0 = (images.shape, images.batches(1024) if isinstance(images, npz.NpzArray)
-             else [np.asarray(images)])
+    arr_0 = (
+      images.shape,
+      images.batches(1024) if isinstance(images, npz.NpzArray) else [np.asarray(images)],
+    )
   streamed = None if arr_0 is None else {"arr_0": (arr_0[0], np.uint8, arr_0[1])}
   npz.write_npz(path, arrays, streamed)
 
 
-def reference_from_images(images, net: FeatureNet, *, extractor=None, source: str = "",
-                          pr_images: int | None = None) -> Reference:
+def reference_from_images(
+  images, net: FeatureNet, *, extractor=None, source: str = "", pr_images: int | None = None
+) -> Reference:
   """A Reference of in-memory uint8 images [N, H, W, C] (all of them in arr_0 by default)."""
   metrics_lib.check_images(images, what="The reference images")
   kinds = [k for k in ("pool", "spatial") if k in net.dims]
@@ -206,9 +237,16 @@ def reference_from_images(images, net: FeatureNet, *, extractor=None, source: st
   pool = Moments.of(feats["pool"])
   spatial = Moments.of(feats["spatial"]) if "spatial" in feats else None
   keep = images if pr_images is None else images[:pr_images]
-  ref = Reference(mu=pool.mean, sigma=pool.sigma, mu_s=spatial.mean if spatial else None,
-                  sigma_s=spatial.sigma if spatial else None, images=np.asarray(keep),
-                  feature_net=net.name, num_stat_images=len(images), source=source)
+  ref = Reference(
+    mu=pool.mean,
+    sigma=pool.sigma,
+    mu_s=spatial.mean if spatial else None,
+    sigma_s=spatial.sigma if spatial else None,
+    images=np.asarray(keep),
+    feature_net=net.name,
+    num_stat_images=len(images),
+    source=source,
+  )
   if pr_images is None:
     ref._pool[net.name] = feats["pool"]  # pylint: disable=protected-access
   return ref
@@ -221,10 +259,13 @@ def reference_for(config, net: FeatureNet, image_shape) -> Reference:
     return load_reference(os.path.expanduser(config.reference))
   if config.features == "digits":
     from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
+
     return digits_features.digits_reference(net, image_shape[0], image_shape[-1])
-  raise EvaluationError("Set the evaluation's reference to an ADM-style reference batch (e.g. "
-                        "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
-                        "dimsum_jax.evaluate.reference`).")
+  raise EvaluationError(
+    "Set the evaluation's reference to an ADM-style reference batch (e.g. "
+    "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
+    "dimsum_jax.evaluate.reference`)."
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,28 +275,32 @@ def reference_for(config, net: FeatureNet, image_shape) -> Reference:
 @dataclasses.dataclass
 class Stream:
   """uint8 image batches from position `start` (in images) of a data source, and its size."""
-  total: int                  # images the reference covers
+
+  total: int  # images the reference covers
   description: str
-  batches: object             # callable(start) -> iterator of uint8 [b, H, W, C]
-  close: object = None        # callable() that stops the source's background work
+  batches: object  # callable(start) -> iterator of uint8 [b, H, W, C]
+  close: object = None  # callable() that stops the source's background work
 
 
 def _digits_stream(args) -> Stream:
   from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
+
   images, _ = digits_features.digits_images(args.image_size, args.channels)
   total = len(images) if not args.num_images else min(args.num_images, len(images))
-  if total < len(images):   # a uniform subset: the first images of a seeded permutation
+  if total < len(images):  # a uniform subset: the first images of a seeded permutation
     images = images[np.random.default_rng(args.seed).permutation(len(images))[:total]]
 
   def batches(start):
     for s in range(start, total, args.read_batch):
-      yield images[s:s + args.read_batch]
+      yield images[s : s + args.read_batch]
+
   return Stream(total, f"digits:{args.image_size}x{args.image_size}x{args.channels}", batches)
 
 
 def _source_stream(args) -> Stream:
   """image_folder / tfds / latents through dimsum_jax.data (latents decoded by the VAE)."""
   from dimsum_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   c = data_lib.default_data_config()
   c.name, c.data_dir, c.split = args.dataset, args.data_dir, args.split
   c.tfds_name = getattr(args, "tfds_name", "")
@@ -267,15 +312,15 @@ def _source_stream(args) -> Stream:
   if args.dataset == "latents":
     meta = data_lib.read_meta(args.data_dir)
     c.image_size, c.channels = meta["latent_shape"][0], meta["latent_shape"][2]
-    step = 2 if meta.get("flip_doubled") else 1     # row 2k: image k, row 2k + 1: its mirror
+    step = 2 if meta.get("flip_doubled") else 1  # row 2k: image k, row 2k + 1: its mirror
     decode = _vae_decoder(args.vae_dir)
     what += " (decoded by the VAE" + (", mirrors skipped)" if step == 2 else ")")
-    c.global_batch_size = args.read_batch * step      # even: every batch starts at an image
+    c.global_batch_size = args.read_batch * step  # even: every batch starts at an image
   source = data_lib.create_dataset(c)
   n = source.num_examples // step
   total = n if not args.num_images else min(args.num_images, n)
   if total < n:
-    c.shuffle = True   # a uniform subset: the first images of a seeded permutation
+    c.shuffle = True  # a uniform subset: the first images of a seeded permutation
     what += f", {total} of {n} images (shuffled with seed {args.seed})"
     source.close()
     source = data_lib.create_dataset(c, seed=args.seed)
@@ -290,18 +335,22 @@ def _source_stream(args) -> Stream:
       yield decode(rows) if decode else np.clip(127.5 * rows + 128.0, 0, 255).astype(np.uint8)
       if left <= 0:
         break
+
   return Stream(total, what, batches, source.close)
 
 
 def _vae_decoder(vae_dir):
   if not vae_dir:
-    raise EvaluationError("A latent set is decoded through its VAE: pass --vae_dir=DIR of a VAE "
-                          "converted with `python -m dimsum_jax.vae.convert`.")
+    raise EvaluationError(
+      "A latent set is decoded through its VAE: pass --vae_dir=DIR of a VAE "
+      "converted with `python -m dimsum_jax.vae.convert`."
+    )
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from dimsum_jax import sharding  # pylint: disable=g-import-not-at-top
   from dimsum_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate.features import extraction_mesh  # pylint: disable=g-import-not-at-top
+
   mesh = extraction_mesh()
   module, params = vae_lib.load_vae(vae_dir, sharding=sharding.replicated(mesh))
   batch_sharding = sharding.batch_sharding(mesh)
@@ -313,19 +362,29 @@ def _vae_decoder(vae_dir):
     pad = -n % n_dev
     x = np.concatenate([latents, np.zeros((pad, *latents.shape[1:]), latents.dtype)])
     return np.asarray(jax.device_get(fn(params, jax.device_put(x, batch_sharding))))[:n]
+
   return decode
 
 
 def _identity(args, stream, net):
-  return {"format": 1, "source": stream.description, "total": stream.total,
-          "tfds_name": getattr(args, "tfds_name", ""),
-          "feature_net": net.name, "pr_images": args.pr_images, "chunk_size": args.chunk_size,
-          "seed": args.seed, "image_size": args.image_size, "channels": args.channels,
-          "crop": args.crop}
+  return {
+    "format": 1,
+    "source": stream.description,
+    "total": stream.total,
+    "tfds_name": getattr(args, "tfds_name", ""),
+    "feature_net": net.name,
+    "pr_images": args.pr_images,
+    "chunk_size": args.chunk_size,
+    "seed": args.seed,
+    "image_size": args.image_size,
+    "channels": args.channels,
+    "crop": args.crop,
+  }
 
 
-def write_reference(args, net: FeatureNet, stream: Stream | None = None,
-                    stop_after_chunks: int | None = None) -> Reference | None:
+def write_reference(
+  args, net: FeatureNet, stream: Stream | None = None, stop_after_chunks: int | None = None
+) -> Reference | None:
   """The resumable writer of the CLI (module docstring). `stop_after_chunks` (tests) leaves after
   that many new chunks, as an interrupted run would; returns None then.
 
@@ -344,8 +403,9 @@ def write_reference(args, net: FeatureNet, stream: Stream | None = None,
 def _write(args, net, stream, stop_after_chunks):
   out = os.path.abspath(args.out)
   if stream.total < 2:
-    raise EvaluationError(f"{stream.description} holds {stream.total} images; a reference needs "
-                          "at least 2.")
+    raise EvaluationError(
+      f"{stream.description} holds {stream.total} images; a reference needs at least 2."
+    )
   partial = out + ".partial"
   identity = _identity(args, stream, net)
   state_path = os.path.join(partial, "state.json")
@@ -355,23 +415,33 @@ def _write(args, net, stream, stop_after_chunks):
       state = json.load(f)
     if state["identity"] != identity:
       changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-      raise EvaluationError(f"{partial} holds a reference started with other settings "
-                            f"({', '.join(changed)}): rerun with the same flags to resume, or "
-                            "delete it.")
+      raise EvaluationError(
+        f"{partial} holds a reference started with other settings "
+        f"({', '.join(changed)}): rerun with the same flags to resume, or "
+        "delete it."
+      )
   os.makedirs(partial, exist_ok=True)
   kinds = [k for k in ("pool", "spatial") if k in net.dims]
   moments = {k: Moments(0, np.zeros(net.dims[k]), np.zeros((net.dims[k],) * 2)) for k in kinds}
   if state["chunks"]:
-    with np.load(os.path.join(partial, f"moments-{state['chunks'] - 1:06d}.npz"),
-                 allow_pickle=False) as z:
+    with np.load(
+      os.path.join(partial, f"moments-{state['chunks'] - 1:06d}.npz"), allow_pickle=False
+    ) as z:
       moments = {k: Moments(int(z[f"{k}_n"]), z[f"{k}_mean"], z[f"{k}_m2"]) for k in kinds}
   pr_count = min(args.pr_images, stream.total)
-  pr_positions = np.sort(np.random.default_rng(args.seed).choice(stream.total, pr_count,
-                                                                 replace=False))
+  pr_positions = np.sort(
+    np.random.default_rng(args.seed).choice(stream.total, pr_count, replace=False)
+  )
   extractor = Extractor(net, kinds=kinds)
   done, new_chunks, t0 = state["images"], 0, time.monotonic()
-  logging.info("Reference of %s with %s features: %d images, %d already done, chunks of %d.",
-               stream.description, net.name, stream.total, done, args.chunk_size)
+  logging.info(
+    "Reference of %s with %s features: %d images, %d already done, chunks of %d.",
+    stream.description,
+    net.name,
+    stream.total,
+    done,
+    args.chunk_size,
+  )
   rows = _Rows(stream.batches(done))
   while done < stream.total:
     images = rows.take(min(args.chunk_size, stream.total - done))
@@ -382,8 +452,9 @@ def _write(args, net, stream, stop_after_chunks):
     arrays = {}
     for k in kinds:
       moments[k] = moments[k].merge(Moments.of(feats[k]))
-      arrays.update({f"{k}_n": moments[k].n, f"{k}_mean": moments[k].mean,
-                     f"{k}_m2": moments[k].m2})
+      arrays.update(
+        {f"{k}_n": moments[k].n, f"{k}_mean": moments[k].mean, f"{k}_m2": moments[k].m2}
+      )
     k = state["chunks"]
     picked = pr_positions[(pr_positions >= done) & (pr_positions < done + len(images))] - done
     np.save(os.path.join(partial, f"pr-{k:06d}.npy"), images[picked])
@@ -394,22 +465,34 @@ def _write(args, net, stream, stop_after_chunks):
     if k:
       os.remove(os.path.join(partial, f"moments-{k - 1:06d}.npz"))
     rate = (new_chunks * args.chunk_size + len(images)) / max(time.monotonic() - t0, 1e-9)
-    logging.info("Reference: %d/%d images (%.1f%%), %.1f images/s, ETA %.0f s.", done,
-                 stream.total, 100.0 * done / stream.total, rate, (stream.total - done) / rate)
+    logging.info(
+      "Reference: %d/%d images (%.1f%%), %.1f images/s, ETA %.0f s.",
+      done,
+      stream.total,
+      100.0 * done / stream.total,
+      rate,
+      (stream.total - done) / rate,
+    )
     new_chunks += 1
     if stop_after_chunks is not None and new_chunks >= stop_after_chunks and done < stream.total:
       return None
   pr_files = [os.path.join(partial, f"pr-{i:06d}.npy") for i in range(state["chunks"])]
   shapes = [np.load(p, mmap_mode="r").shape for p in pr_files]
   pool, spatial = moments["pool"], moments.get("spatial")
-  ref = Reference(mu=pool.mean, sigma=pool.sigma, mu_s=spatial.mean if spatial else None,
-                  sigma_s=spatial.sigma if spatial else None, feature_net=net.name,
-                  num_stat_images=pool.n, source=stream.description, path=out)
+  ref = Reference(
+    mu=pool.mean,
+    sigma=pool.sigma,
+    mu_s=spatial.mean if spatial else None,
+    sigma_s=spatial.sigma if spatial else None,
+    feature_net=net.name,
+    num_stat_images=pool.n,
+    source=stream.description,
+    path=out,
+  )
   arr_0 = ((sum(s[0] for s in shapes), *shapes[0][1:]), (np.load(p) for p in pr_files))
   save_reference(out, ref, arr_0=arr_0)
   shutil.rmtree(partial)
-  logging.info("Wrote %s: statistics of %d images, %d images in arr_0.", out, pool.n,
-               arr_0[0][0])
+  logging.info("Wrote %s: statistics of %d images, %d images in arr_0.", out, pool.n, arr_0[0][0])
   return load_reference(out)
 
 
@@ -440,41 +523,66 @@ class _Rows:
 # Command line
 
 
-FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
-flags.DEFINE_enum("dataset", None, list(DATASETS), "Where the images come from (read through "
-                  "dimsum_jax.data; latents: decoded through --vae_dir).", flag_values=FLAGS)
-flags.DEFINE_string("data_dir", "", "Image folder, tfds data_dir or latent set.",
-                    flag_values=FLAGS)
+FLAGS = flags.FlagValues()  # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_enum(
+  "dataset",
+  None,
+  list(DATASETS),
+  "Where the images come from (read through dimsum_jax.data; latents: decoded through --vae_dir).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string("data_dir", "", "Image folder, tfds data_dir or latent set.", flag_values=FLAGS)
 flags.DEFINE_string("split", "train", "tfds split.", flag_values=FLAGS)
-flags.DEFINE_string("tfds_name", "", "tfds builder ('' = the usual one of --dataset).",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "tfds_name", "", "tfds builder ('' = the usual one of --dataset).", flag_values=FLAGS
+)
 flags.DEFINE_integer("image_size", None, "Pixels (default: 256; digits: 16).", flag_values=FLAGS)
-flags.DEFINE_integer("channels", None, "Image channels (default: 3; digits: 1).",
-                     flag_values=FLAGS)
+flags.DEFINE_integer("channels", None, "Image channels (default: 3; digits: 1).", flag_values=FLAGS)
 flags.DEFINE_string("crop", "adm", "adm, resize_center or none.", flag_values=FLAGS)
-flags.DEFINE_string("vae_dir", "", "Latent sets: the converted VAE that decodes them.",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("num_images", 0, "Images whose statistics are taken, the first of a seeded "
-                     "shuffle (0: all, in file order).", flag_values=FLAGS)
-flags.DEFINE_integer("pr_images", 10_000, "Images kept in arr_0 (precision/recall).",
-                     flag_values=FLAGS)
-flags.DEFINE_integer("chunk_size", 10_000, "Images per saved chunk (what a rerun resumes after).",
-                     flag_values=FLAGS)
+flags.DEFINE_string(
+  "vae_dir", "", "Latent sets: the converted VAE that decodes them.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "num_images",
+  0,
+  "Images whose statistics are taken, the first of a seeded shuffle (0: all, in file order).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "pr_images", 10_000, "Images kept in arr_0 (precision/recall).", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "chunk_size", 10_000, "Images per saved chunk (what a rerun resumes after).", flag_values=FLAGS
+)
 flags.DEFINE_integer("read_batch", 256, "Images read per batch.", flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Shuffle (with --num_images) and arr_0's positions.",
-                     flag_values=FLAGS)
-flags.DEFINE_enum("features", "inception", ["inception", "digits"], "The feature net.",
-                  flag_values=FLAGS)
-flags.DEFINE_string("inception", "", "pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz).",
-                    flag_values=FLAGS)
-flags.DEFINE_enum("preprocess", "pytorch_fid", ["pytorch_fid", "tf"], "Inception input: "
-                  "pytorch-fid's resize, or the TF graph's.", flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", 50, "Images per device per step of the feature net.",
-                     flag_values=FLAGS)
-flags.DEFINE_string("cache_dir", "", "Digits features cache ('' = ~/.cache/dimsum_jax).",
-                    flag_values=FLAGS)
-flags.DEFINE_string("out", None, "The .npz to write (never overwritten; OUT.partial/ holds the "
-                    "chunks until it is).", flag_values=FLAGS)
+flags.DEFINE_integer(
+  "seed", 0, "Shuffle (with --num_images) and arr_0's positions.", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "features", "inception", ["inception", "digits"], "The feature net.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "inception", "", "pytorch-fid's pt_inception-2015-12-05-*.pth (or its .npz).", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "preprocess",
+  "pytorch_fid",
+  ["pytorch_fid", "tf"],
+  "Inception input: pytorch-fid's resize, or the TF graph's.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "batch_size", 50, "Images per device per step of the feature net.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "cache_dir", "", "Digits features cache ('' = ~/.cache/dimsum_jax).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "out",
+  None,
+  "The .npz to write (never overwritten; OUT.partial/ holds the chunks until it is).",
+  flag_values=FLAGS,
+)
 flags.mark_flags_as_required(["dataset", "out"], flag_values=FLAGS)
 
 
@@ -494,25 +602,38 @@ def main(argv) -> int:
   from dimsum_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
+
   args = writer_args(**FLAGS.flag_values_dict())
   try:
     if args.chunk_size < 1 or args.pr_images < 0 or args.read_batch < 1:
       raise EvaluationError("--chunk_size and --read_batch must be positive, --pr_images >= 0.")
     if os.path.exists(args.out):
-      raise EvaluationError(f"{args.out} exists: choose another --out, or delete it to write "
-                            "it again.")
+      raise EvaluationError(
+        f"{args.out} exists: choose another --out, or delete it to write it again."
+      )
     config = eval_config.default_eval_config()
-    config.update(features=args.features, inception_weights=args.inception,
-                  preprocess=args.preprocess, batch_size=args.batch_size,
-                  cache_dir=args.cache_dir or config.cache_dir)
+    config.update(
+      features=args.features,
+      inception_weights=args.inception,
+      preprocess=args.preprocess,
+      batch_size=args.batch_size,
+      cache_dir=args.cache_dir or config.cache_dir,
+    )
     net = features_lib.build_feature_net(config)
     ref = write_reference(args, net)
-  except (EvaluationError, inception.WeightsError, npz.NpzError, FileNotFoundError,
-          ValueError) as e:
+  except (
+    EvaluationError,
+    inception.WeightsError,
+    npz.NpzError,
+    FileNotFoundError,
+    ValueError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"Wrote {args.out}: {ref.num_stat_images} images ({ref.source}), {ref.num_images} in "
-        f"arr_0, {net.name} features.")
+  print(
+    f"Wrote {args.out}: {ref.num_stat_images} images ({ref.source}), {ref.num_images} in "
+    f"arr_0, {net.name} features."
+  )
   return 0
 
 

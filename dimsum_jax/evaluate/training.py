@@ -28,6 +28,7 @@ checkpoint of the best `best_metric` besides the last keep_checkpoints; the valu
 checkpoint, so a resumed run ranks against it. A failed evaluation (an ODE that does not finish,
 NaN samples) is logged as an error and training goes on.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,13 +69,19 @@ def prepare(config, mesh, model, abstract_ema, vae=None):
     return None
   conditional = config.model.num_classes > 0
   args = command.eval_args(
-      features=c.features, inception=c.inception_weights, preprocess=c.preprocess,
-      reference=os.path.expanduser(c.reference) if c.reference else "", metrics=c.metrics,
-      batch_size=c.batch_size, cache_dir=c.cache_dir)
+    features=c.features,
+    inception=c.inception_weights,
+    preprocess=c.preprocess,
+    reference=os.path.expanduser(c.reference) if c.reference else "",
+    metrics=c.metrics,
+    batch_size=c.batch_size,
+    cache_dir=c.cache_dir,
+  )
   try:
-    net, reference, metrics = command.prepare(args, output_shape(config, vae), c.num_samples,
-                                              has_labels=conditional)
-  except (ValueError, OSError) as e:   # EvaluationError, WeightsError, NpzError: one sentence
+    net, reference, metrics = command.prepare(
+      args, output_shape(config, vae), c.num_samples, has_labels=conditional
+    )
+  except (ValueError, OSError) as e:  # EvaluationError, WeightsError, NpzError: one sentence
     raise eval_config.EvalConfigError(f"config.eval: {e}") from e
   eval_config.check_metrics(c, metrics, conditional)
   return Evaluator(config, mesh, model, abstract_ema, vae, net, reference, metrics)
@@ -88,28 +95,44 @@ class Evaluator:
     self.every_steps, self.num_samples = c.every_steps, c.num_samples
     self.net, self.reference, self.metrics = net, reference, tuple(metrics)
     self.best = eval_config.best(c)
-    self.opts = sampler.sampling_options(solver=c.solver, num_steps=c.num_steps,
-                                         cfg_scale=c.cfg_scale, seed=c.seed)
+    self.opts = sampler.sampling_options(
+      solver=c.solver, num_steps=c.num_steps, cfg_scale=c.cfg_scale, seed=c.seed
+    )
     self.batch = sampler.batch_size_for(c.num_samples, c.sample_batch_size, mesh.size)
     self.classes = tuple(range(config.model.num_classes))
     self.labels = sampler.labels_for(np.arange(self.num_samples), self.classes)
     self.conditional = bool(self.classes)
     vae_module, self._vae_params = (vae[1], vae[2]) if vae is not None else (None, None)
     m = config.model
-    fn = functools.partial(sampler.sample_batch, model=model, config=config, opts=self.opts,
-                           image_shape=(m.input_size, m.input_size, m.in_channels),
-                           vae_module=vae_module)
+    fn = functools.partial(
+      sampler.sample_batch,
+      model=model,
+      config=config,
+      opts=self.opts,
+      image_shape=(m.input_size, m.input_size, m.in_channels),
+      vae_module=vae_module,
+    )
     self._batch_sharding = sharding.batch_sharding(mesh)
     indices = jax.ShapeDtypeStruct((self.batch,), np.int32, sharding=self._batch_sharding)
     start = time.monotonic()
     # Compiled now (before the run writes anything): images come back whole on every process.
-    self._sample = jax.jit(fn, out_shardings=sharding.replicated(mesh)).lower(
-        abstract_ema, self._vae_params, indices, indices).compile()
-    logging.info("Compiled the evaluation sampler in %.1f s (%d samples in batches of %d, %s, "
-                 "NFE %s, guidance %g; %s features: %s).", time.monotonic() - start,
-                 self.num_samples, self.batch, c.solver,
-                 "adaptive" if c.solver == "dopri5" else c.num_steps, c.cfg_scale, net.name,
-                 ", ".join(self.metrics))
+    self._sample = (
+      jax.jit(fn, out_shardings=sharding.replicated(mesh))
+      .lower(abstract_ema, self._vae_params, indices, indices)
+      .compile()
+    )
+    logging.info(
+      "Compiled the evaluation sampler in %.1f s (%d samples in batches of %d, %s, "
+      "NFE %s, guidance %g; %s features: %s).",
+      time.monotonic() - start,
+      self.num_samples,
+      self.batch,
+      c.solver,
+      "adaptive" if c.solver == "dopri5" else c.num_steps,
+      c.cfg_scale,
+      net.name,
+      ", ".join(self.metrics),
+    )
     kinds = sorted({metrics_lib.NEEDS[m] for m in self.metrics})
     self._extractor = features_lib.Extractor(net, kinds=kinds)
 
@@ -121,13 +144,14 @@ class Evaluator:
     images, nfes = [], []
     for start in range(0, self.num_samples, self.batch):
       indices = np.arange(start, start + self.batch, dtype=np.int32)
-      put = lambda a: jax.device_put(a, self._batch_sharding)   # the same on every process
-      out = self._sample(ema_params, self._vae_params, put(indices),
-                         put(sampler.labels_for(indices, self.classes)))
+      put = lambda a: jax.device_put(a, self._batch_sharding)  # the same on every process
+      out = self._sample(
+        ema_params, self._vae_params, put(indices), put(sampler.labels_for(indices, self.classes))
+      )
       last = min(start + self.batch, self.num_samples) - 1
       nfes.append(sampler.check_batch_result(out, self.opts, f"{start}-{last}")[0])
       images.append(np.asarray(jax.device_get(out[0])))
-    return np.concatenate(images)[:self.num_samples], nfes
+    return np.concatenate(images)[: self.num_samples], nfes
 
   def __call__(self, step: int, ema_params, writer, manager=None) -> dict | None:
     """Samples, scores and writes the metrics of `step`; returns {metric: value} for the
@@ -138,8 +162,13 @@ class Evaluator:
       try:
         images, nfes = self.samples(ema_params)
         result = metrics_lib.evaluate_images(
-            images, self.labels if self.conditional else None, self.reference, self.net,
-            metrics=self.metrics, extractor=self._extractor)
+          images,
+          self.labels if self.conditional else None,
+          self.reference,
+          self.net,
+          metrics=self.metrics,
+          extractor=self._extractor,
+        )
       except (sampling.ODESolveError, model_loading.SampleError, metrics_lib.EvaluationError) as e:
         logging.error("No evaluation at step %d: %s", step, e)
         return None
@@ -153,9 +182,15 @@ class Evaluator:
       scalars["eval/best_step"] = best_step
       note = f"; best {self.best[0]} {best_value:.5g} at step {best_step}"
     writer.write_scalars(step, scalars)
-    logging.info("Evaluation at step %d (%d samples, %s features, %.1f s): %s%s.", step,
-                 self.num_samples, self.net.name, seconds,
-                 ", ".join(f"{k} {v:.5g}" for k, v in scores.items()), note)
+    logging.info(
+      "Evaluation at step %d (%d samples, %s features, %.1f s): %s%s.",
+      step,
+      self.num_samples,
+      self.net.name,
+      seconds,
+      ", ".join(f"{k} {v:.5g}" for k, v in scores.items()),
+      note,
+    )
     return scores
 
   def _best_so_far(self, step, scores, manager):

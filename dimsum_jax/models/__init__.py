@@ -5,6 +5,7 @@
 tree as jax.ShapeDtypeStructs (nothing allocated), from the init on one NHWC image
 [1, input_size, input_size, in_channels].
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,12 +24,12 @@ from dimsum_jax.ops import selective_scan
 
 # name -> (depth, hidden, patch)
 DIMSUM_SIZES = {
-    "DiMSUM-B/2": (12, 768, 2),
-    "DiMSUM-L/2": (16, 1024, 2),
-    "DiMSUM-L/2-v1": (20, 1024, 2),
-    "DiMSUM-XL/2": (24, 1152, 2),
-    "DiMSUM-L/4": (16, 1024, 4),
-    "DiMSUM-L/4-v1": (20, 1024, 4),
+  "DiMSUM-B/2": (12, 768, 2),
+  "DiMSUM-L/2": (16, 1024, 2),
+  "DiMSUM-L/2-v1": (20, 1024, 2),
+  "DiMSUM-XL/2": (24, 1152, 2),
+  "DiMSUM-L/4": (16, 1024, 4),
+  "DiMSUM-L/4-v1": (20, 1024, 4),
 }
 # name -> (depth, hidden, heads); patch from the suffix.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -42,41 +43,60 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float
 
 def default_model_config() -> ml_collections.ConfigDict:
   """Every model field with its default (DiMSUM-L/2, ImageNet 256 latents)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": "DiMSUM-L/2",
-      "input_size": 32,          # spatial size of x (latent size = image size / 8)
+      "input_size": 32,  # spatial size of x (latent size = image size / 8)
       "in_channels": 4,
-      "num_classes": 1000,       # 0 = unconditional; the null (CFG) label is num_classes
+      "num_classes": 1000,  # 0 = unconditional; the null (CFG) label is num_classes
       "label_dropout": 0.1,
       "drop_path": 0.0,
-      "cond_mamba": "none",      # "none" (as released) or "h0" (condition sets the initial state)
-      "scan_type": "none",       # published orders; v2 (bidirectional); or the ablations sweep_4,
-                                 # sweep_8, zigma_8, jpeg_8, jpeg_2
-      "bidirectional": False,    # a second SSM reads each sequence reversed (upstream's
-                                 # --bimamba-type v2 is scan_type v2 with this on)
-      "scan_impl": "auto",       # selective scan: auto (Pallas on GPU), reference, pallas
+      "cond_mamba": "none",  # "none" (as released) or "h0" (condition sets the initial state)
+      "scan_type": "none",  # published orders; v2 (bidirectional); or the ablations sweep_4,
+      # sweep_8, zigma_8, jpeg_8, jpeg_2
+      "bidirectional": False,  # a second SSM reads each sequence reversed (upstream's
+      # --bimamba-type v2 is scan_type v2 with this on)
+      "scan_impl": "auto",  # selective scan: auto (Pallas on GPU), reference, pallas
       "wavelet_impl": "direct",  # Haar packet: direct (butterflies) or jaxwt (convolutions)
-      "remat": "dots",           # backward recomputation per block group: none, dots, full
-                                 # (dots keeps the matmul outputs: larger micro-batches fit)
+      "remat": "dots",  # backward recomputation per block group: none, dots, full
+      # (dots keeps the matmul outputs: larger micro-batches fit)
       "attention_impl": "auto",  # auto (cuDNN's fused attention where it runs, else XLA), xla,
-                                 # cudnn
-      "dtype": "float32",        # compute dtype; parameters are always float32
-      "depth": -1,               # -1: the size's own; set to build smaller test models
+      # cudnn
+      "dtype": "float32",  # compute dtype; parameters are always float32
+      "depth": -1,  # -1: the size's own; set to build smaller test models
       "hidden_size": -1,
-      "attn_every": 4,           # shared transformer after every k DiMSUM blocks (0 = never)
-      "dim_padding": dim.DEFAULT_PADDING,   # DiM only: lateral (256 px) or rho_pad (512 px)
-  })
+      "attn_every": 4,  # shared transformer after every k DiMSUM blocks (0 = never)
+      "dim_padding": dim.DEFAULT_PADDING,  # DiM only: lateral (256 px) or rho_pad (512 px)
+    }
+  )
 
 
 # The fields every model reads; each family adds its own (create_model refuses any other field
 # set away from its default: a DiMSUM option given to a DiT would otherwise be silently ignored).
-COMMON_FIELDS = ("name", "input_size", "in_channels", "num_classes", "label_dropout", "dtype",
-                 "depth", "hidden_size", "remat")
+COMMON_FIELDS = (
+  "name",
+  "input_size",
+  "in_channels",
+  "num_classes",
+  "label_dropout",
+  "dtype",
+  "depth",
+  "hidden_size",
+  "remat",
+)
 FAMILY_FIELDS = {
-    "DiMSUM": ("drop_path", "cond_mamba", "scan_type", "bidirectional", "scan_impl",
-               "wavelet_impl", "attention_impl", "attn_every"),
-    "DiT": ("attention_impl",),
-    "DiM": ("scan_impl", "dim_padding"),
+  "DiMSUM": (
+    "drop_path",
+    "cond_mamba",
+    "scan_type",
+    "bidirectional",
+    "scan_impl",
+    "wavelet_impl",
+    "attention_impl",
+    "attn_every",
+  ),
+  "DiT": ("attention_impl",),
+  "DiM": ("scan_impl", "dim_padding"),
 }
 
 
@@ -98,10 +118,17 @@ def fields_read(name: str) -> tuple[str, ...]:
 
 def field_choices() -> dict[str, tuple[str, ...]]:
   """The allowed values of each model field that is a choice."""
-  return {"name": MODEL_NAMES, "dtype": tuple(DTYPES), "scan_type": scan_orders.SCAN_TYPES,
-          "scan_impl": selective_scan.IMPLS, "wavelet_impl": haar.IMPLS,
-          "cond_mamba": mamba.COND_MODES, "remat": tuple(layers.REMAT_POLICIES),
-          "attention_impl": layers.ATTENTION_IMPLS, "dim_padding": dim.PADDINGS}
+  return {
+    "name": MODEL_NAMES,
+    "dtype": tuple(DTYPES),
+    "scan_type": scan_orders.SCAN_TYPES,
+    "scan_impl": selective_scan.IMPLS,
+    "wavelet_impl": haar.IMPLS,
+    "cond_mamba": mamba.COND_MODES,
+    "remat": tuple(layers.REMAT_POLICIES),
+    "attention_impl": layers.ATTENTION_IMPLS,
+    "dim_padding": dim.PADDINGS,
+  }
 
 
 def validate(config) -> None:
@@ -125,8 +152,10 @@ def check_fields_read(cfg) -> None:
   read = fields_read(cfg.name)
   for key in defaults:
     if key not in read and cfg[key] != defaults[key]:
-      raise ValueError(f"model.{key}={cfg[key]!r} has no effect on {cfg.name} ({family(cfg.name)} "
-                       f"models do not read it): leave it at its default {defaults[key]!r}.")
+      raise ValueError(
+        f"model.{key}={cfg[key]!r} has no effect on {cfg.name} ({family(cfg.name)} "
+        f"models do not read it): leave it at its default {defaults[key]!r}."
+      )
 
 
 def create_model(config):
@@ -140,21 +169,39 @@ def create_model(config):
   if cfg.name in DIMSUM_SIZES:
     depth, hidden, patch = DIMSUM_SIZES[cfg.name]
     return DiMSUM(
-        input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=patch,
-        hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
-        depth=depth if cfg.depth < 0 else cfg.depth, num_classes=cfg.num_classes,
-        label_dropout=cfg.label_dropout, drop_path=cfg.drop_path, attn_every=cfg.attn_every,
-        cond_mamba=cfg.cond_mamba, scan_type=cfg.scan_type, bidirectional=cfg.bidirectional,
-        scan_impl=cfg.scan_impl,
-        wavelet_impl=cfg.wavelet_impl, remat=cfg.remat, attention_impl=cfg.attention_impl,
-        dtype=dtype)
-  size, patch = cfg.name[len("DiT-"):].split("/")
+      input_size=cfg.input_size,
+      in_channels=cfg.in_channels,
+      patch_size=patch,
+      hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
+      depth=depth if cfg.depth < 0 else cfg.depth,
+      num_classes=cfg.num_classes,
+      label_dropout=cfg.label_dropout,
+      drop_path=cfg.drop_path,
+      attn_every=cfg.attn_every,
+      cond_mamba=cfg.cond_mamba,
+      scan_type=cfg.scan_type,
+      bidirectional=cfg.bidirectional,
+      scan_impl=cfg.scan_impl,
+      wavelet_impl=cfg.wavelet_impl,
+      remat=cfg.remat,
+      attention_impl=cfg.attention_impl,
+      dtype=dtype,
+    )
+  size, patch = cfg.name[len("DiT-") :].split("/")
   depth, hidden, heads = DIT_SIZES[size]
-  return DiT(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=int(patch),
-             hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
-             depth=depth if cfg.depth < 0 else cfg.depth, num_heads=heads,
-             num_classes=cfg.num_classes, label_dropout=cfg.label_dropout, remat=cfg.remat,
-             attention_impl=cfg.attention_impl, dtype=dtype)
+  return DiT(
+    input_size=cfg.input_size,
+    in_channels=cfg.in_channels,
+    patch_size=int(patch),
+    hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
+    depth=depth if cfg.depth < 0 else cfg.depth,
+    num_heads=heads,
+    num_classes=cfg.num_classes,
+    label_dropout=cfg.label_dropout,
+    remat=cfg.remat,
+    attention_impl=cfg.attention_impl,
+    dtype=dtype,
+  )
 
 
 def abstract_params(model, config):

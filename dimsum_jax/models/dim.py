@@ -40,6 +40,7 @@ proj_out_2. Initialisation as upstream's (mamba_2d.py, init_weights.py). Compute
 DiM-only options: `padding` (model config `dim_padding`) and `skip_tune` (upstream's
 is_skip_tune, for its Upsample Guidance runs; not in the model config).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,18 +52,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimsum_jax.models.dimsum import permute_tokens
-from dimsum_jax.models.layers import (REMAT_POLICIES, AdaLN, RMSNorm, TimestepEmbedder, modulate,
-                                      rematerialised, timestep_frequencies, torch_default_bias,
-                                      torch_default_kernel, unpatchify)
+from dimsum_jax.models.layers import (
+  REMAT_POLICIES,
+  AdaLN,
+  RMSNorm,
+  TimestepEmbedder,
+  modulate,
+  rematerialised,
+  timestep_frequencies,
+  torch_default_bias,
+  torch_default_kernel,
+  unpatchify,
+)
 from dimsum_jax.models.mamba import MambaMixer
 
 Dtype = Any
 
 PADDINGS = ("lateral", "rho_pad")
 DEFAULT_PADDING = "lateral"
-PAD_LEN = 3                     # pad tokens per row / column = mamba_d_conv (mamba_2d.py)
-SCAN_IDS = (0, -2, 1, -1)       # row-major, reversed, column-major, reversed column-major
-SPLIT_SKIP_WIDTH = 512          # wider models split skip_linear into two Linear(D, D)
+PAD_LEN = 3  # pad tokens per row / column = mamba_d_conv (mamba_2d.py)
+SCAN_IDS = (0, -2, 1, -1)  # row-major, reversed, column-major, reversed column-major
+SPLIT_SKIP_WIDTH = 512  # wider models split skip_linear into two Linear(D, D)
 D_STATE, D_CONV, EXPAND = 16, 3, 2
 
 
@@ -77,9 +87,11 @@ def grid_allowed(h: int, w: int) -> bool:
 
 def check_grid(h: int, w: int) -> None:
   if not grid_allowed(h, w):
-    raise ValueError(f"DiM's token layout takes an h x w grid only when w = floor(sqrt(h w)) "
-                     f"(square, or a few more rows than columns), not {h}x{w}: use a square "
-                     f"latent or swap its height and width.")
+    raise ValueError(
+      f"DiM's token layout takes an h x w grid only when w = floor(sqrt(h w)) "
+      f"(square, or a few more rows than columns), not {h}x{w}: use a square "
+      f"latent or swap its height and width."
+    )
 
 
 def scan_patterns(depth: int) -> list[int]:
@@ -104,7 +116,7 @@ def pattern_order(pattern: int, hp: int, wp: int) -> np.ndarray:
   if pattern in (0, -2):
     order = cells.reshape(-1)
   elif pattern in (1, -1):
-    order = cells.T.reshape(-1)      # position j holds cell (j mod hp, j div hp)
+    order = cells.T.reshape(-1)  # position j holds cell (j mod hp, j div hp)
   else:
     raise ValueError(f"Unknown scan pattern {pattern}.")
   return order[::-1].copy() if pattern < 0 else order
@@ -127,7 +139,7 @@ def pad_source(padding: str, h: int, w: int) -> np.ndarray:
     raise ValueError(f"dim_padding={padding!r}; choose one of {PADDINGS}.")
   hp, wp = h + PAD_LEN, w + PAD_LEN
   r, c = np.meshgrid(np.arange(hp), np.arange(wp), indexing="ij")
-  pad = np.where(c >= w, c - w, 0)                          # right columns: p_0, p_1, p_2
+  pad = np.where(c >= w, c - w, 0)  # right columns: p_0, p_1, p_2
   bottom = (r - h) if padding == "lateral" else ((r - h) * wp + c)
   pad = np.where(r >= h, bottom % PAD_LEN, pad)
   inside = (r < h) & (c < w)
@@ -169,6 +181,7 @@ def resize_grid_table(table, src: tuple[int, int], dst: tuple[int, int], extra: 
 class DiMBlock(nn.Module):
   """One DiM block (mamba_2d.py) on the stream [b, L, D]; `skip` 'none', 'concat' (D <= 512:
   Linear(2D -> D) of [stream, skip]) or 'split' (Linear(D -> D) of each, summed)."""
+
   hidden_size: int
   depth: int
   skip: str = "none"
@@ -180,8 +193,7 @@ class DiMBlock(nn.Module):
     d = self.hidden_size
     stream = s.dtype
     mods = mods.astype(stream)
-    dense = lambda name: nn.Dense(d, kernel_init=torch_default_kernel, dtype=self.dtype,
-                                  name=name)
+    dense = lambda name: nn.Dense(d, kernel_init=torch_default_kernel, dtype=self.dtype, name=name)
     if self.skip != "none":
       if tune is not None:
         skip = skip * tune.astype(skip.dtype)
@@ -194,15 +206,22 @@ class DiMBlock(nn.Module):
       s = s.astype(stream)
       self.sow("intermediates", "skip_linear_out", s)
     r = s if perm is None else permute_tokens(s, perm, inverse)
-    table = self.param("scale_shift_table", nn.initializers.normal(d ** -0.5), (3, d))
+    table = self.param("scale_shift_table", nn.initializers.normal(d**-0.5), (3, d))
     shift, scale, gate = (mods[:, i] + table[i] for i in range(3))
     u = RMSNorm(1e-5, self.dtype, name="norm1")(r)
     self.sow("intermediates", "norm_out", u)
     u = modulate(u, shift, scale).astype(self.dtype)
     self.sow("intermediates", "mixer_in", u)
-    m = MambaMixer(d, d_state=D_STATE, d_conv=D_CONV, expand=EXPAND,
-                   out_proj_scale=self.depth ** -0.5, scan_impl=self.scan_impl,
-                   dtype=self.dtype, name="mixer")(u)
+    m = MambaMixer(
+      d,
+      d_state=D_STATE,
+      d_conv=D_CONV,
+      expand=EXPAND,
+      out_proj_scale=self.depth**-0.5,
+      scan_impl=self.scan_impl,
+      dtype=self.dtype,
+      name="mixer",
+    )(u)
     self.sow("intermediates", "mamba_out", m)
     h = (1 + gate[:, None, :]) * m
     self.sow("intermediates", "block_out", h)
@@ -213,6 +232,7 @@ class DiMBlock(nn.Module):
 
 class _Producer(nn.Module):
   """Scan body of the skip producers: (stream, (perm, inverse)) -> (stream, stream)."""
+
   spec: DiMBlock
 
   @nn.compact
@@ -224,6 +244,7 @@ class _Producer(nn.Module):
 
 class _Consumer(nn.Module):
   """Scan body of the skip consumers: (stream, (perm, inverse, tune, skip)) -> (stream, None)."""
+
   spec: DiMBlock
 
   @nn.compact
@@ -233,36 +254,38 @@ class _Consumer(nn.Module):
 
 
 class DiM(nn.Module, kw_only=True):
-  input_size: int | tuple[int, int] = 32   # latent size (or (height, width)) of the table
+  input_size: int | tuple[int, int] = 32  # latent size (or (height, width)) of the table
   in_channels: int = 4
   patch_size: int = 2
   hidden_size: int = 1024
   depth: int = 49
   num_classes: int = 1000
   label_dropout: float = 0.15
-  padding: str = "lateral"      # 'lateral' (ImageNet 256) or 'rho_pad' (the 512 fine-tune)
-  skip_tune: tuple[float, float] | None = None   # upstream's is_skip_tune (top, bottom) values
+  padding: str = "lateral"  # 'lateral' (ImageNet 256) or 'rho_pad' (the 512 fine-tune)
+  skip_tune: tuple[float, float] | None = None  # upstream's is_skip_tune (top, bottom) values
   scan_impl: str = "auto"
-  remat: str = "none"           # recompute in the backward: none, dots or full (REMAT_POLICIES)
+  remat: str = "none"  # recompute in the backward: none, dots or full (REMAT_POLICIES)
   dtype: Dtype = jnp.float32
 
   def table_grid(self) -> tuple[int, int]:
-    hl, wl = ((self.input_size,) * 2 if isinstance(self.input_size, int)
-              else tuple(self.input_size))
+    hl, wl = (self.input_size,) * 2 if isinstance(self.input_size, int) else tuple(self.input_size)
     return hl // self.patch_size, wl // self.patch_size
 
   def check(self):
     """Raise a ValueError naming the fix for sizes and options DiM cannot take."""
-    hl, wl = ((self.input_size,) * 2 if isinstance(self.input_size, int)
-              else tuple(self.input_size))
+    hl, wl = (self.input_size,) * 2 if isinstance(self.input_size, int) else tuple(self.input_size)
     if hl % self.patch_size or wl % self.patch_size:
-      raise ValueError(f"input_size {self.input_size} is not divisible by patch_size "
-                       f"{self.patch_size}: pick a latent size that is a multiple of it.")
+      raise ValueError(
+        f"input_size {self.input_size} is not divisible by patch_size "
+        f"{self.patch_size}: pick a latent size that is a multiple of it."
+      )
     check_grid(*self.table_grid())
     if self.depth < 3 or self.depth % 2 == 0:
-      raise ValueError(f"DiM needs an odd depth of at least 3 (block 0, then as many skip "
-                       f"producers as consumers), got {self.depth}: use "
-                       f"{max(3, self.depth + 1)}.")
+      raise ValueError(
+        f"DiM needs an odd depth of at least 3 (block 0, then as many skip "
+        f"producers as consumers), got {self.depth}: use "
+        f"{max(3, self.depth + 1)}."
+      )
     if self.padding not in PADDINGS:
       raise ValueError(f"dim_padding={self.padding!r}; choose one of {PADDINGS}.")
     if self.remat not in REMAT_POLICIES:
@@ -286,8 +309,10 @@ class DiM(nn.Module, kw_only=True):
     b, hl, wl, channels = x.shape
     p, d = self.patch_size, self.hidden_size
     if channels != self.in_channels or hl % p or wl % p:
-      raise ValueError(f"Expected inputs [b, H, W, {self.in_channels}] (channels last) with H "
-                       f"and W multiples of the patch {p}, got {tuple(x.shape)}.")
+      raise ValueError(
+        f"Expected inputs [b, H, W, {self.in_channels}] (channels last) with H "
+        f"and W multiples of the patch {p}, got {tuple(x.shape)}."
+      )
     h, w = hl // p, wl // p
     check_grid(h, w)
     dt = self.dtype
@@ -302,14 +327,17 @@ class DiM(nn.Module, kw_only=True):
     tt = timestep_frequencies(t, d).astype(dt)
     e = TimestepEmbedder(d, dtype=dt, name="t_embedder")(t)
     if cond:
-      y = (jnp.full((b,), self.num_classes, jnp.int32) if y is None
-           else jnp.broadcast_to(jnp.asarray(y, jnp.int32), (b,)))
+      y = (
+        jnp.full((b,), self.num_classes, jnp.int32)
+        if y is None
+        else jnp.broadcast_to(jnp.asarray(y, jnp.int32), (b,))
+      )
       if train and self.label_dropout > 0:
         drop = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, y.shape)
         y = jnp.where(drop, self.num_classes, y)
-      embed = lambda name: nn.Embed(self.num_classes + 1, d,
-                                    embedding_init=nn.initializers.normal(0.02), dtype=dt,
-                                    name=name)
+      embed = lambda name: nn.Embed(
+        self.num_classes + 1, d, embedding_init=nn.initializers.normal(0.02), dtype=dt, name=name
+      )
       yt = embed("label_emb")(y)
       c = e + embed("class_embedder")(y)
       tokens = [tt[:, None], yt[:, None]]
@@ -317,77 +345,102 @@ class DiM(nn.Module, kw_only=True):
       self.sow("intermediates", "y_token", yt)
     else:
       c, tokens, final_cond = e, [tt[:, None]], tt
-    mods = jnp.stack(AdaLN(3, d, dtype=dt, name="adaLN_modulation")(c), axis=1)   # [b, 3, D]
+    mods = jnp.stack(AdaLN(3, d, dtype=dt, name="adaLN_modulation")(c), axis=1)  # [b, 3, D]
     self.sow("intermediates", "t_token", tt)
     self.sow("intermediates", "adaln_c", c)
     self.sow("intermediates", "adaln_out", mods.reshape(b, 3 * d))
 
     # Tokens (4.3): patches, learned position table over [extra tokens, patches].
-    patches = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dt,
-                      kernel_init=torch_default_kernel,
-                      bias_init=torch_default_bias(self.in_channels * p * p),
-                      name="x_embedder")(x.astype(dt)).reshape(b, h * w, d)
+    patches = nn.Conv(
+      d,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=dt,
+      kernel_init=torch_default_kernel,
+      bias_init=torch_default_bias(self.in_channels * p * p),
+      name="x_embedder",
+    )(x.astype(dt)).reshape(b, h * w, d)
     self.sow("intermediates", "patch_tokens", patches)
     h0, w0 = self.table_grid()
     pos = self.param("additional_embed", nn.initializers.zeros, (extra + h0 * w0, d))
     if (h, w) != (h0, w0):
       if h0 != w0:
-        raise ValueError(f"Resizing the position table of a non-square {h0}x{w0} grid is "
-                         f"ambiguous upstream: build the model for the {h}x{w} grid instead.")
+        raise ValueError(
+          f"Resizing the position table of a non-square {h0}x{w0} grid is "
+          f"ambiguous upstream: build the model for the {h}x{w} grid instead."
+        )
       pos = resize_grid_table(pos, (h0, w0), (h, w), extra)
     seq = jnp.concatenate(tokens + [patches], axis=1) + pos.astype(dt)[None]
     self.sow("intermediates", "tokens_in", seq)
 
     # Prepare (4.4): smoother, pad to (h+P) x (w+P), split pad tokens after the extra tokens.
-    smoother = lambda name: nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=d,
-                                    dtype=dt, kernel_init=torch_default_kernel,
-                                    bias_init=torch_default_bias(9), name=name)
+    smoother = lambda name: nn.Conv(
+      d,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      feature_group_count=d,
+      dtype=dt,
+      kernel_init=torch_default_kernel,
+      bias_init=torch_default_bias(9),
+      name=name,
+    )
     grid = smoother("first_smoother")(seq[:, extra:].reshape(b, h, w, d))
     self.sow("intermediates", "first_smoother_out", grid)
     pads = self.param("pad_token", nn.initializers.normal(0.02), (PAD_LEN, d)).astype(dt)
     split = self.param("pad_token_dec_split", nn.initializers.normal(0.02), (PAD_LEN, d))
-    cells = jnp.concatenate([grid.reshape(b, h * w, d),
-                             jnp.broadcast_to(pads[None], (b, PAD_LEN, d))], axis=1)
+    cells = jnp.concatenate(
+      [grid.reshape(b, h * w, d), jnp.broadcast_to(pads[None], (b, PAD_LEN, d))], axis=1
+    )
     padded = cells[:, pad_source(self.padding, h, w)]
-    s = jnp.concatenate([seq[:, :extra], jnp.broadcast_to(split.astype(dt)[None],
-                                                          (b, PAD_LEN, d)), padded], axis=1)
+    s = jnp.concatenate(
+      [seq[:, :extra], jnp.broadcast_to(split.astype(dt)[None], (b, PAD_LEN, d)), padded], axis=1
+    )
     s = s.astype(stream)
     self.sow("intermediates", "seq_prepared", s)
 
     # Blocks (4.5-4.8): block 0, the producers' scan, the consumers' scan.
     n_in = (self.depth - 1) // 2
     perm, inverse = block_orders(self.depth, hp, wp)
-    full = lambda q: np.concatenate([np.broadcast_to(np.arange(head), (len(q), head)),
-                                     q + head], axis=1).astype(np.int32)
+    full = lambda q: np.concatenate(
+      [np.broadcast_to(np.arange(head), (len(q), head)), q + head], axis=1
+    ).astype(np.int32)
     perm, inverse = full(perm), full(inverse)
     block = lambda skip: DiMBlock(d, self.depth, skip, self.scan_impl, dt, parent=None)
     skip_form = "concat" if d <= SPLIT_SKIP_WIDTH else "split"
-    s = rematerialised(DiMBlock, self.remat)(d, self.depth, "none", self.scan_impl, dt,
-                                             name="block_0")(s, mods)
-    scan = lambda body: nn.scan(rematerialised(body, self.remat),
-                                variable_axes={"params": 0, "intermediates": 0},
-                                split_rngs={"params": True}, length=n_in,
-                                in_axes=(0, nn.broadcast))
+    s = rematerialised(DiMBlock, self.remat)(
+      d, self.depth, "none", self.scan_impl, dt, name="block_0"
+    )(s, mods)
+    scan = lambda body: nn.scan(
+      rematerialised(body, self.remat),
+      variable_axes={"params": 0, "intermediates": 0},
+      split_rngs={"params": True},
+      length=n_in,
+      in_axes=(0, nn.broadcast),
+    )
     s, skips = scan(_Producer)(block("none"), name="in_blocks")(
-        s, (jnp.asarray(perm[1:1 + n_in]), jnp.asarray(inverse[1:1 + n_in])), mods)
+      s, (jnp.asarray(perm[1 : 1 + n_in]), jnp.asarray(inverse[1 : 1 + n_in])), mods
+    )
     tune = jnp.asarray(self.skip_factors(n_in), stream)
     s, _ = scan(_Consumer)(block(skip_form), name="out_blocks")(
-        s, (jnp.asarray(perm[1 + n_in:]), jnp.asarray(inverse[1 + n_in:]), tune, skips[::-1]),
-        mods)
+      s, (jnp.asarray(perm[1 + n_in :]), jnp.asarray(inverse[1 + n_in :]), tune, skips[::-1]), mods
+    )
     self.sow("intermediates", "seq_before_finalize", s)
 
     # Finalize (4.9) and the final layer (4.10).
     fin = s[:, head:].reshape(b, hp, wp, d)[:, :h, :w].astype(dt)
     fin = smoother("last_smoother")(fin).reshape(b, h * w, d)
     self.sow("intermediates", "finalized_tokens", fin)
-    shift_scale = nn.Dense(2 * d, kernel_init=torch_default_kernel, dtype=dt,
-                           name="proj_out_1")(nn.silu(final_cond))
+    shift_scale = nn.Dense(2 * d, kernel_init=torch_default_kernel, dtype=dt, name="proj_out_1")(
+      nn.silu(final_cond)
+    )
     self.sow("intermediates", "final_shift_scale", shift_scale)
     shift, scale = jnp.split(shift_scale, 2, axis=-1)
     normed = RMSNorm(1e-5, dt, name="norm_out")(fin)
     self.sow("intermediates", "final_norm", normed)
-    out = nn.Dense(p * p * self.in_channels, kernel_init=torch_default_kernel, dtype=dt,
-                   name="proj_out_2")(modulate(normed, shift, scale))
+    out = nn.Dense(
+      p * p * self.in_channels, kernel_init=torch_default_kernel, dtype=dt, name="proj_out_2"
+    )(modulate(normed, shift, scale))
     self.sow("intermediates", "final_layer_out", out)
     return unpatchify(out, h, w, p, self.in_channels).astype(stream)
 
@@ -399,10 +452,18 @@ class DiM(nn.Module, kw_only=True):
 def from_config(cfg, depth: int, hidden: int, patch: int, dtype) -> DiM:
   """The DiM of a registry size (depth/hidden_size overrides of -1 keep the size's own),
   checked now so that a bad size fails at construction."""
-  model = DiM(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=patch,
-              hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
-              depth=depth if cfg.depth < 0 else cfg.depth, num_classes=cfg.num_classes,
-              label_dropout=cfg.label_dropout, padding=cfg.dim_padding, scan_impl=cfg.scan_impl,
-              remat=cfg.remat, dtype=dtype)
+  model = DiM(
+    input_size=cfg.input_size,
+    in_channels=cfg.in_channels,
+    patch_size=patch,
+    hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
+    depth=depth if cfg.depth < 0 else cfg.depth,
+    num_classes=cfg.num_classes,
+    label_dropout=cfg.label_dropout,
+    padding=cfg.dim_padding,
+    scan_impl=cfg.scan_impl,
+    remat=cfg.remat,
+    dtype=dtype,
+  )
   model.check()
   return model

@@ -17,6 +17,7 @@ Block k of `transformer_blocks.k.` lives at `block_0` (k = 0), `in_blocks/block[
 keys copied, `additional_embed` resized with `resize_position_table` (bilinear, as
 `pos_embed_inteplot`), everything else left as the new model's.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,65 +34,76 @@ class DiMConvertError(ValueError):
   """A state dict that does not fit the model; the message lists the keys."""
 
 
-_BLOCK = {   # upstream name inside transformer_blocks.k -> (our path, to ours, to upstream)
-    "scale_shift_table": (("scale_shift_table",), None, None),
-    "norm1.norm.weight": (("norm1", "weight"), None, None),
-    "attn1.in_proj.weight": (("mixer", "in_proj", "kernel"), "T", "T"),
-    "attn1.conv1d.weight": (("mixer", "conv1d_kernel"), "conv1d", "conv1d"),
-    "attn1.conv1d.bias": (("mixer", "conv1d_bias"), None, None),
-    "attn1.x_proj.weight": (("mixer", "x_proj", "kernel"), "T", "T"),
-    "attn1.dt_proj.weight": (("mixer", "dt_proj_kernel"), "T", "T"),
-    "attn1.dt_proj.bias": (("mixer", "dt_proj_bias"), None, None),
-    "attn1.A_log": (("mixer", "A_log"), None, None),
-    "attn1.D": (("mixer", "D"), None, None),
-    "attn1.out_proj.weight": (("mixer", "out_proj", "kernel"), "T", "T"),
-    "skip_linear.weight": (("skip_linear", "kernel"), "T", "T"),
-    "skip_linear.bias": (("skip_linear", "bias"), None, None),
-    "skip_linear.0.weight": (("skip_linear_0", "kernel"), "T", "T"),
-    "skip_linear.0.bias": (("skip_linear_0", "bias"), None, None),
-    "skip_linear.1.weight": (("skip_linear_1", "kernel"), "T", "T"),
-    "skip_linear.1.bias": (("skip_linear_1", "bias"), None, None),
+_BLOCK = {  # upstream name inside transformer_blocks.k -> (our path, to ours, to upstream)
+  "scale_shift_table": (("scale_shift_table",), None, None),
+  "norm1.norm.weight": (("norm1", "weight"), None, None),
+  "attn1.in_proj.weight": (("mixer", "in_proj", "kernel"), "T", "T"),
+  "attn1.conv1d.weight": (("mixer", "conv1d_kernel"), "conv1d", "conv1d"),
+  "attn1.conv1d.bias": (("mixer", "conv1d_bias"), None, None),
+  "attn1.x_proj.weight": (("mixer", "x_proj", "kernel"), "T", "T"),
+  "attn1.dt_proj.weight": (("mixer", "dt_proj_kernel"), "T", "T"),
+  "attn1.dt_proj.bias": (("mixer", "dt_proj_bias"), None, None),
+  "attn1.A_log": (("mixer", "A_log"), None, None),
+  "attn1.D": (("mixer", "D"), None, None),
+  "attn1.out_proj.weight": (("mixer", "out_proj", "kernel"), "T", "T"),
+  "skip_linear.weight": (("skip_linear", "kernel"), "T", "T"),
+  "skip_linear.bias": (("skip_linear", "bias"), None, None),
+  "skip_linear.0.weight": (("skip_linear_0", "kernel"), "T", "T"),
+  "skip_linear.0.bias": (("skip_linear_0", "bias"), None, None),
+  "skip_linear.1.weight": (("skip_linear_1", "kernel"), "T", "T"),
+  "skip_linear.1.bias": (("skip_linear_1", "bias"), None, None),
 }
 _TOP = {
-    "additional_embed": (("additional_embed",), "unbatch", "batch"),
-    "pos_embed.proj.weight": (("x_embedder", "kernel"), "conv", "conv"),
-    "pos_embed.proj.bias": (("x_embedder", "bias"), None, None),
-    "adaln_single.emb.timestep_embedder.linear_1.weight": (("t_embedder", "mlp_0", "kernel"),
-                                                           "T", "T"),
-    "adaln_single.emb.timestep_embedder.linear_1.bias": (("t_embedder", "mlp_0", "bias"), None,
-                                                         None),
-    "adaln_single.emb.timestep_embedder.linear_2.weight": (("t_embedder", "mlp_2", "kernel"),
-                                                           "T", "T"),
-    "adaln_single.emb.timestep_embedder.linear_2.bias": (("t_embedder", "mlp_2", "bias"), None,
-                                                         None),
-    "adaln_single.emb.class_embedder.embedding_table.weight": (("class_embedder", "embedding"),
-                                                               None, None),
-    "adaln_single.linear.weight": (("adaLN_modulation", "linear", "kernel"), "T", "T"),
-    "adaln_single.linear.bias": (("adaLN_modulation", "linear", "bias"), None, None),
-    "label_emb.weight": (("label_emb", "embedding"), None, None),
-    "a4m_adapter.pad_token_dec_split": (("pad_token_dec_split",), "unbatch", "batch"),
-    "a4m_adapter.pad_token": (("pad_token",), "pad", "pad"),
-    "a4m_adapter.first_smoother.weight": (("first_smoother", "kernel"), "conv", "conv"),
-    "a4m_adapter.first_smoother.bias": (("first_smoother", "bias"), None, None),
-    "a4m_adapter.last_smoother.weight": (("last_smoother", "kernel"), "conv", "conv"),
-    "a4m_adapter.last_smoother.bias": (("last_smoother", "bias"), None, None),
-    "norm_out.norm.weight": (("norm_out", "weight"), None, None),
-    "proj_out_1.weight": (("proj_out_1", "kernel"), "T", "T"),
-    "proj_out_1.bias": (("proj_out_1", "bias"), None, None),
-    "proj_out_2.weight": (("proj_out_2", "kernel"), "T", "T"),
-    "proj_out_2.bias": (("proj_out_2", "bias"), None, None),
+  "additional_embed": (("additional_embed",), "unbatch", "batch"),
+  "pos_embed.proj.weight": (("x_embedder", "kernel"), "conv", "conv"),
+  "pos_embed.proj.bias": (("x_embedder", "bias"), None, None),
+  "adaln_single.emb.timestep_embedder.linear_1.weight": (
+    ("t_embedder", "mlp_0", "kernel"),
+    "T",
+    "T",
+  ),
+  "adaln_single.emb.timestep_embedder.linear_1.bias": (("t_embedder", "mlp_0", "bias"), None, None),
+  "adaln_single.emb.timestep_embedder.linear_2.weight": (
+    ("t_embedder", "mlp_2", "kernel"),
+    "T",
+    "T",
+  ),
+  "adaln_single.emb.timestep_embedder.linear_2.bias": (("t_embedder", "mlp_2", "bias"), None, None),
+  "adaln_single.emb.class_embedder.embedding_table.weight": (
+    ("class_embedder", "embedding"),
+    None,
+    None,
+  ),
+  "adaln_single.linear.weight": (("adaLN_modulation", "linear", "kernel"), "T", "T"),
+  "adaln_single.linear.bias": (("adaLN_modulation", "linear", "bias"), None, None),
+  "label_emb.weight": (("label_emb", "embedding"), None, None),
+  "a4m_adapter.pad_token_dec_split": (("pad_token_dec_split",), "unbatch", "batch"),
+  "a4m_adapter.pad_token": (("pad_token",), "pad", "pad"),
+  "a4m_adapter.first_smoother.weight": (("first_smoother", "kernel"), "conv", "conv"),
+  "a4m_adapter.first_smoother.bias": (("first_smoother", "bias"), None, None),
+  "a4m_adapter.last_smoother.weight": (("last_smoother", "kernel"), "conv", "conv"),
+  "a4m_adapter.last_smoother.bias": (("last_smoother", "bias"), None, None),
+  "norm_out.norm.weight": (("norm_out", "weight"), None, None),
+  "proj_out_1.weight": (("proj_out_1", "kernel"), "T", "T"),
+  "proj_out_1.bias": (("proj_out_1", "bias"), None, None),
+  "proj_out_2.weight": (("proj_out_2", "kernel"), "T", "T"),
+  "proj_out_2.bias": (("proj_out_2", "bias"), None, None),
 }
 _TO_OURS = {
-    None: lambda a: a, "T": lambda a: a.T, "unbatch": lambda a: a[0],
-    "conv": lambda a: a.transpose(2, 3, 1, 0),         # [O, I, kh, kw] -> [kh, kw, I, O]
-    "conv1d": lambda a: a[:, 0, :].T,                  # [E, 1, 3] -> [3, E]
-    "pad": lambda a: a[0].T,                           # [1, D, 3] -> [3, D]
+  None: lambda a: a,
+  "T": lambda a: a.T,
+  "unbatch": lambda a: a[0],
+  "conv": lambda a: a.transpose(2, 3, 1, 0),  # [O, I, kh, kw] -> [kh, kw, I, O]
+  "conv1d": lambda a: a[:, 0, :].T,  # [E, 1, 3] -> [3, E]
+  "pad": lambda a: a[0].T,  # [1, D, 3] -> [3, D]
 }
 _TO_UPSTREAM = {
-    None: lambda a: a, "T": lambda a: a.T, "batch": lambda a: a[None],
-    "conv": lambda a: a.transpose(3, 2, 0, 1),
-    "conv1d": lambda a: a.T[:, None, :],
-    "pad": lambda a: a.T[None],
+  None: lambda a: a,
+  "T": lambda a: a.T,
+  "batch": lambda a: a[None],
+  "conv": lambda a: a.transpose(3, 2, 0, 1),
+  "conv1d": lambda a: a.T[:, None, :],
+  "pad": lambda a: a.T[None],
 }
 
 
@@ -141,11 +153,12 @@ def abstract_params(model, grid: tuple[int, int] | None = None):
   """The model's parameter tree as jax.ShapeDtypeStructs (jax.eval_shape: nothing allocated)."""
   h, w = grid or model.table_grid()
   p = model.patch_size
-  model = model.clone(dtype=jnp.float32)      # the same tree for any compute dtype
+  model = model.clone(dtype=jnp.float32)  # the same tree for any compute dtype
   x = jnp.zeros((1, h * p, w * p, model.in_channels))
   y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, jnp.zeros((1,)),
-                                           y))["params"]
+  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, jnp.zeros((1,)), y))[
+    "params"
+  ]
 
 
 def upstream_shapes(model, abstract=None) -> dict[str, tuple[int, ...]]:
@@ -158,8 +171,11 @@ def upstream_shapes(model, abstract=None) -> dict[str, tuple[int, ...]]:
   for path, spec in _flatten(abstract).items():
     stacked = path[0] in ("in_blocks", "out_blocks")
     shape = spec.shape[1:] if stacked else spec.shape
-    up = inner[path[2:] if stacked else path[1:]] if path[0] in (
-        "block_0", "in_blocks", "out_blocks") else back[path]
+    up = (
+      inner[path[2:] if stacked else path[1:]]
+      if path[0] in ("block_0", "in_blocks", "out_blocks")
+      else back[path]
+    )
     view = np.broadcast_to(np.zeros((), np.float32), tuple(shape))
     shape = tuple(_TO_UPSTREAM[up](view).shape)
     for i in range(spec.shape[0]) if stacked else [None]:
@@ -173,18 +189,26 @@ def check_state_dict(shapes, model, abstract=None) -> None:
   want = upstream_shapes(model, abstract)
   bad_shape, unexpected = [], []
   for key, value in shapes.items():
-    shape = tuple(int(n) for n in (value if isinstance(value, (tuple, list))
-                                   else np.shape(value)))
+    shape = tuple(int(n) for n in (value if isinstance(value, (tuple, list)) else np.shape(value)))
     if key not in want:
       unexpected.append(key)
     elif shape != want[key]:
       bad_shape.append(f"{key}: {list(shape)}, expected {list(want[key])}")
   missing = [key for key in want if key not in shapes]
   if unexpected or bad_shape or missing:
-    parts = [f"{name} ({len(keys)}): {', '.join(keys[:8])}" for name, keys in
-             (("mis-shaped", bad_shape), ("unexpected", unexpected), ("missing", missing)) if keys]
-    raise DiMConvertError("The DiM state dict does not fit this model (check depth, width, "
-                          "classes and image size): " + "; ".join(parts) + ".")
+    parts = [
+      f"{name} ({len(keys)}): {', '.join(keys[:8])}"
+      for name, keys in (
+        ("mis-shaped", bad_shape),
+        ("unexpected", unexpected),
+        ("missing", missing),
+      )
+      if keys
+    ]
+    raise DiMConvertError(
+      "The DiM state dict does not fit this model (check depth, width, "
+      "classes and image size): " + "; ".join(parts) + "."
+    )
 
 
 def from_upstream(state_dict, model, abstract=None, dtype=np.float32):
@@ -290,12 +314,27 @@ def transfer_state_dict(src: dict, dst: dict, extra_len: int = 2):
 
 
 # Upstream config keys (config.nnet) this port computes only in their published setting.
-PUBLISHED = {"encoder_start_blk_id": 1, "mamba_d_state": dim.D_STATE, "mamba_d_conv": dim.D_CONV,
-             "mamba_expand": dim.EXPAND, "is_uconnect": True, "no_ff": True, "rms": True,
-             "is_extra_tokens": True, "use_pad_token": True, "use_a4m_adapter": True,
-             "norm_type": "ada_norm_single", "mamba_type": "enc", "scan_pattern_len": 3,
-             "pos_encoding_type": "learnable", "is_absorb": False, "is_random_patterns": False,
-             "is_align_exchange_q_kv": False, "drop_path_rate": 0.0, "is_freeu": False}
+PUBLISHED = {
+  "encoder_start_blk_id": 1,
+  "mamba_d_state": dim.D_STATE,
+  "mamba_d_conv": dim.D_CONV,
+  "mamba_expand": dim.EXPAND,
+  "is_uconnect": True,
+  "no_ff": True,
+  "rms": True,
+  "is_extra_tokens": True,
+  "use_pad_token": True,
+  "use_a4m_adapter": True,
+  "norm_type": "ada_norm_single",
+  "mamba_type": "enc",
+  "scan_pattern_len": 3,
+  "pos_encoding_type": "learnable",
+  "is_absorb": False,
+  "is_random_patterns": False,
+  "is_align_exchange_q_kv": False,
+  "drop_path_rate": 0.0,
+  "is_freeu": False,
+}
 
 
 def model_kwargs(config_nnet: dict) -> dict:
@@ -304,16 +343,22 @@ def model_kwargs(config_nnet: dict) -> dict:
   square. Raises DiMConvertError naming an upstream option this port does not compute."""
   for key, value in PUBLISHED.items():
     if key in config_nnet and config_nnet[key] != value:
-      raise DiMConvertError(f"Upstream option {key}={config_nnet[key]!r} is not implemented "
-                            f"(only {value!r}, as every published DiM config).")
+      raise DiMConvertError(
+        f"Upstream option {key}={config_nnet[key]!r} is not implemented "
+        f"(only {value!r}, as every published DiM config)."
+      )
   if config_nnet.get("out_channels", config_nnet.get("in_channels", 4)) != config_nnet.get(
-      "in_channels", 4):
-    raise DiMConvertError("out_channels != in_channels (learned sigma) is not implemented: DiM "
-                          "predicts the noise only.")
+    "in_channels", 4
+  ):
+    raise DiMConvertError(
+      "out_channels != in_channels (learned sigma) is not implemented: DiM predicts the noise only."
+    )
   schedules = list(config_nnet.get("pad_token_schedules", ["dec_split", "lateral"]))
   if schedules[0] != "dec_split" or schedules[1] not in dim.PADDINGS:
-    raise DiMConvertError(f"pad_token_schedules={schedules} is not implemented: use "
-                          f"['dec_split', 'lateral'] or ['dec_split', 'rho_pad'].")
+    raise DiMConvertError(
+      f"pad_token_schedules={schedules} is not implemented: use "
+      f"['dec_split', 'lateral'] or ['dec_split', 'rho_pad']."
+    )
   p = int(config_nnet.get("patch_size", 2))
   patches = config_nnet.get("num_patches")
   if patches is None:
@@ -324,8 +369,13 @@ def model_kwargs(config_nnet: dict) -> dict:
     size = (n // w * p, w * p)
   classes = config_nnet.get("num_embeds_ada_norm")
   tune = tuple(config_nnet["skip_tune_param"]) if config_nnet.get("is_skip_tune") else None
-  return dict(input_size=size, in_channels=int(config_nnet.get("in_channels", 4)), patch_size=p,
-              hidden_size=int(config_nnet["attention_head_dim"])
-              * int(config_nnet["num_attention_heads"]),
-              depth=int(config_nnet["num_layers"]), num_classes=int(classes or 0),
-              padding=schedules[1], skip_tune=tune)
+  return dict(
+    input_size=size,
+    in_channels=int(config_nnet.get("in_channels", 4)),
+    patch_size=p,
+    hidden_size=int(config_nnet["attention_head_dim"]) * int(config_nnet["num_attention_heads"]),
+    depth=int(config_nnet["num_layers"]),
+    num_classes=int(classes or 0),
+    padding=schedules[1],
+    skip_tune=tune,
+  )

@@ -8,6 +8,7 @@ applied functionally inside the scan; its gradient is the sum over all its appli
 Inputs are channels-last: x [b, H, W, C], t [b] in [0, 1] (0 = noise, 1 = data), y [b] int labels
 (num_classes is the null label; None for unconditional models). Output: velocity, shape of x.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,11 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimsum_jax.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, AdaLN, FinalLayer, GatedMLP,
-                                      LabelEmbedder, PatchEmbed, RMSNorm, SelfAttention,
-                                      TimestepEmbedder, attention, drop_path, layer_norm,
-                                      modulate, rematerialised, sincos_pos_embed_2d,
-                                      torch_default_kernel, unpatchify)
+from dimsum_jax.models.layers import (
+  ATTENTION_IMPLS,
+  REMAT_POLICIES,
+  AdaLN,
+  FinalLayer,
+  GatedMLP,
+  LabelEmbedder,
+  PatchEmbed,
+  RMSNorm,
+  SelfAttention,
+  TimestepEmbedder,
+  attention,
+  drop_path,
+  layer_norm,
+  modulate,
+  rematerialised,
+  sincos_pos_embed_2d,
+  torch_default_kernel,
+  unpatchify,
+)
 from dimsum_jax.models.mamba import COND_MODES, MambaMixer
 from dimsum_jax.ops import haar, scan_orders
 
@@ -57,6 +73,7 @@ class GatedMambaBranch(nn.Module):
 
   x arrives in its scan order. Upstream's DiMBlockRaw / WaveDiMBlock core.
   """
+
   d_model: int
   depth: int
   cond_mamba: str
@@ -69,9 +86,15 @@ class GatedMambaBranch(nn.Module):
   def __call__(self, x, c):
     shift, scale, gate = AdaLN(3, self.d_model, dtype=self.dtype, name="adaLN_modulation")(c)
     mixer_in = modulate(x, shift, scale)
-    mixer_out = MambaMixer(self.d_model, out_proj_scale=self.depth ** -0.5,
-                           cond_mamba=self.cond_mamba, bidirectional=self.bidirectional,
-                           scan_impl=self.scan_impl, dtype=self.dtype, name="mixer")(mixer_in, c)
+    mixer_out = MambaMixer(
+      self.d_model,
+      out_proj_scale=self.depth**-0.5,
+      cond_mamba=self.cond_mamba,
+      bidirectional=self.bidirectional,
+      scan_impl=self.scan_impl,
+      dtype=self.dtype,
+      name="mixer",
+    )(mixer_in, c)
     self.sow("intermediates", f"{self.tag}_mixer_in", mixer_in)
     self.sow("intermediates", f"{self.tag}_mixer_out", mixer_out)
     return x + gate[:, None, :] * mixer_out
@@ -80,6 +103,7 @@ class GatedMambaBranch(nn.Module):
 class CrossAttentionFusion(nn.Module):
   """Each branch attends with the other branch's queries: x12 = Attn(q1, k2, v2),
   x21 = Attn(q2, k1, v1); output proj(concat[x12, x21])."""
+
   num_heads: int
   dtype: Dtype
   attention_impl: str = "auto"
@@ -88,19 +112,22 @@ class CrossAttentionFusion(nn.Module):
   def __call__(self, s, w):
     b, n, d = s.shape
     heads = lambda t: jnp.moveaxis(t.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-    dense = lambda name: nn.Dense(3 * d, kernel_init=torch_default_kernel, dtype=self.dtype,
-                                  name=name)
+    dense = lambda name: nn.Dense(
+      3 * d, kernel_init=torch_default_kernel, dtype=self.dtype, name=name
+    )
     q1, k1, v1 = heads(dense("qkv1")(s))
     q2, k2, v2 = heads(dense("qkv2")(w))
     x12 = attention(q1, k2, v2, self.attention_impl).reshape(b, n, d)
     x21 = attention(q2, k1, v1, self.attention_impl).reshape(b, n, d)
-    return nn.Dense(2 * d, kernel_init=torch_default_kernel, dtype=self.dtype,
-                    name="proj")(jnp.concatenate([x12, x21], axis=-1))
+    return nn.Dense(2 * d, kernel_init=torch_default_kernel, dtype=self.dtype, name="proj")(
+      jnp.concatenate([x12, x21], axis=-1)
+    )
 
 
 class DiMSUMBlock(nn.Module, kw_only=True):
   """One DiMSUM block: (h, r) -> (h', r'), in the order of operations of upstream's
   `DiMBlockCombined` (dimsum/models_dim.py)."""
+
   hidden_size: int
   depth: int
   grid: tuple[int, int]
@@ -118,33 +145,37 @@ class DiMSUMBlock(nn.Module, kw_only=True):
   def __call__(self, h, r, c, orders, drop_rate, train: bool):
     s_perm, s_inv, w_perm, w_inv = orders
     d = self.hidden_size // 2
-    branch = lambda name, tag: GatedMambaBranch(d, self.depth, self.cond_mamba, self.scan_impl,
-                                                self.dtype, tag, self.bidirectional, name=name)
+    branch = lambda name, tag: GatedMambaBranch(
+      d, self.depth, self.cond_mamba, self.scan_impl, self.dtype, tag, self.bidirectional, name=name
+    )
     rng = self.make_rng("dropout") if train else None
     r = r + drop_path(h, drop_rate, not train, rng).astype(r.dtype)
     u = RMSNorm(1e-5, self.dtype, name="norm")(r)
     self.sow("intermediates", "norm_out", u)
     u1, u2 = u[..., :d], u[..., d:]
 
-    s = permute_tokens(branch("spatial_mamba", "spatial")(permute_tokens(u1, s_perm, s_inv), c), s_inv,
-                 s_perm)
+    s = permute_tokens(
+      branch("spatial_mamba", "spatial")(permute_tokens(u1, s_perm, s_inv), c), s_inv, s_perm
+    )
     self.sow("intermediates", "spatial_out", s)
 
     w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels, self.wavelet_impl)
-    w1 = permute_tokens(branch("freq_mamba", "wavelet")(permute_tokens(w0, w_perm, w_inv), c), w_inv,
-                  w_perm)
+    w1 = permute_tokens(
+      branch("freq_mamba", "wavelet")(permute_tokens(w0, w_perm, w_inv), c), w_inv, w_perm
+    )
     w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels, self.wavelet_impl)
     self.sow("intermediates", "wavelet_out", w)
 
-    f = CrossAttentionFusion(self.fusion_heads, self.dtype, self.attention_impl,
-                             name="proj")(s, w)
+    f = CrossAttentionFusion(self.fusion_heads, self.dtype, self.attention_impl, name="proj")(s, w)
     self.sow("intermediates", "fusion_out", f)
     h = u + f
-    shift, scale, gate = AdaLN(3, self.hidden_size, zero_init=True, dtype=self.dtype,
-                               name="adaLN_modulation")(c)
+    shift, scale, gate = AdaLN(
+      3, self.hidden_size, zero_init=True, dtype=self.dtype, name="adaLN_modulation"
+    )(c)
     mlp_in = modulate(RMSNorm(1e-5, self.dtype, name="norm_2")(h), shift, scale)
-    h = h + gate[:, None, :] * GatedMLP(self.mlp_ratio * self.hidden_size, self.dtype,
-                                        name="mlp")(mlp_in)
+    h = h + gate[:, None, :] * GatedMLP(self.mlp_ratio * self.hidden_size, self.dtype, name="mlp")(
+      mlp_in
+    )
     self.sow("intermediates", "hidden_out", h)
     self.sow("intermediates", "residual_out", r)
     return h, r
@@ -152,6 +183,7 @@ class DiMSUMBlock(nn.Module, kw_only=True):
 
 class SharedTransformerBlock(nn.Module):
   """DiT block with gated MLP; adaLN weight default-initialised (not zero), bias zero."""
+
   num_heads: int
   mlp_ratio: int
   dtype: Dtype
@@ -161,11 +193,12 @@ class SharedTransformerBlock(nn.Module):
   def __call__(self, x, c):
     dim = x.shape[-1]
     s1, sc1, g1, s2, sc2, g2 = AdaLN(6, dim, dtype=self.dtype, name="adaLN_modulation")(c)
-    x = x + g1[:, None] * SelfAttention(self.num_heads, self.dtype,
-                                        attention_impl=self.attention_impl, name="attn")(
-        modulate(layer_norm(self.dtype)(x), s1, sc1))
+    x = x + g1[:, None] * SelfAttention(
+      self.num_heads, self.dtype, attention_impl=self.attention_impl, name="attn"
+    )(modulate(layer_norm(self.dtype)(x), s1, sc1))
     return x + g2[:, None] * GatedMLP(self.mlp_ratio * dim, self.dtype, name="mlp")(
-        modulate(layer_norm(self.dtype)(x), s2, sc2))
+      modulate(layer_norm(self.dtype)(x), s2, sc2)
+    )
 
 
 class BlockGroup(nn.Module):
@@ -174,6 +207,7 @@ class BlockGroup(nn.Module):
   static_orders: per position in the group, (s_perm, s_inv, w_perm, w_inv) as tuples, when the
   scan orders repeat with the group; otherwise the orders arrive per block through the scan.
   """
+
   size: int
   block: DiMSUMBlock
   shared: SharedTransformerBlock | None
@@ -214,34 +248,44 @@ class DiMSUM(nn.Module, kw_only=True):
   wavelet_impl: str = "direct"  # Haar packet: 'direct' (butterflies) or 'jaxwt' (convolutions)
   cond_mamba: str = "none"
   scan_type: str = "none"
-  bidirectional: bool = False   # a second SSM per mixer reads the sequence reversed (Vim "v2")
+  bidirectional: bool = False  # a second SSM per mixer reads the sequence reversed (Vim "v2")
   scan_impl: str = "auto"
-  remat: str = "none"           # recompute in the backward: none, dots or full (REMAT_POLICIES)
+  remat: str = "none"  # recompute in the backward: none, dots or full (REMAT_POLICIES)
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
   dtype: Dtype = jnp.float32
 
   def check(self):
     """Raise a ValueError naming the fix for impossible sizes."""
     if self.input_size % self.patch_size:
-      raise ValueError(f"input_size {self.input_size} is not divisible by patch_size "
-                       f"{self.patch_size}: pick an image/latent size that is a multiple of it.")
+      raise ValueError(
+        f"input_size {self.input_size} is not divisible by patch_size "
+        f"{self.patch_size}: pick an image/latent size that is a multiple of it."
+      )
     if self.scan_type == "v2" and not self.bidirectional:
-      raise ValueError("scan_type 'v2' is upstream's bidirectional Vim scan: set "
-                       "model.bidirectional=True as well (or pick another scan_type).")
+      raise ValueError(
+        "scan_type 'v2' is upstream's bidirectional Vim scan: set "
+        "model.bidirectional=True as well (or pick another scan_type)."
+      )
     g = self.input_size // self.patch_size
-    step = 2 ** self.wavelet_levels
+    step = 2**self.wavelet_levels
     if g % step:
-      raise ValueError(f"The {g}x{g} token grid must be divisible by {step} for "
-                       f"{self.wavelet_levels} wavelet levels: change input_size or patch_size.")
+      raise ValueError(
+        f"The {g}x{g} token grid must be divisible by {step} for "
+        f"{self.wavelet_levels} wavelet levels: change input_size or patch_size."
+      )
     d = self.hidden_size // 2
-    if self.hidden_size % 2 or d % (4 ** self.wavelet_levels):
-      raise ValueError(f"hidden_size {self.hidden_size}: each half ({d}) must be divisible by "
-                       f"{4 ** self.wavelet_levels} for the wavelet token layout; use a multiple "
-                       f"of {2 * 4 ** self.wavelet_levels}.")
+    if self.hidden_size % 2 or d % (4**self.wavelet_levels):
+      raise ValueError(
+        f"hidden_size {self.hidden_size}: each half ({d}) must be divisible by "
+        f"{4**self.wavelet_levels} for the wavelet token layout; use a multiple "
+        f"of {2 * 4**self.wavelet_levels}."
+      )
     if d % self.fusion_heads or self.hidden_size % self.attn_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} must give whole heads: half width {d} "
-                       f"over {self.fusion_heads} fusion heads and {self.hidden_size} over "
-                       f"{self.attn_heads} attention heads.")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} must give whole heads: half width {d} "
+        f"over {self.fusion_heads} fusion heads and {self.hidden_size} over "
+        f"{self.attn_heads} attention heads."
+      )
     if self.attn_every and self.depth % self.attn_every:
       raise ValueError(f"depth {self.depth} must be a multiple of attn_every {self.attn_every}.")
     if self.cond_mamba not in COND_MODES:
@@ -265,36 +309,51 @@ class DiMSUM(nn.Module, kw_only=True):
     g = self.check()
     b, height, width, channels = x.shape
     if (height, width, channels) != (self.input_size, self.input_size, self.in_channels):
-      raise ValueError(f"Expected inputs [b, {self.input_size}, {self.input_size}, "
-                       f"{self.in_channels}] (channels last), got {tuple(x.shape)}.")
+      raise ValueError(
+        f"Expected inputs [b, {self.input_size}, {self.input_size}, "
+        f"{self.in_channels}] (channels last), got {tuple(x.shape)}."
+      )
     x = x.astype(self.dtype)
     t_emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
-    y_emb = LabelEmbedder(self.num_classes, self.hidden_size, self.label_dropout, self.dtype,
-                          name="y_embedder")(y, train)
+    y_emb = LabelEmbedder(
+      self.num_classes, self.hidden_size, self.label_dropout, self.dtype, name="y_embedder"
+    )(y, train)
     c = t_emb + jnp.broadcast_to(y_emb, t_emb.shape)
     self.sow("intermediates", "t_emb", t_emb)
     self.sow("intermediates", "y_emb", y_emb)
     self.sow("intermediates", "c", c)
 
-    pos = self.param("pos_embed", lambda k, s: jnp.asarray(sincos_pos_embed_2d(s[-1], g, g),
-                                                           jnp.float32),
-                     (g * g, self.hidden_size))
+    pos = self.param(
+      "pos_embed",
+      lambda k, s: jnp.asarray(sincos_pos_embed_2d(s[-1], g, g), jnp.float32),
+      (g * g, self.hidden_size),
+    )
     h = PatchEmbed(self.hidden_size, self.patch_size, self.dtype, name="x_embedder")(x)
     h = h + pos.astype(self.dtype)
     self.sow("intermediates", "tokens_in", h)
 
     size = self.attn_every or self.depth
     groups = self.depth // size
-    block = DiMSUMBlock(hidden_size=self.hidden_size, depth=self.depth, grid=(g, g),
-                        wavelet_levels=self.wavelet_levels, fusion_heads=self.fusion_heads,
-                        mlp_ratio=self.mlp_ratio, cond_mamba=self.cond_mamba,
-                        scan_impl=self.scan_impl, dtype=self.dtype,
-                        bidirectional=self.bidirectional, wavelet_impl=self.wavelet_impl,
-                        attention_impl=self.attention_impl, parent=None)
+    block = DiMSUMBlock(
+      hidden_size=self.hidden_size,
+      depth=self.depth,
+      grid=(g, g),
+      wavelet_levels=self.wavelet_levels,
+      fusion_heads=self.fusion_heads,
+      mlp_ratio=self.mlp_ratio,
+      cond_mamba=self.cond_mamba,
+      scan_impl=self.scan_impl,
+      dtype=self.dtype,
+      bidirectional=self.bidirectional,
+      wavelet_impl=self.wavelet_impl,
+      attention_impl=self.attention_impl,
+      parent=None,
+    )
     shared, shared_params = None, None
     if self.attn_every:
-      shared = SharedTransformerBlock(self.attn_heads, self.mlp_ratio, self.dtype,
-                                      self.attention_impl, parent=None)
+      shared = SharedTransformerBlock(
+        self.attn_heads, self.mlp_ratio, self.dtype, self.attention_impl, parent=None
+      )
       bound = shared.clone(name="attn_block", parent=self)
       if self.is_initializing():
         bound(h, c)
@@ -304,13 +363,16 @@ class DiMSUM(nn.Module, kw_only=True):
     periodic = all(np.array_equal(o, np.tile(o[:size], (groups, 1))) for o in orders)
     static = tuple(tuple(tuple(int(i) for i in o[j]) for o in orders) for j in range(size))
     dynamic = tuple(jnp.asarray(o.reshape(groups, size, -1)) for o in orders)
-    rates = np.concatenate([[0.0], np.linspace(0.0, self.drop_path, self.depth)])[:self.depth]
+    rates = np.concatenate([[0.0], np.linspace(0.0, self.drop_path, self.depth)])[: self.depth]
     rates = jnp.asarray(rates.reshape(groups, size), jnp.float32)
 
-    scan = nn.scan(rematerialised(BlockGroup, self.remat),
-                   variable_axes={"params": 0, "intermediates": 0},
-                   split_rngs={"params": True, "dropout": True}, length=groups,
-                   in_axes=(0, nn.broadcast, nn.broadcast))
+    scan = nn.scan(
+      rematerialised(BlockGroup, self.remat),
+      variable_axes={"params": 0, "intermediates": 0},
+      split_rngs={"params": True, "dropout": True},
+      length=groups,
+      in_axes=(0, nn.broadcast, nn.broadcast),
+    )
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")
     residual = jnp.zeros(h.shape, jnp.promote_types(self.dtype, jnp.float32))
     (h, _), _ = stack((h, residual), (rates, None if periodic else dynamic), c, shared_params)
@@ -318,4 +380,5 @@ class DiMSUM(nn.Module, kw_only=True):
     out = FinalLayer(self.patch_size, self.in_channels, self.dtype, name="final_layer")(h, c)
     self.sow("intermediates", "final_layer_out", out)
     return unpatchify(out, g, g, self.patch_size, self.in_channels).astype(
-        jnp.promote_types(self.dtype, jnp.float32))
+      jnp.promote_types(self.dtype, jnp.float32)
+    )

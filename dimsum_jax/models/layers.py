@@ -3,6 +3,7 @@
 Conventions: tokens are [batch, tokens, channels]; Dense kernels are [in, out] (the transpose of a
 PyTorch Linear weight). `dtype` is the compute dtype; parameters stay float32 (`param_dtype`).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,15 +33,18 @@ def modulate(x, shift, scale):
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   """MAE/DiT 2-D sin-cos table [h*w, dim]: first half encodes the column, second half the row."""
   if dim % 4:
-    raise ValueError(f"The sin-cos position embedding needs a hidden size divisible by 4, got {dim}.")
+    raise ValueError(
+      f"The sin-cos position embedding needs a hidden size divisible by 4, got {dim}."
+    )
 
   def one_axis(pos):
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
     out = np.outer(pos.reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64),
-                           np.arange(grid_w, dtype=np.float64), indexing="ij")
+  rows, cols = np.meshgrid(
+    np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
+  )
   return np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
 
 
@@ -72,6 +76,7 @@ class LabelEmbedder(nn.Module):
 
   num_classes == 0 means unconditional: a single learned row, always used.
   """
+
   num_classes: int
   hidden_size: int
   dropout: float = 0.0
@@ -80,8 +85,13 @@ class LabelEmbedder(nn.Module):
   @nn.compact
   def __call__(self, y, train: bool = False):
     rows = self.num_classes + 1 if self.num_classes > 0 else 1
-    table = nn.Embed(rows, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
-                     dtype=self.dtype, name="embedding_table")
+    table = nn.Embed(
+      rows,
+      self.hidden_size,
+      embedding_init=nn.initializers.normal(0.02),
+      dtype=self.dtype,
+      name="embedding_table",
+    )
     if self.num_classes == 0 or y is None:
       batch = 1 if y is None else y.shape[0]
       return table(jnp.full((batch,), rows - 1, jnp.int32))
@@ -94,22 +104,32 @@ class LabelEmbedder(nn.Module):
 
 class PatchEmbed(nn.Module):
   """Conv(kernel p, stride p) as timm PatchEmbed, flattened row-major to tokens."""
+
   hidden_size: int
   patch_size: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    xavier = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
-                                              out_axis=3)
-    x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", kernel_init=xavier, dtype=self.dtype, name="proj")(x)
+    xavier = nn.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+    )
+    x = nn.Conv(
+      self.hidden_size,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      kernel_init=xavier,
+      dtype=self.dtype,
+      name="proj",
+    )(x)
     b, h, w, c = x.shape
     return x.reshape(b, h * w, c)
 
 
 class RMSNorm(nn.Module):
   """RMSNorm in float32 (as mamba_ssm's rms_norm_ref), cast to `dtype`."""
+
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
@@ -134,8 +154,12 @@ def cudnn_attention_supported(q) -> bool:
   """Whether cuDNN's fused attention takes q [b, tokens, heads, head_dim] here: an NVIDIA GPU,
   16-bit floats and a head width that is a multiple of 8 up to 128."""
   head_dim = q.shape[-1]
-  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-          and head_dim % 8 == 0 and head_dim <= 128)
+  return (
+    jax.default_backend() == "gpu"
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  )
 
 
 def attention(q, k, v, impl: str = "auto"):
@@ -152,10 +176,12 @@ def attention(q, k, v, impl: str = "auto"):
     impl = "cudnn" if cudnn_attention_supported(q) else "xla"
   if impl == "cudnn":
     if not cudnn_attention_supported(q):
-      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, bfloat16 compute and a head "
-                       f"width that is a multiple of 8 up to 128 (backend "
-                       f"{jax.default_backend()}, dtype {q.dtype}, head width {q.shape[-1]}): "
-                       f"set model.attention_impl=auto or xla.")
+      raise ValueError(
+        f"attention_impl='cudnn' needs an NVIDIA GPU, bfloat16 compute and a head "
+        f"width that is a multiple of 8 up to 128 (backend "
+        f"{jax.default_backend()}, dtype {q.dtype}, head width {q.shape[-1]}): "
+        f"set model.attention_impl=auto or xla."
+      )
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if q.dtype != jnp.float64:
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
@@ -165,6 +191,7 @@ def attention(q, k, v, impl: str = "auto"):
 
 class SelfAttention(nn.Module):
   """timm Attention: qkv Linear(D -> 3D) laid out [3, heads, head_dim], then proj."""
+
   num_heads: int
   dtype: Dtype = jnp.float32
   kernel_init: Any = torch_default_kernel
@@ -188,6 +215,7 @@ class SplitDense(nn.Module):
   their cotangents into one [tokens, parts * features] buffer; with one matmul per part the
   gradient of the input is a sum of matmuls and only the (small) kernel gradient is joined.
   """
+
   features: int
   parts: int
   kernel_init: Any = torch_default_kernel
@@ -205,6 +233,7 @@ class SplitDense(nn.Module):
 
 class GatedMLP(nn.Module):
   """w12 = Linear(D -> 2H) as (a, b); GELU_tanh(a) * b; w3 = Linear(H -> D)."""
+
   hidden: int
   dtype: Dtype = jnp.float32
 
@@ -217,6 +246,7 @@ class GatedMLP(nn.Module):
 
 class MLP(nn.Module):
   """DiT's MLP: fc1 -> GELU(tanh) -> fc2."""
+
   hidden: int
   dtype: Dtype = jnp.float32
 
@@ -230,6 +260,7 @@ class MLP(nn.Module):
 
 class AdaLN(nn.Module):
   """SiLU -> Linear(D -> chunks * features) of the condition, split into `chunks`."""
+
   chunks: int
   features: int
   zero_init: bool = False
@@ -238,24 +269,31 @@ class AdaLN(nn.Module):
   @nn.compact
   def __call__(self, c):
     init = nn.initializers.zeros if self.zero_init else torch_default_kernel
-    out = nn.Dense(self.chunks * self.features, kernel_init=init, dtype=self.dtype,
-                   name="linear")(nn.silu(c))
+    out = nn.Dense(self.chunks * self.features, kernel_init=init, dtype=self.dtype, name="linear")(
+      nn.silu(c)
+    )
     return jnp.split(out, self.chunks, axis=-1)
 
 
 class FinalLayer(nn.Module):
   """LayerNorm -> modulate(shift, scale) -> Linear(D -> p*p*C); zero-initialised."""
+
   patch_size: int
   out_channels: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, c):
-    shift, scale = AdaLN(2, x.shape[-1], zero_init=True, dtype=self.dtype,
-                         name="adaLN_modulation")(c)
+    shift, scale = AdaLN(2, x.shape[-1], zero_init=True, dtype=self.dtype, name="adaLN_modulation")(
+      c
+    )
     x = modulate(layer_norm(self.dtype)(x), shift, scale)
-    return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=nn.initializers.zeros,
-                    dtype=self.dtype, name="linear")(x)
+    return nn.Dense(
+      self.patch_size**2 * self.out_channels,
+      kernel_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="linear",
+    )(x)
 
 
 def unpatchify(x, grid_h: int, grid_w: int, patch: int, channels: int):
@@ -269,9 +307,9 @@ def unpatchify(x, grid_h: int, grid_w: int, patch: int, channels: int):
 # everything (no remat), "dots" keeps the outputs of the weight matmuls and recomputes the
 # elementwise work, attention and scans, "full" keeps only each stage's input.
 REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 

@@ -10,6 +10,7 @@ cond_mamba:
   "h0":   the scan's initial state is a learned projection of the condition embedding,
           h0[b, d, :] = cond_proj(c)[b, d] for every state index; gradients reach cond_proj.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,17 +33,19 @@ def causal_depthwise_conv(x, kernel, bias):
   length = x.shape[1]
   out = bias.astype(x.dtype)
   for k in range(width):
-    out = out + padded[:, k:k + length] * kernel[k].astype(x.dtype)
+    out = out + padded[:, k : k + length] * kernel[k].astype(x.dtype)
   return out
 
 
 def dt_bias_init(dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
   """Inverse softplus of dt, with log(dt) ~ U(log dt_min, log dt_max), dt >= dt_floor."""
+
   def init(key, shape, dtype=jnp.float32):
     u = jax.random.uniform(key, shape, jnp.float32)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, dt_floor)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
   return init
 
 
@@ -51,8 +54,8 @@ class MambaMixer(nn.Module):
   d_state: int = 16
   d_conv: int = 4
   expand: int = 2
-  dt_rank: int | None = None          # None: ceil(d_model / 16)
-  out_proj_scale: float = 1.0         # upstream re-draws out_proj and divides by sqrt(depth)
+  dt_rank: int | None = None  # None: ceil(d_model / 16)
+  out_proj_scale: float = 1.0  # upstream re-draws out_proj and divides by sqrt(depth)
   cond_mamba: str = "none"
   bidirectional: bool = False
   scan_impl: str = "auto"
@@ -73,17 +76,19 @@ class MambaMixer(nn.Module):
     if self.cond_mamba == "h0":
       if c is None:
         raise ValueError("cond_mamba='h0' needs the condition embedding c.")
-      cond = nn.Dense(d_inner, dtype=self.dtype, kernel_init=torch_default_kernel,
-                      name="cond_proj")(c)
-      h0 = jnp.broadcast_to(cond.astype(jnp.promote_types(cond.dtype, jnp.float32))[:, :, None],
-                            (cond.shape[0], d_inner, self.d_state))
+      cond = nn.Dense(
+        d_inner, dtype=self.dtype, kernel_init=torch_default_kernel, name="cond_proj"
+      )(c)
+      h0 = jnp.broadcast_to(
+        cond.astype(jnp.promote_types(cond.dtype, jnp.float32))[:, :, None],
+        (cond.shape[0], d_inner, self.d_state),
+      )
 
     y = self._ssm("", x, z, h0, d_inner, rank)
-    if self.bidirectional:   # Vim "v2": a second SSM reads the flipped sequence
+    if self.bidirectional:  # Vim "v2": a second SSM reads the flipped sequence
       y = y + self._ssm("_b", x[:, ::-1], z[:, ::-1], h0, d_inner, rank)[:, ::-1]
     out_init = _scaled(torch_default_kernel, self.out_proj_scale)
     return dense(self.d_model, "out_proj", use_bias=False, kernel_init=out_init)(y)
-
 
   def _ssm(self, suffix, x, z, h0, d_inner, rank):
     """conv1d + SiLU -> x_proj -> dt_proj -> selective scan; parameter names carry `suffix`."""
@@ -91,14 +96,22 @@ class MambaMixer(nn.Module):
     conv_kernel = self.param(f"conv1d{suffix}_kernel", _uniform(bound), (self.d_conv, d_inner))
     conv_bias = self.param(f"conv1d{suffix}_bias", torch_default_bias(self.d_conv), (d_inner,))
     x = nn.silu(causal_depthwise_conv(x, conv_kernel, conv_bias))
-    x_dbl = nn.Dense(rank + 2 * self.d_state, use_bias=False, kernel_init=torch_default_kernel,
-                     dtype=self.dtype, name=f"x_proj{suffix}")(x)
+    x_dbl = nn.Dense(
+      rank + 2 * self.d_state,
+      use_bias=False,
+      kernel_init=torch_default_kernel,
+      dtype=self.dtype,
+      name=f"x_proj{suffix}",
+    )(x)
     dt, B, C = jnp.split(x_dbl, [rank, rank + self.d_state], axis=-1)
-    dt_kernel = self.param(f"dt_proj{suffix}_kernel", _uniform(rank ** -0.5), (rank, d_inner))
+    dt_kernel = self.param(f"dt_proj{suffix}_kernel", _uniform(rank**-0.5), (rank, d_inner))
     dt_bias = self.param(f"dt_proj{suffix}_bias", dt_bias_init(), (d_inner,))
     delta = jnp.einsum("blr,rd->bld", dt, dt_kernel.astype(self.dtype))
-    A_log = self.param(f"A{suffix}_log", lambda k, s: jnp.log(jnp.broadcast_to(
-        jnp.arange(1, self.d_state + 1, dtype=jnp.float32), s)), (d_inner, self.d_state))
+    A_log = self.param(
+      f"A{suffix}_log",
+      lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, self.d_state + 1, dtype=jnp.float32), s)),
+      (d_inner, self.d_state),
+    )
     D = self.param(f"D{suffix}", nn.initializers.ones, (d_inner,))
     A = -jnp.exp(A_log.astype(jnp.promote_types(A_log.dtype, jnp.float32)))
     return selective_scan(x, delta, A, B, C, D, z, dt_bias, True, h0, impl=self.scan_impl)

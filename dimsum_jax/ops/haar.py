@@ -40,6 +40,7 @@ Inputs of a dtype narrower than float32 (bfloat16, float16) are transformed in f
 back; float32 and float64 are transformed in their own precision. The transform is linear and
 orthogonal up to the factor 1/P: inverse_wavelet_tokens(v) = P**2 * (adjoint of wavelet_tokens)(v).
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,12 +57,15 @@ IMPLS = ("jaxwt", "direct")
 _WAVELET = "haar"
 
 
-def _check_layout(shape: Tuple[int, ...], grid: Tuple[int, int], levels: int,
-                  impl: str = "jaxwt") -> None:
+def _check_layout(
+  shape: Tuple[int, ...], grid: Tuple[int, int], levels: int, impl: str = "jaxwt"
+) -> None:
   """Raises ValueError, saying what to change, when (shape, grid, levels) cannot be transformed."""
   if impl not in IMPLS:
-    raise ValueError(f"Unknown wavelet implementation {impl!r}; choose one of {IMPLS} "
-                     "(model config field wavelet_impl).")
+    raise ValueError(
+      f"Unknown wavelet implementation {impl!r}; choose one of {IMPLS} "
+      "(model config field wavelet_impl)."
+    )
   if levels not in LEVELS:
     raise ValueError(f"levels must be one of {LEVELS} (upstream num_wavelet_lv), got {levels}.")
   if len(shape) != 3:
@@ -69,16 +73,22 @@ def _check_layout(shape: Tuple[int, ...], grid: Tuple[int, int], levels: int,
   h, w = grid
   _, n, d = shape
   if h * w != n:
-    raise ValueError(f"grid {tuple(grid)} has {h * w} cells but the tokens have N = {n}; "
-                     "pass the token grid (h, w) with h * w = N.")
+    raise ValueError(
+      f"grid {tuple(grid)} has {h * w} cells but the tokens have N = {n}; "
+      "pass the token grid (h, w) with h * w = N."
+    )
   patch = 2**levels
   if h % patch or w % patch:
-    raise ValueError(f"A {levels}-level Haar packet needs grid sides divisible by {patch}, got "
-                     f"grid {tuple(grid)}; change the image or patch size, or use fewer levels.")
+    raise ValueError(
+      f"A {levels}-level Haar packet needs grid sides divisible by {patch}, got "
+      f"grid {tuple(grid)}; change the image or patch size, or use fewer levels."
+    )
   if d % (patch * patch):
-    raise ValueError(f"A {levels}-level Haar packet needs the channel count d divisible by "
-                     f"{patch * patch} (4**levels), got d = {d}; change the hidden size "
-                     "(d is half of it) or use fewer levels.")
+    raise ValueError(
+      f"A {levels}-level Haar packet needs the channel count d divisible by "
+      f"{patch * patch} (4**levels), got d = {d}; change the hidden size "
+      "(d is half of it) or use fewer levels."
+    )
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -166,7 +176,7 @@ def _pixels_to_bands(x: jnp.ndarray, grid: Tuple[int, int], levels: int) -> jnp.
   patch = 2**levels
   hl, wl = grid[0] // patch, grid[1] // patch
   y = x.reshape(b, hl, *(2,) * levels, wl, *(2,) * levels, d // patch**2, patch, patch)
-  rows = [2 + levels - k for k in range(1, levels + 1)]      # r_1 .. r_L
+  rows = [2 + levels - k for k in range(1, levels + 1)]  # r_1 .. r_L
   cols = [3 + 2 * levels - k for k in range(1, levels + 1)]  # q_1 .. q_L
   for axis in rows + cols:
     y = _butterfly(y, axis)
@@ -183,8 +193,8 @@ def _bands_to_pixels(v: jnp.ndarray, grid: Tuple[int, int], levels: int) -> jnp.
   y = v.reshape(b, hl, patch, wl, patch, *(2,) * (2 * levels), d // patch**2)
   for axis in range(5, 5 + 2 * levels):
     y = _butterfly(y, axis)
-  cols = [5 + 2 * k for k in range(levels)]   # q_1 .. q_L
-  rows = [6 + 2 * k for k in range(levels)]   # r_1 .. r_L
+  cols = [5 + 2 * k for k in range(levels)]  # q_1 .. q_L
+  rows = [6 + 2 * k for k in range(levels)]  # r_1 .. r_L
   return y.transpose(0, 1, *rows[::-1], 3, *cols[::-1], 5 + 2 * levels, 2, 4).reshape(b, n, d)
 
 
@@ -220,8 +230,9 @@ def _direct_inverse_bwd(grid, levels, _, ct):
 _direct_inverse.defvjp(_direct_inverse_fwd, _direct_inverse_bwd)
 
 
-def wavelet_tokens(x: jnp.ndarray, grid: Tuple[int, int], levels: int = 2,
-                   impl: str = "jaxwt") -> jnp.ndarray:
+def wavelet_tokens(
+  x: jnp.ndarray, grid: Tuple[int, int], levels: int = 2, impl: str = "jaxwt"
+) -> jnp.ndarray:
   """Upstream `_dwt_fast`: row-major tokens -> wavelet-packet tokens (before the window scan).
 
   Args:
@@ -243,8 +254,9 @@ def wavelet_tokens(x: jnp.ndarray, grid: Tuple[int, int], levels: int = 2,
   return _bands_to_tokens(bands, levels).astype(x.dtype)
 
 
-def inverse_wavelet_tokens(v: jnp.ndarray, grid: Tuple[int, int], levels: int = 2,
-                           impl: str = "jaxwt") -> jnp.ndarray:
+def inverse_wavelet_tokens(
+  v: jnp.ndarray, grid: Tuple[int, int], levels: int = 2, impl: str = "jaxwt"
+) -> jnp.ndarray:
   """Upstream `_idwt_fast`: the exact inverse of `wavelet_tokens`.
 
   Args:

@@ -35,6 +35,7 @@ Upstream's paths and window scans assume a square grid; here they are written fo
 and agree with upstream on square grids (upstream's jpeg "lr" path is truncated for odd side
 lengths, see `jpeg_paths`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List
@@ -94,8 +95,10 @@ def window_order(h: int, w: int, window: int, column_first: bool = False) -> np.
   happens in DiMSUM and is not supported here.
   """
   if window < 1 or h % window or w % window:
-    raise ValueError(f"Window {window} must be positive and divide both grid sides ({h}, {w}); "
-                     "choose a window that divides the grid.")
+    raise ValueError(
+      f"Window {window} must be positive and divide both grid sides ({h}, {w}); "
+      "choose a window that divides the grid."
+    )
   blocks = _grid(h, w).reshape(h // window, window, w // window, window)  # [Hg, r, Wg, c]
   axes = (2, 0, 3, 1) if column_first else (0, 2, 1, 3)
   return blocks.transpose(axes).reshape(-1)
@@ -112,12 +115,16 @@ def wavelet_window(h: int, w: int, levels: int = 2) -> int:
     raise ValueError(f"levels must be 1 or 2 (upstream num_wavelet_lv), got {levels}.")
   patch = 2**levels
   if h % patch or w % patch:
-    raise ValueError(f"Grid ({h}, {w}) must have sides divisible by 2**levels = {patch} for the "
-                     "wavelet branch; change the grid or use fewer levels.")
+    raise ValueError(
+      f"Grid ({h}, {w}) must have sides divisible by 2**levels = {patch} for the "
+      "wavelet branch; change the grid or use fewer levels."
+    )
   window = h // patch
   if w % window:
-    raise ValueError(f"Wavelet window h // 2**levels = {window} must divide the grid width {w}; "
-                     "use a grid whose width is a multiple of it.")
+    raise ValueError(
+      f"Wavelet window h // 2**levels = {window} must divide the grid width {w}; "
+      "use a grid whose width is a multiple of it."
+    )
   return window
 
 
@@ -147,7 +154,7 @@ def _zigzag(grid: np.ndarray) -> np.ndarray:
 def _corner_views(h: int, w: int) -> List[np.ndarray]:
   """The row-major index grid seen from each start corner, in upstream's corner order."""
   grid = _grid(h, w)
-  return [grid[::-1 if flip_r else 1, ::-1 if flip_c else 1] for flip_r, flip_c in _CORNERS]
+  return [grid[:: -1 if flip_r else 1, :: -1 if flip_c else 1] for flip_r, flip_c in _CORNERS]
 
 
 def sweep_paths(h: int, w: int) -> List[np.ndarray]:
@@ -183,9 +190,9 @@ def jpeg_paths(h: int, w: int) -> List[np.ndarray]:
 
 
 SCAN_ZOO: Dict[str, Callable[[int, int], List[np.ndarray]]] = {
-    "sweep": sweep_paths,
-    "zigma": zigma_paths,
-    "jpeg": jpeg_paths,
+  "sweep": sweep_paths,
+  "zigma": zigma_paths,
+  "jpeg": jpeg_paths,
 }
 
 
@@ -219,8 +226,9 @@ def spatial_orders(scan_type: str, depth: int, h: int, w: int) -> np.ndarray:
   return np.stack(rows).astype(np.int32)
 
 
-def wavelet_orders(depth: int, h: int, w: int, levels: int = 2,
-                   scan_type: str = PUBLISHED_SCAN_TYPE) -> np.ndarray:
+def wavelet_orders(
+  depth: int, h: int, w: int, levels: int = 2, scan_type: str = PUBLISHED_SCAN_TYPE
+) -> np.ndarray:
   """Per-block order of the wavelet branch over `haar.wavelet_tokens` output: [depth, h*w] int32.
 
   "none" (published): even blocks row-first, odd blocks column-first window scan, window side

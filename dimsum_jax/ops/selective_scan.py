@@ -21,6 +21,7 @@ of `sharding.BATCH_AXES` that the mesh has; A, D and delta_bias are replicated i
 gradients are summed over the shards by shard_map's transpose. Without a mesh in context (or on
 one device) the kernel is called directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,24 @@ def _output(y, u, D, z, dtype):
   return y.astype(dtype)
 
 
-def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, initial_state=None,
-                             return_last_state=False):
+def selective_scan_reference(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D=None,
+  z=None,
+  delta_bias=None,
+  delta_softplus=False,
+  initial_state=None,
+  return_last_state=False,
+):
   """Selective scan through `jax.lax.associative_scan`; materialises [b, l, d, n]."""
   dtype = u.dtype
   u, delta, A, B, C = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-  decay = jnp.exp(delta[..., None] * A)                          # [b, l, d, n]
-  drive = (delta * u)[..., None] * B[:, :, None, :]               # [b, l, d, n]
+  decay = jnp.exp(delta[..., None] * A)  # [b, l, d, n]
+  drive = (delta * u)[..., None] * B[:, :, None, :]  # [b, l, d, n]
   if initial_state is not None:
     # Fold h0 into the first input: s_1 = a_1 h0 + b_1.
     drive = drive.at[:, 0].add(decay[:, 0] * initial_state.astype(decay.dtype))
@@ -81,9 +92,19 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   return y
 
 
-def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                              delta_softplus=False, initial_state=None,
-                              return_last_state=False):
+def selective_scan_sequential(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D=None,
+  z=None,
+  delta_bias=None,
+  delta_softplus=False,
+  initial_state=None,
+  return_last_state=False,
+):
   """The same recurrence one step at a time (`jax.lax.scan` over the length, an [b, d, n] carry):
   O(L) work instead of the associative scan's O(L log L) passes over [b, l, d, n], which is
   3-4x faster forward+backward on a CPU at the sizes the CPU runs (measured: b 64, L 16-64,
@@ -91,8 +112,11 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
   dtype = u.dtype
   u, delta, A, B, C = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
   b, _, d = u.shape
-  state = (jnp.zeros((b, d, A.shape[-1]), u.dtype) if initial_state is None
-           else initial_state.astype(u.dtype))
+  state = (
+    jnp.zeros((b, d, A.shape[-1]), u.dtype)
+    if initial_state is None
+    else initial_state.astype(u.dtype)
+  )
 
   def step(s, xs):
     delta_l, u_l, b_l, c_l = xs
@@ -140,24 +164,50 @@ def batch_shard_axes(batch: int) -> tuple[str, ...]:
   if size <= 1:
     return ()
   if batch % size:
-    warnings.warn(f"The selective scan's batch {batch} does not divide over the mesh axes {axes} "
-                  f"({size} devices): the Pallas kernel runs on the whole batch on every device; "
-                  f"use a batch that is a multiple of {size}.", stacklevel=3)
+    warnings.warn(
+      f"The selective scan's batch {batch} does not divide over the mesh axes {axes} "
+      f"({size} devices): the Pallas kernel runs on the whole batch on every device; "
+      f"use a batch that is a multiple of {size}.",
+      stacklevel=3,
+    )
     return ()
   return axes
 
 
-def _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-            return_last_state, preset="fast"):
+def _pallas(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D,
+  z,
+  delta_bias,
+  delta_softplus,
+  initial_state,
+  return_last_state,
+  preset="fast",
+):
   """The Pallas kernel, per batch shard when a mesh in context splits the batch."""
   from dimsum_jax.ops import selective_scan_pallas
+
   options = selective_scan_pallas.PRESETS[preset]
 
   def kernel(batched, shared):
     return selective_scan_pallas.selective_scan_pallas(
-        batched["u"], batched["delta"], shared["A"], batched["B"], batched["C"], shared["D"],
-        batched["z"], shared["delta_bias"], delta_softplus, batched["initial_state"],
-        return_last_state, options)
+      batched["u"],
+      batched["delta"],
+      shared["A"],
+      batched["B"],
+      batched["C"],
+      shared["D"],
+      batched["z"],
+      shared["delta_bias"],
+      delta_softplus,
+      batched["initial_state"],
+      return_last_state,
+      options,
+    )
 
   batched = dict(u=u, delta=delta, B=B, C=C, z=z, initial_state=initial_state)
   shared = dict(A=A, D=D, delta_bias=delta_bias)
@@ -167,20 +217,51 @@ def _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
   spec = P(axes)
   # check_vma=False: the kernel's primitives carry no varying-axis rules. The transpose of the
   # replicated (P()) inputs still sums their per-shard cotangents over `axes`.
-  return jax.shard_map(kernel, in_specs=(spec, P()),
-                       out_specs=(spec, spec) if return_last_state else spec,
-                       axis_names=frozenset(axes), check_vma=False)(batched, shared)
+  return jax.shard_map(
+    kernel,
+    in_specs=(spec, P()),
+    out_specs=(spec, spec) if return_last_state else spec,
+    axis_names=frozenset(axes),
+    check_vma=False,
+  )(batched, shared)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False, *, impl: str = "auto"):
+def selective_scan(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D=None,
+  z=None,
+  delta_bias=None,
+  delta_softplus=False,
+  initial_state=None,
+  return_last_state=False,
+  *,
+  impl: str = "auto",
+):
   """Selective scan; see the module docstring for shapes. `impl`: auto, reference, pallas."""
   impl = resolve_impl(impl)
   if impl.startswith("pallas"):
-    return _pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                   return_last_state, "low_memory" if impl == "pallas_low_memory" else "fast")
+    return _pallas(
+      u,
+      delta,
+      A,
+      B,
+      C,
+      D,
+      z,
+      delta_bias,
+      delta_softplus,
+      initial_state,
+      return_last_state,
+      "low_memory" if impl == "pallas_low_memory" else "fast",
+    )
   if impl == "sequential":
-    return selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                     initial_state, return_last_state)
-  return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  initial_state, return_last_state)
+    return selective_scan_sequential(
+      u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state
+    )
+  return selective_scan_reference(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state
+  )

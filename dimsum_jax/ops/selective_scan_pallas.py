@@ -42,6 +42,7 @@ standing in for the TMA copies and barriers; `interpret="mosaic"` runs the Mosai
 in JAX's GPU interpreter (exact, much slower). With `interpret=None` the kernel is interpreted when
 the default backend is not a GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,6 +76,7 @@ class KernelOptions:
   off a GPU), False, True (Pallas' generic interpreter) or "mosaic" (JAX's GPU interpreter).
   The values were chosen by measurement on an H200 (BENCHMARKS.md, "Selective scan").
   """
+
   chunk: int = 4
   sub_chunk: int = 4
   reduce_steps: int = 2
@@ -90,9 +92,15 @@ class KernelOptions:
 # default's saved states) for about 1.4x the backward time (BENCHMARKS.md: 0.083 / 0.428 ms at
 # D=1024, L=256 with z, against 0.090 / 0.31).
 PRESETS = {
-    "fast": KernelOptions(),
-    "low_memory": KernelOptions(chunk=16, sub_chunk=8, reduce_steps=1, reduce_buffers=1,
-                                keep_decays=False, save_sub_chunk_states=False),
+  "fast": KernelOptions(),
+  "low_memory": KernelOptions(
+    chunk=16,
+    sub_chunk=8,
+    reduce_steps=1,
+    reduce_buffers=1,
+    keep_decays=False,
+    save_sub_chunk_states=False,
+  ),
 }
 DEFAULT = PRESETS["fast"]
 
@@ -101,13 +109,14 @@ _LN2 = 0.6931471805599453
 _F32 = jnp.float32
 # jax >= 0.11 deprecates passing an index to plgpu.load; 0.10 requires it.
 _LOAD_IDX_OPTIONAL = (
-    inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty)
+  inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  length: int          # true sequence length
-  padded_length: int   # multiple of chunk
+  length: int  # true sequence length
+  padded_length: int  # multiple of chunk
   chunk: int
   sub_chunk: int
   softplus: bool
@@ -116,7 +125,7 @@ class _Config:
   fwd_unroll: int
   keep_decays: bool
   reduce_buffers: int  # 1 or 2; 2 only when a sub-chunk has an even number of groups
-  save: int            # steps between saved states: chunk or sub_chunk
+  save: int  # steps between saved states: chunk or sub_chunk
   interpret: bool | str  # False, True (generic interpreter) or "mosaic" (GPU interpreter)
   bf16_saved_states: bool = True
 
@@ -183,6 +192,7 @@ class _Env:
     """
     order = (lambda i: num_chunks - 1 - i) if reverse else (lambda i: i)
     if self.generic:
+
       def loop(i, carry):
         c = order(i)
         for g, s in ins:
@@ -191,6 +201,7 @@ class _Env:
         for g, s in outs:
           g(c)[...] = s[0]
         return carry
+
       return lax.fori_loop(0, num_chunks, loop, init)
 
     def fetch(c, slot):
@@ -268,11 +279,51 @@ def _sigmoid(x):
 
 def _fwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
   if cfg.has_z:
-    (u_g, dl_g, z_g, b_g, c_g, p_g, h0_g, y_g, hs_g, last_g,
-     u_s, dl_s, z_s, b_s, c_s, y_s, hs_s, p_s, st_s, bar, pbar) = refs
+    (
+      u_g,
+      dl_g,
+      z_g,
+      b_g,
+      c_g,
+      p_g,
+      h0_g,
+      y_g,
+      hs_g,
+      last_g,
+      u_s,
+      dl_s,
+      z_s,
+      b_s,
+      c_s,
+      y_s,
+      hs_s,
+      p_s,
+      st_s,
+      bar,
+      pbar,
+    ) = refs
   else:
-    (u_g, dl_g, b_g, c_g, p_g, h0_g, y_g, hs_g, last_g,
-     u_s, dl_s, b_s, c_s, y_s, hs_s, p_s, st_s, bar, pbar) = refs
+    (
+      u_g,
+      dl_g,
+      b_g,
+      c_g,
+      p_g,
+      h0_g,
+      y_g,
+      hs_g,
+      last_g,
+      u_s,
+      dl_s,
+      b_s,
+      c_s,
+      y_s,
+      hs_s,
+      p_s,
+      st_s,
+      bar,
+      pbar,
+    ) = refs
     z_g = z_s = None
   t_c = cfg.chunk
   bi, di = env.ids()
@@ -329,8 +380,10 @@ def _fwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
     ins.append((lambda c: z_g.at[bi, tsl(c), dsl], z_s))
   ins += [(lambda c: b_g.at[bi, tsl(c)], b_s), (lambda c: c_g.at[bi, tsl(c)], c_s)]
   nsv = cfg.saves_per_chunk
-  outs = [(lambda c: y_g.at[bi, tsl(c), dsl], y_s),
-          (lambda c: hs_g.at[bi, pl.ds(c * nsv, nsv), :, dsl], hs_s)]
+  outs = [
+    (lambda c: y_g.at[bi, tsl(c), dsl], y_s),
+    (lambda c: hs_g.at[bi, pl.ds(c * nsv, nsv), :, dsl], hs_s),
+  ]
   last = env.pipeline(cfg.num_chunks, False, ins, outs, bar, chunk_body, init)
   for k in range(n):
     st_s[k] = last[k]
@@ -339,15 +392,67 @@ def _fwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
 
 def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
   if cfg.has_z:
-    (u_g, dl_g, z_g, dy_g, b_g, c_g, p_g, hs_g, dlast_g,
-     du_g, ddl_g, dz_g, dbc_g, dp_g, dh0_g,
-     u_s, dl_s, z_s, dy_s, b_s, c_s, hs_s, du_s, ddl_s, dz_s, dbc_s,
-     sb_s, red_s, bar, pbar) = refs
+    (
+      u_g,
+      dl_g,
+      z_g,
+      dy_g,
+      b_g,
+      c_g,
+      p_g,
+      hs_g,
+      dlast_g,
+      du_g,
+      ddl_g,
+      dz_g,
+      dbc_g,
+      dp_g,
+      dh0_g,
+      u_s,
+      dl_s,
+      z_s,
+      dy_s,
+      b_s,
+      c_s,
+      hs_s,
+      du_s,
+      ddl_s,
+      dz_s,
+      dbc_s,
+      sb_s,
+      red_s,
+      bar,
+      pbar,
+    ) = refs
   else:
-    (u_g, dl_g, dy_g, b_g, c_g, p_g, hs_g, dlast_g,
-     du_g, ddl_g, dbc_g, dp_g, dh0_g,
-     u_s, dl_s, dy_s, b_s, c_s, hs_s, du_s, ddl_s, dbc_s,
-     sb_s, red_s, bar, pbar) = refs
+    (
+      u_g,
+      dl_g,
+      dy_g,
+      b_g,
+      c_g,
+      p_g,
+      hs_g,
+      dlast_g,
+      du_g,
+      ddl_g,
+      dbc_g,
+      dp_g,
+      dh0_g,
+      u_s,
+      dl_s,
+      dy_s,
+      b_s,
+      c_s,
+      hs_s,
+      du_s,
+      ddl_s,
+      dbc_s,
+      sb_s,
+      red_s,
+      bar,
+      pbar,
+    ) = refs
     z_g = z_s = dz_g = dz_s = None
   t_c, t_s = cfg.chunk, cfg.sub_chunk
   n_sub = t_c // t_s
@@ -357,8 +462,13 @@ def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
 
   # red_s ([2n + 2, 128] f32) is the dB/dC reduction buffer; before and after the chunk loop it
   # stages the parameters, the last-state cotangent and the per-channel results.
-  env.load_now([(p_g.at[:, dsl], red_s.at[pl.ds(0, n + 2)]),
-                (dlast_g.at[bi, :, dsl], red_s.at[pl.ds(n + 2, n)])], pbar)
+  env.load_now(
+    [
+      (p_g.at[:, dsl], red_s.at[pl.ds(0, n + 2)]),
+      (dlast_g.at[bi, :, dsl], red_s.at[pl.ds(n + 2, n)]),
+    ],
+    pbar,
+  )
   a2 = [red_s[k] for k in range(n)]
   d_skip = red_s[n]
   bias = red_s[n + 1]
@@ -392,17 +502,19 @@ def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
     # Pass A (states saved per chunk only): the states at the start of sub-chunks 1 .. n_sub - 1,
     # into sb_s.
     if n_sub > 1 and cfg.save == t_c:
+
       def sub_fwd(j, s):
         def step(i, s):
           t = j * t_s + i
           dt, _, _ = delta_at(c, dl_r, t)
           du = dt * u_r[t].astype(_F32)
-          return tuple(jnp.exp2(dt * a2[k]) * s[k] + du * b_r[t, k].astype(_F32)
-                       for k in range(n))
+          return tuple(jnp.exp2(dt * a2[k]) * s[k] + du * b_r[t, k].astype(_F32) for k in range(n))
+
         s = lax.fori_loop(0, t_s, step, s)
         for k in range(n):
           sb_s[j * n + k] = s[k]
         return s
+
       lax.fori_loop(0, n_sub - 1, sub_fwd, tuple(hs_r[0, k].astype(_F32) for k in range(n)))
 
     # Pass B: each sub-chunk, last first: forward in registers, then backward.
@@ -414,17 +526,17 @@ def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
       if n_sub > 1 and cfg.save == t_c:
         first = (j == 0).astype(_F32)
         prev = jnp.maximum(j - 1, 0) * n
-        start = [hs_r[0, k].astype(_F32) * first + sb_s[prev + k] * (1.0 - first)
-                 for k in range(n)]
-      else:   # a state saved at every sub-chunk start
+        start = [hs_r[0, k].astype(_F32) * first + sb_s[prev + k] * (1.0 - first) for k in range(n)]
+      else:  # a state saved at every sub-chunk start
         start = [hs_r[j, k].astype(_F32) for k in range(n)]
       states, decays = [start], []
       for i in range(t_s):
         dt, _, _ = delta_at(c, dl_r, t0 + i)
         du = dt * u_r[t0 + i].astype(_F32)
         decays.append([jnp.exp2(dt * a2[k]) for k in range(n)])
-        states.append([decays[-1][k] * states[-1][k] + du * b_r[t0 + i, k].astype(_F32)
-                       for k in range(n)])
+        states.append(
+          [decays[-1][k] * states[-1][k] + du * b_r[t0 + i, k].astype(_F32) for k in range(n)]
+        )
       for i in reversed(range(t_s)):
         t = t0 + i
         s_now, s_prev = states[i + 1], states[i]
@@ -445,7 +557,7 @@ def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
         dtu = dt * uu
         ddt_a = None
         sb = None
-        lo = i - i % group            # first (lowest) step of this reduction group
+        lo = i - i % group  # first (lowest) step of this reduction group
         # Groups are walked from the top; with two buffers, group q uses buffer q % 2.
         base = ((n_groups - 1 - i // group) % nbuf) * group * 2 * n
         red = red_s.at[pl.ds(base + (i - lo) * 2 * n, 2 * n)]
@@ -483,25 +595,31 @@ def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
   ins = [(lambda c: u_g.at[bi, tsl(c), dsl], u_s), (lambda c: dl_g.at[bi, tsl(c), dsl], dl_s)]
   if cfg.has_z:
     ins.append((lambda c: z_g.at[bi, tsl(c), dsl], z_s))
-  ins += [(lambda c: dy_g.at[bi, tsl(c), dsl], dy_s),
-          (lambda c: b_g.at[bi, tsl(c)], b_s), (lambda c: c_g.at[bi, tsl(c)], c_s),
-          (lambda c: hs_g.at[bi, pl.ds(c * nsv, nsv), :, dsl], hs_s)]
+  ins += [
+    (lambda c: dy_g.at[bi, tsl(c), dsl], dy_s),
+    (lambda c: b_g.at[bi, tsl(c)], b_s),
+    (lambda c: c_g.at[bi, tsl(c)], c_s),
+    (lambda c: hs_g.at[bi, pl.ds(c * nsv, nsv), :, dsl], hs_s),
+  ]
   outs = [(lambda c: du_g.at[bi, tsl(c), dsl], du_s), (lambda c: ddl_g.at[bi, tsl(c), dsl], ddl_s)]
   if cfg.has_z:
     outs.append((lambda c: dz_g.at[bi, tsl(c), dsl], dz_s))
   outs.append((lambda c: dbc_g.at[bi, di, pl.ds(c * t_c * 2 * n, t_c * 2 * n)], dbc_s))
 
   init = (ds0, tuple(zero for _ in range(n)), zero, zero)
-  ds, da_acc, dd_acc, db_acc = env.pipeline(
-      cfg.num_chunks, True, ins, outs, bar, chunk_body, init)
+  ds, da_acc, dd_acc, db_acc = env.pipeline(cfg.num_chunks, True, ins, outs, bar, chunk_body, init)
   env.sync()
   for k in range(n):
     red_s[k] = da_acc[k]
     red_s[n + 2 + k] = ds[k]
   red_s[n] = dd_acc
   red_s[n + 1] = db_acc
-  env.store_now([(red_s.at[pl.ds(0, n + 2)], dp_g.at[bi, :, dsl]),
-                 (red_s.at[pl.ds(n + 2, n)], dh0_g.at[bi, :, dsl])])
+  env.store_now(
+    [
+      (red_s.at[pl.ds(0, n + 2)], dp_g.at[bi, :, dsl]),
+      (red_s.at[pl.ds(n + 2, n)], dh0_g.at[bi, :, dsl]),
+    ]
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,37 +636,38 @@ def _launch(kernel_fn, cfg: _Config, args, out_shapes, scratch, grid, name):
   if mode is True:
     env = _Env(generic=True)
     # Barriers are not needed by the generic path; keep the positions with 1-element buffers.
-    scratch = [s if not isinstance(s, plgpu.Barrier) else _scratch((1,), jnp.int32)
-               for s in scratch]
+    scratch = [
+      s if not isinstance(s, plgpu.Barrier) else _scratch((1,), jnp.int32) for s in scratch
+    ]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        functools.partial(kernel_fn, env),
-        out_shape=out_shapes,
-        grid=grid,
-        in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * len(out_shapes),
-        scratch_shapes=scratch,
-        interpret=True,
+      functools.partial(kernel_fn, env),
+      out_shape=out_shapes,
+      grid=grid,
+      in_specs=[any_spec] * len(args),
+      out_specs=[any_spec] * len(out_shapes),
+      scratch_shapes=scratch,
+      interpret=True,
     )(*args)
   env = _Env(generic=False)
   body = functools.partial(kernel_fn, env)
-  body.__name__ = name   # names the kernel in compiler dumps and profiles
+  body.__name__ = name  # names the kernel in compiler dumps and profiles
   interpret = None
   if mode == "mosaic":
     interpret = _gpu_interpret_params()
   params = plgpu.CompilerParams(
-      approx_math=True,
-      lowering_semantics=plgpu.LoweringSemantics.Lane,
-      unsafe_no_auto_barriers=True,
+    approx_math=True,
+    lowering_semantics=plgpu.LoweringSemantics.Lane,
+    unsafe_no_auto_barriers=True,
   )
   return plgpu.kernel(
-      body,
-      out_type=tuple(out_shapes),
-      scratch_types=scratch,
-      grid=grid,
-      grid_names=("b", "d"),
-      compiler_params=params,
-      interpret=interpret,
+    body,
+    out_type=tuple(out_shapes),
+    scratch_types=scratch,
+    grid=grid,
+    grid_names=("b", "d"),
+    compiler_params=params,
+    interpret=interpret,
   )(*args)
 
 
@@ -564,21 +683,34 @@ def _forward(cfg: _Config, u, delta, z, bm, cm, params, h0):
   n = bm.shape[-1]
   t_c = cfg.chunk
   args = [u, delta] + ([z] if cfg.has_z else []) + [bm, cm, params, h0]
-  out_shapes = [jax.ShapeDtypeStruct((b, lp, d), u.dtype),
-                jax.ShapeDtypeStruct((b, lp // cfg.save, n, d), _saved_state_dtype(cfg, u.dtype)),
-                jax.ShapeDtypeStruct((b, n, d), _F32)]
+  out_shapes = [
+    jax.ShapeDtypeStruct((b, lp, d), u.dtype),
+    jax.ShapeDtypeStruct((b, lp // cfg.save, n, d), _saved_state_dtype(cfg, u.dtype)),
+    jax.ShapeDtypeStruct((b, n, d), _F32),
+  ]
   scratch = [_scratch((2, t_c, BLOCK_D), u.dtype), _scratch((2, t_c, BLOCK_D), delta.dtype)]
   if cfg.has_z:
     scratch.append(_scratch((2, t_c, BLOCK_D), z.dtype))
-  scratch += [_scratch((2, t_c, n), bm.dtype), _scratch((2, t_c, n), cm.dtype),
-              _scratch((2, t_c, BLOCK_D), u.dtype),
-              _scratch((2, cfg.saves_per_chunk, n, BLOCK_D), _saved_state_dtype(cfg, u.dtype)),
-              _scratch((n + 2, BLOCK_D), _F32), _scratch((n, BLOCK_D), _F32),
-              plgpu.Barrier(num_arrivals=len(args) - 2, num_barriers=2),
-              plgpu.Barrier(num_arrivals=2)]
+  scratch += [
+    _scratch((2, t_c, n), bm.dtype),
+    _scratch((2, t_c, n), cm.dtype),
+    _scratch((2, t_c, BLOCK_D), u.dtype),
+    _scratch((2, cfg.saves_per_chunk, n, BLOCK_D), _saved_state_dtype(cfg, u.dtype)),
+    _scratch((n + 2, BLOCK_D), _F32),
+    _scratch((n, BLOCK_D), _F32),
+    plgpu.Barrier(num_arrivals=len(args) - 2, num_barriers=2),
+    plgpu.Barrier(num_arrivals=2),
+  ]
   kernel = lambda env, *refs: _fwd_kernel(cfg, n, env, *refs)
-  return _launch(kernel, cfg, args, out_shapes, scratch, (b, d // BLOCK_D),
-                 f"selective_scan_fwd_c{t_c}_v{cfg.save}")
+  return _launch(
+    kernel,
+    cfg,
+    args,
+    out_shapes,
+    scratch,
+    (b, d // BLOCK_D),
+    f"selective_scan_fwd_c{t_c}_v{cfg.save}",
+  )
 
 
 def _backward(cfg: _Config, u, delta, z, dy, bm, cm, params, hs, dlast):
@@ -587,33 +719,49 @@ def _backward(cfg: _Config, u, delta, z, dy, bm, cm, params, hs, dlast):
   t_c = cfg.chunk
   nd = d // BLOCK_D
   args = [u, delta] + ([z] if cfg.has_z else []) + [dy, bm, cm, params, hs, dlast]
-  out_shapes = [jax.ShapeDtypeStruct((b, lp, d), u.dtype),
-                jax.ShapeDtypeStruct((b, lp, d), delta.dtype)]
+  out_shapes = [
+    jax.ShapeDtypeStruct((b, lp, d), u.dtype),
+    jax.ShapeDtypeStruct((b, lp, d), delta.dtype),
+  ]
   if cfg.has_z:
     out_shapes.append(jax.ShapeDtypeStruct((b, lp, d), z.dtype))
-  out_shapes += [jax.ShapeDtypeStruct((b, nd, lp * 2 * n), _F32),
-                 jax.ShapeDtypeStruct((b, n + 2, d), _F32),
-                 jax.ShapeDtypeStruct((b, n, d), _F32)]
+  out_shapes += [
+    jax.ShapeDtypeStruct((b, nd, lp * 2 * n), _F32),
+    jax.ShapeDtypeStruct((b, n + 2, d), _F32),
+    jax.ShapeDtypeStruct((b, n, d), _F32),
+  ]
   blk = lambda dtype: _scratch((2, t_c, BLOCK_D), dtype)
   scratch = [blk(u.dtype), blk(delta.dtype)]
   if cfg.has_z:
     scratch.append(blk(z.dtype))
-  scratch += [blk(dy.dtype), _scratch((2, t_c, n), bm.dtype), _scratch((2, t_c, n), cm.dtype),
-              _scratch((2, cfg.saves_per_chunk, n, BLOCK_D), hs.dtype), blk(u.dtype),
-              blk(delta.dtype)]
+  scratch += [
+    blk(dy.dtype),
+    _scratch((2, t_c, n), bm.dtype),
+    _scratch((2, t_c, n), cm.dtype),
+    _scratch((2, cfg.saves_per_chunk, n, BLOCK_D), hs.dtype),
+    blk(u.dtype),
+    blk(delta.dtype),
+  ]
   if cfg.has_z:
     scratch.append(blk(z.dtype))
-  scratch += [_scratch((2, t_c * 2 * n), _F32),
-              # Sub-chunk start states (pass A); a one-row stand-in when pass A does not run.
-              _scratch((((t_c // cfg.sub_chunk - 1) * n if cfg.save == t_c else 0) or 1, BLOCK_D),
-                       _F32),
-              _scratch((max(cfg.reduce_buffers * 2 * n * cfg.reduce_steps, 2 * n + 2), BLOCK_D),
-                       _F32),
-              plgpu.Barrier(num_arrivals=len(args) - 2, num_barriers=2),
-              plgpu.Barrier(num_arrivals=2)]
+  scratch += [
+    _scratch((2, t_c * 2 * n), _F32),
+    # Sub-chunk start states (pass A); a one-row stand-in when pass A does not run.
+    _scratch((((t_c // cfg.sub_chunk - 1) * n if cfg.save == t_c else 0) or 1, BLOCK_D), _F32),
+    _scratch((max(cfg.reduce_buffers * 2 * n * cfg.reduce_steps, 2 * n + 2), BLOCK_D), _F32),
+    plgpu.Barrier(num_arrivals=len(args) - 2, num_barriers=2),
+    plgpu.Barrier(num_arrivals=2),
+  ]
   kernel = lambda env, *refs: _bwd_kernel(cfg, n, env, *refs)
-  return _launch(kernel, cfg, args, out_shapes, scratch, (b, nd),
-                 f"selective_scan_bwd_c{t_c}_s{cfg.sub_chunk}_v{cfg.save}_r{cfg.reduce_steps}")
+  return _launch(
+    kernel,
+    cfg,
+    args,
+    out_shapes,
+    scratch,
+    (b, nd),
+    f"selective_scan_bwd_c{t_c}_s{cfg.sub_chunk}_v{cfg.save}_r{cfg.reduce_steps}",
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,8 +773,9 @@ def _saved_state_dtype(cfg, dtype):
 
 
 def _pack_params(a, d_skip, bias):
-  return jnp.concatenate([(a.astype(_F32) * _LOG2E).T, d_skip.astype(_F32)[None],
-                          bias.astype(_F32)[None]], axis=0)
+  return jnp.concatenate(
+    [(a.astype(_F32) * _LOG2E).T, d_skip.astype(_F32)[None], bias.astype(_F32)[None]], axis=0
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -653,10 +802,10 @@ def _scan_bwd(cfg, res, cts):
   else:
     du, ddelta, dbc, dp, dh0 = outs
     dz = None
-  dbc = jnp.sum(dbc, axis=1).reshape(u.shape[0], -1, 2 * n)   # [b, lp, 2n]
+  dbc = jnp.sum(dbc, axis=1).reshape(u.shape[0], -1, 2 * n)  # [b, lp, 2n]
   dbm = dbc[..., :n].astype(bm.dtype)
   dcm = dbc[..., n:].astype(cm.dtype)
-  dp = jnp.sum(dp, axis=0)                        # [n + 2, d]
+  dp = jnp.sum(dp, axis=0)  # [n + 2, d]
   da = dp[:n].T.astype(a.dtype)
   dd = dp[n].astype(d_skip.dtype)
   dbias = dp[n + 1].astype(bias.dtype)
@@ -674,18 +823,35 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=False, initial_state=None, return_last_state=False,
-                          options: KernelOptions = DEFAULT, *, interpret=None,
-                          chunk: int | None = None, sub_chunk: int | None = None):
+def selective_scan_pallas(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D=None,
+  z=None,
+  delta_bias=None,
+  delta_softplus=False,
+  initial_state=None,
+  return_last_state=False,
+  options: KernelOptions = DEFAULT,
+  *,
+  interpret=None,
+  chunk: int | None = None,
+  sub_chunk: int | None = None,
+):
   """Selective scan through the Pallas kernel; same arguments and results as the reference.
 
   options: a KernelOptions (PRESETS["fast"] by default). interpret, chunk, sub_chunk: shortcuts
   that replace those fields of `options`. Sequences of at most half a chunk run in one shorter
   chunk unless `chunk` is given here.
   """
-  overrides = {k: v for k, v in (("interpret", interpret), ("chunk", chunk),
-                                 ("sub_chunk", sub_chunk)) if v is not None}
+  overrides = {
+    k: v
+    for k, v in (("interpret", interpret), ("chunk", chunk), ("sub_chunk", sub_chunk))
+    if v is not None
+  }
   options = dataclasses.replace(options, **overrides)
   interpret = options.interpret
   if interpret is None:
@@ -705,11 +871,21 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   unroll = options.fwd_unroll if save % options.fwd_unroll == 0 else 2
   group = max(1, min(options.reduce_steps, t_s))
   two_buffers = options.reduce_buffers == 2 and (-(-t_s // group)) % 2 == 0
-  cfg = _Config(length=length, padded_length=lp, chunk=t_c, sub_chunk=t_s,
-                softplus=bool(delta_softplus), has_z=z is not None,
-                reduce_steps=group, fwd_unroll=unroll, keep_decays=bool(options.keep_decays),
-                reduce_buffers=2 if two_buffers else 1, save=save, interpret=interpret,
-                bf16_saved_states=bool(options.bf16_saved_states))
+  cfg = _Config(
+    length=length,
+    padded_length=lp,
+    chunk=t_c,
+    sub_chunk=t_s,
+    softplus=bool(delta_softplus),
+    has_z=z is not None,
+    reduce_steps=group,
+    fwd_unroll=unroll,
+    keep_decays=bool(options.keep_decays),
+    reduce_buffers=2 if two_buffers else 1,
+    save=save,
+    interpret=interpret,
+    bf16_saved_states=bool(options.bf16_saved_states),
+  )
 
   def pad_bld(x):
     if x is None:
@@ -727,10 +903,12 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   if initial_state is None:
     h0 = jnp.zeros((b, np_, dp_), _F32)
   else:
-    h0 = jnp.pad(jnp.swapaxes(initial_state.astype(_F32), 1, 2),
-                 ((0, 0), (0, np_ - n), (0, dp_ - d)))
-  y, last = _scan(cfg, pad_bld(u), pad_bld(delta),
-                  pad_bld(z), pad_bln(B), pad_bln(C), a, d_skip, bias, h0)
+    h0 = jnp.pad(
+      jnp.swapaxes(initial_state.astype(_F32), 1, 2), ((0, 0), (0, np_ - n), (0, dp_ - d))
+    )
+  y, last = _scan(
+    cfg, pad_bld(u), pad_bld(delta), pad_bld(z), pad_bln(B), pad_bln(C), a, d_skip, bias, h0
+  )
   y = y[:, :length, :d]
   if return_last_state:
     last = jnp.swapaxes(last[:, :n, :d], 1, 2)

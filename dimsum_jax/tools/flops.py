@@ -41,6 +41,7 @@ attention block's linears included, this reproduces 84.49 G and 337.48 G to 0.01
 them it gives 67.28 G (256 px), so the published numbers were measured with
 `--use-attn-every-k-layers 4` (upstream's run_flop.sh has had that flag both set and commented out).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,24 +63,35 @@ from dimsum_jax.models.dimsum import DiMSUM
 from dimsum_jax.models.mamba import MambaMixer
 
 FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py) with a model section.',
-                                flag_values=FLAGS, lock_config=True)
-flags.DEFINE_string('model', None, 'Model name, e.g. DiMSUM-L/2 or DiT-L/2 (overrides config).',
-                    flag_values=FLAGS)
-flags.DEFINE_integer('input_size', None, 'Latent size (image size / 8) (overrides config).',
-                     flag_values=FLAGS)
-flags.DEFINE_integer('num_classes', None, 'Classes; 0 = unconditional (overrides config).',
-                     flag_values=FLAGS)
+config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'Config file (configs/*.py) with a model section.',
+  flag_values=FLAGS,
+  lock_config=True,
+)
+flags.DEFINE_string(
+  'model', None, 'Model name, e.g. DiMSUM-L/2 or DiT-L/2 (overrides config).', flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  'input_size', None, 'Latent size (image size / 8) (overrides config).', flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  'num_classes', None, 'Classes; 0 = unconditional (overrides config).', flag_values=FLAGS
+)
 flags.DEFINE_integer('depth', None, 'Depth override (smaller test models).', flag_values=FLAGS)
-flags.DEFINE_integer('hidden_size', None, 'Hidden size override (smaller test models).',
-                     flag_values=FLAGS)
-flags.DEFINE_bool('rolled', False, 'Only the plain XLA count (scan bodies counted once).',
-                  flag_values=FLAGS)
+flags.DEFINE_integer(
+  'hidden_size', None, 'Hidden size override (smaller test models).', flag_values=FLAGS
+)
+flags.DEFINE_bool(
+  'rolled', False, 'Only the plain XLA count (scan bodies counted once).', flag_values=FLAGS
+)
 
 PAPER_GMACS = {('DiMSUM-L/2', 32): 84.49, ('DiMSUM-L/2', 64): 337.48}
 
 
 # ---------------------------------------------------------------- model and parameters
+
 
 def model_config(config=None, **overrides) -> ml_collections.ConfigDict:
   """The model section: defaults, then the config file's, then non-None overrides."""
@@ -90,35 +102,41 @@ def model_config(config=None, **overrides) -> ml_collections.ConfigDict:
     if value is not None:
       cfg[key] = value
   if 'scan_impl' in models.fields_read(cfg.name):
-    cfg.scan_impl = 'reference'    # the Pallas kernel is opaque to cost analysis
+    cfg.scan_impl = 'reference'  # the Pallas kernel is opaque to cost analysis
   cfg.dtype = 'float32'
   return cfg
 
 
 def example_inputs(cfg, batch: int = 1):
   size = cfg.input_size
-  return (jax.ShapeDtypeStruct((batch, size, size, cfg.in_channels), jnp.float32),
-          jax.ShapeDtypeStruct((batch,), jnp.float32),
-          jax.ShapeDtypeStruct((batch,), jnp.int32))
+  return (
+    jax.ShapeDtypeStruct((batch, size, size, cfg.in_channels), jnp.float32),
+    jax.ShapeDtypeStruct((batch,), jnp.float32),
+    jax.ShapeDtypeStruct((batch,), jnp.int32),
+  )
 
 
 def abstract_params(model, inputs):
   """{'params': models.abstract_params} of `model` for its `example_inputs` (x gives the size)."""
   _, size, _, channels = inputs[0].shape
-  shape = ml_collections.ConfigDict(dict(input_size=size, in_channels=channels,
-                                         num_classes=model.num_classes))
+  shape = ml_collections.ConfigDict(
+    dict(input_size=size, in_channels=channels, num_classes=model.num_classes)
+  )
   return {'params': models.abstract_params(model, shape)}
 
 
 def param_counts(variables) -> tuple[int, dict[str, int]]:
   """(total, {top-level module: count}) over the 'params' collection."""
   params = variables['params']
-  per = {name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(sub))
-         for name, sub in params.items()}
+  per = {
+    name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(sub))
+    for name, sub in params.items()
+  }
   return sum(per.values()), per
 
 
 # ---------------------------------------------------------------- XLA cost analysis
+
 
 def _is_closed(value) -> bool:
   return isinstance(value, jax.extend.core.ClosedJaxpr)
@@ -141,16 +159,23 @@ def _eval_unrolled(jaxpr, consts, args):
     prim, params = eqn.primitive, eqn.params
     if prim is prims.scan_p:
       outs = _scan_unrolled(params, invals)
-    elif prim in (prims.jit_p, prims.closed_call_p, prims.custom_jvp_call_p,
-                  prims.custom_vjp_call_p, prims.remat_p):
-      inner = next(v for k, v in params.items()
-                   if k in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'))
-      outs = (_eval_unrolled(inner.jaxpr, inner.consts, invals) if _is_closed(inner)
-              else _eval_unrolled(inner, (), invals))
+    elif prim in (
+      prims.jit_p,
+      prims.closed_call_p,
+      prims.custom_jvp_call_p,
+      prims.custom_vjp_call_p,
+      prims.remat_p,
+    ):
+      inner = next(v for k, v in params.items() if k in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'))
+      outs = (
+        _eval_unrolled(inner.jaxpr, inner.consts, invals)
+        if _is_closed(inner)
+        else _eval_unrolled(inner, (), invals)
+      )
     else:
       bind_params = prim.get_bind_params(params)
       subfuns = ()
-      if isinstance(bind_params, tuple):     # older JAX: (subfuns, params)
+      if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
         subfuns, bind_params = bind_params
       outs = prim.bind(*subfuns, *invals, **bind_params)
       if not prim.multiple_results:
@@ -164,8 +189,8 @@ def _eval_unrolled(jaxpr, consts, args):
 def _scan_unrolled(params, invals):
   body, length = params['jaxpr'], params['length']
   n_consts, n_carry = params['num_consts'], params['num_carry']
-  consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
-  xs = invals[n_consts + n_carry:]
+  consts, carry = invals[:n_consts], invals[n_consts : n_consts + n_carry]
+  xs = invals[n_consts + n_carry :]
   ys = [None] * length
   steps = reversed(range(length)) if params['reverse'] else range(length)
   for i in steps:
@@ -178,10 +203,12 @@ def _scan_unrolled(params, invals):
 
 def unroll_scans(fn):
   """fn with every lax.scan (nn.scan included) unrolled; same outputs, straight-line HLO."""
+
   def unrolled(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     out = _eval_unrolled(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
+
   return unrolled
 
 
@@ -216,12 +243,13 @@ def xla_flops(fn, *args, unroll: bool = True, fast_compile: bool = True) -> floa
   target = unroll_scans(fn) if unroll else fn
   options = FAST_COMPILE if fast_compile else None
   analysis = jax.jit(target, compiler_options=options).lower(*args).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):     # older JAX: one dict per computation
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
     analysis = analysis[0]
   return float(analysis['flops'])
 
 
 # ---------------------------------------------------------------- analytic counts
+
 
 def dimsum_components(model: DiMSUM) -> dict[str, float]:
   """Multiply-accumulates per image by component (forward, batch 1), written out by hand.
@@ -239,29 +267,29 @@ def dimsum_components(model: DiMSUM) -> dict[str, float]:
   groups = depth // model.attn_every if model.attn_every else 0
   mlp = N * (D * 2 * model.mlp_ratio * D + model.mlp_ratio * D * D)
   c = {
-      'x_embedder': N * model.in_channels * p * p * D,
-      't_embedder': 256 * D + D * D,
-      'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
-      # per DiMSUM block, times depth; two Mamba mixers (spatial, wavelet) of width d
-      'mamba.in_proj': depth * 2 * N * d * 2 * E,
-      'mamba.conv1d': depth * 2 * N * E * k,
-      'mamba.x_proj': depth * 2 * N * E * (r + 2 * n),
-      'mamba.dt_proj': depth * 2 * N * r * E,
-      'mamba.scan': depth * 2 * 3 * N * E * n,     # a*s + b, (delta u) * B, C . s
-      'mamba.out_proj': depth * 2 * N * E * d,
-      'branch.adaLN': depth * 2 * D * 3 * d,
-      'fusion.qkv': depth * 2 * N * d * 3 * d,
-      'fusion.attention': depth * 2 * 2 * N * N * d,   # two attentions: q k^T and p v
-      'fusion.proj': depth * N * D * D,
-      'block.adaLN': depth * D * 3 * D,
-      'block.mlp': depth * mlp,
-      # the shared transformer, applied `groups` times
-      'shared.adaLN': groups * D * 6 * D,
-      'shared.qkv': groups * N * D * 3 * D,
-      'shared.attention': groups * 2 * N * N * D,
-      'shared.proj': groups * N * D * D,
-      'shared.mlp': groups * mlp,
-      'cond_proj*': depth * 2 * D * E,
+    'x_embedder': N * model.in_channels * p * p * D,
+    't_embedder': 256 * D + D * D,
+    'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
+    # per DiMSUM block, times depth; two Mamba mixers (spatial, wavelet) of width d
+    'mamba.in_proj': depth * 2 * N * d * 2 * E,
+    'mamba.conv1d': depth * 2 * N * E * k,
+    'mamba.x_proj': depth * 2 * N * E * (r + 2 * n),
+    'mamba.dt_proj': depth * 2 * N * r * E,
+    'mamba.scan': depth * 2 * 3 * N * E * n,  # a*s + b, (delta u) * B, C . s
+    'mamba.out_proj': depth * 2 * N * E * d,
+    'branch.adaLN': depth * 2 * D * 3 * d,
+    'fusion.qkv': depth * 2 * N * d * 3 * d,
+    'fusion.attention': depth * 2 * 2 * N * N * d,  # two attentions: q k^T and p v
+    'fusion.proj': depth * N * D * D,
+    'block.adaLN': depth * D * 3 * D,
+    'block.mlp': depth * mlp,
+    # the shared transformer, applied `groups` times
+    'shared.adaLN': groups * D * 6 * D,
+    'shared.qkv': groups * N * D * 3 * D,
+    'shared.attention': groups * 2 * N * N * D,
+    'shared.proj': groups * N * D * D,
+    'shared.mlp': groups * mlp,
+    'cond_proj*': depth * 2 * D * E,
   }
   if model.cond_mamba == 'h0':
     c['cond_proj'] = c.pop('cond_proj*')
@@ -270,8 +298,11 @@ def dimsum_components(model: DiMSUM) -> dict[str, float]:
   # Haar analysis convs (4 d N per level), the patch-embedding bias adds.
   gelu = model.mlp_ratio * N * D / 2
   c['calflops.elementwise*'] = (
-      depth * (gelu + 3 * D / 2 + model.wavelet_levels * 4 * d * N)
-      + D / 2 + (D / 2 + 2 * N * D) + N * D / 2)       # t_embedder, final layer, x_embedder
+    depth * (gelu + 3 * D / 2 + model.wavelet_levels * 4 * d * N)
+    + D / 2
+    + (D / 2 + 2 * N * D)
+    + N * D / 2
+  )  # t_embedder, final layer, x_embedder
   c['shared.calflops.elementwise*'] = groups * (gelu + D / 2 + 2 * 2 * N * D)
   return c
 
@@ -283,14 +314,14 @@ def dit_components(model) -> dict[str, float]:
   N = g * g
   H = int(D * model.mlp_ratio)
   return {
-      'x_embedder': N * model.in_channels * p * p * D,
-      't_embedder': 256 * D + D * D,
-      'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
-      'block.adaLN': depth * D * 6 * D,
-      'block.qkv': depth * N * D * 3 * D,
-      'block.attention': depth * 2 * N * N * D,
-      'block.proj': depth * N * D * D,
-      'block.mlp': depth * 2 * N * D * H,
+    'x_embedder': N * model.in_channels * p * p * D,
+    't_embedder': 256 * D + D * D,
+    'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
+    'block.adaLN': depth * D * 6 * D,
+    'block.qkv': depth * N * D * 3 * D,
+    'block.attention': depth * 2 * N * N * D,
+    'block.proj': depth * N * D * D,
+    'block.mlp': depth * 2 * N * D * H,
   }
 
 
@@ -308,18 +339,18 @@ def dim_components(model: dim.DiM) -> dict[str, float]:
   r = math.ceil(D / 16)
   consumers = (depth - 1) // 2
   return {
-      'x_embedder': N * model.in_channels * p * p * D,
-      't_embedder': 256 * D + D * D,
-      'adaln_single': D * 3 * D,
-      'smoothers': 2 * N * D * 3 * 3,
-      'mamba.in_proj': depth * L * D * 2 * E,
-      'mamba.conv1d': depth * L * E * k,
-      'mamba.x_proj': depth * L * E * (r + 2 * n),
-      'mamba.dt_proj': depth * L * r * E,
-      'mamba.scan': depth * 3 * L * E * n,     # a*s + b, (delta u) * B, C . s
-      'mamba.out_proj': depth * L * E * D,
-      'skip_linear': consumers * L * 2 * D * D,
-      'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
+    'x_embedder': N * model.in_channels * p * p * D,
+    't_embedder': 256 * D + D * D,
+    'adaln_single': D * 3 * D,
+    'smoothers': 2 * N * D * 3 * 3,
+    'mamba.in_proj': depth * L * D * 2 * E,
+    'mamba.conv1d': depth * L * E * k,
+    'mamba.x_proj': depth * L * E * (r + 2 * n),
+    'mamba.dt_proj': depth * L * r * E,
+    'mamba.scan': depth * 3 * L * E * n,  # a*s + b, (delta u) * B, C . s
+    'mamba.out_proj': depth * L * E * D,
+    'skip_linear': consumers * L * 2 * D * D,
+    'final_layer': D * 2 * D + N * D * p * p * model.in_channels,
   }
 
 
@@ -328,18 +359,27 @@ def port_macs(components: dict[str, float]) -> float:
   return sum(v for key, v in components.items() if not key.endswith('*'))
 
 
-PAPER_EXCLUDED = ('mamba.in_proj', 'mamba.dt_proj', 'mamba.conv1d', 'mamba.scan',
-                  'fusion.attention', 'shared.attention')
+PAPER_EXCLUDED = (
+  'mamba.in_proj',
+  'mamba.dt_proj',
+  'mamba.conv1d',
+  'mamba.scan',
+  'fusion.attention',
+  'shared.attention',
+)
 
 
 def paper_macs(components: dict[str, float], shared_attention: bool = True) -> float:
   """Upstream's calflops count (flops / 2); see the module docstring for what it sees."""
-  return sum(value for key, value in components.items()
-             if key not in PAPER_EXCLUDED
-             and (shared_attention or not key.startswith('shared.')))
+  return sum(
+    value
+    for key, value in components.items()
+    if key not in PAPER_EXCLUDED and (shared_attention or not key.startswith('shared.'))
+  )
 
 
 # ---------------------------------------------------------------- report
+
 
 def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   """Print (and return) parameter and FLOP counts of the model described by cfg."""
@@ -350,8 +390,10 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   forward = lambda v, x, t, y: model.apply(v, x, t, y)
   args = (variables, *inputs)
 
-  out(f'model {cfg.name}, input {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} '
-      f'(image {8 * cfg.input_size} px), num_classes {cfg.num_classes}, batch 1, float32')
+  out(
+    f'model {cfg.name}, input {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} '
+    f'(image {8 * cfg.input_size} px), num_classes {cfg.num_classes}, batch 1, float32'
+  )
   out(f'parameters: {total:,} ({total / 1e6:.2f} M)')
   for name, count in sorted(per.items(), key=lambda kv: -kv[1]):
     out(f'  {name:<16} {count:>14,}')
@@ -361,8 +403,10 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   start = time.perf_counter()
   rolled = xla_flops(forward, *args, unroll=False)
   result['xla_flops_rolled'] = rolled
-  out(f'XLA flops, as compiled (scan bodies counted once; scans {found["scan"]}): '
-      f'{rolled / 1e9:.3f} G  [{time.perf_counter() - start:.1f} s]')
+  out(
+    f'XLA flops, as compiled (scan bodies counted once; scans {found["scan"]}): '
+    f'{rolled / 1e9:.3f} G  [{time.perf_counter() - start:.1f} s]'
+  )
   if found['while']:
     out(f'WARNING: {len(found["while"])} while loop(s) in the forward: counted once each.')
   if rolled_only:
@@ -370,8 +414,10 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   start = time.perf_counter()
   flops = xla_flops(forward, *args, unroll=True)
   result['xla_flops'] = flops
-  out(f'XLA flops, scans unrolled: {flops / 1e9:.3f} GFLOPs = {flops / 2e9:.3f} G '
-      f'multiply-accumulates  [{time.perf_counter() - start:.1f} s]')
+  out(
+    f'XLA flops, scans unrolled: {flops / 1e9:.3f} GFLOPs = {flops / 2e9:.3f} G '
+    f'multiply-accumulates  [{time.perf_counter() - start:.1f} s]'
+  )
 
   if isinstance(model, DiMSUM):
     components = dimsum_components(model)
@@ -386,26 +432,38 @@ def report(cfg, rolled_only: bool = False, out=print) -> dict[str, Any]:
   for key, value in components.items():
     out(f'  {key:<30} {value / scale:10.3f}')
   result['analytic_macs'] = port
-  out(f'analytic, this port: {port / scale:.3f} {unit} multiply-accumulates '
-      f'(XLA / 2 is {flops / 2 / port:.3f}x: norms, activations, softmax and scan '
-      f'elementwise work)')
+  out(
+    f'analytic, this port: {port / scale:.3f} {unit} multiply-accumulates '
+    f'(XLA / 2 is {flops / 2 / port:.3f}x: norms, activations, softmax and scan '
+    f'elementwise work)'
+  )
   if isinstance(model, DiMSUM):
     with_attn, without = paper_macs(components), paper_macs(components, shared_attention=False)
     result['paper_macs'] = with_attn
     published = PAPER_GMACS.get((cfg.name, cfg.input_size))
-    note = (f'; published {published} G' if published and model.depth == 16
-            and model.hidden_size == 1024 else '')
-    out(f'paper convention (calflops flops/2): {with_attn / scale:.2f} {unit} with the shared '
-        f'attention, {without / scale:.2f} {unit} without{note}')
+    note = (
+      f'; published {published} G'
+      if published and model.depth == 16 and model.hidden_size == 1024
+      else ''
+    )
+    out(
+      f'paper convention (calflops flops/2): {with_attn / scale:.2f} {unit} with the shared '
+      f'attention, {without / scale:.2f} {unit} without{note}'
+    )
   return result
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cfg = model_config(FLAGS.config, name=FLAGS.model, input_size=FLAGS.input_size,
-                     num_classes=FLAGS.num_classes, depth=FLAGS.depth,
-                     hidden_size=FLAGS.hidden_size)
+  cfg = model_config(
+    FLAGS.config,
+    name=FLAGS.model,
+    input_size=FLAGS.input_size,
+    num_classes=FLAGS.num_classes,
+    depth=FLAGS.depth,
+    hidden_size=FLAGS.hidden_size,
+  )
   report(cfg, rolled_only=FLAGS.rolled)
 
 

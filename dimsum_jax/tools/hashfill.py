@@ -3,6 +3,7 @@
 Each upstream parameter key gets values from a SplitMix64 stream seeded by crc32(key), shaped by a
 rule on the key's name. Used to regenerate the published-size DiMSUM-L/2 weights without storing them.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -16,14 +17,14 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 def uniform_stream(key: str, n: int, seed: int = 0) -> np.ndarray:
   """n values in (-1, 1), float64: u = (2 r + 1 - 2^24) / 2^24 with r the top 24 bits."""
-  base = np.uint64(((seed << 32) ^ zlib.crc32(key.encode("utf-8"))) & (2 ** 64 - 1))
+  base = np.uint64(((seed << 32) ^ zlib.crc32(key.encode("utf-8"))) & (2**64 - 1))
   with np.errstate(over="ignore"):
     z = base + np.arange(1, n + 1, dtype=np.uint64) * _GAMMA
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     z = z ^ (z >> np.uint64(31))
   r = (z >> np.uint64(40)).astype(np.float64)
-  return (2 * r + 1 - 2.0 ** 24) / 2.0 ** 24
+  return (2 * r + 1 - 2.0**24) / 2.0**24
 
 
 def fill_value(key: str, shape, seed: int = 0) -> np.ndarray:

@@ -3,6 +3,7 @@
 `load_vae(directory)` rebuilds the module from config.json and restores the parameters straight
 into the abstract tree of that module, placed by `sharding` (one device by default).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ def save_vae(directory: str, config: dict, params, overwrite: bool = False) -> N
   directory = os.path.abspath(directory)
   params_dir = os.path.join(directory, PARAMS_DIR)
   if os.path.exists(params_dir) and not overwrite:
-    raise FileExistsError(f"{directory} already holds a converted VAE: choose another output "
-                          "directory or pass --overwrite.")
+    raise FileExistsError(
+      f"{directory} already holds a converted VAE: choose another output "
+      "directory or pass --overwrite."
+    )
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
@@ -42,21 +45,31 @@ def check_params_match(params_dir: str, abstract) -> None:
   try:
     stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
   except Exception as e:  # a damaged or foreign folder: Orbax raises many kinds
-    raise ValueError(f"{params_dir} is not a readable Orbax checkpoint ({type(e).__name__}: {e}); "
-                     "convert the VAE again with `python -m dimsum_jax.vae.convert`.") from e
-  have = {_path_name(p): tuple(leaf.shape)
-          for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
-  want = {_path_name(p): tuple(leaf.shape)
-          for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    raise ValueError(
+      f"{params_dir} is not a readable Orbax checkpoint ({type(e).__name__}: {e}); "
+      "convert the VAE again with `python -m dimsum_jax.vae.convert`."
+    ) from e
+  have = {
+    _path_name(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]
+  }
+  want = {
+    _path_name(p): tuple(leaf.shape)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
   problems = [f"{k} is missing" for k in sorted(set(want) - set(have))]
   problems += [f"{k} is not expected" for k in sorted(set(have) - set(want))]
-  problems += [f"{k} is stored {have[k]} but config.json needs {want[k]}"
-               for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+  problems += [
+    f"{k} is stored {have[k]} but config.json needs {want[k]}"
+    for k in sorted(set(want) & set(have))
+    if have[k] != want[k]
+  ]
   if problems:
     more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise ValueError(f"The parameters in {params_dir} are not those of the VAE its config.json "
-                     f"describes ({'; '.join(problems[:3])}{more}): convert the VAE again with "
-                     "`python -m dimsum_jax.vae.convert --diffusers=DIR --out=DIR --overwrite`.")
+    raise ValueError(
+      f"The parameters in {params_dir} are not those of the VAE its config.json "
+      f"describes ({'; '.join(problems[:3])}{more}): convert the VAE again with "
+      "`python -m dimsum_jax.vae.convert --diffusers=DIR --out=DIR --overwrite`."
+    )
 
 
 def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
@@ -72,20 +85,26 @@ def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
   params_dir = os.path.join(directory, PARAMS_DIR)
   for path in (config_path, params_dir):
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} does not exist: convert the diffusers VAE first with "
-                              "`python -m dimsum_jax.vae.convert --diffusers=DIR "
-                              f"--out={directory}`.")
+      raise FileNotFoundError(
+        f"{path} does not exist: convert the diffusers VAE first with "
+        "`python -m dimsum_jax.vae.convert --diffusers=DIR "
+        f"--out={directory}`."
+      )
   try:
     with open(config_path) as f:
       config = json.load(f)
-  except ValueError as e:   # not JSON (or not UTF-8)
-    raise ValueError(f"{config_path} is not valid JSON ({type(e).__name__}: {e}): convert the "
-                     "VAE again with `python -m dimsum_jax.vae.convert --diffusers=DIR "
-                     f"--out={directory} --overwrite`.") from e
+  except ValueError as e:  # not JSON (or not UTF-8)
+    raise ValueError(
+      f"{config_path} is not valid JSON ({type(e).__name__}: {e}): convert the "
+      "VAE again with `python -m dimsum_jax.vae.convert --diffusers=DIR "
+      f"--out={directory} --overwrite`."
+    ) from e
   if not isinstance(config, dict):
-    raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not a VAE config: "
-                     "convert the VAE again with `python -m dimsum_jax.vae.convert "
-                     f"--diffusers=DIR --out={directory} --overwrite`.")
+    raise ValueError(
+      f"{config_path} holds a JSON {type(config).__name__}, not a VAE config: "
+      "convert the VAE again with `python -m dimsum_jax.vae.convert "
+      f"--diffusers=DIR --out={directory} --overwrite`."
+    )
   vae = model.vae_from_config(config, dtype=dtype, precision=precision)
   abstract = model.abstract_params(vae)
   check_params_match(params_dir, abstract)
@@ -93,7 +112,8 @@ def load_vae(directory: str, dtype=jnp.float32, precision=None, sharding=None):
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.tree.map(lambda _: sharding, abstract)
-  target = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                        abstract, sharding)
+  target = jax.tree.map(
+    lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract, sharding
+  )
   params = ocp.StandardCheckpointer().restore(params_dir, target)
   return vae, params

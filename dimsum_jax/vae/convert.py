@@ -14,6 +14,7 @@ to [kh, kw, in, out], dense weights from [out, in] to [in, out]. Checkpoints sav
 diffusers name the mid-block attention `query/key/value/proj_attn` (sometimes as 1x1 convs);
 they are renamed to `to_q/to_k/to_v/to_out.0` first.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,8 @@ SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"
 TORCH_FILE = "diffusion_pytorch_model.bin"
 CONFIG_FILE = "config.json"
 _OLD_ATTENTION_KEY = re.compile(
-    r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+  r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$"
+)
 _NEW_ATTENTION_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _SHOWN = 4  # keys listed per kind of mismatch in an error message
 
@@ -86,8 +88,9 @@ def _listing(items) -> str:
   return shown + (f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
 
 
-def params_from_state_dict(state_dict: dict, vae: model.AutoencoderKL,
-                           source: str = "The state dict"):
+def params_from_state_dict(
+  state_dict: dict, vae: model.AutoencoderKL, source: str = "The state dict"
+):
   """The Flax parameter tree (float32 NumPy leaves) of `vae` from a diffusers state dict.
 
   Raises ValueError naming the missing, unexpected and wrongly shaped keys when the state dict
@@ -109,32 +112,46 @@ def params_from_state_dict(state_dict: dict, vae: model.AutoencoderKL,
       wrong_shapes.append(f"{key} (got {got}, expected {_torch_shape(target)})")
     flat[path] = array
   if missing or unexpected or wrong_shapes:
-    problems = [f"{name} {_listing(items)}" for name, items in
-                (("missing keys", missing), ("unexpected keys", unexpected),
-                 ("wrong shapes", wrong_shapes)) if items]
-    raise ValueError(f"{source} does not match the AutoencoderKL its config.json describes "
-                     f"({'; '.join(problems)}): check that the folder is a diffusers "
-                     "AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema) whose config.json belongs "
-                     "to these weights.")
+    problems = [
+      f"{name} {_listing(items)}"
+      for name, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", wrong_shapes),
+      )
+      if items
+    ]
+    raise ValueError(
+      f"{source} does not match the AutoencoderKL its config.json describes "
+      f"({'; '.join(problems)}): check that the folder is a diffusers "
+      "AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema) whose config.json belongs "
+      "to these weights."
+    )
   return flax.traverse_util.unflatten_dict(flat)
 
 
 def find_vae_folder(directory: str) -> str:
   """`directory`, or its `vae/` subfolder for a full pipeline folder; checks the files exist."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory} is not a directory: pass --diffusers=DIR, a local copy "
-                            "of a diffusers AutoencoderKL such as stabilityai/sd-vae-ft-ema.")
+    raise FileNotFoundError(
+      f"{directory} is not a directory: pass --diffusers=DIR, a local copy "
+      "of a diffusers AutoencoderKL such as stabilityai/sd-vae-ft-ema."
+    )
   if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
     if os.path.exists(os.path.join(directory, "vae", CONFIG_FILE)):
       directory = os.path.join(directory, "vae")
     else:
-      raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: download the whole diffusers "
-                              "VAE folder (config.json and its weights), e.g. `hf download "
-                              "stabilityai/sd-vae-ft-ema --local-dir DIR`.")
+      raise FileNotFoundError(
+        f"{directory} has no {CONFIG_FILE}: download the whole diffusers "
+        "VAE folder (config.json and its weights), e.g. `hf download "
+        "stabilityai/sd-vae-ft-ema --local-dir DIR`."
+      )
   weights = (os.path.join(directory, name) for name in (SAFETENSORS_FILE, TORCH_FILE))
   if not any(os.path.exists(path) for path in weights):
-    raise FileNotFoundError(f"{directory} has no weights: expected {SAFETENSORS_FILE} or "
-                            f"{TORCH_FILE} next to {CONFIG_FILE}.")
+    raise FileNotFoundError(
+      f"{directory} has no weights: expected {SAFETENSORS_FILE} or "
+      f"{TORCH_FILE} next to {CONFIG_FILE}."
+    )
   return directory
 
 
@@ -143,11 +160,12 @@ def read_config(directory: str) -> dict:
   with open(path) as f:
     try:
       config = json.load(f)
-    except ValueError as e:   # not JSON, or not UTF-8 text
+    except ValueError as e:  # not JSON, or not UTF-8 text
       raise ValueError(f"{path} is not valid JSON ({e}): download it again.") from e
   if not isinstance(config, dict):
-    raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a diffusers config: "
-                     "download it again.")
+    raise ValueError(
+      f"{path} holds a JSON {type(config).__name__}, not a diffusers config: download it again."
+    )
   return config
 
 
@@ -158,19 +176,23 @@ def read_state_dict(directory: str) -> dict:
     try:
       from safetensors.numpy import load_file
     except ImportError as e:
-      raise ImportError(f"Reading {SAFETENSORS_FILE} needs the `safetensors` package: "
-                        "pip install safetensors.") from e
+      raise ImportError(
+        f"Reading {SAFETENSORS_FILE} needs the `safetensors` package: pip install safetensors."
+      ) from e
     try:
       tensors = load_file(safetensors_path)
     except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError...)
-      raise ValueError(f"{safetensors_path} is not a readable safetensors file ({_reason(e)}): "
-                       "download it again.") from e
+      raise ValueError(
+        f"{safetensors_path} is not a readable safetensors file ({_reason(e)}): download it again."
+      ) from e
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"Reading {TORCH_FILE} needs the `torch` package: pip install torch "
-                      f"(or provide {SAFETENSORS_FILE} and pip install safetensors).") from e
+    raise ImportError(
+      f"Reading {TORCH_FILE} needs the `torch` package: pip install torch "
+      f"(or provide {SAFETENSORS_FILE} and pip install safetensors)."
+    ) from e
   path = os.path.join(directory, TORCH_FILE)
   try:
     # weights_only: tensors and plain containers only; a pickle asking for anything else (a
@@ -179,14 +201,19 @@ def read_state_dict(directory: str) -> dict:
   except Exception as e:  # pylint: disable=broad-except  (pickle, zip and torch errors alike)
     refused = re.search(r"GLOBAL ([\w.]+)", str(e))
     if refused:
-      raise ValueError(f"{path} was refused without running it: its pickle asks for "
-                       f"{refused.group(1)}, but a diffusers state dict holds only tensors; use "
-                       f"the official weights, preferably {SAFETENSORS_FILE}.") from None
-    raise ValueError(f"{path} is not a readable PyTorch file ({_reason(e)}): download it "
-                     "again.") from e
+      raise ValueError(
+        f"{path} was refused without running it: its pickle asks for "
+        f"{refused.group(1)}, but a diffusers state dict holds only tensors; use "
+        f"the official weights, preferably {SAFETENSORS_FILE}."
+      ) from None
+    raise ValueError(
+      f"{path} is not a readable PyTorch file ({_reason(e)}): download it again."
+    ) from e
   if not isinstance(state, dict) or not all(hasattr(v, "detach") for v in state.values()):
-    raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: "
-                     "download the diffusers VAE folder again.")
+    raise ValueError(
+      f"{path} holds a {type(state).__name__}, not a state dict of tensors: "
+      "download the diffusers VAE folder again."
+    )
   return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
@@ -202,20 +229,28 @@ def convert_diffusers_vae(diffusers_dir: str, out_dir: str | None = None, overwr
   vae = model.vae_from_config(config)
   scaling = config.get("scaling_factor", model.SCALING_FACTOR)
   if scaling != model.SCALING_FACTOR:
-    logging.warning("config.json has scaling_factor %s but dimsum_jax latents use %s.",
-                    scaling, model.SCALING_FACTOR)
+    logging.warning(
+      "config.json has scaling_factor %s but dimsum_jax latents use %s.",
+      scaling,
+      model.SCALING_FACTOR,
+    )
   params = params_from_state_dict(read_state_dict(directory), vae, source=directory)
   if out_dir is not None:
     checkpoint.save_vae(out_dir, config, params, overwrite=overwrite)
   return vae, params
 
 
-FLAGS = flags.FlagValues()   # this command's own (see dimsum_jax.command_line)
-flags.DEFINE_string("diffusers", None, "Local diffusers AutoencoderKL folder (or a pipeline "
-                    "folder with a vae/ subfolder).", flag_values=FLAGS)
+FLAGS = flags.FlagValues()  # this command's own (see dimsum_jax.command_line)
+flags.DEFINE_string(
+  "diffusers",
+  None,
+  "Local diffusers AutoencoderKL folder (or a pipeline folder with a vae/ subfolder).",
+  flag_values=FLAGS,
+)
 flags.DEFINE_string("out", None, "Output folder (config.json + Orbax params).", flag_values=FLAGS)
-flags.DEFINE_boolean("overwrite", False, "Replace an existing conversion in --out.",
-                     flag_values=FLAGS)
+flags.DEFINE_boolean(
+  "overwrite", False, "Replace an existing conversion in --out.", flag_values=FLAGS
+)
 flags.mark_flags_as_required(["diffusers", "out"], flag_values=FLAGS)
 
 

@@ -18,6 +18,7 @@ softmax are computed in float32 whatever `dtype` is; `encode` and `decode` retur
 The functions at the bottom take (module, params, ...) and are pure, so they can be jitted
 (module static) and sharded like any other function of a parameter tree.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -31,20 +32,34 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps t
 
 
 def _conv(features, name, dtype, precision, kernel=3, stride=1, padding=1):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), dtype=dtype,
-                 param_dtype=jnp.float32, precision=precision, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    precision=precision,
+    name=name,
+  )
 
 
 def _group_norm(groups, eps, name, dtype):
   # Two-pass variance, as torch: the decoder's activations are large enough for E[x^2] - E[x]^2
   # to lose digits.
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                      use_fast_variance=False, name=name)
+  return nn.GroupNorm(
+    num_groups=groups,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    use_fast_variance=False,
+    name=name,
+  )
 
 
 class ResnetBlock(nn.Module):
   """GroupNorm, SiLU, conv, GroupNorm, SiLU, conv; 1x1 conv on the skip when channels change."""
+
   out_channels: int
   groups: int
   eps: float
@@ -58,13 +73,15 @@ class ResnetBlock(nn.Module):
     h = nn.silu(_group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
     h = _conv(self.out_channels, "conv2", self.dtype, self.precision)(h)
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, "conv_shortcut", self.dtype, self.precision, kernel=1,
-                padding=0)(x)
+      x = _conv(
+        self.out_channels, "conv_shortcut", self.dtype, self.precision, kernel=1, padding=0
+      )(x)
     return x + h
 
 
 class SpatialSelfAttention(nn.Module):
   """Single-head self-attention over all H*W positions, with a residual connection."""
+
   groups: int
   eps: float
   dtype: Any = jnp.float32
@@ -77,12 +94,14 @@ class SpatialSelfAttention(nn.Module):
     h = h.reshape(batch, height * width, channels)
 
     def dense(name):
-      return nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32,
-                      precision=self.precision, name=name)
+      return nn.Dense(
+        channels, dtype=self.dtype, param_dtype=jnp.float32, precision=self.precision, name=name
+      )
 
     q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)
-    logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=self.precision,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(channels)
+    logits = jnp.einsum(
+      "bqc,bkc->bqk", q, k, precision=self.precision, preferred_element_type=jnp.float32
+    ) / jnp.sqrt(channels)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     h = jnp.einsum("bqk,bkc->bqc", weights, v, precision=self.precision)
     h = dense("to_out_0")(h)
@@ -91,6 +110,7 @@ class SpatialSelfAttention(nn.Module):
 
 class MidBlock(nn.Module):
   """resnet, attention (optional), resnet, all at the innermost width."""
+
   groups: int
   eps: float
   attention: bool = True
@@ -109,6 +129,7 @@ class MidBlock(nn.Module):
 
 class Downsample(nn.Module):
   """Stride-2 3x3 conv after padding one row at the bottom and one column at the right."""
+
   dtype: Any = jnp.float32
   precision: Any = None
 
@@ -120,6 +141,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
   dtype: Any = jnp.float32
   precision: Any = None
 
@@ -131,6 +153,7 @@ class Upsample(nn.Module):
 
 class DownBlock(nn.Module):
   """`layers_per_block` resnets, then a Downsample unless it is the last block."""
+
   out_channels: int
   num_layers: int
   groups: int
@@ -151,6 +174,7 @@ class DownBlock(nn.Module):
 
 class UpBlock(nn.Module):
   """`layers_per_block + 1` resnets, then an Upsample unless it is the last block."""
+
   out_channels: int
   num_layers: int
   groups: int
@@ -171,6 +195,7 @@ class UpBlock(nn.Module):
 
 class Encoder(nn.Module):
   """Images [B, H, W, in_channels] -> [B, H/f, W/f, 2 * latent_channels] (before quant_conv)."""
+
   block_out_channels: Sequence[int]
   layers_per_block: int
   groups: int
@@ -186,8 +211,15 @@ class Encoder(nn.Module):
     x = _conv(self.block_out_channels[0], "conv_in", **kw)(x)
     last = len(self.block_out_channels) - 1
     for i, channels in enumerate(self.block_out_channels):
-      x = DownBlock(channels, self.layers_per_block, self.groups, self.eps, i != last,
-                    name=f"down_blocks_{i}", **kw)(x)
+      x = DownBlock(
+        channels,
+        self.layers_per_block,
+        self.groups,
+        self.eps,
+        i != last,
+        name=f"down_blocks_{i}",
+        **kw,
+      )(x)
     x = MidBlock(self.groups, self.eps, self.mid_block_attention, name="mid_block", **kw)(x)
     x = nn.silu(_group_norm(self.groups, self.eps, "conv_norm_out", self.dtype)(x))
     return _conv(2 * self.latent_channels, "conv_out", **kw)(x)
@@ -195,6 +227,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   """Latents [B, h, w, latent_channels] (after post_quant_conv) -> images [B, h*f, w*f, out]."""
+
   block_out_channels: Sequence[int]
   layers_per_block: int
   groups: int
@@ -212,8 +245,15 @@ class Decoder(nn.Module):
     widths = tuple(reversed(self.block_out_channels))
     last = len(widths) - 1
     for i, channels in enumerate(widths):
-      x = UpBlock(channels, self.layers_per_block + 1, self.groups, self.eps, i != last,
-                  name=f"up_blocks_{i}", **kw)(x)
+      x = UpBlock(
+        channels,
+        self.layers_per_block + 1,
+        self.groups,
+        self.eps,
+        i != last,
+        name=f"up_blocks_{i}",
+        **kw,
+      )(x)
     x = nn.silu(_group_norm(self.groups, self.eps, "conv_norm_out", self.dtype)(x))
     return _conv(self.out_channels, "conv_out", **kw)(x)
 
@@ -225,6 +265,7 @@ class AutoencoderKL(nn.Module):
   [-30, 20]); `decode(latents) -> images`. Neither applies SCALING_FACTOR: see
   `images_to_latents` / `latents_to_images`.
   """
+
   block_out_channels: Sequence[int] = (128, 256, 512, 512)
   layers_per_block: int = 2
   norm_num_groups: int = 32
@@ -239,18 +280,25 @@ class AutoencoderKL(nn.Module):
   precision: Any = None
 
   def setup(self):
-    shared = dict(block_out_channels=tuple(self.block_out_channels),
-                  layers_per_block=self.layers_per_block, groups=self.norm_num_groups,
-                  eps=self.norm_eps, mid_block_attention=self.mid_block_attention,
-                  dtype=self.dtype, precision=self.precision)
+    shared = dict(
+      block_out_channels=tuple(self.block_out_channels),
+      layers_per_block=self.layers_per_block,
+      groups=self.norm_num_groups,
+      eps=self.norm_eps,
+      mid_block_attention=self.mid_block_attention,
+      dtype=self.dtype,
+      precision=self.precision,
+    )
     self.encoder = Encoder(latent_channels=self.latent_channels, **shared)
     self.decoder = Decoder(out_channels=self.out_channels, **shared)
     if self.use_quant_conv:
-      self.quant_conv = _conv(2 * self.latent_channels, None, self.dtype, self.precision,
-                              kernel=1, padding=0)
+      self.quant_conv = _conv(
+        2 * self.latent_channels, None, self.dtype, self.precision, kernel=1, padding=0
+      )
     if self.use_post_quant_conv:
-      self.post_quant_conv = _conv(self.latent_channels, None, self.dtype, self.precision,
-                                   kernel=1, padding=0)
+      self.post_quant_conv = _conv(
+        self.latent_channels, None, self.dtype, self.precision, kernel=1, padding=0
+      )
 
   @property
   def downsampling_factor(self) -> int:
@@ -295,21 +343,24 @@ def vae_from_config(config: Mapping, dtype=jnp.float32, precision=None) -> Autoe
   if any(width % groups for width in widths):
     problems.append(f"norm_num_groups {groups} does not divide block_out_channels {list(widths)}")
   if problems:
-    raise ValueError("This VAE configuration is not the Stable Diffusion AutoencoderKL that "
-                     f"dimsum_jax builds ({'; '.join(problems)}): use a config.json of a "
-                     "diffusers AutoencoderKL such as stabilityai/sd-vae-ft-ema.")
+    raise ValueError(
+      "This VAE configuration is not the Stable Diffusion AutoencoderKL that "
+      f"dimsum_jax builds ({'; '.join(problems)}): use a config.json of a "
+      "diffusers AutoencoderKL such as stabilityai/sd-vae-ft-ema."
+    )
   return AutoencoderKL(
-      block_out_channels=widths,
-      layers_per_block=int(config.get("layers_per_block", 1)),
-      norm_num_groups=groups,
-      latent_channels=int(config.get("latent_channels", 4)),
-      in_channels=int(config.get("in_channels", 3)),
-      out_channels=int(config.get("out_channels", 3)),
-      mid_block_attention=bool(config.get("mid_block_add_attention", True)),
-      use_quant_conv=bool(config.get("use_quant_conv", True)),
-      use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),
-      dtype=jnp.dtype(dtype),
-      precision=precision)
+    block_out_channels=widths,
+    layers_per_block=int(config.get("layers_per_block", 1)),
+    norm_num_groups=groups,
+    latent_channels=int(config.get("latent_channels", 4)),
+    in_channels=int(config.get("in_channels", 3)),
+    out_channels=int(config.get("out_channels", 3)),
+    mid_block_attention=bool(config.get("mid_block_add_attention", True)),
+    use_quant_conv=bool(config.get("use_quant_conv", True)),
+    use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),
+    dtype=jnp.dtype(dtype),
+    precision=precision,
+  )
 
 
 def abstract_params(vae: AutoencoderKL):

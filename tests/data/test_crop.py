@@ -1,4 +1,5 @@
 """ADM centre crop and torchvision-style resize + centre crop on hand-computed cases."""
+
 import numpy as np
 import pytest
 
@@ -8,7 +9,7 @@ from dimsum_jax.data.crop import adm_center_crop, crop_array, resize_center_crop
 def test_adm_box_halving_then_centre():
   # 4 x 8 (h x w), size 2: short side 4 >= 2 * 2 -> one BOX halving to 2 x 4; short side 2, so
   # the BICUBIC step keeps 2 x 4; columns (4 - 2) // 2 = 1 .. 2 remain.
-  a = (np.arange(32, dtype=np.uint8).reshape(4, 8) * 4)
+  a = np.arange(32, dtype=np.uint8).reshape(4, 8) * 4
   # 2x2 block means: rows 0-1, cols 2-3: (8 + 12 + 40 + 44) / 4 = 26, cols 4-5: 34;
   # rows 2-3: 90 and 98.
   np.testing.assert_array_equal(adm_center_crop(a, 2), [[26, 34], [90, 98]])
@@ -17,9 +18,10 @@ def test_adm_box_halving_then_centre():
 def test_adm_halves_repeatedly_and_keeps_channels():
   # 16 x 40 RGB, size 4: 16 >= 8 -> 8 x 20, 8 >= 8 -> 4 x 10; crop columns 3 .. 6.
   # Each channel is constant per 4-column stripe, so BOX means are exact.
-  cols = np.repeat(np.arange(10, dtype=np.uint8) * 20, 4)          # 40 columns
-  a = np.stack([np.tile(cols, (16, 1)), np.full((16, 40), 7, np.uint8),
-                np.tile(cols, (16, 1)) // 2], axis=-1)
+  cols = np.repeat(np.arange(10, dtype=np.uint8) * 20, 4)  # 40 columns
+  a = np.stack(
+    [np.tile(cols, (16, 1)), np.full((16, 40), 7, np.uint8), np.tile(cols, (16, 1)) // 2], axis=-1
+  )
   out = adm_center_crop(a, 4)
   assert out.shape == (4, 4, 3)
   np.testing.assert_array_equal(out[0, :, 0], [60, 80, 100, 120])

@@ -1,4 +1,5 @@
 """The digits set: pixel values against scikit-learn's array, labels, channels."""
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -15,10 +16,12 @@ def raw():
 
 def bilinear_pixel(img, size, y, x):
   """One output pixel by the textbook formula: half-pixel centres, edges clamped."""
+
   def taps(i):
     src = min(max((i + 0.5) * img.shape[0] / size - 0.5, 0.0), img.shape[0] - 1.0)
     lo = int(np.floor(src))
     return lo, min(lo + 1, img.shape[0] - 1), src - lo
+
   y0, y1, fy = taps(y)
   x0, x1, fx = taps(x)
   top = (1 - fx) * img[y0, x0] + fx * img[y0, x1]
@@ -35,8 +38,8 @@ def test_bilinear_pixels_match_sklearn(raw):
   r = raw[0][0]
   assert (r[0, 1], r[0, 2], r[1, 1], r[1, 2]) == (0, 5, 0, 13)
   assert images[0, 0, 0, 0] == -1.0
-  want = 0.75 * (0.25 * 5) + 0.25 * (0.25 * 13)         # = 1.75
-  assert images[0, 1, 3, 0] == pytest.approx(want / 8 - 1, abs=1e-6)   # -0.78125
+  want = 0.75 * (0.25 * 5) + 0.25 * (0.25 * 13)  # = 1.75
+  assert images[0, 1, 3, 0] == pytest.approx(want / 8 - 1, abs=1e-6)  # -0.78125
   for n, y, x in [(0, 5, 7), (17, 15, 0), (1796, 8, 9), (500, 3, 12)]:
     want = bilinear_pixel(raw[0][n], 16, y, x) / 8 - 1
     assert images[n, y, x, 0] == pytest.approx(want, abs=1e-6)
@@ -66,8 +69,9 @@ def test_source_batches_hold_the_dataset(raw):
   batch = next(source)
   assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
   np.testing.assert_array_equal(batch["label"], raw[1])
-  np.testing.assert_allclose(batch["image"][:, ::5, ::5, 0],
-                             load_digits_images(16)[0][:, ::5, ::5, 0])
+  np.testing.assert_allclose(
+    batch["image"][:, ::5, ::5, 0], load_digits_images(16)[0][:, ::5, ::5, 0]
+  )
 
 
 def test_unconditional_labels_are_zero():

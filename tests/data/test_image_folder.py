@@ -1,4 +1,5 @@
 """Image folders: listing, classes, pixels, corrupt files, splits, resume (prefetch threads)."""
+
 import logging
 import os
 
@@ -10,9 +11,18 @@ from dimsum_jax.data import create_dataset, default_data_config
 from dimsum_jax.data.image_folder import BadImageError, list_images
 
 # (relative path, grey value): constant images, so a batch row names its file.
-FILES = [("cat/a.png", 10), ("cat/b.png", 30), ("cat/deep/c.png", 50), ("dog/d.png", 70),
-         ("dog/e.PNG", 90), ("dog/f.png", 110), ("dog/g.png", 130), ("dog/h.png", 150),
-         ("emu/i.png", 170), ("emu/j.png", 190)]
+FILES = [
+  ("cat/a.png", 10),
+  ("cat/b.png", 30),
+  ("cat/deep/c.png", 50),
+  ("dog/d.png", 70),
+  ("dog/e.PNG", 90),
+  ("dog/f.png", 110),
+  ("dog/g.png", 130),
+  ("dog/h.png", 150),
+  ("emu/i.png", 170),
+  ("emu/j.png", 190),
+]
 BROKEN = "dog/broken.png"
 
 
@@ -32,8 +42,15 @@ def folder(tmp_path_factory):
 
 def config(root, **kw):
   c = default_data_config()
-  c.update(name="image_folder", data_dir=root, image_size=4, channels=3, global_batch_size=4,
-           num_workers=2, prefetch=2)
+  c.update(
+    name="image_folder",
+    data_dir=root,
+    image_size=4,
+    channels=3,
+    global_batch_size=4,
+    num_workers=2,
+    prefetch=2,
+  )
   c.update(kw)
   return c
 
@@ -51,8 +68,9 @@ def test_listing_and_classes(folder):
 
 
 def test_pixels_labels_and_skip_reports_path(folder, caplog):
-  source = create_dataset(config(folder, on_bad_image="skip", shuffle=False,
-                                 global_batch_size=10, num_epochs=1))
+  source = create_dataset(
+    config(folder, on_bad_image="skip", shuffle=False, global_batch_size=10, num_epochs=1)
+  )
   with caplog.at_level(logging.WARNING):
     batch = next(source)
   broken = os.path.join(folder, "dog", "broken.png")
@@ -95,8 +113,14 @@ def test_resume_with_prefetch_and_skip(folder):
 def test_two_processes_split_the_files(folder):
   seen = []
   for p in range(2):
-    c = config(folder, on_bad_image="skip", class_conditional=False, global_batch_size=2,
-               num_epochs=1, drop_remainder=False)
+    c = config(
+      folder,
+      on_bad_image="skip",
+      class_conditional=False,
+      global_batch_size=2,
+      num_epochs=1,
+      drop_remainder=False,
+    )
     source = create_dataset(c, process_index=p, process_count=2, seed=0)
     batches = list(source)
     assert source.num_classes == 0 and not np.concatenate([b["label"] for b in batches]).any()
@@ -113,8 +137,9 @@ def test_folder_errors(folder, tmp_path):
   (tmp_path / "loose.png").write_bytes(open(os.path.join(folder, "cat", "a.png"), "rb").read())
   with pytest.raises(ValueError, match="one subfolder per class"):
     create_dataset(config(str(tmp_path)))
-  source = create_dataset(config(str(tmp_path), class_conditional=False, global_batch_size=1,
-                                 prefetch=0))
+  source = create_dataset(
+    config(str(tmp_path), class_conditional=False, global_batch_size=1, prefetch=0)
+  )
   batch = next(source)
   assert source.num_classes == 0 and batch["label"].tolist() == [0]
   assert value_of(batch["image"][0]) == 10

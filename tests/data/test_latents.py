@@ -1,12 +1,18 @@
 """Latent shards: write, resume a partial write, read back (split, shuffle, resume), validation."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 
-from dimsum_jax.data import (LatentSetError, LatentShardWriter, create_dataset,
-                             default_data_config, read_meta)
+from dimsum_jax.data import (
+  LatentSetError,
+  LatentShardWriter,
+  create_dataset,
+  default_data_config,
+  read_meta,
+)
 
 SHAPE = (4, 4, 2)
 
@@ -20,8 +26,15 @@ def make(n, start=0):
 
 
 def writer(d, **kw):
-  args = dict(latent_shape=SHAPE, num_classes=5, source="test:train", image_size=32,
-              flip_doubled=False, vae="test-vae", shard_size=8)
+  args = dict(
+    latent_shape=SHAPE,
+    num_classes=5,
+    source="test:train",
+    image_size=32,
+    flip_doubled=False,
+    vae="test-vae",
+    shard_size=8,
+  )
   args.update(kw)
   return LatentShardWriter(str(d), **args)
 
@@ -38,9 +51,14 @@ def test_round_trip_files_and_meta(tmp_path):
     for start in range(0, 20, 3):
       w.append(*make(min(3, 20 - start), start))
   assert sorted(os.listdir(tmp_path)) == [
-      "labels-00000-of-00003.npy", "labels-00001-of-00003.npy", "labels-00002-of-00003.npy",
-      "latents-00000-of-00003.npy", "latents-00001-of-00003.npy", "latents-00002-of-00003.npy",
-      "meta.json"]
+    "labels-00000-of-00003.npy",
+    "labels-00001-of-00003.npy",
+    "labels-00002-of-00003.npy",
+    "latents-00000-of-00003.npy",
+    "latents-00001-of-00003.npy",
+    "latents-00002-of-00003.npy",
+    "meta.json",
+  ]
   meta = read_meta(str(tmp_path))
   assert meta["num_examples"] == 20 and meta["latent_shape"] == [4, 4, 2]
   assert meta["scaled"] is True and meta["scaling_factor"] == 0.18215
@@ -56,9 +74,9 @@ def test_round_trip_files_and_meta(tmp_path):
 
 def test_resume_partial_write(tmp_path):
   w = writer(tmp_path)
-  w.append(*make(19))                  # two complete shards (16 rows), 3 rows buffered
+  w.append(*make(19))  # two complete shards (16 rows), 3 rows buffered
   assert w.num_written == 16 and w.num_appended == 19
-  del w                                # "crash": no finalize
+  del w  # "crash": no finalize
   assert not os.path.exists(tmp_path / "meta.json")
   with pytest.raises(LatentSetError, match="incomplete \\(16 examples written"):
     read_meta(str(tmp_path))
@@ -81,9 +99,10 @@ def test_split_shuffle_resume(tmp_path):
     w.append(*make(30))
   seen = []
   for p in range(3):
-    source = create_dataset(config(tmp_path, global_batch_size=6, prefetch=2),
-                            process_index=p, process_count=3, seed=4)
-    rows = [next(source) for _ in range(5)]           # 5 * 2 = one epoch of 10
+    source = create_dataset(
+      config(tmp_path, global_batch_size=6, prefetch=2), process_index=p, process_count=3, seed=4
+    )
+    rows = [next(source) for _ in range(5)]  # 5 * 2 = one epoch of 10
     ids = np.concatenate([r["image"][:, 0, 0, 0] for r in rows]).astype(int)
     assert sorted(ids.tolist()) == list(range(p, 30, 3))
     np.testing.assert_array_equal(np.concatenate([r["label"] for r in rows]), ids % 5)
@@ -91,7 +110,7 @@ def test_split_shuffle_resume(tmp_path):
     state = source.get_state()
     assert state == {"epoch": 1, "index": 0}
     source.close()
-  assert not np.array_equal(np.sort(seen[0]), seen[0])   # shuffled
+  assert not np.array_equal(np.sort(seen[0]), seen[0])  # shuffled
   c = config(tmp_path, global_batch_size=4)
   straight = create_dataset(c, seed=1)
   for _ in range(9):
@@ -142,6 +161,9 @@ def test_resume_after_a_crash_inside_finalize(tmp_path):
   w.append(*make(4, start=16))
   meta = w.finalize()
   assert [s["latents"] for s in meta["shards"]] == [
-      "latents-00000-of-00003.npy", "latents-00001-of-00003.npy", "latents-00002-of-00003.npy"]
+    "latents-00000-of-00003.npy",
+    "latents-00001-of-00003.npy",
+    "latents-00002-of-00003.npy",
+  ]
   batch = next(create_dataset(config(tmp_path, shuffle=False, global_batch_size=20)))
   np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], np.arange(20))

@@ -1,4 +1,5 @@
 """The DataSource contract on the digits set: splits, determinism, epochs, resume."""
+
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ def test_process_split_is_disjoint_and_covers():
   assert {len(p) for p in parts} == {449}
   every = np.concatenate(parts)
   assert len(set(every.tolist())) == 4 * 449
-  assert set(range(1797)) - set(every.tolist()) == {1796}   # only the last n mod P are never read
+  assert set(range(1797)) - set(every.tolist()) == {1796}  # only the last n mod P are never read
 
 
 def test_processes_read_disjoint_parts_covering_an_epoch():
@@ -55,7 +56,7 @@ def assert_same(a, b):
 
 def test_same_seed_same_batches_other_seed_differs():
   c = config(global_batch_size=100, random_flip=True)
-  a = take(create_dataset(c, seed=3), 40)     # 40 * 100 > 2 epochs
+  a = take(create_dataset(c, seed=3), 40)  # 40 * 100 > 2 epochs
   b = take(create_dataset(c, seed=3), 40)
   assert_same(a, b)
   other = take(create_dataset(c, seed=4), 1)
@@ -69,8 +70,9 @@ def test_every_example_once_per_epoch_and_batches_straddle_epochs():
   assert source.get_state() == {"epoch": 1, "index": 203}
   labels = np.concatenate([first["label"], second["label"]])
   # The first 1797 labels are one full epoch: the label histogram of the whole set.
-  np.testing.assert_array_equal(np.bincount(labels[:1797], minlength=10),
-                                np.bincount(source_labels(), minlength=10))
+  np.testing.assert_array_equal(
+    np.bincount(labels[:1797], minlength=10), np.bincount(source_labels(), minlength=10)
+  )
   order0, order1 = source.epoch_order(0)[0], source.epoch_order(1)[0]
   assert not np.array_equal(order0, order1)
 

@@ -1,5 +1,6 @@
 """Shared fixtures of the evaluation tests: the digits feature net, fitted once per session into
 a temporary cache (never the user's ~/.cache)."""
+
 import pytest
 
 from dimsum_jax.evaluate import digits_features

@@ -7,6 +7,7 @@ rows by the same weights in batches of other sizes, so only the blocking of the 
 differ: K eps of the largest feature for the longest sum, K = 2048 (the Inception's fc; measured:
 pool and spatial bit for bit, the fc 2e-6).
 """
+
 import json
 
 import numpy as np
@@ -55,7 +56,7 @@ def _run(kind, where):
   r = train_util.run_python(["-c", SCRIPT, kind, str(where), str(SEED)], devices=8, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])
 
 
 def test_digits_features_on_8_devices_equal_1(digits_cache):

@@ -3,6 +3,7 @@
 Samples here are real digits the net never trained on (the held-out fifth), resampled with a
 stated seed, against noise images from the same seed.
 """
+
 import logging
 
 import jax
@@ -33,8 +34,9 @@ def test_damaged_cache_is_fitted_again(tmp_path, digits_cache, caplog, monkeypat
   assert "cannot be read" in caplog.text
   load = digits_features._load  # pylint: disable=protected-access
   params, _ = load(str(tmp_path / digits_features.CACHE_FILE))
-  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params),
-                                                  jax.tree.leaves(good[0])))
+  assert all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(good[0]))
+  )
 
 
 @pytest.mark.parametrize("size,channels", [(16, 1), (8, 3)])
@@ -47,9 +49,11 @@ def test_real_digits_score_much_better_than_noise(digits_net, size, channels):
   real, real_labels = images[pick], labels[pick]
   noise = rng.integers(0, 256, real.shape, np.uint8)
   ref = digits_features.digits_reference(digits_net, size, channels)
-  with jax.transfer_guard("disallow"):   # as inside the training loop
-    scores = {name: metrics.evaluate_images(x, real_labels, ref, digits_net)
-              for name, x in (("real", real), ("noise", noise))}
+  with jax.transfer_guard("disallow"):  # as inside the training loop
+    scores = {
+      name: metrics.evaluate_images(x, real_labels, ref, digits_net)
+      for name, x in (("real", real), ("noise", noise))
+    }
   r, n = scores["real"], scores["noise"]
   msg = f"seed {seed}: {scores}"
   assert r["accuracy"] > 0.95 and n["accuracy"] < 0.3, msg

@@ -8,6 +8,7 @@ along the 20 layers of the deepest path (Conv2d_1a_3x3 .. Mixed_7c's branch3x3db
 20 sqrt(4032) eps = 1.5e-4 of the largest value. Measured: 8e-7 (pool), 9e-7 (logits),
 4.5e-6 (spatial).
 """
+
 import jax
 import numpy as np
 import pytest
@@ -44,8 +45,11 @@ def _rel(a, b):
 def test_expected_keys_are_the_released_files():
   """Our tree's torch names and shapes = the port's state dict (less num_batches_tracked)."""
   model = torch_inception.FIDInception3()
-  want = {k: tuple(v.shape) for k, v in model.state_dict().items()
-          if not k.endswith("num_batches_tracked")}
+  want = {
+    k: tuple(v.shape)
+    for k, v in model.state_dict().items()
+    if not k.endswith("num_batches_tracked")
+  }
   have = {k: v[2] for k, v in inception.expected_keys().items()}
   assert have == want
   assert len(have) == 472 and have["fc.weight"] == (1008, 2048)
@@ -65,8 +69,9 @@ def test_network_matches_the_torch_port(torch_net, seed):
     assert out[key].shape == (3, dim), key
     err = _rel(out[key], want)
     print(f"{key}: max relative error {err:.2e} (seed {seed})")
-    assert err < NET_TOL, f"{key}: relative error {err:.2e} > {NET_TOL:.2e} (weights and images " \
-                          f"of seed {seed})"
+    assert err < NET_TOL, (
+      f"{key}: relative error {err:.2e} > {NET_TOL:.2e} (weights and images of seed {seed})"
+    )
 
 
 @seeds.each(default=0, many=8)
@@ -77,8 +82,13 @@ def test_pytorch_fid_resize_is_torch_interpolate(size, seed):
   x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
   want = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
   got = np.asarray(inception.preprocess(images, "pytorch_fid"))
-  np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0,
-                             atol=RESIZE_TOL * 2, err_msg=f"seed {seed}, size {size}")
+  np.testing.assert_allclose(
+    got,
+    want.permute(0, 2, 3, 1).numpy(),
+    rtol=0,
+    atol=RESIZE_TOL * 2,
+    err_msg=f"seed {seed}, size {size}",
+  )
 
 
 @seeds.each(default=0, many=8)
@@ -89,8 +99,9 @@ def test_tf_input_is_the_legacy_tensorflow_resize(seed):
   a slope of up to 255 per pixel, on top of the rounding of the 4-term sum."""
   tf = pytest.importorskip("tensorflow")
   images = np.random.default_rng(seed).integers(0, 256, (2, 64, 100, 3), np.uint8)
-  want = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), [299, 299],
-                                            align_corners=False, half_pixel_centers=False)
+  want = tf.compat.v1.image.resize_bilinear(
+    images.astype(np.float32), [299, 299], align_corners=False, half_pixel_centers=False
+  )
   want = (want.numpy().astype(np.float64) - 128.0) / 128.0
   got = np.asarray(inception.preprocess(images, "tf"))
   tol = (100 * 255 * EPS32 + RESIZE_TOL * 255) / 128
@@ -99,8 +110,10 @@ def test_tf_input_is_the_legacy_tensorflow_resize(seed):
 
 def test_grey_images_are_repeated_to_rgb():
   images = np.random.default_rng(0).integers(0, 256, (2, 20, 20, 1), np.uint8)
-  np.testing.assert_array_equal(np.asarray(inception.preprocess(images)),
-                                np.asarray(inception.preprocess(np.repeat(images, 3, -1))))
+  np.testing.assert_array_equal(
+    np.asarray(inception.preprocess(images)),
+    np.asarray(inception.preprocess(np.repeat(images, 3, -1))),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,8 +133,14 @@ def test_refuses_missing_unexpected_and_misshapen_keys(torch_net):
     inception.variables_from_state_dict(missing, source="f.pth")
   assert "1 missing (Mixed_6d.branch1x1.conv.weight)" in _one_sentence(e)
   # torchvision's own Inception weights: 1000 classes and an auxiliary classifier.
-  other = dict(state, **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
-                         "AuxLogits.fc.weight": torch.zeros(1000, 768)})
+  other = dict(
+    state,
+    **{
+      "fc.weight": torch.zeros(1000, 2048),
+      "fc.bias": torch.zeros(1000),
+      "AuxLogits.fc.weight": torch.zeros(1000, 768),
+    },
+  )
   with pytest.raises(inception.WeightsError) as e:
     inception.variables_from_state_dict(other, source="inception_v3_google.pth")
   text = _one_sentence(e)
@@ -135,11 +154,11 @@ def test_num_batches_tracked_is_ignored(torch_net):
   without = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
   a = inception.variables_from_state_dict(state)
   b = inception.variables_from_state_dict(without)
-  assert all(np.array_equal(x, y) for x, y in zip(
-      jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   conv = a["params"]["Mixed_5b"]["branch5x5_2"]["conv"]["kernel"]
-  np.testing.assert_array_equal(conv, state["Mixed_5b.branch5x5_2.conv.weight"].numpy()
-                                .transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    conv, state["Mixed_5b.branch5x5_2.conv.weight"].numpy().transpose(2, 3, 1, 0)
+  )
   bn = a["batch_stats"]["Conv2d_1a_3x3"]["bn"]["var"]
   np.testing.assert_array_equal(bn, state["Conv2d_1a_3x3.bn.running_var"].numpy())
 
@@ -161,8 +180,12 @@ def test_weight_files(torch_net, tmp_path):
   torch.save({"model": _NotATensor()}, tmp_path / "pickle.pth")
   torch.save(torch.zeros(3), tmp_path / "tensor.pth")
   (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-  for name, phrase in (("pickle.pth", "weights_only=True"), ("tensor.pth", "not a state dict"),
-                       ("junk.pth", "weights_only=True"), ("absent.pth", "do not exist")):
+  for name, phrase in (
+    ("pickle.pth", "weights_only=True"),
+    ("tensor.pth", "not a state dict"),
+    ("junk.pth", "weights_only=True"),
+    ("absent.pth", "do not exist"),
+  ):
     with pytest.raises(inception.WeightsError) as e:
       inception.load_variables(str(tmp_path / name))
     assert phrase in _one_sentence(e), name

@@ -5,6 +5,7 @@ np.cov statistics, scipy.linalg.sqrtm with its eps retry, softmax then log for t
 Score, the full distance matrix with np.partition for the k-NN radii. Every input comes from the
 stated seed (tests/seeds.py: the default seed here, 50 more under -m slow).
 """
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -39,7 +40,7 @@ def adm_inception_score(logits, split_size):
   preds = e / e.sum(axis=1, keepdims=True)
   scores = []
   for i in range(0, len(preds), split_size):
-    part = preds[i:i + split_size]
+    part = preds[i : i + split_size]
     kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
     scores.append(np.exp(np.mean(np.sum(kl, 1))))
   return float(np.mean(scores))
@@ -65,13 +66,15 @@ def _decisive_margin(rel):
 
 def adm_precision_recall(ref, smp, k=3):
   r_ref, r_smp = adm_radii(ref, k), adm_radii(smp, k)
-  d = _distances(ref, smp)                                  # [n_ref, n_smp]
+  d = _distances(ref, smp)  # [n_ref, n_smp]
   precision = np.mean(np.any(d <= r_ref[:, None], axis=0))
   recall = np.mean(np.any(d <= r_smp[None, :], axis=1))
   # How far every verdict is from flipping, relative to its radius: the float32 blocks decide as
   # float64 does when this exceeds their rounding.
-  margin = min(_decisive_margin((d - r_ref[:, None]) / r_ref[:, None]),
-               _decisive_margin(((d - r_smp[None, :]) / r_smp[None, :]).T))
+  margin = min(
+    _decisive_margin((d - r_ref[:, None]) / r_ref[:, None]),
+    _decisive_margin(((d - r_smp[None, :]) / r_smp[None, :]).T),
+  )
   return precision, recall, margin
 
 
@@ -105,9 +108,11 @@ def test_fid_rank_deficient(seed):
   tol = 2 * null * np.sqrt(64 * EPS64 * np.linalg.norm(s1, 2) * np.linalg.norm(s2, 2))
   # Through the singular values of the 40 centred rows (what evaluate_images does), through the
   # symmetric eigenproblem, and with the roles of the sets exchanged.
-  for got in (metrics.fid_of_features(x, y.mean(0), s2),
-              metrics.frechet_distance(*metrics.statistics(x), *metrics.statistics(y)),
-              metrics.frechet_distance(*metrics.statistics(y), *metrics.statistics(x))):
+  for got in (
+    metrics.fid_of_features(x, y.mean(0), s2),
+    metrics.frechet_distance(*metrics.statistics(x), *metrics.statistics(y)),
+    metrics.frechet_distance(*metrics.statistics(y), *metrics.statistics(x)),
+  ):
     assert abs(got - want) <= tol, (got, want, tol, f"seed {seed}")
 
 
@@ -126,15 +131,16 @@ def test_fid_identical_sets_is_zero_and_refuses_non_psd():
 def test_streamed_moments_are_np_cov(seed):
   """Statistics merged chunk by chunk (the reference writer) = np.mean / np.cov of all rows."""
   x, _ = _features(seed, 1000, 2, 48)
-  x = x * 10 + 100   # a large mean, as pool features have
+  x = x * 10 + 100  # a large mean, as pool features have
   m = metrics.Moments.of(x[:7])
   for a, b in ((7, 300), (300, 301), (301, 1000)):
     m = m.merge(metrics.Moments.of(x[a:b]))
   assert m.n == 1000
   np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e3 * EPS64, err_msg=f"seed {seed}")
   scale = np.abs(np.cov(x, rowvar=False)).max()
-  np.testing.assert_allclose(m.sigma, np.cov(x, rowvar=False), rtol=0, atol=1e4 * EPS64 * scale,
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    m.sigma, np.cov(x, rowvar=False), rtol=0, atol=1e4 * EPS64 * scale, err_msg=f"seed {seed}"
+  )
 
 
 @seeds.each()
@@ -160,8 +166,12 @@ def test_precision_recall(block, seed):
   assert margin > 1e-5, f"seed {seed}: a verdict lies within float32 rounding of its radius"
   assert metrics.precision_recall(ref, smp, block=block) == (precision, recall), f"seed {seed}"
   shift = ref.mean(0)
-  np.testing.assert_allclose(metrics.manifold_radii(smp, block=block, shift=shift),
-                             adm_radii(smp), rtol=1e-5, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    metrics.manifold_radii(smp, block=block, shift=shift),
+    adm_radii(smp),
+    rtol=1e-5,
+    err_msg=f"seed {seed}",
+  )
   assert 0 < precision < 1 and 0 < recall < 1, (precision, recall)
 
 
@@ -173,8 +183,10 @@ def test_precision_recall_of_a_set_with_itself_is_one():
 def test_minimum_sample_counts_are_one_sentence():
   with pytest.raises(metrics.EvaluationError) as e:
     metrics.check_counts(["fid", "precision", "recall"], 10, 10_000)
-  assert str(e.value) == ("precision needs at least 100 samples and there are 10: evaluate more "
-                          "samples, or leave it out of the metrics.")
+  assert str(e.value) == (
+    "precision needs at least 100 samples and there are 10: evaluate more "
+    "samples, or leave it out of the metrics."
+  )
   with pytest.raises(metrics.EvaluationError, match="reference holds 50"):
     metrics.check_counts(["recall"], 1000, 50)
   metrics.check_counts(["fid", "is"], 2, None)

@@ -6,6 +6,7 @@ themselves (the Linear path's E[x1 - x0 | x_t] under the empirical distribution 
 whose samples must approach real digits as the NFE grows: the features' FID must fall (from
 62 at one Euler step, every sample its class mean, to 12-13 at 4 and 16 steps).
 """
+
 import importlib.util
 import json
 import os
@@ -28,57 +29,77 @@ SEED = 5
 
 def _tiny_dit_parts():
   """(config, module, params) of configs/digits.py:smoke_dit at depth 1, randomly initialised."""
-  spec = importlib.util.spec_from_file_location("digits_cfg", os.path.join(ROOT, "configs",
-                                                                          "digits.py"))
+  spec = importlib.util.spec_from_file_location(
+    "digits_cfg", os.path.join(ROOT, "configs", "digits.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke_dit")
   config.model.depth = 1
   model = models.create_model(config.model)
   rngs = {"params": jax.random.PRNGKey(SEED), "dropout": jax.random.PRNGKey(1)}
-  params = jax.jit(model.init)(rngs, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
-                               jnp.zeros((1,), jnp.int32))["params"]
+  params = jax.jit(model.init)(
+    rngs, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+  )["params"]
   return config, model, params
 
 
 def _tiny_dit():
   config, model, params = _tiny_dit_parts()
   return sweep.SweepModel(
-      model_fn=lambda p, x, t, y: model.apply({"params": p}, x, t, y), params=params,
-      image_shape=(8, 8, 1), num_classes=10, path_type=config.transport.path_type,
-      prediction=config.transport.prediction)
+    model_fn=lambda p, x, t, y: model.apply({"params": p}, x, t, y),
+    params=params,
+    image_shape=(8, 8, 1),
+    num_classes=10,
+    path_type=config.transport.path_type,
+    prediction=config.transport.prediction,
+  )
 
 
 def test_sweep_shares_noises_counts_nfe_and_resumes(tmp_path, digits_net, monkeypatch):
   sm = _tiny_dit()
   ref = digits_features.digits_reference(digits_net, 8, 1)
-  settings = [{"solver": "euler", "num_steps": 1, "cfg_scale": 1.0},
-              {"solver": "heun", "num_steps": 2, "cfg_scale": 2.0}]
-  kw = dict(reference=ref, feature_net=digits_net, num_samples=12, seed=SEED,
-            metrics="fid,accuracy", batch_size=8, out=str(tmp_path))
+  settings = [
+    {"solver": "euler", "num_steps": 1, "cfg_scale": 1.0},
+    {"solver": "heun", "num_steps": 2, "cfg_scale": 2.0},
+  ]
+  kw = dict(
+    reference=ref,
+    feature_net=digits_net,
+    num_samples=12,
+    seed=SEED,
+    metrics="fid,accuracy",
+    batch_size=8,
+    out=str(tmp_path),
+  )
   rows = sweep.run_sweep(sm, settings, keep_images=True, **kw)
   assert [r["nfe"] for r in rows] == [1.0, 4.0]
   assert all(r["num_samples"] == 12 and np.isfinite(r["fid"]) for r in rows)
   # Sample i starts from the noise `python -m dimsum_jax.sample` gives it.
   key = jax.random.split(jax.random.PRNGKey(SEED))[0]
-  noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), (8, 8, 1)))
-                    for i in range(12)])
+  noise = np.stack(
+    [np.asarray(jax.random.normal(jax.random.fold_in(key, i), (8, 8, 1))) for i in range(12)]
+  )
   np.testing.assert_array_equal(np.load(tmp_path / "noise-seed5-12x8x8x1.npy"), noise)
   # The guided Heun setting equals a direct solve from those noises.
   labels = np.arange(12) % 10
   velocity = sampling.make_sampling_velocity_fn(
-      lambda x, t, y: sm.model_fn(sm.params, x, t, y), path_type=sm.path_type,
-      prediction=sm.prediction, cfg_scale=2.0, null_label=10)
-  x1 = jax.jit(lambda x0, y: sampling.solve_ode(velocity, x0, solver="heun", num_steps=2,
-                                                args=y).x1)(jnp.asarray(noise), labels)
+    lambda x, t, y: sm.model_fn(sm.params, x, t, y),
+    path_type=sm.path_type,
+    prediction=sm.prediction,
+    cfg_scale=2.0,
+    null_label=10,
+  )
+  x1 = jax.jit(
+    lambda x0, y: sampling.solve_ode(velocity, x0, solver="heun", num_steps=2, args=y).x1
+  )(jnp.asarray(noise), labels)
   want = np.asarray(jnp.clip(127.5 * x1 + 128.0, 0, 255).astype(jnp.uint8))
   assert np.abs(rows[1]["images"].astype(int) - want).max() <= 1, f"seed {SEED}"
   # A rerun reads the finished settings; one whose row is gone is sampled again, alone, and
   # gives the same row (the same noises; its compiled sampler is kept by the SweepModel).
   monkeypatch.setattr(sweep, "sample_setting", lambda *a, **k: pytest.fail("sampled again"))
   again = sweep.run_sweep(sm, settings, **kw)
-  strip = lambda r: {k: v for k, v in r.items() if k not in ("images", "seconds",
-                                                             "sample_seconds")}
+  strip = lambda r: {k: v for k, v in r.items() if k not in ("images", "seconds", "sample_seconds")}
   assert [strip(r) for r in rows] == [strip(r) for r in again]
   monkeypatch.undo()
   written = json.loads((tmp_path / "sweep.json").read_text())
@@ -103,20 +124,35 @@ def _oracle():
     del params
     flat = x.reshape(x.shape[0], -1)
     tt = t[:, None]
-    d2 = jnp.sum((flat[:, None, :] - tt[:, :, None] * data[None]) ** 2, -1)   # [B, N]
+    d2 = jnp.sum((flat[:, None, :] - tt[:, :, None] * data[None]) ** 2, -1)  # [B, N]
     logw = -d2 / (2 * (1 - tt) ** 2) + jnp.log(onehot[:, y].T + 1e-30)
     w = jax.nn.softmax(logw, axis=1)
     x1 = w @ data
     return ((x1 - flat) / (1 - tt)).reshape(x.shape)
-  return sweep.SweepModel(model_fn=model_fn, params={}, image_shape=(8, 8, 1), num_classes=10,
-                          path_type="Linear", prediction="velocity")
+
+  return sweep.SweepModel(
+    model_fn=model_fn,
+    params={},
+    image_shape=(8, 8, 1),
+    num_classes=10,
+    path_type="Linear",
+    prediction="velocity",
+  )
 
 
 def test_fid_falls_with_nfe_for_the_exact_field(tmp_path, digits_net):
   ref = digits_features.digits_reference(digits_net, 8, 1)
   settings = sweep.settings_grid(["euler"], [1, 4, 16], [1.0])
-  rows = sweep.run_sweep(_oracle(), settings, reference=ref, feature_net=digits_net,
-                         num_samples=120, seed=SEED, metrics="fid,accuracy", batch_size=40)
+  rows = sweep.run_sweep(
+    _oracle(),
+    settings,
+    reference=ref,
+    feature_net=digits_net,
+    num_samples=120,
+    seed=SEED,
+    metrics="fid,accuracy",
+    batch_size=40,
+  )
   fid = [r["fid"] for r in rows]
   msg = f"seed {SEED}: {[(r['setting']['num_steps'], r['fid'], r['accuracy']) for r in rows]}"
   # One step lands every sample on its class mean; 4 and 16 steps reach digits, down to the
@@ -125,16 +161,24 @@ def test_fid_falls_with_nfe_for_the_exact_field(tmp_path, digits_net):
   assert rows[2]["accuracy"] > 0.9, msg
 
 
-@pytest.mark.parametrize("argv,phrase", [
+@pytest.mark.parametrize(
+  "argv,phrase",
+  [
     (["--checkpoint={root}/absent", "--features=digits"], "no such directory"),
     (["--checkpoint={root}", "--features=inception"], "Pass --reference=REF.npz"),
     (["--checkpoint={root}", "--features=digits", "--solver=rk4"], "unknown ODE solver"),
-    (["--checkpoint={root}", "--features=digits", "--num_steps=8,2.5"],
-     "--num_steps=8,2.5 is not a comma list of integers"),
-])
+    (
+      ["--checkpoint={root}", "--features=digits", "--num_steps=8,2.5"],
+      "--num_steps=8,2.5 is not a comma list of integers",
+    ),
+  ],
+)
 def test_command_line_refusals(tmp_path, digits_cache, capsys, argv, phrase):
-  code = command_line.call(sweep, [a.format(root=tmp_path) for a in argv] +
-                           [f"--out={tmp_path / 'out'}", f"--cache_dir={digits_cache}"])
+  code = command_line.call(
+    sweep,
+    [a.format(root=tmp_path) for a in argv]
+    + [f"--out={tmp_path / 'out'}", f"--cache_dir={digits_cache}"],
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
   assert not (tmp_path / "out").exists()
@@ -144,6 +188,7 @@ def test_command_line_on_a_converted_checkpoint(tmp_path, digits_cache, capsys):
   """The CLI end to end: sample.load_model reads a checkpoint (the `convert` layout:
   model_config.json + params/), SweepModel.from_loaded wraps it, one setting is swept."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   config, _, params = _tiny_dit_parts()
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()
@@ -151,10 +196,21 @@ def test_command_line_on_a_converted_checkpoint(tmp_path, digits_cache, capsys):
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(str(ckpt / "params"), params)
   checkpointer.wait_until_finished()
-  code = command_line.call(sweep, [
-      f"--checkpoint={ckpt}", "--features=digits", f"--cache_dir={digits_cache}",
-      "--num_samples=12", "--batch_size=8", "--num_steps=2", "--cfg_scale=1.5", f"--seed={SEED}",
-      "--metrics=fid,accuracy", f"--out={tmp_path / 'out'}"])
+  code = command_line.call(
+    sweep,
+    [
+      f"--checkpoint={ckpt}",
+      "--features=digits",
+      f"--cache_dir={digits_cache}",
+      "--num_samples=12",
+      "--batch_size=8",
+      "--num_steps=2",
+      "--cfg_scale=1.5",
+      f"--seed={SEED}",
+      "--metrics=fid,accuracy",
+      f"--out={tmp_path / 'out'}",
+    ],
+  )
   out, err = capsys.readouterr()
   assert code == 0, err
   rows = json.loads((tmp_path / "out" / "sweep.json").read_text())

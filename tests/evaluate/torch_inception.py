@@ -20,13 +20,13 @@ activations stay O(1) through the 94 convolutions. `features(model, images01)` r
 Flax network returns: pool_3, the fc logits with and without the bias (ADM's Inception Score
 drops it), and Mixed_6d.branch1x1's first 7 channels flattened in NHWC order.
 """
+
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 
 class BasicConv2d(nn.Module):
-
   def __init__(self, cin, cout, **kwargs):
     super().__init__()
     self.conv = nn.Conv2d(cin, cout, bias=False, **kwargs)
@@ -41,7 +41,6 @@ def _avg_pool_tf(x):
 
 
 class FIDInceptionA(nn.Module):
-
   def __init__(self, cin, pool_features):
     super().__init__()
     self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
@@ -61,7 +60,6 @@ class FIDInceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-
   def __init__(self, cin):
     super().__init__()
     self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
@@ -76,7 +74,6 @@ class InceptionB(nn.Module):
 
 
 class FIDInceptionC(nn.Module):
-
   def __init__(self, cin, channels_7x7):
     super().__init__()
     c7 = channels_7x7
@@ -95,15 +92,18 @@ class FIDInceptionC(nn.Module):
     b1 = self.branch1x1(x)
     b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     bd = self.branch7x7dbl_1(x)
-    for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+    for layer in (
+      self.branch7x7dbl_2,
+      self.branch7x7dbl_3,
+      self.branch7x7dbl_4,
+      self.branch7x7dbl_5,
+    ):
       bd = layer(bd)
     bp = self.branch_pool(_avg_pool_tf(x))
     return torch.cat([b1, b7, bd, bp], 1)
 
 
 class InceptionD(nn.Module):
-
   def __init__(self, cin):
     super().__init__()
     self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -176,7 +176,8 @@ def features(model, images01):
   """{pool, logits, is_logits, spatial} of float images in [0, 1], NCHW, as pytorch-fid feeds."""
   spatial = {}
   hook = model.Mixed_6d.branch1x1.register_forward_hook(
-      lambda module, inputs, output: spatial.update(x=output))
+    lambda module, inputs, output: spatial.update(x=output)
+  )
   try:
     with torch.no_grad():
       x = F.interpolate(images01, size=(299, 299), mode="bilinear", align_corners=False)
@@ -186,15 +187,26 @@ def features(model, images01):
       x = F.max_pool2d(x, kernel_size=3, stride=2)
       x = model.Conv2d_4a_3x3(model.Conv2d_3b_1x1(x))
       x = F.max_pool2d(x, kernel_size=3, stride=2)
-      for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
-                   "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+      for name in (
+        "Mixed_5b",
+        "Mixed_5c",
+        "Mixed_5d",
+        "Mixed_6a",
+        "Mixed_6b",
+        "Mixed_6c",
+        "Mixed_6d",
+        "Mixed_6e",
+        "Mixed_7a",
+        "Mixed_7b",
+        "Mixed_7c",
+      ):
         x = getattr(model, name)(x)
       pool = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
       logits = model.fc(pool)
       is_logits = pool @ model.fc.weight.T
   finally:
     hook.remove()
-  s = spatial["x"][:, :7].permute(0, 2, 3, 1).reshape(pool.shape[0], -1)   # NHWC order
+  s = spatial["x"][:, :7].permute(0, 2, 3, 1).reshape(pool.shape[0], -1)  # NHWC order
   return {"pool": pool, "logits": logits, "is_logits": is_logits, "spatial": s}
 
 
@@ -219,7 +231,7 @@ def random_state_dict(model, seed):
       state[key] = 0.5 + torch.rand(shape, generator=g)
     elif key.endswith("bn.weight"):
       state[key] = 0.8 + 0.4 * torch.rand(shape, generator=g)
-    else:   # bn.bias, running_mean, fc.bias
+    else:  # bn.bias, running_mean, fc.bias
       state[key] = 0.2 * torch.rand(shape, generator=g) - 0.1
   model.load_state_dict(state)
   return state

@@ -1,5 +1,6 @@
 """Helpers of the model tests: tiny configs, non-trivial weights, cached jitted forwards, and an
 unrolled DiMSUM forward written block by block (the reference for the scanned model)."""
+
 import json
 
 import jax
@@ -10,8 +11,13 @@ from dimsum_jax import convert
 from dimsum_jax import models
 from dimsum_jax.models import create_model, default_model_config
 from dimsum_jax.models.dimsum import DiMSUMBlock, SharedTransformerBlock
-from dimsum_jax.models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                                      unpatchify)
+from dimsum_jax.models.layers import (
+  FinalLayer,
+  LabelEmbedder,
+  PatchEmbed,
+  TimestepEmbedder,
+  unpatchify,
+)
 from dimsum_jax.ops import scan_orders
 from dimsum_jax.tools import hashfill
 
@@ -23,13 +29,24 @@ def tiny_config(**overrides):
   """DiMSUM with D = 32 (branch width 16, the least the wavelet layout allows), 4x4 tokens, and
   the shared transformer after every block, so the scanned body holds one block (quick compile)."""
   mc = default_model_config()
-  mc.update(name="DiMSUM-L/2", hidden_size=32, depth=2, attn_every=1, input_size=8,
-            num_classes=10, label_dropout=0.1, scan_impl="reference")
+  mc.update(
+    name="DiMSUM-L/2",
+    hidden_size=32,
+    depth=2,
+    attn_every=1,
+    input_size=8,
+    num_classes=10,
+    label_dropout=0.1,
+    scan_impl="reference",
+  )
   mc.update(overrides)
   defaults = default_model_config()
   for key in ("scan_impl", "attn_every"):  # back to the default where the model does not read it
-    if (key not in overrides and mc.name in models.MODEL_NAMES
-        and key not in models.fields_read(mc.name)):
+    if (
+      key not in overrides
+      and mc.name in models.MODEL_NAMES
+      and key not in models.fields_read(mc.name)
+    ):
       mc[key] = defaults[key]
   return mc
 
@@ -73,8 +90,10 @@ def orders(scan_type, depth, grid, levels=2):
   """(s_perm, s_inv, w_perm, w_inv), each [depth, N], from dimsum_jax.ops.scan_orders."""
   spatial = scan_orders.spatial_orders(scan_type, depth, grid, grid)
   wavelet = scan_orders.wavelet_orders(depth, grid, grid, levels, scan_type)
-  return tuple(np.asarray(o, np.int32) for o in
-               (spatial, np.argsort(spatial, -1), wavelet, np.argsort(wavelet, -1)))
+  return tuple(
+    np.asarray(o, np.int32)
+    for o in (spatial, np.argsort(spatial, -1), wavelet, np.argsort(wavelet, -1))
+  )
 
 
 def block_params(params, model, i):
@@ -91,20 +110,36 @@ def unrolled_forward(model, params, shared, x, t, y, block_orders):
   g = model.input_size // p
   t_emb = TimestepEmbedder(D, dtype=dt).apply({"params": params["t_embedder"]}, t)
   y_emb = LabelEmbedder(model.num_classes, D, model.label_dropout, dt).apply(
-      {"params": params["y_embedder"]}, y)
+    {"params": params["y_embedder"]}, y
+  )
   c = t_emb + jnp.broadcast_to(y_emb, t_emb.shape)
   h = PatchEmbed(D, p, dt).apply({"params": params["x_embedder"]}, x.astype(dt))
   h = h + params["pos_embed"].astype(dt)
   r = jnp.zeros(h.shape, jnp.promote_types(dt, jnp.float32))
-  block = DiMSUMBlock(hidden_size=D, depth=model.depth, grid=(g, g),
-                      wavelet_levels=model.wavelet_levels, fusion_heads=model.fusion_heads,
-                      mlp_ratio=model.mlp_ratio, cond_mamba=model.cond_mamba,
-                      scan_impl=model.scan_impl, dtype=dt, bidirectional=model.bidirectional)
+  block = DiMSUMBlock(
+    hidden_size=D,
+    depth=model.depth,
+    grid=(g, g),
+    wavelet_levels=model.wavelet_levels,
+    fusion_heads=model.fusion_heads,
+    mlp_ratio=model.mlp_ratio,
+    cond_mamba=model.cond_mamba,
+    scan_impl=model.scan_impl,
+    dtype=dt,
+    bidirectional=model.bidirectional,
+  )
   attn = SharedTransformerBlock(model.attn_heads, model.mlp_ratio, dt)
   applications = 0
   for i in range(model.depth):
-    h, r = block.apply({"params": block_params(params, model, i)}, h, r, c,
-                       tuple(o[i] for o in block_orders), 0.0, False)
+    h, r = block.apply(
+      {"params": block_params(params, model, i)},
+      h,
+      r,
+      c,
+      tuple(o[i] for o in block_orders),
+      0.0,
+      False,
+    )
     if model.attn_every and (i + 1) % model.attn_every == 0:
       h = attn.apply({"params": shared[applications]}, h, c)
       applications += 1

@@ -5,6 +5,7 @@ scan over depth, gradients, and the one-sentence refusals.
 
 Golden arrays are NCHW (PyTorch); the model is NHWC. Relative errors are max |diff| / max |ref|.
 """
+
 import functools
 import json
 import re
@@ -62,8 +63,11 @@ def _wide_fill(key, shape, seed=7):
     v = 1 + 0.25 * u
   elif key == "label_emb.weight" or key.endswith("embedding_table.weight"):
     v = u
-  elif key in ("additional_embed", "a4m_adapter.pad_token", "a4m_adapter.pad_token_dec_split") \
-      or key.endswith("scale_shift_table"):
+  elif key in (
+    "additional_embed",
+    "a4m_adapter.pad_token",
+    "a4m_adapter.pad_token_dec_split",
+  ) or key.endswith("scale_shift_table"):
     v = 0.5 * u
   elif len(shape) >= 2:
     v = np.sqrt(3.0 / np.prod(shape[1:])) * u
@@ -95,6 +99,7 @@ def _forward(case, dtype_name):
   def run(params, x, t, y):
     out, state = model.apply({"params": params}, x, t, y, mutable=["intermediates"])
     return out, state["intermediates"]
+
   return model, params, jax.jit(run, compiler_options=common.FAST)
 
 
@@ -103,39 +108,52 @@ def _run(case, dtype_name, y=None):
   model, params, fn = _forward(case, dtype_name)
   f = np.dtype(dtype_name)
   with jax.enable_x64(dtype_name == "float64"):
-    out, inter = fn(params, _nhwc(data["x"]).astype(f), data["t"].astype(f),
-                    data["y"] if y is None else y)
+    out, inter = fn(
+      params, _nhwc(data["x"]).astype(f), data["t"].astype(f), data["y"] if y is None else y
+    )
     return _nchw(out), jax.tree.map(np.asarray, inter)
 
 
 def _streams(inter):
   """Stream after every block, in its scan order: [depth, b, L, D]."""
-  return np.concatenate([inter["block_0"]["stream"][0][None],
-                         inter["in_blocks"]["block"]["stream"][0],
-                         inter["out_blocks"]["block"]["stream"][0]])
+  return np.concatenate(
+    [
+      inter["block_0"]["stream"][0][None],
+      inter["in_blocks"]["block"]["stream"][0],
+      inter["out_blocks"]["block"]["stream"][0],
+    ]
+  )
 
 
 # ---------------------------------------------------------------- golden forwards
+
 
 def _ours(inter, name):
   """Our intermediate under the golden file's name (without the _f64 suffix)."""
   block0 = inter["block_0"]
   table = {
-      "patch_tokens": inter["patch_tokens"][0], "t_token": inter["t_token"][0],
-      "y_token": inter["y_token"][0], "adaln_c": inter["adaln_c"][0],
-      "adaln_out": inter["adaln_out"][0], "tokens_in": inter["tokens_in"][0],
-      "first_smoother_out": _nchw(inter["first_smoother_out"][0]),
-      "seq_prepared": inter["seq_prepared"][0], "block0_norm_out": block0["norm_out"][0],
-      "block0_mixer_in": block0["mixer_in"][0], "block0_mamba_out": block0["mamba_out"][0],
-      "block0_out": block0["block_out"][0], "blocks_stream": _streams(inter),
-      "blocks_stream_f64as32": _streams(inter),
-      "blocks_stream_rms": np.sqrt((_streams(inter) ** 2).mean(axis=(1, 2, 3))),
-      # the first consumer's skip_linear (block (depth + 1) / 2)
-      "skip_linear_out": inter["out_blocks"]["block"]["skip_linear_out"][0][0],
-      "seq_before_finalize": inter["seq_before_finalize"][0],
-      "finalized_tokens": inter["finalized_tokens"][0], "norm_out": inter["final_norm"][0],
-      "final_shift_scale": inter["final_shift_scale"][0],
-      "final_layer_out": inter["final_layer_out"][0],
+    "patch_tokens": inter["patch_tokens"][0],
+    "t_token": inter["t_token"][0],
+    "y_token": inter["y_token"][0],
+    "adaln_c": inter["adaln_c"][0],
+    "adaln_out": inter["adaln_out"][0],
+    "tokens_in": inter["tokens_in"][0],
+    "first_smoother_out": _nchw(inter["first_smoother_out"][0]),
+    "seq_prepared": inter["seq_prepared"][0],
+    "block0_norm_out": block0["norm_out"][0],
+    "block0_mixer_in": block0["mixer_in"][0],
+    "block0_mamba_out": block0["mamba_out"][0],
+    "block0_out": block0["block_out"][0],
+    "blocks_stream": _streams(inter),
+    "blocks_stream_f64as32": _streams(inter),
+    "blocks_stream_rms": np.sqrt((_streams(inter) ** 2).mean(axis=(1, 2, 3))),
+    # the first consumer's skip_linear (block (depth + 1) / 2)
+    "skip_linear_out": inter["out_blocks"]["block"]["skip_linear_out"][0][0],
+    "seq_before_finalize": inter["seq_before_finalize"][0],
+    "finalized_tokens": inter["finalized_tokens"][0],
+    "norm_out": inter["final_norm"][0],
+    "final_shift_scale": inter["final_shift_scale"][0],
+    "final_layer_out": inter["final_layer_out"][0],
   }
   return table[name]
 
@@ -154,10 +172,12 @@ def test_golden_float64_every_intermediate(case):
     if key.endswith("_f64") and key[:-4] not in ("out", "out_null_label"):
       checked[key[:-4]] = _rel(_ours(inter, key[:-4]), data[key])
   if "blocks_stream_f64as32" in data:
-    checked["blocks_stream_f64as32"] = _rel(_ours(inter, "blocks_stream"),
-                                            data["blocks_stream_f64as32"])
-  bad = {k: v for k, v in checked.items()
-         if v > (2e-7 if k == "blocks_stream_f64as32" else F64_TOL)}
+    checked["blocks_stream_f64as32"] = _rel(
+      _ours(inter, "blocks_stream"), data["blocks_stream_f64as32"]
+    )
+  bad = {
+    k: v for k, v in checked.items() if v > (2e-7 if k == "blocks_stream_f64as32" else F64_TOL)
+  }
   assert len(checked) >= 20 and not bad, (case, bad)
 
 
@@ -175,14 +195,15 @@ def test_golden_wide_split_skip_float64():
   cut = lambda a: a[..., :8, :16]
   streams = _streams(inter)
   errors = {
-      "out": _rel(out, data["out_f64"]),
-      "seq_prepared": _rel(cut(inter["seq_prepared"][0]), data["seq_prepared_slice_f64"]),
-      "block0_out": _rel(cut(inter["block_0"]["block_out"][0]), data["block0_out_slice_f64"]),
-      "skip_linear_1": _rel(cut(inter["out_blocks"]["block"]["skip_linear_1_out"][0][0]),
-                            data["skip_linear_1_out_slice_f64"]),
-      "streams": _rel(cut(streams), data["blocks_stream_slice_f64"]),
-      "stream_rms": _rel(np.sqrt((streams ** 2).mean(axis=(1, 2, 3))),
-                         data["blocks_stream_rms_f64"]),
+    "out": _rel(out, data["out_f64"]),
+    "seq_prepared": _rel(cut(inter["seq_prepared"][0]), data["seq_prepared_slice_f64"]),
+    "block0_out": _rel(cut(inter["block_0"]["block_out"][0]), data["block0_out_slice_f64"]),
+    "skip_linear_1": _rel(
+      cut(inter["out_blocks"]["block"]["skip_linear_1_out"][0][0]),
+      data["skip_linear_1_out_slice_f64"],
+    ),
+    "streams": _rel(cut(streams), data["blocks_stream_slice_f64"]),
+    "stream_rms": _rel(np.sqrt((streams**2).mean(axis=(1, 2, 3))), data["blocks_stream_rms_f64"]),
   }
   assert all(v < F64_TOL for v in errors.values()), errors
 
@@ -198,6 +219,7 @@ def test_golden_float32(case):
 
 
 # ---------------------------------------------------------------- layout
+
 
 @pytest.mark.parametrize("case", ["tiny", "tiny_rho"])
 def test_scan_orders_and_skip_pairs_match_golden(case):
@@ -227,26 +249,35 @@ def test_scan_patterns_of_published_depth():
 
 # ---------------------------------------------------------------- sizes and the key set
 
+
 def _abstract(name, size, classes=1000, channels=4, padding="lateral"):
   mc = default_model_config()
-  mc.update(name=name, input_size=size, num_classes=classes, in_channels=channels,
-            dim_padding=padding)
+  mc.update(
+    name=name, input_size=size, num_classes=classes, in_channels=channels, dim_padding=padding
+  )
   model = create_model(mc)
   return model, dim_convert.abstract_params(model)
 
 
-PUBLISHED = {   # manifest entry: (registry name, latent size, classes, channels, padding)
-    "imagenet256_L_DiM": ("DiM-L/2", 32, 1000, 4, "lateral"),
-    "imagenet256_H_DiM": ("DiM-H/2", 32, 1000, 4, "lateral"),
-    "imagenet512_H_DiM_ft": ("DiM-H/2", 64, 1000, 4, "rho_pad"),
-    "cifar10_S_DiM": ("DiM-S/2", 32, 10, 3, "lateral"),
+PUBLISHED = {  # manifest entry: (registry name, latent size, classes, channels, padding)
+  "imagenet256_L_DiM": ("DiM-L/2", 32, 1000, 4, "lateral"),
+  "imagenet256_H_DiM": ("DiM-H/2", 32, 1000, 4, "lateral"),
+  "imagenet512_H_DiM_ft": ("DiM-H/2", 64, 1000, 4, "rho_pad"),
+  "cifar10_S_DiM": ("DiM-S/2", 32, 10, 3, "lateral"),
 }
-UPSTREAM_MODULE = {"x_embedder": "pos_embed", "t_embedder": "adaln_single",
-                   "class_embedder": "adaln_single", "adaLN_modulation": "adaln_single",
-                   "pad_token": "a4m_adapter", "pad_token_dec_split": "a4m_adapter",
-                   "first_smoother": "a4m_adapter", "last_smoother": "a4m_adapter",
-                   "block_0": "transformer_blocks", "in_blocks": "transformer_blocks",
-                   "out_blocks": "transformer_blocks"}
+UPSTREAM_MODULE = {
+  "x_embedder": "pos_embed",
+  "t_embedder": "adaln_single",
+  "class_embedder": "adaln_single",
+  "adaLN_modulation": "adaln_single",
+  "pad_token": "a4m_adapter",
+  "pad_token_dec_split": "a4m_adapter",
+  "first_smoother": "a4m_adapter",
+  "last_smoother": "a4m_adapter",
+  "block_0": "transformer_blocks",
+  "in_blocks": "transformer_blocks",
+  "out_blocks": "transformer_blocks",
+}
 
 
 @pytest.mark.parametrize("entry", sorted(PUBLISHED))
@@ -295,8 +326,11 @@ def test_from_upstream_names_every_bad_key():
   with pytest.raises(dim_convert.DiMConvertError) as e:
     dim_convert.from_upstream(state, model)
   text = str(e.value)
-  for key in ("transformer_blocks.3.attn1.D", "transformer_blocks.9.attn1.D",
-              "a4m_adapter.pad_token: [1, 3, 64]"):
+  for key in (
+    "transformer_blocks.3.attn1.D",
+    "transformer_blocks.9.attn1.D",
+    "a4m_adapter.pad_token: [1, 3, 64]",
+  ):
     assert key in text
 
 
@@ -309,8 +343,10 @@ def test_model_kwargs_refuses_unimplemented_upstream_option():
 
 # ---------------------------------------------------------------- position tables
 
-@pytest.mark.parametrize("case", ["up2x_4to8", "up3x_4to12", "down2x_8to4", "down3x_12to4",
-                                  "up_5to8"])
+
+@pytest.mark.parametrize(
+  "case", ["up2x_4to8", "up3x_4to12", "down2x_8to4", "down3x_12to4", "up_5to8"]
+)
 def test_position_table_resizing_matches_golden(case):
   data = _golden("pos_interp")
   src, dst = data[f"{case}_src"], data[f"{case}_dst"]
@@ -335,6 +371,7 @@ def test_256_to_512_transfer_matches_golden():
 
 # ---------------------------------------------------------------- Upsample Guidance
 
+
 def test_upsample_guidance_matches_golden():
   """A rho_pad model with skip tune and a 64-token table, U-ViT guidance 3, m = 2: the guided
   prediction at t = 0.9 (full and 2x-pooled low-resolution calls, the table resized at run
@@ -356,14 +393,16 @@ def test_upsample_guidance_matches_golden():
     x, y = _nhwc(data["x"]).astype(np.float64), data["y"]
     t = data["t090_t_continuous"]
     errors = {
-        "t090_cfg_pred": _rel(_nchw(low(x, 1000 * t, y)), data["t090_cfg_pred_f64"]),
-        "t090_low_pred": _rel(_nchw(low(_nhwc(data["t090_x_low_f64"]),
-                                        data["t090_tau_model_f64"], y)),
-                              data["t090_low_pred_f64"]),
-        "t090_tau": _rel(1000 * np.asarray(sampling.upsample_guidance_times(t, 2)[1]),
-                         data["t090_tau_model_f64"]),
-        "t090_g_pred": _rel(_nchw(fn(x, t, y)), data["t090_g_pred_f64"]),
-        "t050_g_pred": _rel(_nchw(fn(x, data["t050_t_continuous"], y)), data["t050_g_pred_f64"]),
+      "t090_cfg_pred": _rel(_nchw(low(x, 1000 * t, y)), data["t090_cfg_pred_f64"]),
+      "t090_low_pred": _rel(
+        _nchw(low(_nhwc(data["t090_x_low_f64"]), data["t090_tau_model_f64"], y)),
+        data["t090_low_pred_f64"],
+      ),
+      "t090_tau": _rel(
+        1000 * np.asarray(sampling.upsample_guidance_times(t, 2)[1]), data["t090_tau_model_f64"]
+      ),
+      "t090_g_pred": _rel(_nchw(fn(x, t, y)), data["t090_g_pred_f64"]),
+      "t050_g_pred": _rel(_nchw(fn(x, data["t050_t_continuous"], y)), data["t050_g_pred_f64"]),
     }
   assert all(v < F64_TOL for v in errors.values()), errors
   np.testing.assert_array_equal(data["t050_g_pred_f64"], data["t050_cfg_pred_f64"])
@@ -371,10 +410,19 @@ def test_upsample_guidance_matches_golden():
 
 # ---------------------------------------------------------------- registry, scan, refusals
 
+
 def _tiny(**overrides):
   mc = default_model_config()
-  mc.update(name="DiM-L/2", hidden_size=32, depth=5, input_size=8, num_classes=10,
-            label_dropout=0.15, scan_impl="reference", remat="none")
+  mc.update(
+    name="DiM-L/2",
+    hidden_size=32,
+    depth=5,
+    input_size=8,
+    num_classes=10,
+    label_dropout=0.15,
+    scan_impl="reference",
+    remat="none",
+  )
   mc.update(overrides)
   return mc
 
@@ -382,8 +430,7 @@ def _tiny(**overrides):
 def _filled(model, seed):
   """Upstream state dict of `model` with wide.npz's weight formula under `seed` (every weight
   non-zero and of a sensible size; no init to trace)."""
-  empty = jax.tree.map(lambda s: np.empty(s.shape, np.float32),
-                       dim_convert.abstract_params(model))
+  empty = jax.tree.map(lambda s: np.empty(s.shape, np.float32), dim_convert.abstract_params(model))
   state = dim_convert.to_upstream(empty, model)
   return {k: _wide_fill(k, v.shape, seed) for k, v in state.items()}
 
@@ -392,10 +439,15 @@ def _lowered_text(depth):
   mc = _tiny(depth=depth)
   model = create_model(mc)
   abstract = dim_convert.abstract_params(model)
-  x, t, y = (jax.ShapeDtypeStruct(s, d) for s, d in
-             (((2, 8, 8, 4), jnp.float32), ((2,), jnp.float32), ((2,), jnp.int32)))
-  return jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y)).lower(
-      abstract, x, t, y).as_text()
+  x, t, y = (
+    jax.ShapeDtypeStruct(s, d)
+    for s, d in (((2, 8, 8, 4), jnp.float32), ((2,), jnp.float32), ((2,), jnp.int32))
+  )
+  return (
+    jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+    .lower(abstract, x, t, y)
+    .as_text()
+  )
 
 
 def test_scan_bodies_are_traced_once_whatever_the_depth():
@@ -409,17 +461,19 @@ def test_scan_bodies_are_traced_once_whatever_the_depth():
 
 def test_bad_input_is_one_sentence_each():
   cases = [
-      (dict(depth=4), "odd depth"),
-      (dict(depth=1), "odd depth"),
-      (dict(input_size=7), "not divisible by patch_size"),
-      (dict(dim_padding="zigzag"), "dim_padding=zigzag is not a valid choice: use one of lateral"),
-      (dict(drop_path=0.1), r"model.drop_path=0.1 has no effect on DiM-L/2"),
-      (dict(wavelet_impl="jaxwt"), r"model.wavelet_impl='jaxwt' has no effect on DiM-L/2"),
-      (dict(name="DiMSUM-L/2", dim_padding="rho_pad"), "has no effect on DiMSUM-L/2"),
-      (dict(name="DiT-S/2", scan_impl="auto", dim_padding="rho_pad"), "has no effect on DiT-S/2"),
-      (dict(name="DiT-S/2", scan_impl="auto", scan_type="sweep_4"),
-       r"model.scan_type='sweep_4' has no effect"),
-      (dict(name="DiT-S/2", scan_impl="auto", drop_path=0.1), "leave it at its default 0.0"),
+    (dict(depth=4), "odd depth"),
+    (dict(depth=1), "odd depth"),
+    (dict(input_size=7), "not divisible by patch_size"),
+    (dict(dim_padding="zigzag"), "dim_padding=zigzag is not a valid choice: use one of lateral"),
+    (dict(drop_path=0.1), r"model.drop_path=0.1 has no effect on DiM-L/2"),
+    (dict(wavelet_impl="jaxwt"), r"model.wavelet_impl='jaxwt' has no effect on DiM-L/2"),
+    (dict(name="DiMSUM-L/2", dim_padding="rho_pad"), "has no effect on DiMSUM-L/2"),
+    (dict(name="DiT-S/2", scan_impl="auto", dim_padding="rho_pad"), "has no effect on DiT-S/2"),
+    (
+      dict(name="DiT-S/2", scan_impl="auto", scan_type="sweep_4"),
+      r"model.scan_type='sweep_4' has no effect",
+    ),
+    (dict(name="DiT-S/2", scan_impl="auto", drop_path=0.1), "leave it at its default 0.0"),
   ]
   for overrides, text in cases:
     with pytest.raises(ValueError, match=text) as e:
@@ -428,10 +482,14 @@ def test_bad_input_is_one_sentence_each():
     assert "\n" not in message and message.endswith("."), message
   model = create_model(_tiny())
   params = dim_convert.abstract_params(model)
-  for shape in ((1, 8, 16, 4), (1, 16, 4, 4)):   # 4x8 and 8x2 token grids
+  for shape in ((1, 8, 16, 4), (1, 16, 4, 4)):  # 4x8 and 8x2 token grids
     with pytest.raises(ValueError, match="w = floor"):
-      jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros(shape), jnp.zeros(1),
-                                           jnp.zeros(1, jnp.int32)), params)
+      jax.eval_shape(
+        lambda p: model.apply(
+          {"params": p}, jnp.zeros(shape), jnp.zeros(1), jnp.zeros(1, jnp.int32)
+        ),
+        params,
+      )
   assert dim.grid_allowed(6, 4) and dim.grid_allowed(5, 5) and not dim.grid_allowed(4, 6)
 
 
@@ -441,8 +499,9 @@ def test_unconditional_model_has_one_extra_token():
   abstract = dim_convert.abstract_params(model)
   assert "label_emb" not in abstract and "class_embedder" not in abstract
   assert abstract["additional_embed"].shape == (1 + 16, 32)
-  model_fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, None),
-                     compiler_options=common.FAST)
+  model_fn = jax.jit(
+    lambda p, x, t: model.apply({"params": p}, x, t, None), compiler_options=common.FAST
+  )
   params = dim_convert.from_upstream(_filled(model, 0), model)
   out = model_fn(params, jnp.ones((2, 8, 8, 4)), jnp.array([1.0, 500.0]))
   assert out.shape == (2, 8, 8, 4) and out.dtype == jnp.float32 and np.isfinite(out).all()
@@ -462,10 +521,13 @@ def test_label_dropout_and_gradient_float64(seed):
   w = rng.standard_normal(x.shape)
   params = dim_convert.from_upstream(_filled(model, seed), model, dtype=np.float64)
   with jax.enable_x64(True):
-    dropped, null = jax.jit(lambda p: (
+    dropped, null = jax.jit(
+      lambda p: (
         model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": jax.random.key(0)}),
-        model.apply({"params": p}, x, t, np.full(2, 10, np.int32))),
-        compiler_options=common.FAST)(params)
+        model.apply({"params": p}, x, t, np.full(2, 10, np.int32)),
+      ),
+      compiler_options=common.FAST,
+    )(params)
     assert _rel(dropped, null) == 0, seed
 
     def loss(p):
@@ -478,8 +540,7 @@ def test_label_dropout_and_gradient_float64(seed):
     plus = value_and_grad(jax.tree.map(lambda p, d: p + eps * d, params, v))[0]
     minus = value_and_grad(jax.tree.map(lambda p, d: p - eps * d, params, v))[0]
   numeric = (float(plus) - float(minus)) / (2 * eps)
-  analytic = sum(float(np.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads),
-                                                        jax.tree.leaves(v)))
+  analytic = sum(float(np.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
   np.testing.assert_allclose(analytic, numeric, rtol=1e-6, err_msg=f"seed {seed}")
 
 
@@ -493,7 +554,8 @@ def test_bfloat16_compute_is_close_to_float32(seed):
   for dtype in ("float32", "bfloat16"):
     model = create_model(_tiny(dtype=dtype))
     params = dim_convert.from_upstream(_filled(model, seed), model)
-    outs.append(jax.jit(lambda p: model.apply({"params": p}, x, t, y),
-                        compiler_options=common.FAST)(params))
+    outs.append(
+      jax.jit(lambda p: model.apply({"params": p}, x, t, y), compiler_options=common.FAST)(params)
+    )
   assert outs[1].dtype == jnp.float32
   assert _rel(outs[1], outs[0]) < 5e-2, seed

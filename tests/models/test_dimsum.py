@@ -5,6 +5,7 @@ Block internals are checked number by number against the official implementation
 tests/test_parity.py; here the references are an unrolled block-by-block forward
 (tests/models/common.py), float64 finite differences, closed forms and the golden manifest.
 """
+
 import re
 
 import jax
@@ -27,6 +28,7 @@ def _rel(a, b):
 
 
 # ---------------------------------------------------------------- gradients (float64)
+
 
 def _np_tree(tree):
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
@@ -53,11 +55,9 @@ def grads64():
       out = common.unrolled_forward(model, params, shared, x, t, y, block_orders)
       return jnp.sum(out * w), out
 
-    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                             compiler_options=common.FAST)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=common.FAST)
     unrolled = jax.jit(unrolled_loss, compiler_options=common.FAST)
-  return dict(model=model, mc=mc, params=params, value_and_grad=value_and_grad,
-              unrolled=unrolled)
+  return dict(model=model, mc=mc, params=params, value_and_grad=value_and_grad, unrolled=unrolled)
 
 
 def _at_seed(g, seed):
@@ -78,8 +78,9 @@ def _direction(params, seed):
 
 
 def _dot(a, b):
-  return sum(float(np.vdot(x, y)) for x, y in zip(jax.tree_util.tree_leaves(a),
-                                                  jax.tree_util.tree_leaves(b)))
+  return sum(
+    float(np.vdot(x, y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  )
 
 
 def _shift(tree, direction, step):
@@ -111,11 +112,18 @@ def test_shared_block_is_one_parameter_set_with_summed_gradients(grads64, seed):
   up to the model's gradient along the same direction."""
   g = _at_seed(grads64, seed)
   params = g["params"]
-  assert set(params) == {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "groups",
-                         "attn_block", "final_layer"}
-  assert set(params["groups"]) == {"block_0"}        # one block per group, stacked over depth
+  assert set(params) == {
+    "pos_embed",
+    "x_embedder",
+    "t_embedder",
+    "y_embedder",
+    "groups",
+    "attn_block",
+    "final_layer",
+  }
+  assert set(params["groups"]) == {"block_0"}  # one block per group, stacked over depth
   assert "attn_block" not in str(jax.tree_util.tree_structure(params["groups"]))
-  assert params["attn_block"]["attn"]["qkv"]["kernel"].shape == (32, 96)   # not stacked
+  assert params["attn_block"]["attn"]["qkv"]["kernel"].shape == (32, 96)  # not stacked
   assert params["groups"]["block_0"]["norm"]["weight"].shape == (2, 32)
 
   theta = params["attn_block"]
@@ -135,14 +143,16 @@ def test_shared_block_is_one_parameter_set_with_summed_gradients(grads64, seed):
   for k in range(2):
     assert abs(per_use[k]) > 1e-2 * abs(model_derivative), (per_use, f"seed {seed}")
     assert abs(per_use[k] - model_derivative) > 1e-2 * abs(model_derivative), (
-        per_use, f"seed {seed}")
+      per_use,
+      f"seed {seed}",
+    )
 
 
 def test_cond_proj_receives_gradients(grads64):
   """cond_mamba='h0': every block's spatial and wavelet cond_proj gets a non-zero gradient."""
   blocks = _at_seed(grads64, 0)["grads"]["groups"]["block_0"]
   for branch in ("spatial_mamba", "freq_mamba"):
-    kernel = blocks[branch]["mixer"]["cond_proj"]["kernel"]   # [depth, D, d_inner]
+    kernel = blocks[branch]["mixer"]["cond_proj"]["kernel"]  # [depth, D, d_inner]
     bias = blocks[branch]["mixer"]["cond_proj"]["bias"]
     assert kernel.shape == (2, 32, 32)
     for i in range(2):
@@ -158,9 +168,12 @@ DEPTH = 8
 
 _H0 = MambaMixer(16, cond_mamba="h0", scan_impl="reference")
 _NONE = MambaMixer(16, cond_mamba="none", scan_impl="reference")
-_mixer_init = jax.jit(_H0.init)   # compiled once for all seeds
-_mixer = jax.jit(lambda p, x, c, mode: (_H0 if mode else _NONE).apply({"params": p}, x, c),
-                 static_argnums=3, compiler_options=common.FAST)
+_mixer_init = jax.jit(_H0.init)  # compiled once for all seeds
+_mixer = jax.jit(
+  lambda p, x, c, mode: (_H0 if mode else _NONE).apply({"params": p}, x, c),
+  static_argnums=3,
+  compiler_options=common.FAST,
+)
 
 
 @seeds.each()
@@ -174,11 +187,13 @@ def test_h0_mixer_depends_on_the_condition(seed):
   run = lambda p, c, mode: _mixer(p, x, c, mode)
   assert _rel(run(params, c1, True), run(params, c2, True)) > 1e-3, f"seed {seed}"
   plain = {k: v for k, v in params.items() if k != "cond_proj"}
-  np.testing.assert_array_equal(run(plain, c1, False), run(plain, c2, False),
-                                err_msg=f"seed {seed}")
+  np.testing.assert_array_equal(
+    run(plain, c1, False), run(plain, c2, False), err_msg=f"seed {seed}"
+  )
   zeroed = dict(params, cond_proj=jax.tree_util.tree_map(np.zeros_like, params["cond_proj"]))
-  np.testing.assert_allclose(run(zeroed, c1, True), run(plain, c1, False), rtol=0, atol=1e-6,
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    run(zeroed, c1, True), run(plain, c1, False), rtol=0, atol=1e-6, err_msg=f"seed {seed}"
+  )
 
 
 def _without_cond_proj(params, zero=False):
@@ -204,12 +219,13 @@ def test_h0_model_changes_with_label_and_equals_none_with_zero_cond_proj(seed):
   changed = np.asarray(f_h0(params, x, t, (y + 1) % mc_h0.num_classes))
   assert min(_rel(changed[i], out[i]) for i in range(3)) > 1e-3, f"seed {seed}"
   plain = np.asarray(f_none(_without_cond_proj(params), x, t, y))
-  assert _rel(out, plain) > 1e-3, f"seed {seed}"   # the initial state matters
+  assert _rel(out, plain) > 1e-3, f"seed {seed}"  # the initial state matters
   zeroed = np.asarray(f_h0(_without_cond_proj(params, zero=True), x, t, y))
   assert _rel(zeroed, plain) < 1e-6, f"seed {seed}"
 
 
 # ---------------------------------------------------------------- bfloat16
+
 
 @seeds.each()
 def test_bfloat16_forward_close_to_float32(seed):
@@ -219,7 +235,7 @@ def test_bfloat16_forward_close_to_float32(seed):
   params = common.filled_params(model, mc32, seed=3)
   x, t, y = common.inputs(mc32, batch=4, seed=seed)
   ref, out = np.asarray(f32(params, x, t, y)), bf16(params, x, t, y)
-  assert out.dtype == jnp.float32                # output promoted; parameters stay float32
+  assert out.dtype == jnp.float32  # output promoted; parameters stay float32
   out = np.asarray(out)
   assert np.all(np.isfinite(out))
   # bfloat16 keeps 8 significant bits (2^-8 = 0.4 %) per rounding; through 8 blocks, 8 shared
@@ -230,67 +246,126 @@ def test_bfloat16_forward_close_to_float32(seed):
 
 # ---------------------------------------------------------------- parameter counts
 
-@pytest.mark.parametrize("name,input_size,num_classes,key,with_cond_proj,without", [
-    ("DiMSUM-L/2", 32, 1000, "DiM-L/2 ImageNet-256 (1000 classes + null row)",
-     459_916_304, 426_329_104),
-    ("DiMSUM-B/2", 32, 1000, "DiM-B/2 ImageNet-256 (1000 classes + null row)",
-     198_547_216, 184_373_008),
-    ("DiMSUM-XL/2", 32, 1000, "DiM-XL/2 ImageNet-256 (1000 classes + null row)",
-     854_831_248, 791_074_960),
-    ("DiMSUM-L/2", 64, 0, "DiM-L/2 unconditional 512 (1-row label table)",
-     459_678_736, 426_091_536),
-])
-def test_parameter_counts_match_upstream(name, input_size, num_classes, key, with_cond_proj,
-                                         without):
+
+@pytest.mark.parametrize(
+  "name,input_size,num_classes,key,with_cond_proj,without",
+  [
+    (
+      "DiMSUM-L/2",
+      32,
+      1000,
+      "DiM-L/2 ImageNet-256 (1000 classes + null row)",
+      459_916_304,
+      426_329_104,
+    ),
+    (
+      "DiMSUM-B/2",
+      32,
+      1000,
+      "DiM-B/2 ImageNet-256 (1000 classes + null row)",
+      198_547_216,
+      184_373_008,
+    ),
+    (
+      "DiMSUM-XL/2",
+      32,
+      1000,
+      "DiM-XL/2 ImageNet-256 (1000 classes + null row)",
+      854_831_248,
+      791_074_960,
+    ),
+    (
+      "DiMSUM-L/2",
+      64,
+      0,
+      "DiM-L/2 unconditional 512 (1-row label table)",
+      459_678_736,
+      426_091_536,
+    ),
+  ],
+)
+def test_parameter_counts_match_upstream(
+  name, input_size, num_classes, key, with_cond_proj, without
+):
   """jax.eval_shape (nothing allocated): with cond_mamba='h0' the model has upstream's cond_proj
   layers and upstream's exact total (golden manifest, counted from the official model); without
   them ('none', as released) the total less cond_proj. (B/2 and L/2 'none' are also checked
   module by module in tests/test_flops.py.)"""
   expected = manifest()["l2"]["param_counts"][key]
   assert (expected["total"], expected["total_without_cond_proj"]) == (with_cond_proj, without)
-  mc = common.tiny_config(name=name, input_size=input_size, num_classes=num_classes, depth=-1,
-                          hidden_size=-1, attn_every=4, cond_mamba="h0")
+  mc = common.tiny_config(
+    name=name,
+    input_size=input_size,
+    num_classes=num_classes,
+    depth=-1,
+    hidden_size=-1,
+    attn_every=4,
+    cond_mamba="h0",
+  )
   model = create_model(mc)
   y = jnp.zeros((1,), jnp.int32) if num_classes else None
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, input_size, input_size, 4)), jnp.zeros((1,)), y))
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, input_size, input_size, 4)), jnp.zeros((1,)), y
+    )
+  )
   assert common.count(shapes["params"]) == with_cond_proj
   assert common.count(shapes["params"], skip="cond_proj") == without
 
 
 # ---------------------------------------------------------------- bad input
 
+
 def _init_shapes(mc, x_shape=None):
   model = create_model(mc)
   size = mc.input_size
   x = jnp.zeros(x_shape or (1, size, size, 4))
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)),
-                                           jnp.zeros((1,), jnp.int32)))
+  return jax.eval_shape(
+    lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(hidden_size=40), "hidden_size 40: each half (20) must be divisible by 16 for the "
-                           "wavelet token layout; use a multiple of 32."),
-    (dict(input_size=9), "input_size 9 is not divisible by patch_size 2: pick an image/latent "
-                         "size that is a multiple of it."),
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (
+      dict(hidden_size=40),
+      "hidden_size 40: each half (20) must be divisible by 16 for the "
+      "wavelet token layout; use a multiple of 32.",
+    ),
+    (
+      dict(input_size=9),
+      "input_size 9 is not divisible by patch_size 2: pick an image/latent "
+      "size that is a multiple of it.",
+    ),
     (dict(input_size=12), "The 6x6 token grid must be divisible by 4 for 2 wavelet levels"),
-    (dict(scan_type="zigzag_8"), "--config.model.scan_type=zigzag_8 is not a valid choice: use "
-                                 "one of none, v2, sweep_8"),
-    (dict(cond_mamba="prefix"), "--config.model.cond_mamba=prefix is not a valid choice: use one "
-                               "of none, h0."),
+    (
+      dict(scan_type="zigzag_8"),
+      "--config.model.scan_type=zigzag_8 is not a valid choice: use one of none, v2, sweep_8",
+    ),
+    (
+      dict(cond_mamba="prefix"),
+      "--config.model.cond_mamba=prefix is not a valid choice: use one of none, h0.",
+    ),
     (dict(depth=3, attn_every=2), "depth 3 must be a multiple of attn_every 2"),
-])
+  ],
+)
 def test_impossible_model_raises_clear_error(overrides, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     _init_shapes(common.tiny_config(**overrides))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(name="DiMSUM-M/2"), "--config.model.name=DiMSUM-M/2 is not a valid choice: use one of "
-                              "DiMSUM-B/2, "),
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (
+      dict(name="DiMSUM-M/2"),
+      "--config.model.name=DiMSUM-M/2 is not a valid choice: use one of DiMSUM-B/2, ",
+    ),
     (dict(dtype="float16"), "--config.model.dtype=float16 is not a valid choice: use one of"),
     (dict(heads=4), "Unknown model config keys ['heads']; valid keys:"),
-])
+  ],
+)
 def test_unknown_names_raise(overrides, message):
   cfg = dict(common.tiny_config().to_dict(), **overrides)
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -298,12 +373,14 @@ def test_unknown_names_raise(overrides, message):
 
 
 def test_channels_first_input_is_refused():
-  with pytest.raises(ValueError, match=re.escape(
-      "Expected inputs [b, 8, 8, 4] (channels last), got (1, 4, 8, 8).")):
+  with pytest.raises(
+    ValueError, match=re.escape("Expected inputs [b, 8, 8, 4] (channels last), got (1, 4, 8, 8).")
+  ):
     _init_shapes(common.tiny_config(), (1, 4, 8, 8))
 
 
 # ---------------------------------------------------------------- stochastic depth, labels
+
 
 @seeds.each()
 def test_drop_path_identity_at_eval_and_per_sample_at_train(seed):
@@ -313,7 +390,7 @@ def test_drop_path_identity_at_eval_and_per_sample_at_train(seed):
   out = np.asarray(drop_path(x, 0.3, False, jax.random.key(int(rng.integers(1 << 30)))))
   kept = np.all(out != 0, axis=(1, 2))
   dropped = np.all(out == 0, axis=(1, 2))
-  assert np.all(kept | dropped)                 # a whole sample is kept or dropped
+  assert np.all(kept | dropped)  # a whole sample is kept or dropped
   np.testing.assert_allclose(out[kept], x[kept] / 0.7, rtol=1e-6, err_msg=f"seed {seed}")
   # Bernoulli(0.3), 4000 samples: std 0.007, so 5 standard deviations.
   assert abs(dropped.mean() - 0.3) < 0.035, (dropped.mean(), f"seed {seed}")
@@ -325,20 +402,24 @@ def test_label_dropout_uses_the_null_row(seed):
   y = np.random.default_rng(seed).integers(0, 10, 2000).astype(np.int32)
   params = jax.device_get(emb.init(jax.random.key(0), y)["params"])
   table = params["embedding_table"]["embedding"]
-  assert table.shape == (11, 8)                   # 10 classes + the null row
+  assert table.shape == (11, 8)  # 10 classes + the null row
   np.testing.assert_array_equal(emb.apply({"params": params}, y), table[y])
-  out = np.asarray(emb.apply({"params": params}, y, train=True,
-                             rngs={"dropout": jax.random.key(seed)}))
+  out = np.asarray(
+    emb.apply({"params": params}, y, train=True, rngs={"dropout": jax.random.key(seed)})
+  )
   null = np.all(out == table[10], axis=1)
   np.testing.assert_array_equal(out[~null], table[y][~null])
   # Bernoulli(0.5), 2000 labels: std 0.011, so 4.5 standard deviations.
   assert abs(null.mean() - 0.5) < 0.05, (null.mean(), f"seed {seed}")
   # The CFG null label reads the same row; an unconditional model has a single row.
-  np.testing.assert_array_equal(emb.apply({"params": params}, np.full(3, 10)),
-                                np.repeat(table[10:], 3, 0))
+  np.testing.assert_array_equal(
+    emb.apply({"params": params}, np.full(3, 10)), np.repeat(table[10:], 3, 0)
+  )
   uncond = LabelEmbedder(0, 8)
   assert uncond.init(jax.random.key(0), None)["params"]["embedding_table"]["embedding"].shape == (
-      1, 8)
+    1,
+    8,
+  )
 
 
 @seeds.each()
@@ -357,7 +438,7 @@ def test_model_stochastic_depth_and_label_dropout(seed):
   ev = np.asarray(f_eval(params, x, t, y))
   np.testing.assert_array_equal(ev, f_plain(params, x, t, y))
   np.testing.assert_array_equal(ev, np.repeat(ev[:1], 16, 0))
-  assert _rel(ev, f_eval(params, x, t, null)) > 1e-3       # the label matters at eval
+  assert _rel(ev, f_eval(params, x, t, null)) > 1e-3  # the label matters at eval
   key = jax.random.key(seed)
   tr = np.asarray(f_train(params, x, t, y, key))
   np.testing.assert_array_equal(tr, f_train(params, x, t, null, key))
@@ -370,6 +451,7 @@ def test_model_stochastic_depth_and_label_dropout(seed):
 
 
 # ---------------------------------------------------------------- scan orders
+
 
 @seeds.each()
 def test_every_scan_type_gives_valid_permutations_and_a_different_output(seed):
@@ -389,14 +471,14 @@ def test_every_scan_type_gives_valid_permutations_and_a_different_output(seed):
       assert perms.shape == (DEPTH, n)
       np.testing.assert_array_equal(np.sort(perms, -1), np.broadcast_to(np.arange(n), perms.shape))
     p = params
-    if scan_type == "v2":     # bidirectional mixers: a second set of SSM weights
+    if scan_type == "v2":  # bidirectional mixers: a second set of SSM weights
       p = common.filled_params(model, mc, seed=6)
       assert "A_b_log" in p["groups"]["block_0"]["spatial_mamba"]["mixer"]
     outs[scan_type] = np.asarray(f(p, x, t, y))
     assert np.all(np.isfinite(outs[scan_type]))
   names = list(outs)
   for i, a in enumerate(names):
-    for b in names[i + 1:]:
+    for b in names[i + 1 :]:
       assert _rel(outs[a], outs[b]) > 1e-3, (a, b, f"seed {seed}")
 
 
@@ -438,8 +520,7 @@ def _assert_normal(w, std):
 @pytest.fixture(scope="module")
 def initialised():
   """(model, jitted init: key -> params), compiled once for all seeds."""
-  mc = common.tiny_config(hidden_size=256, depth=8, attn_every=4, input_size=16,
-                          num_classes=1000)
+  mc = common.tiny_config(hidden_size=256, depth=8, attn_every=4, input_size=16, num_classes=1000)
   model = create_model(mc)
   x, t, y = common.inputs(mc, batch=1, seed=0)
   return model, jax.jit(lambda key: model.init(key, x, t, y)["params"])
@@ -463,12 +544,17 @@ def test_initialisation_follows_upstream(initialised, seed):
   for layer in ("mlp_0", "mlp_2"):
     _assert_normal(p["t_embedder"][layer]["kernel"], 0.02)
   # Zero: each block's MLP adaLN and the whole final layer.
-  for leaf in jax.tree_util.tree_leaves([p["final_layer"]] + [
-      p["groups"][f"block_{j}"]["adaLN_modulation"] for j in range(model.attn_every)]):
+  for leaf in jax.tree_util.tree_leaves(
+    [p["final_layer"]]
+    + [p["groups"][f"block_{j}"]["adaLN_modulation"] for j in range(model.attn_every)]
+  ):
     assert not np.any(leaf)
   # Every Linear bias is zero (conv biases and dt_proj's bias are not Linear biases here).
-  biases = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]
-            if getattr(path[-1], "key", None) == "bias"]
+  biases = [
+    leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]
+    if getattr(path[-1], "key", None) == "bias"
+  ]
   assert len(biases) > 20 and not any(np.any(b) for b in biases)
 
   blocks = [p["groups"][f"block_{j}"] for j in range(model.attn_every)]
@@ -476,18 +562,21 @@ def test_initialisation_follows_upstream(initialised, seed):
   for branch in ("spatial_mamba", "freq_mamba"):
     mixer = lambda b: b[branch]["mixer"]
     # Not zero-initialised: the half-branches' adaLN (PyTorch default Linear init).
-    _assert_uniform(stack(lambda b: b[branch]["adaLN_modulation"]["linear"]["kernel"]),
-                    1 / np.sqrt(D))
+    _assert_uniform(
+      stack(lambda b: b[branch]["adaLN_modulation"]["linear"]["kernel"]), 1 / np.sqrt(D)
+    )
     _assert_uniform(stack(lambda b: mixer(b)["in_proj"]["kernel"]), 1 / np.sqrt(d))
     # out_proj re-drawn with the default init and divided by sqrt(depth).
-    _assert_uniform(stack(lambda b: mixer(b)["out_proj"]["kernel"]),
-                    1 / np.sqrt(E) / np.sqrt(depth))
+    _assert_uniform(
+      stack(lambda b: mixer(b)["out_proj"]["kernel"]), 1 / np.sqrt(E) / np.sqrt(depth)
+    )
     _assert_uniform(stack(lambda b: mixer(b)["x_proj"]["kernel"]), 1 / np.sqrt(E))
     _assert_uniform(stack(lambda b: mixer(b)["conv1d_kernel"]), 1 / np.sqrt(k))
-    _assert_uniform(stack(lambda b: mixer(b)["dt_proj_kernel"]), rank ** -0.5)
+    _assert_uniform(stack(lambda b: mixer(b)["dt_proj_kernel"]), rank**-0.5)
     a_log = stack(lambda b: mixer(b)["A_log"])
-    np.testing.assert_allclose(a_log, np.broadcast_to(np.log(np.arange(1, n + 1)), a_log.shape),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      a_log, np.broadcast_to(np.log(np.arange(1, n + 1)), a_log.shape), rtol=1e-6
+    )
     assert np.all(stack(lambda b: mixer(b)["D"]) == 1)
     # softplus(dt_bias) = dt with log dt ~ U(log 1e-3, log 1e-1).
     log_dt = np.log(np.logaddexp(0, stack(lambda b: mixer(b)["dt_proj_bias"]).astype(np.float64)))
@@ -503,9 +592,10 @@ def test_initialisation_follows_upstream(initialised, seed):
 # ---------------------------------------------------------------- rematerialisation
 
 
-@pytest.mark.parametrize("name,overrides", [
-    ("DiMSUM-L/2", dict(drop_path=0.2)),
-    ("DiT-S/2", dict(hidden_size=48, depth=2))])
+@pytest.mark.parametrize(
+  "name,overrides",
+  [("DiMSUM-L/2", dict(drop_path=0.2)), ("DiT-S/2", dict(hidden_size=48, depth=2))],
+)
 def test_remat_changes_memory_not_values(name, overrides):
   """remat='dots' / 'full' recompute parts of each block group in the backward: the parameter tree,
   the training-mode loss (drop path and label dropout through the lifted rngs) and every gradient
@@ -520,17 +610,21 @@ def test_remat_changes_memory_not_values(name, overrides):
     results = {}
     for remat in ("none", "dots", "full"):
       model = create_model(dict(base, remat=remat))
-      init = jax.jit(lambda r, model=model: model.init(r, x, t, y)["params"],
-                     compiler_options=common.FAST)
+      init = jax.jit(
+        lambda r, model=model: model.init(r, x, t, y)["params"], compiler_options=common.FAST
+      )
       params = jax.tree_util.tree_map(shift, init(rngs))
 
       def loss(p, model=model):
-        out = model.apply({"params": p}, x, t, y, train=True,
-                          rngs={"dropout": jax.random.PRNGKey(3)})
+        out = model.apply(
+          {"params": p}, x, t, y, train=True, rngs={"dropout": jax.random.PRNGKey(3)}
+        )
         return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
 
-      results[remat] = (params, *jax.jit(jax.value_and_grad(loss), compiler_options=common.FAST)(
-          params))
+      results[remat] = (
+        params,
+        *jax.jit(jax.value_and_grad(loss), compiler_options=common.FAST)(params),
+      )
     params, value, grads = results["none"]
     assert abs(float(value)) > 1e-3
     for remat in ("dots", "full"):
@@ -538,14 +632,16 @@ def test_remat_changes_memory_not_values(name, overrides):
       assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(params)
       jax.tree_util.tree_map(np.testing.assert_array_equal, p, params)
       np.testing.assert_allclose(v, value, rtol=1e-12)
-      jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
-                             g, grads)
+      jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g, grads
+      )
 
 
 def test_unknown_remat_is_refused():
   with pytest.raises(ValueError, match="--config.model.remat=some is not a valid choice"):
     create_model(common.tiny_config(remat="some")).init(
-        jax.random.PRNGKey(0), *common.inputs(common.tiny_config(), batch=1))
+      jax.random.PRNGKey(0), *common.inputs(common.tiny_config(), batch=1)
+    )
 
 
 # ---------------------------------------------------------------- attention implementations
@@ -557,29 +653,41 @@ def test_cudnn_attention_off_gpu_names_the_fix():
     create_model(mc).init(jax.random.PRNGKey(0), *common.inputs(mc, batch=1))
   with pytest.raises(ValueError, match="--config.model.attention_impl=flash is not a valid choice"):
     create_model(common.tiny_config(attention_impl="flash")).init(
-        jax.random.PRNGKey(0), *common.inputs(mc, batch=1))
+      jax.random.PRNGKey(0), *common.inputs(mc, batch=1)
+    )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,overrides", [
+@pytest.mark.parametrize(
+  "name,overrides",
+  [
     ("DiMSUM-L/2", dict(hidden_size=128, depth=2, attn_every=2, input_size=16)),
-    ("DiT-S/2", dict(hidden_size=384, depth=2, input_size=16))])
+    ("DiT-S/2", dict(hidden_size=384, depth=2, input_size=16)),
+  ],
+)
 def test_cudnn_attention_matches_xla(name, overrides):
   """On an NVIDIA GPU (pytest -m gpu): cuDNN's fused attention gives the XLA path's output and
   gradients within bfloat16 rounding."""
   assert jax.default_backend() == "gpu", "run with `pytest -m gpu` on a host with an NVIDIA GPU"
   outs = {}
   for impl in ("xla", "cudnn"):
-    mc = common.tiny_config(name=name, dtype="bfloat16", attention_impl=impl, scan_impl="auto",
-                            **overrides)
+    mc = common.tiny_config(
+      name=name, dtype="bfloat16", attention_impl=impl, scan_impl="auto", **overrides
+    )
     model = create_model(mc)
     x, t, y = common.inputs(mc, batch=4, seed=0)
     params = model.init(jax.random.PRNGKey(0), x, t, y)["params"]
     params = jax.tree_util.tree_map(
-        lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.7).reshape(a.shape), params)
+      lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.7).reshape(a.shape), params
+    )
     loss = lambda p, model=model: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
     outs[impl] = jax.jit(jax.value_and_grad(loss))(params)
   (v0, g0), (v1, g1) = outs["xla"], outs["cudnn"]
   np.testing.assert_allclose(v1, v0, rtol=2e-2)
-  assert _rel(np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g1)]),
-              np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g0)])) < 3e-2
+  assert (
+    _rel(
+      np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g1)]),
+      np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g0)]),
+    )
+    < 3e-2
+  )

@@ -1,5 +1,6 @@
 """DiT baseline: a float64 NumPy forward written from the DiT paper's description, adaLN-Zero at
 init, parameter counts (DiT paper figures), bad input."""
+
 import math
 import re
 
@@ -24,6 +25,7 @@ def _np_params(params):
 
 # ---------------------------------------------------------------- NumPy reference
 
+
 def _dense(p, x):
   return x @ p["kernel"] + p["bias"]
 
@@ -33,7 +35,7 @@ def _silu(x):
 
 
 def _gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _layer_norm(x, eps=1e-6):
@@ -67,7 +69,7 @@ def numpy_dit(p, x, t, y, heads, patch):
   c = _dense(p["t_embedder"]["mlp_2"], _silu(_dense(p["t_embedder"]["mlp_0"], emb)))
   c = c + p["y_embedder"]["embedding_table"]["embedding"][y]
   patches = x.reshape(b, g, patch, g, patch, chans).transpose(0, 1, 3, 2, 4, 5)
-  kernel = p["x_embedder"]["proj"]["kernel"]                       # [p, p, C, D]
+  kernel = p["x_embedder"]["proj"]["kernel"]  # [p, p, C, D]
   h = np.einsum("bijuvc,uvcd->bijd", patches, kernel).reshape(b, g * g, -1)
   h = h + p["x_embedder"]["proj"]["bias"]
   D = h.shape[-1]
@@ -88,7 +90,7 @@ def numpy_dit(p, x, t, y, heads, patch):
     h = h + g2 * _dense(bp["mlp"]["fc2"], _gelu_tanh(_dense(bp["mlp"]["fc1"], m)))
   fl = p["final_layer"]
   shift, scale = np.split(_dense(fl["adaLN_modulation"]["linear"], _silu(c))[:, None], 2, -1)
-  out = _dense(fl["linear"], _layer_norm(h) * (1 + scale) + shift)   # [b, N, p*p*C]
+  out = _dense(fl["linear"], _layer_norm(h) * (1 + scale) + shift)  # [b, N, p*p*C]
   out = out.reshape(b, g, g, patch, patch, chans).transpose(0, 1, 3, 2, 4, 5)
   return out.reshape(b, size, size, chans)
 
@@ -105,8 +107,9 @@ def test_forward_matches_numpy_float64(seed):
     out = np.asarray(out)
   ref = numpy_dit(params, x, t, y, heads=model.num_heads, patch=2)
   assert np.abs(ref).max() > 0.1, f"seed {seed}"
-  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-11 * np.abs(ref).max(),
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    out, ref, rtol=0, atol=1e-11 * np.abs(ref).max(), err_msg=f"seed {seed}"
+  )
 
 
 @seeds.each()
@@ -117,13 +120,17 @@ def test_float32_forward_and_null_label(seed):
   x, t, y = common.inputs(mc, batch=2, seed=seed)
   ref = numpy_dit(_np_params(params), x.astype(np.float64), t.astype(np.float64), y, 6, 2)
   out = np.asarray(f(params, x, t, y))
-  np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(),
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"seed {seed}"
+  )
   null = np.full_like(y, 10)
   np.testing.assert_allclose(
-      f(params, x, t, null),
-      numpy_dit(_np_params(params), x.astype(np.float64), t.astype(np.float64), null, 6, 2),
-      rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"seed {seed}")
+    f(params, x, t, null),
+    numpy_dit(_np_params(params), x.astype(np.float64), t.astype(np.float64), null, 6, 2),
+    rtol=0,
+    atol=2e-5 * np.abs(ref).max(),
+    err_msg=f"seed {seed}",
+  )
 
 
 def test_adaln_zero_init_outputs_zero():
@@ -132,8 +139,9 @@ def test_adaln_zero_init_outputs_zero():
   mc = _dit_config()
   model, f = common.forward(mc)
   x, t, y = common.inputs(mc, batch=2)
-  params = jax.device_get(jax.jit(model.init, compiler_options=common.FAST)(
-      jax.random.key(0), x, t, y)["params"])
+  params = jax.device_get(
+    jax.jit(model.init, compiler_options=common.FAST)(jax.random.key(0), x, t, y)["params"]
+  )
   for leaf in (params["blocks"]["block"]["adaLN_modulation"], params["final_layer"]):
     assert all(np.all(a == 0) for a in jax.tree_util.tree_leaves(leaf))
   assert np.abs(params["blocks"]["block"]["attn"]["qkv"]["kernel"]).max() > 0
@@ -142,6 +150,7 @@ def test_adaln_zero_init_outputs_zero():
 
 # ---------------------------------------------------------------- sizes and bad input
 
+
 @pytest.mark.parametrize("name,total", [("DiT-XL/2", 674_816_272), ("DiT-L/2", 457_824_272)])
 def test_parameter_counts(name, total):
   """jax.eval_shape, nothing allocated. The DiT paper's models add a variance output
@@ -149,29 +158,49 @@ def test_parameter_counts(name, total):
   table as parameters: for DiT-XL/2 that gives the paper's 675,129,632."""
   mc = common.tiny_config(name=name, input_size=32, num_classes=1000, depth=-1, hidden_size=-1)
   model = create_model(mc)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 4)),
-                                             jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    )
+  )
   assert common.count(shapes["params"]) == total
   if name == "DiT-XL/2":
     D, tokens, p = 1152, 256, 2
     assert total + (D * p * p * 4 + p * p * 4) + tokens * D == 675_129_632
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(input_size=9), "input_size 9 is not divisible by patch_size 2: pick an image/latent "
-                         "size that is a multiple of it."),
-    (dict(hidden_size=40), "hidden_size 40 must be a multiple of num_heads 6 and of 4 (sin-cos "
-                           "position embedding): use a multiple of 12."),
-])
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (
+      dict(input_size=9),
+      "input_size 9 is not divisible by patch_size 2: pick an image/latent "
+      "size that is a multiple of it.",
+    ),
+    (
+      dict(hidden_size=40),
+      "hidden_size 40 must be a multiple of num_heads 6 and of 4 (sin-cos "
+      "position embedding): use a multiple of 12.",
+    ),
+  ],
+)
 def test_impossible_dit_raises_clear_error(overrides, message):
   mc = _dit_config(**overrides)
   model = create_model(mc)
   size = mc.input_size
   with pytest.raises(ValueError, match=re.escape(message)):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 4)),
-                                      jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+    jax.eval_shape(
+      lambda: model.init(
+        jax.random.key(0),
+        jnp.zeros((1, size, size, 4)),
+        jnp.zeros((1,)),
+        jnp.zeros((1,), jnp.int32),
+      )
+    )
 
 
 def test_unknown_dit_size():
-  with pytest.raises(ValueError, match=re.escape("--config.model.name=DiT-M/2 is not a valid choice: use one of")):
+  with pytest.raises(
+    ValueError, match=re.escape("--config.model.name=DiT-M/2 is not a valid choice: use one of")
+  ):
     create_model(common.tiny_config(name="DiT-M/2", hidden_size=48))

@@ -5,6 +5,7 @@ direct one is also compared with jaxwt on random inputs of stated seeds (tests/s
 and gradients), shown to lower without any convolution, and run inside the tiny golden model
 against the default.
 """
+
 import functools
 import json
 
@@ -45,6 +46,7 @@ def _random(shape, seed, dtype=np.float32):
 
 # ---------------------------------------------------------------- golden parity
 
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("g", GRIDS)
 def test_forward_matches_upstream_float32(golden, g, impl):
@@ -75,6 +77,7 @@ def test_matches_upstream_float64(golden, g, impl):
 
 # ---------------------------------------------------------------- PyWavelets oracle
 
+
 def _oracle_tokens(x, grid, levels):
   """Float64 NumPy: pywt.dwt2 per level, then the token layout written out from its description.
 
@@ -104,10 +107,10 @@ def _oracle_tokens(x, grid, levels):
 
 
 ORACLE_CASES = [  # (batch, grid, d, levels)
-    (2, (8, 12), 16, 2),
-    (1, (12, 4), 48, 2),
-    (3, (6, 10), 4, 1),
-    (2, (4, 2), 12, 1),
+  (2, (8, 12), 16, 2),
+  (1, (12, 4), 48, 2),
+  (3, (6, 10), 4, 1),
+  (2, (4, 2), 12, 1),
 ]
 
 
@@ -135,6 +138,7 @@ def test_two_level_ll_band_is_block_mean(impl):
 
 
 # ---------------------------------------------------------------- inverse, dtypes
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch,grid,d,levels", ORACLE_CASES + [(1, (16, 16), 32, 2)])
@@ -169,6 +173,7 @@ def test_bfloat16_keeps_dtype_and_is_accurate(impl):
 
 
 # ---------------------------------------------------------------- jit and grad
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("levels,grid,d", [(2, (8, 12), 16), (1, (6, 4), 8)])
@@ -210,9 +215,9 @@ def test_vmap_over_extra_axis(impl):
 # ---------------------------------------------------------------- direct vs jaxwt
 
 DIRECT_CASES = [  # (batch, grid, d, levels): square and oblong grids, both level counts
-    (2, (8, 8), 32, 2),
-    (1, (4, 12), 16, 2),
-    (3, (6, 2), 8, 1),
+  (2, (8, 8), 32, 2),
+  (1, (4, 12), 16, 2),
+  (3, (6, 2), 8, 1),
 ]
 
 
@@ -243,8 +248,10 @@ _grad = jax.jit(jax.grad(_loss), static_argnums=(2, 3, 4))  # compiled once for 
 def test_direct_gradients_equal_jaxwt(batch, grid, d, levels, seed):
   """Reverse-mode gradients of a nonlinear loss through forward then inverse, both paths."""
   shape = (batch, grid[0] * grid[1], d)
-  x, w = _random(shape, seed=seed, dtype=np.float64), _random(shape, seed=[seed, 1],
-                                                              dtype=np.float64)
+  x, w = (
+    _random(shape, seed=seed, dtype=np.float64),
+    _random(shape, seed=[seed, 1], dtype=np.float64),
+  )
   for dtype, rel in ((jnp.float32, 2e-6), (jnp.float64, 1e-13)):
     with jax.enable_x64(dtype == jnp.float64):
       v, wd = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
@@ -287,6 +294,7 @@ def tiny_golden_models():
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def both(params, x, t, y):
     return tuple(m.apply({"params": params}, x, t, y) for m in (jaxwt_model, direct))
+
   return mc, inputs, refs, params, both
 
 
@@ -298,21 +306,28 @@ def test_model_direct_equals_default_on_tiny_golden(tiny_golden_models, seed):
   mc, inputs, refs, params, both = tiny_golden_models
   rng = np.random.default_rng(seed)
   b = inputs["x"].shape[0]
-  x = np.concatenate([np.transpose(inputs["x"], (0, 2, 3, 1)),
-                      rng.standard_normal((b, mc.input_size, mc.input_size, mc.in_channels))])
+  x = np.concatenate(
+    [
+      np.transpose(inputs["x"], (0, 2, 3, 1)),
+      rng.standard_normal((b, mc.input_size, mc.input_size, mc.in_channels)),
+    ]
+  )
   t = np.concatenate([inputs["t"], rng.uniform(size=b)])
   y = np.concatenate([inputs["y"], rng.integers(0, mc.num_classes, size=b)]).astype(np.int32)
 
   with jax.default_matmul_precision("highest"):
-    out_jaxwt, out_direct = both(params, jnp.asarray(x, jnp.float32),
-                                 jnp.asarray(t, jnp.float32), jnp.asarray(y))
+    out_jaxwt, out_direct = both(
+      params, jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y)
+    )
   out_jaxwt, out_direct = np.asarray(out_jaxwt), np.asarray(out_direct)
   scale = np.abs(out_jaxwt).max()
-  np.testing.assert_allclose(out_direct, out_jaxwt, rtol=0, atol=1e-5 * scale,
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    out_direct, out_jaxwt, rtol=0, atol=1e-5 * scale, err_msg=f"seed {seed}"
+  )
   golden_out = np.transpose(refs["out"], (0, 2, 3, 1))
-  np.testing.assert_allclose(out_direct[:b], golden_out, rtol=0,
-                             atol=1e-4 * np.abs(golden_out).max())
+  np.testing.assert_allclose(
+    out_direct[:b], golden_out, rtol=0, atol=1e-4 * np.abs(golden_out).max()
+  )
 
 
 def test_unknown_impl_raises():
@@ -324,7 +339,10 @@ def test_unknown_impl_raises():
 
 # ---------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("shape,grid,levels,message", [
+
+@pytest.mark.parametrize(
+  "shape,grid,levels,message",
+  [
     ((1, 64, 8), (8, 8), 2, "divisible by 16"),
     ((1, 64, 6), (8, 8), 1, "divisible by 4"),
     ((1, 48, 16), (6, 8), 2, "divisible by 4"),
@@ -332,7 +350,8 @@ def test_unknown_impl_raises():
     ((1, 64, 16), (8, 4), 2, "h \\* w = N"),
     ((1, 64, 64), (8, 8), 3, "levels must be one of"),
     ((64, 16), (8, 8), 2, "batch, N, d"),
-])
+  ],
+)
 def test_bad_layout_raises(shape, grid, levels, message):
   x = jnp.zeros(shape)
   with pytest.raises(ValueError, match=message):
@@ -344,9 +363,11 @@ def test_bad_layout_raises(shape, grid, levels, message):
 def test_benchmark_script_reports_both_paths(capsys):
   """benchmarks/haar.py at a small shape: one JSON line per (direction, impl), with op counts."""
   from benchmarks import haar as bench
+
   assert bench.main(["--batch", "1", "--grid", "8", "--channels", "16", "--warmup", "0"]) == 0
-  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
+  records = [
+    json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+  ]
   got = {(r["transform"], r["impl"]): r for r in records}
   assert set(got) == {(t, i) for t in ("forward", "inverse") for i in IMPLS}
   for transform in ("forward", "inverse"):

@@ -1,4 +1,5 @@
 """Tests of dimsum_jax.ops.scan_orders: bijections, upstream golden window orders, literal cases."""
+
 import pathlib
 
 import numpy as np
@@ -41,6 +42,7 @@ def _all_orders(h, w):
 
 # ---------------------------------------------------------------- bijections
 
+
 @pytest.mark.parametrize("h,w", GRIDS)
 def test_every_order_is_a_bijection_with_inverse(h, w):
   identity = np.arange(h * w)
@@ -65,6 +67,7 @@ def test_inverse_permutation_on_stacks_and_rejects_non_permutations():
 
 # ---------------------------------------------------------------- golden window orders
 
+
 @pytest.mark.parametrize("g", [8, 16])
 def test_window_orders_match_upstream(golden, g):
   window = so.wavelet_window(g, g)
@@ -76,7 +79,8 @@ def test_window_orders_match_upstream(golden, g):
     tokens = golden[f"g{g}_dwt_tokens_f64"]
     np.testing.assert_array_equal(tokens[:, perm], golden[f"g{g}_window_{name}_f64"])
     np.testing.assert_array_equal(
-        golden[f"g{g}_window_{name}_f64"][:, so.inverse_permutation(perm)], tokens)
+      golden[f"g{g}_window_{name}_f64"][:, so.inverse_permutation(perm)], tokens
+    )
 
 
 @pytest.mark.parametrize("g", [8, 16])
@@ -90,6 +94,7 @@ def test_published_wavelet_orders_alternate(golden, g):
 
 # ---------------------------------------------------------------- literal cases
 
+
 def test_raster_orders_2x3():
   # Grid  0 1 2
   #       3 4 5
@@ -101,17 +106,21 @@ def test_raster_orders_2x3():
 
 def test_published_spatial_schedule_2x3():
   expected = [
-      [0, 1, 2, 3, 4, 5],  # block 0: row-major
-      [5, 4, 3, 2, 1, 0],  # block 1: row-major, reversed
-      [0, 3, 1, 4, 2, 5],  # block 2: column-major
-      [5, 2, 4, 1, 3, 0],  # block 3: column-major, reversed
-      [0, 1, 2, 3, 4, 5],  # block 4: the cycle repeats
+    [0, 1, 2, 3, 4, 5],  # block 0: row-major
+    [5, 4, 3, 2, 1, 0],  # block 1: row-major, reversed
+    [0, 3, 1, 4, 2, 5],  # block 2: column-major
+    [5, 2, 4, 1, 3, 0],  # block 3: column-major, reversed
+    [0, 1, 2, 3, 4, 5],  # block 4: the cycle repeats
   ]
   orders = so.spatial_orders("none", 5, 2, 3)
   assert orders.dtype == np.int32
   assert orders.tolist() == expected
   assert [so.published_flags(i) for i in range(4)] == [
-      (False, False), (False, True), (True, False), (True, True)]
+    (False, False),
+    (False, True),
+    (True, False),
+    (True, True),
+  ]
 
 
 def test_window_orders_literal():
@@ -120,10 +129,25 @@ def test_window_orders_literal():
   #                       ------+------
   #                        8  9 | 10 11
   #                       12 13 | 14 15
-  assert so.window_order(4, 4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7,
-                                               8, 9, 12, 13, 10, 11, 14, 15]
-  assert so.window_order(4, 4, 2, column_first=True).tolist() == [0, 4, 1, 5, 8, 12, 9, 13,
-                                                                  2, 6, 3, 7, 10, 14, 11, 15]
+  assert so.window_order(4, 4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+  assert so.window_order(4, 4, 2, column_first=True).tolist() == [
+    0,
+    4,
+    1,
+    5,
+    8,
+    12,
+    9,
+    13,
+    2,
+    6,
+    3,
+    7,
+    10,
+    14,
+    11,
+    15,
+  ]
   # 2x4 grid, window 2: two windows side by side.
   assert so.window_order(2, 4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
   assert so.window_order(2, 4, 2, column_first=True).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
@@ -137,30 +161,38 @@ def test_window_orders_literal():
 # Paths in upstream's order: [lr, tb] for the corners top-left, top-right, bottom-left,
 # bottom-right.
 SWEEP_3X3 = [
-    [0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 3, 6, 1, 4, 7, 2, 5, 8],
-    [2, 1, 0, 5, 4, 3, 8, 7, 6], [2, 5, 8, 1, 4, 7, 0, 3, 6],
-    [6, 7, 8, 3, 4, 5, 0, 1, 2], [6, 3, 0, 7, 4, 1, 8, 5, 2],
-    [8, 7, 6, 5, 4, 3, 2, 1, 0], [8, 5, 2, 7, 4, 1, 6, 3, 0],
+  [0, 1, 2, 3, 4, 5, 6, 7, 8],
+  [0, 3, 6, 1, 4, 7, 2, 5, 8],
+  [2, 1, 0, 5, 4, 3, 8, 7, 6],
+  [2, 5, 8, 1, 4, 7, 0, 3, 6],
+  [6, 7, 8, 3, 4, 5, 0, 1, 2],
+  [6, 3, 0, 7, 4, 1, 8, 5, 2],
+  [8, 7, 6, 5, 4, 3, 2, 1, 0],
+  [8, 5, 2, 7, 4, 1, 6, 3, 0],
 ]
 ZIGMA_3X3 = [
-    [0, 1, 2, 5, 4, 3, 6, 7, 8], [0, 3, 6, 7, 4, 1, 2, 5, 8],
-    [2, 1, 0, 3, 4, 5, 8, 7, 6], [2, 5, 8, 7, 4, 1, 0, 3, 6],
-    [6, 7, 8, 5, 4, 3, 0, 1, 2], [6, 3, 0, 1, 4, 7, 8, 5, 2],
-    [8, 7, 6, 3, 4, 5, 2, 1, 0], [8, 5, 2, 1, 4, 7, 6, 3, 0],
+  [0, 1, 2, 5, 4, 3, 6, 7, 8],
+  [0, 3, 6, 7, 4, 1, 2, 5, 8],
+  [2, 1, 0, 3, 4, 5, 8, 7, 6],
+  [2, 5, 8, 7, 4, 1, 0, 3, 6],
+  [6, 7, 8, 5, 4, 3, 0, 1, 2],
+  [6, 3, 0, 1, 4, 7, 8, 5, 2],
+  [8, 7, 6, 3, 4, 5, 2, 1, 0],
+  [8, 5, 2, 1, 4, 7, 6, 3, 0],
 ]
 # 4x4 grid:  0  1  2  3
 #            4  5  6  7
 #            8  9 10 11
 #           12 13 14 15
 JPEG_4X4 = [
-    [0, 1, 4, 8, 5, 2, 3, 6, 9, 12, 13, 10, 7, 11, 14, 15],
-    [0, 4, 1, 2, 5, 8, 12, 9, 6, 3, 7, 10, 13, 14, 11, 15],
-    [3, 2, 7, 11, 6, 1, 0, 5, 10, 15, 14, 9, 4, 8, 13, 12],
-    [3, 7, 2, 1, 6, 11, 15, 10, 5, 0, 4, 9, 14, 13, 8, 12],
-    [12, 13, 8, 4, 9, 14, 15, 10, 5, 0, 1, 6, 11, 7, 2, 3],
-    [12, 8, 13, 14, 9, 4, 0, 5, 10, 15, 11, 6, 1, 2, 7, 3],
-    [15, 14, 11, 7, 10, 13, 12, 9, 6, 3, 2, 5, 8, 4, 1, 0],
-    [15, 11, 14, 13, 10, 7, 3, 6, 9, 12, 8, 5, 2, 1, 4, 0],
+  [0, 1, 4, 8, 5, 2, 3, 6, 9, 12, 13, 10, 7, 11, 14, 15],
+  [0, 4, 1, 2, 5, 8, 12, 9, 6, 3, 7, 10, 13, 14, 11, 15],
+  [3, 2, 7, 11, 6, 1, 0, 5, 10, 15, 14, 9, 4, 8, 13, 12],
+  [3, 7, 2, 1, 6, 11, 15, 10, 5, 0, 4, 9, 14, 13, 8, 12],
+  [12, 13, 8, 4, 9, 14, 15, 10, 5, 0, 1, 6, 11, 7, 2, 3],
+  [12, 8, 13, 14, 9, 4, 0, 5, 10, 15, 11, 6, 1, 2, 7, 3],
+  [15, 14, 11, 7, 10, 13, 12, 9, 6, 3, 2, 5, 8, 4, 1, 0],
+  [15, 11, 14, 13, 10, 7, 3, 6, 9, 12, 8, 5, 2, 1, 4, 0],
 ]
 
 
@@ -189,9 +221,15 @@ def test_paths_on_non_square_grid():
 
 # ---------------------------------------------------------------- schedules
 
-@pytest.mark.parametrize("scan_type,paths,count", [
-    ("sweep_8", SWEEP_3X3, 8), ("sweep_4", SWEEP_3X3, 4), ("zigma_8", ZIGMA_3X3, 8),
-])
+
+@pytest.mark.parametrize(
+  "scan_type,paths,count",
+  [
+    ("sweep_8", SWEEP_3X3, 8),
+    ("sweep_4", SWEEP_3X3, 4),
+    ("zigma_8", ZIGMA_3X3, 8),
+  ],
+)
 def test_zoo_schedules_tile_over_depth(scan_type, paths, count):
   orders = so.spatial_orders(scan_type, 11, 3, 3)
   assert orders.shape == (11, 9)
@@ -200,8 +238,7 @@ def test_zoo_schedules_tile_over_depth(scan_type, paths, count):
 
 @pytest.mark.parametrize("scan_type,count", [("jpeg_8", 8), ("jpeg_2", 2)])
 def test_jpeg_schedules_tile_over_depth(scan_type, count):
-  assert so.spatial_orders(scan_type, 10, 4, 4).tolist() == [JPEG_4X4[i % count]
-                                                             for i in range(10)]
+  assert so.spatial_orders(scan_type, 10, 4, 4).tolist() == [JPEG_4X4[i % count] for i in range(10)]
 
 
 def test_v2_is_row_major_everywhere():

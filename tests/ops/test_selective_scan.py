@@ -9,6 +9,7 @@ Three oracles:
   * the float32 result, for bfloat16 inputs.
 Golden arrays use upstream's layout (u [b, d, l], B/C [b, n, l]); ours is channels-last.
 """
+
 import pathlib
 
 import jax
@@ -16,8 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax.ops.selective_scan import (resolve_impl, selective_scan, selective_scan_reference,
-                                           selective_scan_sequential)
+from dimsum_jax.ops.selective_scan import (
+  resolve_impl,
+  selective_scan,
+  selective_scan_reference,
+  selective_scan_sequential,
+)
 
 # The two jnp implementations; every oracle test runs on both.
 SCANS = {"reference": selective_scan_reference, "sequential": selective_scan_sequential}
@@ -26,8 +31,8 @@ from tests import seeds
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
-ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")   # positional order of the scan
-SEQ = ("u", "delta", "z", "B", "C")                            # [b, l, .] in our layout
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")  # positional order of the scan
+SEQ = ("u", "delta", "z", "B", "C")  # [b, l, .] in our layout
 
 
 def _close(actual, expected, rel, what=""):
@@ -40,6 +45,7 @@ def _close(actual, expected, rel, what=""):
 
 
 # ---------------------------------------------------------------- upstream golden data
+
 
 def _to_ours(name, value):
   """Upstream [b, d|n, l] -> ours [b, l, d|n]; A, D, delta_bias unchanged."""
@@ -58,10 +64,10 @@ def golden():
       name = key
       for prefix in ("in_", "grad_"):
         if key.startswith(prefix):
-          name = key[len(prefix):]
+          name = key[len(prefix) :]
       for suffix in ("_f64", "_f32"):
         if name.endswith(suffix):
-          name = name[:-len(suffix)]
+          name = name[: -len(suffix)]
       out[key] = _to_ours(name, data[key])
     return out
 
@@ -107,6 +113,7 @@ def test_golden_float32(golden, impl):
 
 # ---------------------------------------------------------------- NumPy loop oracle
 
+
 def _sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
 
@@ -115,8 +122,9 @@ def _softplus(x):
   return np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0.0)
 
 
-def np_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-            initial_state=None):
+def np_scan(
+  u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None
+):
   """Float64 sequential scan, channels-last; returns (out, last_state, saved for the adjoint)."""
   b, length, d = u.shape
   x = delta + (0.0 if delta_bias is None else delta_bias)
@@ -124,7 +132,7 @@ def np_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=F
   s = np.zeros((b, d, A.shape[1])) if initial_state is None else initial_state.copy()
   states, ys = [s], []
   for l in range(length):
-    decay = np.exp(dt[:, l, :, None] * A)                                   # [b, d, n]
+    decay = np.exp(dt[:, l, :, None] * A)  # [b, d, n]
     s = decay * s + (dt[:, l] * u[:, l])[:, :, None] * B[:, l, None, :]
     states.append(s)
     ys.append(np.einsum("bdn,bn->bd", s, C[:, l]))
@@ -135,8 +143,20 @@ def np_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=F
   return out, s, dict(x=x, dt=dt, states=states, y=y)
 
 
-def np_scan_vjp(cot_out, cot_last, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                delta_softplus=False, initial_state=None):
+def np_scan_vjp(
+  cot_out,
+  cot_last,
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D=None,
+  z=None,
+  delta_bias=None,
+  delta_softplus=False,
+  initial_state=None,
+):
   """Hand-written adjoint of np_scan: gradients of <cot_out, out> + <cot_last, last_state>."""
   _, _, saved = np_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
   x, dt, states, y = saved["x"], saved["dt"], saved["states"], saved["y"]
@@ -154,15 +174,15 @@ def np_scan_vjp(cot_out, cot_last, u, delta, A, B, C, D=None, z=None, delta_bias
     gu += gy * D
   gdt, gA = np.zeros_like(dt), np.zeros_like(A)
   gB, gC = np.zeros_like(B), np.zeros_like(C)
-  gs = np.zeros_like(states[0]) if cot_last is None else cot_last.copy()   # d loss / d s_l
+  gs = np.zeros_like(states[0]) if cot_last is None else cot_last.copy()  # d loss / d s_l
   for l in reversed(range(length)):
     s, s_prev = states[l + 1], states[l]
     gC[:, l] = np.einsum("bd,bdn->bn", gy[:, l], s)
     gs = gs + gy[:, l, :, None] * C[:, l, None, :]
     decay = np.exp(dt[:, l, :, None] * A)
-    g_decay = gs * s_prev * decay                        # d loss / d (dt A), elementwise
+    g_decay = gs * s_prev * decay  # d loss / d (dt A), elementwise
     gA += np.einsum("bdn,bd->dn", g_decay, dt[:, l])
-    g_drive = np.einsum("bdn,bn->bd", gs, B[:, l])        # d loss / d (dt u)
+    g_drive = np.einsum("bdn,bn->bd", gs, B[:, l])  # d loss / d (dt u)
     gdt[:, l] = np.einsum("bdn,dn->bd", g_decay, A) + g_drive * u[:, l]
     gu[:, l] += g_drive * dt[:, l]
     gB[:, l] = np.einsum("bdn,bd->bn", gs, dt[:, l] * u[:, l])
@@ -181,11 +201,16 @@ def _inputs(seed, batch, length, d, n, D=True, z=True, delta_bias=True, initial_
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape)
   return dict(
-      u=normal(batch, length, d), delta=0.5 * normal(batch, length, d),
-      A=-np.exp(0.5 * normal(d, n)), B=normal(batch, length, n), C=normal(batch, length, n),
-      D=normal(d) if D else None, z=normal(batch, length, d) if z else None,
-      delta_bias=0.3 * normal(d) if delta_bias else None,
-      initial_state=normal(batch, d, n) if initial_state else None)
+    u=normal(batch, length, d),
+    delta=0.5 * normal(batch, length, d),
+    A=-np.exp(0.5 * normal(d, n)),
+    B=normal(batch, length, n),
+    C=normal(batch, length, n),
+    D=normal(d) if D else None,
+    z=normal(batch, length, d) if z else None,
+    delta_bias=0.3 * normal(d) if delta_bias else None,
+    initial_state=normal(batch, d, n) if initial_state else None,
+  )
 
 
 def test_numpy_adjoint_matches_finite_differences():
@@ -247,8 +272,11 @@ def test_matches_numpy_loop_float64(case, impl):
   options = dict(zip(OPTIONAL, flags))
   softplus = options.pop("delta_softplus")
   inputs = _inputs(length * 97 + sum(flags), batch=2, length=length, d=5, n=3, **options)
-  present = [name for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                               "initial_state") if inputs[name] is not None]
+  present = [
+    name
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    if inputs[name] is not None
+  ]
   rng = np.random.default_rng(length)
   out_ref, last_ref, _ = np_scan(**inputs, delta_softplus=softplus)
   cot_out = rng.standard_normal(out_ref.shape)
@@ -261,19 +289,26 @@ def test_matches_numpy_loop_float64(case, impl):
   def run(args, cot_out, cot_last):
     def fn(*values):
       return scan(**dict(zip(present, values)), delta_softplus=softplus, return_last_state=True)
+
     (out, last), pullback = jax.vjp(fn, *args)
     plain = scan(**dict(zip(present, args)), delta_softplus=softplus)
-    return (out, last, plain, pullback((cot_out, cot_last)),
-            pullback((cot_out, jnp.zeros_like(cot_last))))
+    return (
+      out,
+      last,
+      plain,
+      pullback((cot_out, cot_last)),
+      pullback((cot_out, jnp.zeros_like(cot_last))),
+    )
 
   with jax.enable_x64(True):
     args = [jnp.asarray(inputs[name]) for name in present]
     out, last, plain, grads, grads_out_only = jax.jit(run, compiler_options=FAST_COMPILE)(
-        args, jnp.asarray(cot_out), jnp.asarray(cot_last))
+      args, jnp.asarray(cot_out), jnp.asarray(cot_last)
+    )
     assert out.dtype == last.dtype == jnp.float64
     _close(out, out_ref, 1e-10)
     _close(last, last_ref, 1e-10)
-    _close(plain, out_ref, 1e-10)     # without return_last_state
+    _close(plain, out_ref, 1e-10)  # without return_last_state
     for got, expected in ((grads, grads_ref), (grads_out_only, grads_ref_out_only)):
       assert len(got) == len(present)
       for name, grad in zip(present, got):
@@ -287,19 +322,18 @@ def test_initial_state_carries_over_a_split_sequence(impl):
   inputs.pop("initial_state")
   k = 9
   part = lambda v, sl: v[:, sl] if v.ndim == 3 else v
-  scan = lambda kw, **extra: SCANS[impl](**kw, delta_softplus=True, return_last_state=True,
-                                         **extra)
+  scan = lambda kw, **extra: SCANS[impl](**kw, delta_softplus=True, return_last_state=True, **extra)
 
   def run(args):
     full = scan(args)
     first, state = scan({n: part(v, slice(0, k)) for n, v in args.items()})
-    second, last = scan({n: part(v, slice(k, None)) for n, v in args.items()},
-                        initial_state=state)
+    second, last = scan({n: part(v, slice(k, None)) for n, v in args.items()}, initial_state=state)
     return full, (jnp.concatenate([first, second], axis=1), last)
 
   with jax.enable_x64(True):
     (full, full_last), (joined, last) = jax.jit(run, compiler_options=FAST_COMPILE)(
-        {n: jnp.asarray(v) for n, v in inputs.items()})
+      {n: jnp.asarray(v) for n, v in inputs.items()}
+    )
     _close(joined, full, 1e-13)
     _close(last, full_last, 1e-13)
 
@@ -311,15 +345,16 @@ def test_matches_numpy_loop_float32(length, impl, seed):
   """Inputs of seed `length` (seed 0, the default run) or length + 1000 seed."""
   inputs = _inputs(length + 1000 * seed, batch=2, length=length, d=6, n=4)
   out_ref, last_ref, _ = np_scan(**inputs, delta_softplus=True)
-  out, last = jax.jit(lambda kw: SCANS[impl](
-      **kw, delta_softplus=True, return_last_state=True))(
-          {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()})
+  out, last = jax.jit(lambda kw: SCANS[impl](**kw, delta_softplus=True, return_last_state=True))(
+    {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+  )
   assert out.dtype == last.dtype == jnp.float32
   _close(out, out_ref, 5e-6, f"seed {seed}")
   _close(last, last_ref, 5e-6, f"seed {seed}")
 
 
 # ---------------------------------------------------------------- bfloat16, dispatch
+
 
 @seeds.each()
 def test_bfloat16_inputs_close_to_float32(seed):
@@ -328,24 +363,30 @@ def test_bfloat16_inputs_close_to_float32(seed):
   bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inputs.items()}
   f32_of_bf16 = {k: v.astype(jnp.float32) for k, v in bf16.items()}
   f32 = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-  run = jax.jit(lambda kw: selective_scan_reference(**kw, delta_softplus=True,
-                                                    return_last_state=True),
-                compiler_options=FAST_COMPILE)
+  run = jax.jit(
+    lambda kw: selective_scan_reference(**kw, delta_softplus=True, return_last_state=True),
+    compiler_options=FAST_COMPILE,
+  )
   out, last = run(bf16)
   assert out.dtype == jnp.bfloat16
-  assert last.dtype == jnp.float32        # the state is carried in float32
+  assert last.dtype == jnp.float32  # the state is carried in float32
   out_same, last_same = run(f32_of_bf16)
   # Same (bf16-representable) inputs: the only bf16 step is the final rounding of the output.
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_same),
-                             rtol=2.0**-8, atol=1e-6 * float(jnp.abs(out_same).max()),
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32),
+    np.asarray(out_same),
+    rtol=2.0**-8,
+    atol=1e-6 * float(jnp.abs(out_same).max()),
+    err_msg=f"seed {seed}",
+  )
   _close(last, last_same, 1e-6, f"seed {seed}")
   # Against float32 on the unrounded inputs: within bfloat16 input + output rounding.
   out_f32, _ = run(f32)
   _close(out, out_f32, 3e-2, f"seed {seed}")
 
-  loss = lambda kw: jnp.sum(selective_scan_reference(**kw, delta_softplus=True)
-                            .astype(jnp.float32) ** 2)
+  loss = lambda kw: jnp.sum(
+    selective_scan_reference(**kw, delta_softplus=True).astype(jnp.float32) ** 2
+  )
   grad = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)
   g_bf16, g_f32 = grad(bf16), grad(f32)
   for name in inputs:
@@ -361,12 +402,20 @@ def test_dispatch():
   with pytest.raises(ValueError, match="Unknown selective-scan implementation"):
     resolve_impl("cuda")
   inputs = {k: jnp.asarray(v, jnp.float32) for k, v in _inputs(3, 1, 7, 4, 2).items()}
-  impls = (("reference", "sequential", "auto") if jax.default_backend() != "gpu"
-           else ("reference", "sequential"))
+  impls = (
+    ("reference", "sequential", "auto")
+    if jax.default_backend() != "gpu"
+    else ("reference", "sequential")
+  )
 
   def run(kw):
-    return [(SCANS.get(impl, SCANS[resolve_impl(impl)])(**kw, delta_softplus=True),
-             selective_scan(**kw, delta_softplus=True, impl=impl)) for impl in impls]
+    return [
+      (
+        SCANS.get(impl, SCANS[resolve_impl(impl)])(**kw, delta_softplus=True),
+        selective_scan(**kw, delta_softplus=True, impl=impl),
+      )
+      for impl in impls
+    ]
 
   for direct, dispatched in jax.jit(run, compiler_options=FAST_COMPILE)(inputs):
     np.testing.assert_array_equal(np.asarray(dispatched), np.asarray(direct))

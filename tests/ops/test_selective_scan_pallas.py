@@ -7,6 +7,7 @@ Shapes are small and the backward sub-chunk short, so the interpreted programs c
 Tests marked `gpu` run the compiled Mosaic GPU kernel (pytest -m gpu on a Hopper GPU); the `slow` one
 runs the Mosaic GPU program itself in JAX's GPU interpreter on the CPU.
 """
+
 import functools
 
 import jax
@@ -23,15 +24,15 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 def _inputs(seed, b, length, d, n, dtype, *, z=True, d_skip=True, bias=True, h0=True):
   ks = jax.random.split(jax.random.key(seed), 9)
   return dict(
-      u=jax.random.normal(ks[0], (b, length, d), dtype),
-      delta=(0.5 * jax.random.normal(ks[1], (b, length, d))).astype(dtype),
-      A=-jnp.exp(0.5 * jax.random.normal(ks[2], (d, n))),
-      B=jax.random.normal(ks[3], (b, length, n), dtype),
-      C=jax.random.normal(ks[4], (b, length, n), dtype),
-      D=jax.random.normal(ks[5], (d,)) if d_skip else None,
-      z=jax.random.normal(ks[6], (b, length, d), dtype) if z else None,
-      delta_bias=0.3 * jax.random.normal(ks[7], (d,)) if bias else None,
-      initial_state=jax.random.normal(ks[8], (b, d, n)) if h0 else None,
+    u=jax.random.normal(ks[0], (b, length, d), dtype),
+    delta=(0.5 * jax.random.normal(ks[1], (b, length, d))).astype(dtype),
+    A=-jnp.exp(0.5 * jax.random.normal(ks[2], (d, n))),
+    B=jax.random.normal(ks[3], (b, length, n), dtype),
+    C=jax.random.normal(ks[4], (b, length, n), dtype),
+    D=jax.random.normal(ks[5], (d,)) if d_skip else None,
+    z=jax.random.normal(ks[6], (b, length, d), dtype) if z else None,
+    delta_bias=0.3 * jax.random.normal(ks[7], (d,)) if bias else None,
+    initial_state=jax.random.normal(ks[8], (b, d, n)) if h0 else None,
   )
 
 
@@ -41,14 +42,26 @@ def _value_and_grads(fn, inputs, softplus):
 
   def loss(diff):
     kw = dict(inputs, **diff)
-    y, last = fn(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
-                 kw["delta_bias"], softplus, kw["initial_state"], True)
+    y, last = fn(
+      kw["u"],
+      kw["delta"],
+      kw["A"],
+      kw["B"],
+      kw["C"],
+      kw["D"],
+      kw["z"],
+      kw["delta_bias"],
+      softplus,
+      kw["initial_state"],
+      True,
+    )
     wy = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
     wl = jnp.sin(jnp.arange(last.size, dtype=jnp.float32).reshape(last.shape))
     return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(last * wl), (y, last)
 
   (_, (y, last)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-      {k: inputs[k] for k in names})
+    {k: inputs[k] for k in names}
+  )
   return y, last, grads
 
 
@@ -76,17 +89,18 @@ def _compare(inputs, softplus, tol, **kernel_kw):
 CPU = dict(interpret=True, chunk=8, sub_chunk=2)
 
 
-@pytest.mark.parametrize("keep_decays,reduce_buffers,sub_chunk_states",
-                         [(True, 2, True), (False, 1, False)])
+@pytest.mark.parametrize(
+  "keep_decays,reduce_buffers,sub_chunk_states", [(True, 2, True), (False, 1, False)]
+)
 def test_all_inputs_odd_length_float32(keep_decays, reduce_buffers, sub_chunk_states):
   # 37 = 4 chunks of 8 + 5: the masked tail must not move the last state or the gradients; two
   # register blocks of 4 steps per chunk, their start states saved by the forward or re-run by the
   # backward; two dB/dC reduction groups per block, in one buffer or two.
-  options = ssp.KernelOptions(keep_decays=keep_decays, reduce_buffers=reduce_buffers,
-                              save_sub_chunk_states=sub_chunk_states)
+  options = ssp.KernelOptions(
+    keep_decays=keep_decays, reduce_buffers=reduce_buffers, save_sub_chunk_states=sub_chunk_states
+  )
   inputs = _inputs(0, b=2, length=37, d=128, n=4, dtype=jnp.float32)
-  _compare(inputs, softplus=True, tol=1e-5, options=options, interpret=True, chunk=8,
-           sub_chunk=4)
+  _compare(inputs, softplus=True, tol=1e-5, options=options, interpret=True, chunk=8, sub_chunk=4)
 
 
 def test_low_memory_preset():
@@ -107,8 +121,9 @@ def test_options_are_a_hashable_value():
 
 def test_no_optional_inputs_no_softplus_float32():
   # d = 96 pads to one block of 128 channels; no z, D, bias or initial state.
-  inputs = _inputs(1, b=1, length=16, d=96, n=4, dtype=jnp.float32,
-                   z=False, d_skip=False, bias=False, h0=False)
+  inputs = _inputs(
+    1, b=1, length=16, d=96, n=4, dtype=jnp.float32, z=False, d_skip=False, bias=False, h0=False
+  )
   _compare(inputs, softplus=False, tol=1e-5, **CPU)
 
 
@@ -125,14 +140,17 @@ def test_dispatch_and_interpret_option():
   ref = selective_scan_reference(*args, True, inputs["initial_state"])
   # On the CPU, impl="pallas" interprets the kernel without being told.
   out = jax.jit(functools.partial(selective_scan, delta_softplus=True, impl="pallas"))(
-      *args, initial_state=inputs["initial_state"])
+    *args, initial_state=inputs["initial_state"]
+  )
   assert _rel(out, ref) < 1e-5
   low = jax.jit(functools.partial(selective_scan, delta_softplus=True, impl="pallas_low_memory"))(
-      *args, initial_state=inputs["initial_state"])
+    *args, initial_state=inputs["initial_state"]
+  )
   assert _rel(low, ref) < 1e-5
   options = ssp.KernelOptions(chunk=4, sub_chunk=2, interpret=True)
-  out = jax.jit(functools.partial(ssp.selective_scan_pallas, delta_softplus=True,
-                                  options=options))(*args, initial_state=inputs["initial_state"])
+  out = jax.jit(functools.partial(ssp.selective_scan_pallas, delta_softplus=True, options=options))(
+    *args, initial_state=inputs["initial_state"]
+  )
   assert _rel(out, ref) < 1e-5
 
 
@@ -150,8 +168,9 @@ def test_mosaic_program_forward_in_gpu_interpreter():
   """The Mosaic GPU program itself (TMA copies, barriers, layouts) run by JAX's GPU interpreter."""
   inputs = _inputs(6, b=1, length=20, d=128, n=16, dtype=jnp.float32)
   args = [inputs[k] for k in NAMES[:8]]
-  y, last = ssp.selective_scan_pallas(*args, True, inputs["initial_state"], True,
-                                      interpret="mosaic", chunk=8, sub_chunk=2)
+  y, last = ssp.selective_scan_pallas(
+    *args, True, inputs["initial_state"], True, interpret="mosaic", chunk=8, sub_chunk=2
+  )
   y_ref, last_ref = selective_scan_reference(*args, True, inputs["initial_state"], True)
   assert _rel(y, y_ref) < 1e-5
   assert _rel(last, last_ref) < 1e-5
@@ -159,16 +178,20 @@ def test_mosaic_program_forward_in_gpu_interpreter():
 
 def _require_gpu():
   assert jax.default_backend() == "gpu", (
-      "Tests marked gpu compile the Mosaic GPU kernel: run them with `pytest -m gpu` on a host "
-      "with a Hopper GPU.")
+    "Tests marked gpu compile the Mosaic GPU kernel: run them with `pytest -m gpu` on a host "
+    "with a Hopper GPU."
+  )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,length,z,tol", [
+@pytest.mark.parametrize(
+  "dtype,length,z,tol",
+  [
     (jnp.float32, 37, True, 1e-4),
     (jnp.bfloat16, 256, True, 2e-2),
     (jnp.bfloat16, 100, False, 2e-2),
-])
+  ],
+)
 def test_compiled_kernel_on_gpu(dtype, length, z, tol):
   _require_gpu()
   inputs = _inputs(7, b=3, length=length, d=384, n=16, dtype=dtype, z=z)
@@ -178,16 +201,28 @@ def test_compiled_kernel_on_gpu(dtype, length, z, tol):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "chunk,sub_chunk,reduce_steps,keep_decays,buffers,bf16_states,sub_chunk_states", [
-        (8, 8, 4, True, 2, True, True), (16, 4, 2, True, 2, True, False),
-        (32, 8, 1, False, 2, True, False), (16, 8, 1, False, 1, False, False),
-        (16, 4, 1, True, 1, True, True)])
-def test_compiled_kernel_other_chunkings_on_gpu(chunk, sub_chunk, reduce_steps, keep_decays,
-                                                buffers, bf16_states, sub_chunk_states):
+  "chunk,sub_chunk,reduce_steps,keep_decays,buffers,bf16_states,sub_chunk_states",
+  [
+    (8, 8, 4, True, 2, True, True),
+    (16, 4, 2, True, 2, True, False),
+    (32, 8, 1, False, 2, True, False),
+    (16, 8, 1, False, 1, False, False),
+    (16, 4, 1, True, 1, True, True),
+  ],
+)
+def test_compiled_kernel_other_chunkings_on_gpu(
+  chunk, sub_chunk, reduce_steps, keep_decays, buffers, bf16_states, sub_chunk_states
+):
   _require_gpu()
-  options = ssp.KernelOptions(chunk=chunk, sub_chunk=sub_chunk, reduce_steps=reduce_steps,
-                              keep_decays=keep_decays, reduce_buffers=buffers,
-                              bf16_saved_states=bf16_states,
-                              save_sub_chunk_states=sub_chunk_states, interpret=False)
+  options = ssp.KernelOptions(
+    chunk=chunk,
+    sub_chunk=sub_chunk,
+    reduce_steps=reduce_steps,
+    keep_decays=keep_decays,
+    reduce_buffers=buffers,
+    bf16_saved_states=bf16_states,
+    save_sub_chunk_states=sub_chunk_states,
+    interpret=False,
+  )
   inputs = _inputs(8, b=2, length=70, d=256, n=16, dtype=jnp.bfloat16, z=False)
   _compare(inputs, softplus=True, tol=2e-2, options=options, chunk=chunk)

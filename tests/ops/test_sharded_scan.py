@@ -6,6 +6,7 @@ gradients equal the unsharded kernel and the associative-scan reference, on a (2
 mesh; the compiled program holds no all-gather (the kernel called without shard_map, on the same
 inputs, does gather the [b, l, d] activations: the check can fail); and which mesh axes are used.
 """
+
 import json
 
 from tests import train_util
@@ -97,7 +98,7 @@ def _run():
   proc = train_util.run_python(["-c", _SCRIPT], devices=8, timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _flat(tree, prefix=""):

@@ -4,6 +4,7 @@ The parity tests and the full-size sd-vae-ft-ema mapping test need `torch` and `
 `safetensors`); they fail, not skip, when these are missing. The tiny mapping and error tests need
 neither.
 """
+
 import importlib
 import json
 
@@ -34,6 +35,7 @@ def _relative_error(actual, expected):
 
 # -- parity with diffusers (torch) ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def diffusers_vae(tmp_path_factory):
   """A small random diffusers AutoencoderKL, saved as safetensors; (torch module, folder)."""
@@ -41,8 +43,9 @@ def diffusers_vae(tmp_path_factory):
   _require("safetensors")
   diffusers = _require("diffusers")
   torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, **SMALL).eval()
+  vae = diffusers.AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **SMALL
+  ).eval()
   with torch.no_grad():  # group norms start at (1, 0): move them so the mapping is tested
     for name, p in vae.named_parameters():
       if p.ndim == 1:
@@ -82,8 +85,9 @@ def test_decoder_matches_diffusers(diffusers_vae, converted):
   latents = np.random.default_rng(1).standard_normal((2, 8, 12, 4)).astype(np.float32)
   with torch.no_grad():
     expected = torch_vae.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample
-  images = jax.jit(vae.apply, static_argnames="method")({"params": params}, latents,
-                                                        method=model.AutoencoderKL.decode)
+  images = jax.jit(vae.apply, static_argnames="method")(
+    {"params": params}, latents, method=model.AutoencoderKL.decode
+  )
   assert images.shape == (2, 16, 24, 3)
   assert _relative_error(images, expected.numpy().transpose(0, 2, 3, 1)) < 1e-4
 
@@ -109,11 +113,19 @@ def test_old_attention_names_in_a_torch_bin_give_the_same_params(diffusers_vae, 
 # -- the full-size sd-vae-ft-ema architecture, without weights -----------------------------------
 
 # stabilityai/sd-vae-ft-ema's published config.json (its non-architecture fields left out).
-SD_VAE_FT_EMA = {"_class_name": "AutoencoderKL", "act_fn": "silu",
-                 "block_out_channels": [128, 256, 512, 512],
-                 "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
-                 "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-                 "out_channels": 3, "sample_size": 256, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD_VAE_FT_EMA = {
+  "_class_name": "AutoencoderKL",
+  "act_fn": "silu",
+  "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D"] * 4,
+  "in_channels": 3,
+  "latent_channels": 4,
+  "layers_per_block": 2,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "sample_size": 256,
+  "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 SD_VAE_FT_EMA_PARAMETERS = 83_653_863
 
 
@@ -149,14 +161,15 @@ def test_sd_vae_ft_ema_state_dict_maps_key_for_key_onto_the_flax_tree():
   torch = _require("torch")
   diffusers = _require("diffusers")
   with torch.device("meta"):
-    torch_vae = diffusers.AutoencoderKL(**{k: v for k, v in SD_VAE_FT_EMA.items()
-                                           if not k.startswith("_")})
+    torch_vae = diffusers.AutoencoderKL(
+      **{k: v for k, v in SD_VAE_FT_EMA.items() if not k.startswith("_")}
+    )
   shapes = {k: tuple(v.shape) for k, v in torch_vae.state_dict().items()}
   assert sum(p.numel() for p in torch_vae.parameters()) == SD_VAE_FT_EMA_PARAMETERS
   assert sum(int(np.prod(s)) for s in shapes.values()) == SD_VAE_FT_EMA_PARAMETERS  # no buffers
 
   vae = model.vae_from_config(SD_VAE_FT_EMA)
-  assert vae == model.AutoencoderKL()   # the module's defaults are this VAE
+  assert vae == model.AutoencoderKL()  # the module's defaults are this VAE
   assert vae.downsampling_factor == 8
   abstract = flax.traverse_util.flatten_dict(model.abstract_params(vae))
   assert sum(int(np.prod(a.shape)) for a in abstract.values()) == SD_VAE_FT_EMA_PARAMETERS
@@ -168,21 +181,30 @@ def test_sd_vae_ft_ema_state_dict_maps_key_for_key_onto_the_flax_tree():
   tags = {}
   for k, (key, shape) in enumerate(shapes.items()):
     tags[key] = np.broadcast_to(
-        (1024 * (k + 1) + np.arange(shape[0], dtype=np.float32)).reshape((-1,) + (1,) * (
-            len(shape) - 1)), shape)
+      (1024 * (k + 1) + np.arange(shape[0], dtype=np.float32)).reshape(
+        (-1,) + (1,) * (len(shape) - 1)
+      ),
+      shape,
+    )
   params = flax.traverse_util.flatten_dict(convert.params_from_state_dict(tags, vae))
   assert sorted(params) == sorted(abstract)
   for k, (key, shape) in enumerate(shapes.items()):
     leaf = params[_flax_path(key, len(shape))]
     assert leaf.shape == expected[_flax_path(key, len(shape))], key
-    along_out = leaf[(0,) * (leaf.ndim - 1)]   # the last axis, the others at 0
+    along_out = leaf[(0,) * (leaf.ndim - 1)]  # the last axis, the others at 0
     np.testing.assert_array_equal(along_out, 1024 * (k + 1) + np.arange(shape[0]), err_msg=key)
 
 
 # -- the mapping on a hand-built NumPy state dict (no torch) -------------------------------------
 
-TINY = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=2,
-            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+TINY = dict(
+  block_out_channels=[8, 16],
+  layers_per_block=1,
+  norm_num_groups=4,
+  latent_channels=2,
+  down_block_types=["DownEncoderBlock2D"] * 2,
+  up_block_types=["UpDecoderBlock2D"] * 2,
+)
 
 
 def _tiny_state_dict(old_attention_names=False):
@@ -212,8 +234,11 @@ def _tiny_state_dict(old_attention_names=False):
     resnet(f"{prefix}.resnets.0", c, c)
     resnet(f"{prefix}.resnets.1", c, c)
     norm(f"{prefix}.attentions.0.group_norm", c)
-    names = ("query", "key", "value", "proj_attn") if old_attention_names else (
-        "to_q", "to_k", "to_v", "to_out.0")
+    names = (
+      ("query", "key", "value", "proj_attn")
+      if old_attention_names
+      else ("to_q", "to_k", "to_v", "to_out.0")
+    )
     for name in names:
       shape = (c, c, 1, 1) if old_attention_names else (c, c)
       add(f"{prefix}.attentions.0.{name}.weight", *shape)
@@ -251,17 +276,24 @@ def test_tiny_state_dict_maps_to_flax_layout(tiny_vae):
   shapes = jax.tree.map(lambda x: x.shape, model.abstract_params(tiny_vae))
   assert jax.tree.map(np.shape, params) == shapes
   encoder = params["encoder"]
-  np.testing.assert_array_equal(encoder["conv_in"]["kernel"],
-                                state["encoder.conv_in.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    encoder["conv_in"]["kernel"], state["encoder.conv_in.weight"].transpose(2, 3, 1, 0)
+  )
   shortcut = encoder["down_blocks_1"]["resnets_0"]["conv_shortcut"]["kernel"]
   np.testing.assert_array_equal(
-      shortcut[0, 0], state["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"][:, :, 0, 0].T)
-  np.testing.assert_array_equal(encoder["mid_block"]["attentions_0"]["to_out_0"]["kernel"],
-                                state["encoder.mid_block.attentions.0.to_out.0.weight"].T)
-  np.testing.assert_array_equal(params["decoder"]["up_blocks_0"]["upsamplers_0"]["conv"]["bias"],
-                                state["decoder.up_blocks.0.upsamplers.0.conv.bias"])
-  np.testing.assert_array_equal(params["decoder"]["conv_norm_out"]["scale"],
-                                state["decoder.conv_norm_out.weight"])
+    shortcut[0, 0], state["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"][:, :, 0, 0].T
+  )
+  np.testing.assert_array_equal(
+    encoder["mid_block"]["attentions_0"]["to_out_0"]["kernel"],
+    state["encoder.mid_block.attentions.0.to_out.0.weight"].T,
+  )
+  np.testing.assert_array_equal(
+    params["decoder"]["up_blocks_0"]["upsamplers_0"]["conv"]["bias"],
+    state["decoder.up_blocks.0.upsamplers.0.conv.bias"],
+  )
+  np.testing.assert_array_equal(
+    params["decoder"]["conv_norm_out"]["scale"], state["decoder.conv_norm_out.weight"]
+  )
 
 
 def test_old_attention_names_map_like_new_ones(tiny_vae):
@@ -269,8 +301,11 @@ def test_old_attention_names_map_like_new_ones(tiny_vae):
   new = {}
   for key, value in convert.rename_old_attention_keys(old).items():
     new[key] = value[:, :, 0, 0] if value.ndim == 4 and ".attentions." in key else value
-  jax.tree.map(np.testing.assert_array_equal, convert.params_from_state_dict(old, tiny_vae),
-               convert.params_from_state_dict(new, tiny_vae))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    convert.params_from_state_dict(old, tiny_vae),
+    convert.params_from_state_dict(new, tiny_vae),
+  )
 
 
 def test_tiny_vae_helpers_are_jittable_and_consistent(tiny_vae):
@@ -283,8 +318,14 @@ def test_tiny_vae_helpers_are_jittable_and_consistent(tiny_vae):
     mean, logvar = model.encode(tiny_vae, params, images)
     latents = model.images_to_latents(tiny_vae, params, images)
     sampled = model.images_to_latents(tiny_vae, params, images, rng)
-    return (mean, logvar, latents, sampled, model.latents_to_images(tiny_vae, params, latents),
-            model.decode_latents(tiny_vae, params, latents))
+    return (
+      mean,
+      logvar,
+      latents,
+      sampled,
+      model.latents_to_images(tiny_vae, params, latents),
+      model.decode_latents(tiny_vae, params, latents),
+    )
 
   mean, logvar, latents, sampled, decoded, pixels = helpers(params, images, rng)
   assert latents.shape == (2, 4, 4, 2) and decoded.shape == images.shape
@@ -292,13 +333,14 @@ def test_tiny_vae_helpers_are_jittable_and_consistent(tiny_vae):
   assert float(logvar.min()) >= -30 and float(logvar.max()) <= 20
   np.testing.assert_allclose(latents, mean * model.SCALING_FACTOR, rtol=1e-6)
   noise = jax.random.normal(rng, mean.shape)
-  np.testing.assert_allclose(sampled, (mean + jnp.exp(0.5 * logvar) * noise) * model.SCALING_FACTOR,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    sampled, (mean + jnp.exp(0.5 * logvar) * noise) * model.SCALING_FACTOR, rtol=1e-5, atol=1e-6
+  )
   assert float(jnp.abs(sampled - latents).max()) > 0
   # decode_latents: upstream's uint8 conversion of the decoded images, float64 reference.
   want = np.floor(np.clip(127.5 * np.asarray(decoded, np.float64) + 128.0, 0, 255))
   assert pixels.shape == images.shape and pixels.dtype == jnp.uint8
-  assert np.abs(np.asarray(pixels, np.int64) - want).max() <= 1   # float32 vs float64 rounding
+  assert np.abs(np.asarray(pixels, np.int64) - want).max() <= 1  # float32 vs float64 rounding
   assert np.mean(np.asarray(pixels) == want) > 0.99
 
   bf16 = model.vae_from_config(TINY, dtype=jnp.bfloat16)
@@ -320,6 +362,7 @@ def test_save_and_load_round_trip(tiny_vae, tmp_path):
 
 
 # -- error messages ------------------------------------------------------------------------------
+
 
 def test_missing_unexpected_and_misshapen_keys_are_named(tiny_vae):
   state = _tiny_state_dict()
@@ -365,16 +408,22 @@ def test_pipeline_folder_with_vae_subfolder_is_found(tmp_path):
 
 # -- the convert CLI on folders written by diffusers' save_pretrained -----------------------------
 
+
 def test_cli_converts_a_torch_bin_folder_like_safetensors(diffusers_vae, converted, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   torch_vae, _ = diffusers_vae
   folder = tmp_path / "bin"
   torch_vae.save_pretrained(folder, safe_serialization=False)
   assert (folder / convert.TORCH_FILE).exists() and not (folder / convert.SAFETENSORS_FILE).exists()
   out = tmp_path / "out"
-  result = subprocess.run([sys.executable, "-m", "dimsum_jax.vae.convert", f"--diffusers={folder}",
-                           f"--out={out}"], capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "dimsum_jax.vae.convert", f"--diffusers={folder}", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   count = sum(p.numel() for p in torch_vae.parameters())
   assert f"Wrote {count:,} VAE parameters" in result.stdout
@@ -395,9 +444,14 @@ def test_cli_refuses_another_architecture_in_one_sentence(diffusers_vae, tmp_pat
   torch = _require("torch")
   diffusers = _require("diffusers")
   torch.manual_seed(0)
-  unet = diffusers.UNet2DModel(sample_size=8, layers_per_block=1, block_out_channels=(8, 16),
-                               norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-                               up_block_types=("UpBlock2D",) * 2)
+  unet = diffusers.UNet2DModel(
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    down_block_types=("DownBlock2D",) * 2,
+    up_block_types=("UpBlock2D",) * 2,
+  )
   unet.save_pretrained(tmp_path / "unet")
   message = _cli_error([f"--diffusers={tmp_path / 'unet'}", f"--out={tmp_path / 'o1'}"])
   assert "_class_name is 'UNet2DModel', not 'AutoencoderKL'" in message
@@ -418,12 +472,16 @@ def test_load_vae_refuses_params_of_another_shape(tiny_vae, tmp_path):
   params = convert.params_from_state_dict(_tiny_state_dict(), tiny_vae)
   checkpoint.save_vae(str(tmp_path), TINY, params)
   (tmp_path / "config.json").write_text(json.dumps(dict(TINY, block_out_channels=[8, 32])))
-  with pytest.raises(ValueError, match=r"are not those of the VAE its config.json describes "
-                     r"\(decoder/conv_in/bias is stored \(16,\) but config.json needs \(32,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"are not those of the VAE its config.json describes "
+    r"\(decoder/conv_in/bias is stored \(16,\) but config.json needs \(32,\)",
+  ):
     checkpoint.load_vae(str(tmp_path))
 
 
 # -- decoding to pixels ---------------------------------------------------------------------------
+
 
 def test_to_uint8_is_upstreams_clamp_and_truncation():
   x = np.asarray([-1.5, -1.0, -0.0039, 0.0, 0.5, 0.99, 1.0, 2.0], np.float32)
