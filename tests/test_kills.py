@@ -186,7 +186,18 @@ def check_training_killed_at_random_moments(tmp_path, cache, seed, kills):
     killed_at.append(f'{delay:.2f} s (saved {checkpoint_steps(interrupted)[-1:]})')
     if damaged is None and len(checkpoint_steps(interrupted)) >= 2:
       damaged = (damage_newest(interrupted), len(logs))
-  if damaged is None:  # every kill came before two saves: damage one before the last run
+  if damaged is None:  # every kill came before two saves: run to a second save, then damage it
+    logs.append(str(tmp_path / f'run_{len(logs)}.log'))
+    proc = launch(train_args(interrupted, cache, steps), logs[-1])
+    try:
+      deadline = time.monotonic() + 600
+      while len(checkpoint_steps(interrupted)) < 2 and proc.poll() is None:
+        assert time.monotonic() < deadline, f'seed {seed}: no second checkpoint in 600 s'
+        time.sleep(0.02)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()
     assert len(checkpoint_steps(interrupted)) >= 2, f'seed {seed}: kills at {killed_at}'
     damaged = (damage_newest(interrupted), len(logs))
   logs.append(str(tmp_path / 'last.log'))

@@ -45,7 +45,7 @@ def _shapes(config):
 def _traced_shapes(config_json):
   """The parameter shapes of a model config (each traced once per session)."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return convert.abstract_params(models.create_model(config), config)
+  return models.abstract_params(models.create_model(config), config)
 
 
 def _params(config, seed):
