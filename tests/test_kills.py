@@ -303,7 +303,11 @@ def check_sampling_killed_at_random_moments(tmp_path, model, cache, seed, kills)
   return len(killed_at), tried
 
 
-@pytest.mark.parametrize('seed, kills', [SHORT, pytest.param(*LONG, marks=pytest.mark.slow)])
+# Sampling's resume is in the default suite through test_sample_cli; its kills under -m slow.
+@pytest.mark.parametrize(
+  'seed, kills',
+  [pytest.param(*SHORT, marks=pytest.mark.slow), pytest.param(*LONG, marks=pytest.mark.slow)],
+)
 def test_sampling_killed_at_random_moments_gives_the_same_bytes(
   tmp_path, tmp_path_factory, seed, kills
 ):

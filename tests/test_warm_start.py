@@ -406,6 +406,7 @@ def _losses(workdir):
   return [r['loss'] for r in rows if 'loss' in r]
 
 
+@pytest.mark.slow  # 31 s on 2 cores; configs/digits.py:finetune32 is loaded by test_configs
 def test_finetune_starts_from_the_low_resolution_weights_and_trains(source_run, tmp_path, caplog):
   """The step-0 loss (the same batch, noise and times in both runs) of the 8 px weights at
   16 px is about half a fresh model's (1.03 against 1.93; the source's own loss at 8 px after its
