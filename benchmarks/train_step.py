@@ -44,7 +44,7 @@ from dimsum_jax import sharding  # noqa: E402
 from dimsum_jax import train  # noqa: E402
 
 CONFIGS = {"DiMSUM": "imagenet256", "DiT": "imagenet256:dit", "DiM": "imagenet256:dim"}
-LEVERS = ("wavelet_impl", "remat", "attention_impl")
+LEVERS = ("wavelet_impl", "remat", "attention_impl", "scan_unroll")
 
 
 @dataclasses.dataclass
@@ -190,6 +190,7 @@ def run_setting(args, name: str, scan_impl: str, peak_measured: float | None) ->
     wavelet_impl=args.wavelet_impl,
     remat=args.remat,
     attention_impl=args.attention_impl,
+    scan_unroll=args.scan_unroll,
   )
   record["mesh"] = dict(setup.mesh.shape)
   record["scan_impl"] = common.resolved_scan_impl(setup.model_config)
@@ -288,6 +289,12 @@ def main(argv=None):
     default=None,
     choices=["auto", "xla", "cudnn"],
     help="attention of both models (default: the config's)",
+  )
+  p.add_argument(
+    "--scan-unroll",
+    type=int,
+    default=None,
+    help="DiMSUM block groups per iteration of the stack's scan (default: the config's, 1)",
   )
   p.add_argument(
     "--no-fallback",

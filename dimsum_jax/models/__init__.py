@@ -66,6 +66,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       "depth": -1,  # -1: the size's own; set to build smaller test models
       "hidden_size": -1,
       "attn_every": 4,  # shared transformer after every k DiMSUM blocks (0 = never)
+      "scan_unroll": 1,  # DiMSUM: block groups per iteration of the stack's scan (1: rolled, the
+      # fastest compile; the number of groups: straight-line code, no per-group slicing)
       "dim_padding": dim.DEFAULT_PADDING,  # DiM only: lateral (256 px) or rho_pad (512 px)
     }
   )
@@ -94,6 +96,7 @@ FAMILY_FIELDS = {
     "wavelet_impl",
     "attention_impl",
     "attn_every",
+    "scan_unroll",
   ),
   "DiT": ("attention_impl",),
   "DiM": ("scan_impl", "dim_padding"),
@@ -185,6 +188,7 @@ def create_model(config):
       wavelet_impl=cfg.wavelet_impl,
       remat=cfg.remat,
       attention_impl=cfg.attention_impl,
+      scan_unroll=cfg.scan_unroll,
       dtype=dtype,
     )
   size, patch = cfg.name[len("DiT-") :].split("/")

@@ -252,6 +252,7 @@ class DiMSUM(nn.Module, kw_only=True):
   scan_impl: str = "auto"
   remat: str = "none"  # recompute in the backward: none, dots or full (REMAT_POLICIES)
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
+  scan_unroll: int = 1  # block groups per iteration of the stack's nn.scan (same parameters)
   dtype: Dtype = jnp.float32
 
   def check(self):
@@ -296,6 +297,11 @@ class DiMSUM(nn.Module, kw_only=True):
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
+    if self.scan_unroll < 1:
+      raise ValueError(
+        f"scan_unroll={self.scan_unroll} must be at least 1 (1: the block groups in a rolled "
+        "loop; their number: unrolled)."
+      )
     return g
 
   def _orders(self, g):
@@ -372,6 +378,7 @@ class DiMSUM(nn.Module, kw_only=True):
       split_rngs={"params": True, "dropout": True},
       length=groups,
       in_axes=(0, nn.broadcast, nn.broadcast),
+      unroll=min(self.scan_unroll, groups),
     )
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")
     residual = jnp.zeros(h.shape, jnp.promote_types(self.dtype, jnp.float32))
