@@ -68,6 +68,7 @@ def environment() -> dict[str, Any]:
     "python": platform.python_version(),
     **versions,
     "compilation_cache": jax.config.jax_compilation_cache_dir or None,
+    "xla_flags": os.environ.get("XLA_FLAGS") or None,
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
   }

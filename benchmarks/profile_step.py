@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from dimsum_jax.models import layers  # noqa: E402
 
 CATEGORIES = ("collectives", "scan", "attention", "matmuls", "wavelet", "other")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -406,7 +407,7 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--scan-impl", default="auto", choices=["auto", "pallas", "reference"])
   p.add_argument("--wavelet-impl", default=None, choices=["jaxwt", "direct"])
-  p.add_argument("--remat", default=None, choices=["none", "dots", "full"])
+  p.add_argument("--remat", default=None, choices=list(layers.REMAT_POLICIES))
   p.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn"])
   p.add_argument("--top", type=int, default=60, help="heaviest instructions listed")
   p.add_argument("--steps", type=int, default=3, help="steps traced")

@@ -6,6 +6,11 @@ dopri5: one probability-flow ODE solve of batch 1 from noise (t = 0) to data (t 
   `dimsum_jax.sampling.solve_ode` (diffrax Dopri5, atol 1e-6, rtol 1e-3 as upstream), the velocity
   from `sampling.make_sampling_velocity_fn`, the whole solve one jitted program. Reported: median
   latency of a solve, its model evaluations (NFE, counted exactly by solve_ode) and ms per NFE.
+dpm (--solvers dpm): DiM's DPM-Solver (`sampling.sample_dpm_solver`, --dpm-steps evaluations, the
+  network read as noise prediction on the discrete schedule, U-ViT guidance at --cfg-scale - 1).
+--upsample-guidance THETA: at sample sizes m >= 2 times --trained-size, every evaluation also runs
+  the network at the trained size (`sampling.make_upsample_guided_model_fn`), as `dimsum_jax.sample
+  --upsample_guidance` does; NFE counts the sampled-size evaluations.
 
 Weights: random (no trained checkpoint is needed or read). A freshly initialised DiMSUM or DiT
 outputs exactly zero (zero-initialised final and adaLN-Zero layers), which an adaptive solver
@@ -15,6 +20,8 @@ latency = NFE x (ms per NFE) transfers.
 
   python benchmarks/sample.py                           # DiMSUM-L/2: forward 256, dopri5 256/512 px
   python benchmarks/sample.py --models DiT-L/2 --cfg-scale 1.4
+  python benchmarks/sample.py --models DiM-L/2 --sample-sizes 512 --solvers dopri5 dpm
+  python benchmarks/sample.py --skip-forward --sample-sizes 512 1024 --upsample-guidance 1.0
   python benchmarks/sample.py --smoke
 """
 
@@ -105,27 +112,68 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
   }
 
 
-def bench_dopri5(args, name: str, image_size: int) -> dict:
+def model_fn_for(args, name: str, image_size: int, objective):
+  """(model_fn(params, x, t, y), params, cfg) at image_size; with --upsample-guidance and an
+  image_size above --trained-size, params is (params, trained-size params) and model_fn the
+  guided network (sampling.make_upsample_guided_model_fn), as `dimsum_jax.sample` builds it."""
   cfg = common.model_config(
     name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
   )
+  if args.scan_unroll and "scan_unroll" in models.fields_read(name):
+    cfg.scan_unroll = args.scan_unroll
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
+  m = image_size // args.trained_size
+  if not (args.upsample_guidance and m >= 2):
+    return (lambda p, x, t, y: model.apply({"params": p}, x, t, y)), params, cfg
+  base_cfg = common.model_config(
+    name, args.trained_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
+  )
+  base = models.create_model(base_cfg)
+  base_params = init_params(base, base_cfg, args.seed, args.perturb)
+
+  def guided(p, x, t, y):
+    return sampling.make_upsample_guided_model_fn(
+      lambda x, t, y: model.apply({"params": p[0]}, x, t, y),
+      lambda x, t, y: base.apply({"params": p[1]}, x, t, y),
+      m,
+      path_type=objective[0],
+      prediction=objective[1],
+      theta=args.upsample_guidance,
+      eta=args.ug_eta,
+    )(x, t, y)
+
+  return guided, (params, base_params), cfg
+
+
+def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
+  """One batch-1 sample: dopri5 on the probability-flow ODE of the flow-matching defaults, or
+  DiM's DPM-Solver (noise prediction on the discrete schedule, U-ViT guidance)."""
   tcfg = transport.default_transport_config()
-  t0, t1 = transport.time_interval(tcfg, eval=True)
+  objective = (tcfg.path_type, tcfg.prediction) if solver == "dopri5" else ("ScaledLinear", "noise")
+  model_fn, params, cfg = model_fn_for(args, name, image_size, objective)
   x0, _, y = inputs(cfg, 1, args.seed + 3)
   num_classes = cfg.num_classes
+  guided = args.cfg_scale != 1.0 and num_classes
 
   def solve(params, x0, y):
+    net = lambda x, t, y: model_fn(params, x, t, y)
+    if solver == "dpm":
+      noise = sampling.make_noise_fn(
+        net, cfg_scale=args.cfg_scale - 1.0 if guided else 0.0, null_label=num_classes
+      )
+      x1, nfe = sampling.sample_dpm_solver(noise, x0, steps=args.dpm_steps, args=y)
+      return x1, jnp.asarray(nfe), None
+    t0, t1 = transport.time_interval(tcfg, eval=True)
     velocity = sampling.make_sampling_velocity_fn(
-      lambda x, t, y: model.apply({"params": params}, x, t, y),
+      net,
       y if num_classes else None,
       path_type=tcfg.path_type,
       prediction=tcfg.prediction,
-      cfg_scale=args.cfg_scale if num_classes else 1.0,
+      cfg_scale=args.cfg_scale if guided else 1.0,
       null_label=num_classes,
     )
-    return sampling.solve_ode(
+    res = sampling.solve_ode(
       velocity,
       x0,
       solver="dopri5",
@@ -135,42 +183,55 @@ def bench_dopri5(args, name: str, image_size: int) -> dict:
       t1=t1,
       max_steps=args.max_steps,
     )
+    return res.x1, res.nfe, res
 
+  label = f"{solver} {name} {image_size} px"
   compiled, compile_s = common.timed_compile(
     jax.jit(solve), params, x0, y, compiler_options=_options(args)
   )
-  print(
-    f"dopri5 {name} {image_size} px: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True
-  )
-  result = compiled(params, x0, y)
-  print(f"dopri5 {name} {image_size} px: NFE {int(result.nfe)}", file=sys.stderr, flush=True)
-  sampling.check_ode_result(result, max_steps=args.max_steps)
+  print(f"{label}: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
+  x1, nfe, res = compiled(params, x0, y)
+  nfe = int(nfe)
+  print(f"{label}: NFE {nfe}", file=sys.stderr, flush=True)
+  if res is not None:
+    sampling.check_ode_result(res, max_steps=args.max_steps)
   samples = common.time_calls(
-    lambda: compiled(params, x0, y).x1, warmup=args.warmup, repeats=args.repeats
+    lambda: compiled(params, x0, y)[0], warmup=args.warmup, repeats=args.repeats
   )
   timing = common.summary(samples)
-  nfe = int(result.nfe)
   return {
-    "benchmark": "dopri5",
+    "benchmark": solver,
     "model": name,
     "image_size": image_size,
     "batch": 1,
     "dtype": args.dtype,
     "scan_impl": common.resolved_scan_impl(cfg),
+    "scan_unroll": cfg.get("scan_unroll"),
     "cfg_scale": args.cfg_scale,
-    "atol": args.atol,
-    "rtol": args.rtol,
-    "perturb": args.perturb,
+    "upsample_guidance": args.upsample_guidance if image_size >= 2 * args.trained_size else 0.0,
+    "ug_eta": args.ug_eta,
+    "trained_size": args.trained_size,
+    **(
+      {"atol": args.atol, "rtol": args.rtol, "perturb": args.perturb}
+      if solver == "dopri5"
+      else {"dpm_steps": args.dpm_steps, "perturb": args.perturb}
+    ),
     "compile_s": compile_s,
     "solve": timing,
     "latency_s": timing["median_ms"] / 1e3,
     "nfe": nfe,
-    "steps": {
-      "accepted": int(result.num_accepted_steps),
-      "rejected": int(result.num_rejected_steps),
-    },
+    **(
+      {
+        "steps": {
+          "accepted": int(res.num_accepted_steps),
+          "rejected": int(res.num_rejected_steps),
+        }
+      }
+      if res is not None
+      else {}
+    ),
     "ms_per_nfe": timing["median_ms"] / nfe,
-    "output_finite": bool(jnp.all(jnp.isfinite(result.x1))),
+    "output_finite": bool(jnp.all(jnp.isfinite(x1))),
     "memory": common.memory_stats(),
   }
 
@@ -193,6 +254,28 @@ def main(argv=None):
   p.add_argument("--rtol", type=float, default=1e-3)
   p.add_argument("--max-steps", type=int, default=4096)
   p.add_argument(
+    "--solvers",
+    nargs="+",
+    default=["dopri5"],
+    choices=["dopri5", "dpm"],
+    help="dopri5: the flow-matching ODE; dpm: DiM's DPM-Solver (noise prediction)",
+  )
+  p.add_argument("--dpm-steps", type=int, default=sampling.DPM_STEPS, help="DPM-Solver NFE")
+  p.add_argument(
+    "--upsample-guidance",
+    type=float,
+    default=0.0,
+    help="Upsample Guidance scale at sample sizes m >= 2 times --trained-size (0 = off)",
+  )
+  p.add_argument("--ug-eta", type=float, default=0.3)
+  p.add_argument(
+    "--scan-unroll",
+    type=int,
+    default=0,
+    help="DiMSUM block groups per iteration of the stack's scan in the solves (0: the default)",
+  )
+  p.add_argument("--trained-size", type=int, default=256, help="pixels of the guiding model")
+  p.add_argument(
     "--perturb",
     type=float,
     default=0.02,
@@ -206,6 +289,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.smoke:
     args.forward_batch, args.forward_size, args.sample_sizes = 4, 64, [64]
+    if args.upsample_guidance:  # guided at twice the smoke size
+      args.sample_sizes, args.trained_size = [128], 64
     args.repeats, args.warmup = 5, 1
   if args.repeats < 5:
     raise SystemExit("--repeats must be at least 5 (the median of fewer is noise).")
@@ -222,7 +307,8 @@ def main(argv=None):
         )
       )
     for size in args.sample_sizes:
-      jobs.append(("dopri5", name, lambda n=name, s=size: bench_dopri5(args, n, s)))
+      for solver in args.solvers:
+        jobs.append((solver, name, lambda v=solver, n=name, s=size: bench_solve(args, v, n, s)))
   ok = 0
   for kind, name, job in jobs:
     try:

@@ -36,12 +36,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from absl import logging  # noqa: E402
+
 from benchmarks import common  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
 from dimsum_jax import memory  # noqa: E402
 from dimsum_jax import models  # noqa: E402
 from dimsum_jax import sharding  # noqa: E402
 from dimsum_jax import train  # noqa: E402
+from dimsum_jax.models import layers  # noqa: E402
 
 CONFIGS = {"DiMSUM": "imagenet256", "DiT": "imagenet256:dit", "DiM": "imagenet256:dim"}
 LEVERS = ("wavelet_impl", "remat", "attention_impl", "scan_unroll")
@@ -281,7 +284,7 @@ def main(argv=None):
   p.add_argument(
     "--remat",
     default=None,
-    choices=["none", "dots", "full"],
+    choices=list(layers.REMAT_POLICIES),
     help="backward recomputation per block group (default: the config's)",
   )
   p.add_argument(
@@ -319,6 +322,7 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true", help="tiny models, batch 4, on any device")
   p.add_argument("--out", default=None, help="append the JSON lines to this file")
   args = p.parse_args(argv)
+  logging.set_verbosity(logging.INFO)  # train.compile_update's plan/lower/compile times
   if args.smoke:
     args.image_size = 64
     args.batch = args.batch or 4

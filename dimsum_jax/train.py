@@ -284,8 +284,19 @@ def compile_update(training, config, mesh):
     k = memory.fewest_passes(per_device, plan, limit)
     training = training._replace(plan=plan)
     update = training.make_update(k) if k != training.grad_accum_steps else update
+  planned_s = time.monotonic() - t
   while True:
-    compiled = update.lower(training.abstract_state, batch).compile()
+    t_lower = time.monotonic()
+    lowered = update.lower(training.abstract_state, batch)
+    t_compile = time.monotonic()
+    compiled = lowered.compile()
+    logging.info(
+      'Step with %d pass(es): planned in %.1f s, traced and lowered in %.1f s, compiled in %.1f s.',
+      k,
+      planned_s,
+      t_compile - t_lower,
+      time.monotonic() - t_compile,
+    )
     planned = memory.plan_bytes(compiled)
     if limit is None or planned is None or planned <= memory.PLAN_HEADROOM * limit:
       break

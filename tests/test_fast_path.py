@@ -73,3 +73,25 @@ def test_permutation_gradient_is_the_inverse_gather(order):
   np.testing.assert_array_equal(jax.grad(ours)(x), jax.grad(plain)(x))
   hlo = jax.jit(jax.grad(ours)).lower(x).as_text()
   assert "scatter" not in hlo and "gather" in hlo
+
+
+@pytest.mark.parametrize("mlp", ["GatedMLP", "MLP"])
+def test_dots_mlp_keeps_the_mlp_hidden_layer_and_dots_recomputes_it(mlp, capsys):
+  """remat='dots_mlp' saves each MLP's activated hidden layer [tokens, hidden] for the backward
+  (no recomputation of GELU(a) * b); 'dots' saves only the matmul outputs. Values and gradients
+  equal remat='none' (tests/models/test_dimsum.py::test_remat_changes_memory_not_values)."""
+  rng = np.random.default_rng(SEED)
+  x = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
+  module = getattr(layers, mlp)(hidden=24)
+  params = module.init(jax.random.PRNGKey(SEED), x)
+
+  def named_saves(remat):
+    cls = layers.rematerialised(getattr(layers, mlp), remat)
+    f = lambda p, x: jnp.sum(cls(hidden=24).apply(p, x) ** 2)
+    jax.ad_checkpoint.print_saved_residuals(f, params, x)
+    lines = capsys.readouterr().out.splitlines()
+    return [line for line in lines if f"named '{layers.MLP_HIDDEN}'" in line]
+
+  assert named_saves("dots") == []
+  kept = named_saves("dots_mlp")
+  assert len(kept) == 1 and "[2,8,24]" in kept[0], kept

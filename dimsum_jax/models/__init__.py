@@ -58,7 +58,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       # --bimamba-type v2 is scan_type v2 with this on)
       "scan_impl": "auto",  # selective scan: auto (Pallas on GPU), reference, pallas
       "wavelet_impl": "direct",  # Haar packet: direct (butterflies) or jaxwt (convolutions)
-      "remat": "dots",  # backward recomputation per block group: none, dots, full
+      "remat": "dots",  # backward recomputation per block group: none, dots, dots_mlp, full
       # (dots keeps the matmul outputs: larger micro-batches fit)
       "attention_impl": "auto",  # auto (cuDNN's fused attention where it runs, else XLA), xla,
       # cudnn

@@ -11,6 +11,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -240,7 +241,7 @@ class GatedMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     a, b = SplitDense(self.hidden, 2, dtype=self.dtype, name="w12")(x)
-    h = nn.gelu(a, approximate=True) * b
+    h = checkpoint_name(nn.gelu(a, approximate=True) * b, MLP_HIDDEN)
     return nn.Dense(x.shape[-1], kernel_init=torch_default_kernel, dtype=self.dtype, name="w3")(h)
 
 
@@ -254,7 +255,7 @@ class MLP(nn.Module):
   def __call__(self, x):
     xavier = nn.initializers.xavier_uniform()
     h = nn.Dense(self.hidden, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
-    h = nn.gelu(h, approximate=True)
+    h = checkpoint_name(nn.gelu(h, approximate=True), MLP_HIDDEN)
     return nn.Dense(x.shape[-1], kernel_init=xavier, dtype=self.dtype, name="fc2")(h)
 
 
@@ -305,10 +306,17 @@ def unpatchify(x, grid_h: int, grid_w: int, patch: int, channels: int):
 
 # What the backward keeps of a rematerialised stage (jax.checkpoint policies): "none" keeps
 # everything (no remat), "dots" keeps the outputs of the weight matmuls and recomputes the
-# elementwise work, attention and scans, "full" keeps only each stage's input.
+# elementwise work, attention and scans, "dots_mlp" also keeps each MLP's activated hidden
+# layer (named MLP_HIDDEN: [tokens, hidden] more per block, its recomputation saved), "full"
+# keeps only each stage's input.
+MLP_HIDDEN = "mlp_hidden"
 REMAT_POLICIES = {
   "none": None,
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots_mlp": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(MLP_HIDDEN),
+  ),
   "full": jax.checkpoint_policies.nothing_saveable,
 }
 

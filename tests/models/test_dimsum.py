@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dimsum_jax.models import create_model
+from dimsum_jax.models import layers
 from dimsum_jax.models.layers import LabelEmbedder, drop_path
 from dimsum_jax.models.mamba import MambaMixer
 from dimsum_jax.ops import scan_orders
@@ -600,7 +601,7 @@ def test_initialisation_follows_upstream(initialised, seed):
   ],
 )
 def test_remat_changes_memory_not_values(name, overrides):
-  """remat='dots' / 'full' recompute parts of each block group in the backward: the parameter tree,
+  """remat='dots' / 'dots_mlp' / 'full' recompute parts of each block group in the backward: the parameter tree,
   the training-mode loss (drop path and label dropout through the lifted rngs) and every gradient
   equal those of remat='none' (float64, so only the order of operations could differ)."""
   with jax.enable_x64(True):
@@ -611,7 +612,7 @@ def test_remat_changes_memory_not_values(name, overrides):
     # every parameter by a fixed non-zero pattern.
     shift = lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.7).reshape(a.shape)
     results = {}
-    for remat in ("none", "dots", "full"):
+    for remat in layers.REMAT_POLICIES:
       model = create_model(dict(base, remat=remat))
       init = jax.jit(
         lambda r, model=model: model.init(r, x, t, y)["params"], compiler_options=common.FAST
@@ -630,7 +631,7 @@ def test_remat_changes_memory_not_values(name, overrides):
       )
     params, value, grads = results["none"]
     assert abs(float(value)) > 1e-3
-    for remat in ("dots", "full"):
+    for remat in set(layers.REMAT_POLICIES) - {"none"}:
       p, v, g = results[remat]
       assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(params)
       jax.tree_util.tree_map(np.testing.assert_array_equal, p, params)
