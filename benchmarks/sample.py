@@ -119,8 +119,6 @@ def model_fn_for(args, name: str, image_size: int, objective):
   cfg = common.model_config(
     name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
   )
-  if args.scan_unroll and "scan_unroll" in models.fields_read(name):
-    cfg.scan_unroll = args.scan_unroll
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
   m = image_size // args.trained_size
@@ -206,7 +204,6 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     "batch": 1,
     "dtype": args.dtype,
     "scan_impl": common.resolved_scan_impl(cfg),
-    "scan_unroll": cfg.get("scan_unroll"),
     "cfg_scale": args.cfg_scale,
     "upsample_guidance": args.upsample_guidance if image_size >= 2 * args.trained_size else 0.0,
     "ug_eta": args.ug_eta,
@@ -268,12 +265,6 @@ def main(argv=None):
     help="Upsample Guidance scale at sample sizes m >= 2 times --trained-size (0 = off)",
   )
   p.add_argument("--ug-eta", type=float, default=0.3)
-  p.add_argument(
-    "--scan-unroll",
-    type=int,
-    default=0,
-    help="DiMSUM block groups per iteration of the stack's scan in the solves (0: the default)",
-  )
   p.add_argument("--trained-size", type=int, default=256, help="pixels of the guiding model")
   p.add_argument(
     "--perturb",

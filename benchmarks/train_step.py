@@ -297,7 +297,7 @@ def main(argv=None):
     "--scan-unroll",
     type=int,
     default=None,
-    help="DiMSUM block groups per iteration of the stack's scan (default: the config's, 1)",
+    help="DiMSUM block groups per iteration of the stack's scan (0: all; default: the config's)",
   )
   p.add_argument(
     "--no-fallback",

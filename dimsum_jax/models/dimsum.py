@@ -252,7 +252,8 @@ class DiMSUM(nn.Module, kw_only=True):
   scan_impl: str = "auto"
   remat: str = "none"  # recompute in the backward: none, dots or full (REMAT_POLICIES)
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
-  scan_unroll: int = 1  # block groups per iteration of the stack's nn.scan (same parameters)
+  scan_unroll: int = 1  # training-mode calls: block groups per iteration of the stack's nn.scan
+  # (0: all of them, straight-line code; same parameters); inference runs the rolled loop
   dtype: Dtype = jnp.float32
 
   def check(self):
@@ -297,10 +298,10 @@ class DiMSUM(nn.Module, kw_only=True):
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
-    if self.scan_unroll < 1:
+    if self.scan_unroll < 0:
       raise ValueError(
-        f"scan_unroll={self.scan_unroll} must be at least 1 (1: the block groups in a rolled "
-        "loop; their number: unrolled)."
+        f"scan_unroll={self.scan_unroll} must be 0 (every block group unrolled) or a number of "
+        "groups per iteration (1: a rolled loop)."
       )
     return g
 
@@ -378,7 +379,7 @@ class DiMSUM(nn.Module, kw_only=True):
       split_rngs={"params": True, "dropout": True},
       length=groups,
       in_axes=(0, nn.broadcast, nn.broadcast),
-      unroll=min(self.scan_unroll, groups),
+      unroll=min(self.scan_unroll or groups, groups) if train else 1,
     )
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")
     residual = jnp.zeros(h.shape, jnp.promote_types(self.dtype, jnp.float32))

@@ -698,17 +698,18 @@ def test_cudnn_attention_matches_xla(name, overrides):
 
 
 def test_unrolled_group_scan_changes_nothing_but_the_program():
-  """scan_unroll > 1 runs several block groups per iteration of the stack's scan (all of them:
-  straight-line code): the parameter tree, the training-mode value (drop path and label dropout
-  through the lifted rngs) and every gradient equal the rolled scan's in float64; 2 of 3 groups
-  leaves a remainder iteration. scan_unroll=0 is one sentence."""
+  """scan_unroll > 1 runs several block groups per iteration of the stack's scan in training-mode
+  calls (0 or 3 here: all of them, straight-line code): the parameter tree, the training-mode
+  value (drop path and label dropout through the lifted rngs) and every gradient equal the rolled
+  scan's in float64; 2 of 3 groups leaves a remainder iteration. Inference calls run the rolled
+  loop whatever the setting; scan_unroll=-1 is one sentence."""
   with jax.enable_x64(True):
     base = common.tiny_config(dtype="float64", depth=3, drop_path=0.2)  # 3 groups of one block
     x, t, y = common.inputs(base, batch=2, dtype=np.float64)
     rngs = {"params": jax.random.PRNGKey(4), "dropout": jax.random.PRNGKey(5)}
     shift = lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.3).reshape(a.shape)
     results = {}
-    for unroll in (1, 2, 3):
+    for unroll in (1, 2, 3, 0):
       model = create_model(dict(base, scan_unroll=unroll))
       params = jax.tree_util.tree_map(shift, jax.jit(model.init)(rngs, x, t, y)["params"])
 
@@ -721,13 +722,24 @@ def test_unrolled_group_scan_changes_nothing_but_the_program():
       results[unroll] = (params, *jax.jit(jax.value_and_grad(loss))(params))
     params, value, grads = results[1]
     assert abs(float(value)) > 1e-3
-    for unroll in (2, 3):
+    for unroll in (2, 3, 0):
       p, v, g = results[unroll]
       jax.tree_util.tree_map(np.testing.assert_array_equal, p, params)
       np.testing.assert_allclose(v, value, rtol=1e-12)
       jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g, grads
       )
-  with pytest.raises(ValueError, match="scan_unroll=0 must be at least 1"):
-    model = create_model(dict(common.tiny_config(), scan_unroll=0))
+    # The stack's one scan, by mode: unrolled over the 3 groups in training, rolled otherwise.
+    model = create_model(dict(base, scan_unroll=0))
+    unrolls = {}
+    for train in (True, False):
+      jaxpr = jax.make_jaxpr(
+        lambda p, train=train: model.apply(
+          {"params": p}, x, t, y, train=train, rngs={"dropout": jax.random.PRNGKey(6)}
+        )
+      )(params)
+      unrolls[train] = [e.params["unroll"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert unrolls == {True: [3], False: [1]}, unrolls
+  with pytest.raises(ValueError, match=r"scan_unroll=-1 must be 0 \(every block group"):
+    model = create_model(dict(common.tiny_config(), scan_unroll=-1))
     model.init(rngs, *common.inputs(common.tiny_config(), batch=1))
