@@ -6,7 +6,7 @@ dopri5: one probability-flow ODE solve of batch 1 from noise (t = 0) to data (t 
   `dimsum_jax.sampling.solve_ode` (diffrax Dopri5, atol 1e-6, rtol 1e-3 as upstream), the velocity
   from `sampling.make_sampling_velocity_fn`, the whole solve one jitted program. Reported: median
   latency of a solve, its model evaluations (NFE, counted exactly by solve_ode) and ms per NFE.
-dpm (--solvers dpm): DiM's DPM-Solver (`sampling.sample_dpm_solver`, --dpm-steps evaluations, the
+dpm (--solvers dpm): DiM's DPM-Solver (`dpm_solver.sample_dpm_solver`, --dpm-steps evaluations, the
   network read as noise prediction on the discrete schedule, U-ViT guidance at --cfg-scale - 1).
 --upsample-guidance THETA: at sample sizes m >= 2 times --trained-size, every evaluation also runs
   the network at the trained size (`sampling.make_upsample_guided_model_fn`), as `dimsum_jax.sample
@@ -38,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from dimsum_jax import dpm_solver  # noqa: E402
 from dimsum_jax import models  # noqa: E402
 from dimsum_jax import sampling  # noqa: E402
 from dimsum_jax import transport  # noqa: E402
@@ -159,10 +160,10 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
   def solve(params, x0, y):
     net = lambda x, t, y: model_fn(params, x, t, y)
     if solver == "dpm":
-      noise = sampling.make_noise_fn(
+      noise = dpm_solver.make_noise_fn(
         net, cfg_scale=args.cfg_scale - 1.0 if guided else 0.0, null_label=num_classes
       )
-      x1, nfe = sampling.sample_dpm_solver(noise, x0, steps=args.dpm_steps, args=y)
+      x1, nfe = dpm_solver.sample_dpm_solver(noise, x0, steps=args.dpm_steps, args=y)
       return x1, jnp.asarray(nfe), None
     t0, t1 = transport.time_interval(tcfg, eval=True)
     velocity = sampling.make_sampling_velocity_fn(

@@ -6,7 +6,7 @@
   python -m dimsum_jax.sample --workdir=runs/in256_dim --mode=dpm --cfg_scale=1.4 --out=samples/dim
 
 --mode=dpm is DiM's sampler for DiM's discrete noise-prediction models (transport path
-ScaledLinear): DPM-Solver++ of order 3 ('fast', time-uniform, `sampling.sample_dpm_solver`)
+ScaledLinear): DPM-Solver++ of order 3 ('fast', time-uniform, `dpm_solver.sample_dpm_solver`)
 with --dpm_steps model evaluations (50), and guidance --cfg_scale = 1 + DiM's U-ViT scale.
 
 --checkpoint is a directory written by `python -m dimsum_jax.export` (config.json + ema_params/) or

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dimsum_jax import dpm_solver
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
@@ -286,12 +287,12 @@ def sample_batch(
     )
     x1, nfe, status, steps = res.x1, res.nfe, jnp.max(res.status), jnp.max(res.num_steps)
   elif opts.mode == 'dpm':  # DiM's sampler, in DiM's time 1 - t; U-ViT scale cfg_scale - 1
-    noise = sampling.make_noise_fn(
+    noise = dpm_solver.make_noise_fn(
       model_fn,
       cfg_scale=float(opts.cfg_scale) - 1.0,
       null_label=num_classes if num_classes else None,
     )
-    x1, nfe = sampling.sample_dpm_solver(
+    x1, nfe = dpm_solver.sample_dpm_solver(
       noise, x0, steps=opts.dpm_steps, t_end=transport.resolve_eps(config.transport)[1], args=args
     )
     nfe = jnp.asarray(nfe, jnp.int32)

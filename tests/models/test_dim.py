@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax import sampling
+from dimsum_jax import dpm_solver, sampling
 from dimsum_jax.models import create_model, default_model_config, dim, dim_convert
 from dimsum_jax.tools import hashfill
 from tests import seeds
@@ -387,7 +387,7 @@ def test_upsample_guidance_matches_golden():
     np.testing.assert_allclose(tau, calls[:, 1], rtol=0, atol=1e-7)
   with jax.enable_x64(True):
     net = lambda x, t, y: model.apply({"params": params}, x, t, y)
-    guided = lambda x, t, y: sampling.uvit_guided_noise(net, x, t, y, 3.0, 10)
+    guided = lambda x, t, y: dpm_solver.uvit_guided_noise(net, x, t, y, 3.0, 10)
     fn = jax.jit(sampling.make_upsample_guided_noise_fn(guided, 2), compiler_options=common.FAST)
     low = jax.jit(guided, compiler_options=common.FAST)
     x, y = _nhwc(data["x"]).astype(np.float64), data["y"]
