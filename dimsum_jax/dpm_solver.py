@@ -5,8 +5,9 @@ probability-flow ODE (`sampling.make_sampling_velocity_fn(..., path_type='Scaled
 prediction='noise')` gives the network DiM's time 1000 (1 - t)); DiM's own sampler, DPM-Solver
 (`sample_dpm_solver`: 50 steps, order 3, 'fast', time-uniform, data prediction, as upstream's
 dpm_solver_pp.py), runs on `make_noise_fn` (U-ViT guidance eps_c + s (eps_c - eps_u), i.e.
-cfg_scale = 1 + s in `sampling`) or on Upsample Guidance (`sampling.make_upsample_guided_noise_fn`,
-the noise form, with predict_x0=False) in DiM's time t_cont = 1 - t.
+cfg_scale = 1 + s in `sampling`) or on Upsample Guidance
+(`upsample_guidance.make_upsample_guided_noise_fn`, the noise form, with predict_x0=False) in DiM's
+time t_cont = 1 - t.
 
 These samplers work in DiM's continuous time t_cont in (0, 1] (1 = noise; package time
 t = 1 - t_cont) with a noise predictor `noise_fn(x, t_cont [B]) -> eps` on x [B, ...] (or

@@ -49,9 +49,9 @@ token grid (its scan orders and wavelet windows follow it) with the learned posi
 interpolated (dimsum_jax.warm_start; --interpolation: auto = bicubic for DiMSUM, bilinear for
 DiM; DiT's sin-cos table is rebuilt). A size that the patch or DiMSUM's wavelet layout cannot
 take is refused by name. At m times the trained size, --upsample_guidance=THETA (--ug_eta)
-adds Upsample Guidance from the model at its trained size (sampling.make_upsample_guided_model_fn:
-the velocity form for flow matching, upstream's noise form for DiM), one trained-size evaluation
-per guided step on top of the counted NFE.
+adds Upsample Guidance from the model at its trained size
+(upsample_guidance.make_upsample_guided_model_fn: the velocity form for flow matching, upstream's
+noise form for DiM), one trained-size evaluation per guided step on top of the counted NFE.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from dimsum_jax import dpm_solver
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
+from dimsum_jax import upsample_guidance
 from dimsum_jax.model_loading import LoadedModel
 from dimsum_jax.model_loading import SampleError
 
@@ -167,7 +168,7 @@ def check_upsample_guidance(loaded: LoadedModel, opts) -> int:
     )
   transport_config = loaded.config.transport
   try:
-    sampling.make_upsample_guided_model_fn(
+    upsample_guidance.make_upsample_guided_model_fn(
       None,
       None,
       m,
@@ -253,7 +254,7 @@ def sample_batch(
     return model.apply({'params': params}, x, t, y if num_classes else None)
 
   if base_model is not None:
-    model_fn = sampling.make_upsample_guided_model_fn(
+    model_fn = upsample_guidance.make_upsample_guided_model_fn(
       model_fn,
       lambda x, t, y: base_model.apply({'params': base_params}, x, t, y if num_classes else None),
       image_shape[0] // base_model.input_size,
