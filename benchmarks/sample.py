@@ -6,11 +6,11 @@ dopri5: one probability-flow ODE solve of batch 1 from noise (t = 0) to data (t 
   `dimsum_jax.sampling.solve_ode` (diffrax Dopri5, atol 1e-6, rtol 1e-3 as upstream), the velocity
   from `sampling.make_sampling_velocity_fn`, the whole solve one jitted program. Reported: median
   latency of a solve, its model evaluations (NFE, counted exactly by solve_ode) and ms per NFE.
-dpm (--solvers dpm): DiM's DPM-Solver (`sampling.sample_dpm_solver`, --dpm-steps evaluations, the
+dpm (--solvers dpm): DiM's DPM-Solver (`dpm_solver.sample_dpm_solver`, --dpm-steps evaluations, the
   network read as noise prediction on the discrete schedule, U-ViT guidance at --cfg-scale - 1).
 --upsample-guidance THETA: at sample sizes m >= 2 times --trained-size, every evaluation also runs
-  the network at the trained size (`sampling.make_upsample_guided_model_fn`), as `dimsum_jax.sample
-  --upsample_guidance` does; NFE counts the sampled-size evaluations.
+  the network at the trained size (`upsample_guidance.make_upsample_guided_model_fn`), as
+  `dimsum_jax.sample --upsample_guidance` does; NFE counts the sampled-size evaluations.
 
 Weights: random (no trained checkpoint is needed or read). A freshly initialised DiMSUM or DiT
 outputs exactly zero (zero-initialised final and adaLN-Zero layers), which an adaptive solver
@@ -38,9 +38,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from dimsum_jax import dpm_solver  # noqa: E402
 from dimsum_jax import models  # noqa: E402
 from dimsum_jax import sampling  # noqa: E402
 from dimsum_jax import transport  # noqa: E402
+from dimsum_jax import upsample_guidance  # noqa: E402
 
 
 def init_params(model, cfg, seed: int, perturb: float):
@@ -115,7 +117,8 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
 def model_fn_for(args, name: str, image_size: int, objective):
   """(model_fn(params, x, t, y), params, cfg) at image_size; with --upsample-guidance and an
   image_size above --trained-size, params is (params, trained-size params) and model_fn the
-  guided network (sampling.make_upsample_guided_model_fn), as `dimsum_jax.sample` builds it."""
+  guided network (upsample_guidance.make_upsample_guided_model_fn), as `dimsum_jax.sample` builds
+  it."""
   cfg = common.model_config(
     name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
   )
@@ -131,7 +134,7 @@ def model_fn_for(args, name: str, image_size: int, objective):
   base_params = init_params(base, base_cfg, args.seed, args.perturb)
 
   def guided(p, x, t, y):
-    return sampling.make_upsample_guided_model_fn(
+    return upsample_guidance.make_upsample_guided_model_fn(
       lambda x, t, y: model.apply({"params": p[0]}, x, t, y),
       lambda x, t, y: base.apply({"params": p[1]}, x, t, y),
       m,
@@ -157,10 +160,10 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
   def solve(params, x0, y):
     net = lambda x, t, y: model_fn(params, x, t, y)
     if solver == "dpm":
-      noise = sampling.make_noise_fn(
+      noise = dpm_solver.make_noise_fn(
         net, cfg_scale=args.cfg_scale - 1.0 if guided else 0.0, null_label=num_classes
       )
-      x1, nfe = sampling.sample_dpm_solver(noise, x0, steps=args.dpm_steps, args=y)
+      x1, nfe = dpm_solver.sample_dpm_solver(noise, x0, steps=args.dpm_steps, args=y)
       return x1, jnp.asarray(nfe), None
     t0, t1 = transport.time_interval(tcfg, eval=True)
     velocity = sampling.make_sampling_velocity_fn(

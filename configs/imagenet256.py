@@ -29,7 +29,7 @@ grad-norm clip 1.0, EMA 0.9999 every step, bf16 mixed precision. DiM-L/2 (D 1024
 386.1 M parameters): batch 1024, 300 k steps, label dropout 0.15. DiM-H/2 (D 1536, 49 blocks,
 862.4 M): batch 768, 750 k steps (the released checkpoint is at 625 k), label dropout 0.1.
 Upstream evaluates with DPM-Solver (50 steps, order 3, 'fast', time-uniform;
-dimsum_jax.sampling.sample_dpm_solver) and U-ViT guidance scale 0.4, which is cfg_scale 1.4 in
+dimsum_jax.dpm_solver.sample_dpm_solver) and U-ViT guidance scale 0.4, which is cfg_scale 1.4 in
 this package's convention (uncond + s (cond - uncond)); the EMA grids here integrate the
 probability-flow ODE of the same model (heun, 50 evaluations). Upstream encodes every image on the
 fly with a random flip; the flip-doubled latent set holds both mirrors. Not reproduced: upstream's

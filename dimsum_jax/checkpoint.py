@@ -1,4 +1,4 @@
-"""Orbax checkpoints: periodic async saves, resume from the workdir, preemption, export.
+"""Orbax checkpoints of a training run: async saves, resume, preemption, one run per workdir.
 
 Layout of a workdir:
   WORKDIR/lock                 flock'ed by the run training there (its process 0): one run per
@@ -15,12 +15,11 @@ A save that fails (disk full, no permission) stops the run with CheckpointError:
 each step into a temporary directory renamed into place only when complete, so the previous
 checkpoints stay as they were and the half-written one is never restored (Orbax removes it when
 the next run opens the directory).
-Exported inference weights (python -m dimsum_jax.export):
-  OUT/config.json + OUT/ema_params/   the EMA parameters alone, read back with load_exported(OUT).
-Parameters are read back by two functions only: `restore_newest` (a workdir's newest good
-checkpoint, or a given step: export, sampling, init_from) and `restore_params` (an export's
-ema_params/ or a conversion's params/), each checking the saved shapes against the model's before
-anything is restored.
+The training state (step, params, EMA, optimiser state, rng) is saved and restored whole, each
+array placed as the abstract state's sharding says; each process's data-iterator state travels as
+one global uint8 array [devices, DATA_STATE_BYTES] (`encode_data_state`). Reading weights back
+outside a run (export, sampling, init_from) and the exports are `weights`, which shares
+`checkpoint_dir`, `first_mismatch`, `load_config` and CheckpointError with this module.
 """
 
 import errno
@@ -532,141 +531,3 @@ def save_config(workdir, config):
 def load_config(workdir):
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     return ml_collections.ConfigDict(json.load(f))
-
-
-# --- reading parameters back: workdirs and exports ---------------------------------------------
-
-
-def saved_tree(path):
-  """The tree that the Orbax checkpoint at `path` holds, from its metadata alone (leaves with
-  .shape): what first_mismatch compares before anything is restored."""
-  meta = ocp.StandardCheckpointer().metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)  # StepMetadata -> TreeMetadata -> the tree
-  return getattr(meta, 'tree', meta)
-
-
-def _first_line(error):
-  return (str(error).splitlines() or [type(error).__name__])[0][:200]
-
-
-def restore_newest(workdir, target, *, step=None):
-  """(the `state` items of `target`, their step) from WORKDIR's newest checkpoint that restores
-  them (or from `step`), read only: the one reader of a workdir's parameters, for export, sampling
-  and init_from.
-
-  `target`: a subset of the TrainState's fields, e.g. {'step': ..., 'ema_params': ...}, as
-  ShapeDtypeStructs whose shardings say where the arrays go. A checkpoint whose saved shapes differ
-  from `target`'s holds another model: CheckpointError at once, naming the first difference. One
-  that cannot be read is logged and the next older one tried. CheckpointError when none restores,
-  when there is none, or when `step` is not there."""
-  ckdir = checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(
-    ckdir,
-    options=ocp.CheckpointManagerOptions(read_only=True),
-    item_handlers={'state': ocp.PyTreeCheckpointHandler()},
-  )
-  try:
-    saved_steps = sorted(manager.all_steps(), reverse=True)
-    if step is not None and step not in saved_steps:
-      raise CheckpointError(
-        f'{ckdir} has no checkpoint of step {step}; it has {sorted(saved_steps) or "none"}.'
-      )
-    if not saved_steps:
-      raise CheckpointError(
-        f'{ckdir} holds no checkpoint yet: train longer, or pass the --workdir '
-        'of a run that saved one.'
-      )
-    failures = []
-    for s in [step] if step is not None else saved_steps:
-      try:
-        saved = saved_tree(os.path.join(ckdir, str(s), 'state'))
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(f'step {s}: {_first_line(e)}')
-        logging.error('Checkpoint %s/%d could not be read: %s', ckdir, s, failures[-1])
-        continue
-      for name, tree in target.items():
-        mismatch = first_mismatch(saved.get(name, {}), tree, needed_by='the config')
-        if mismatch:
-          raise CheckpointError(
-            f'The checkpoint of step {s} in {ckdir} does not fit config.json '
-            f'({mismatch}): the checkpoint and the config come from different '
-            'models.'
-          )
-      try:
-        restored = manager.restore(
-          s,
-          args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-              item=target,
-              restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-              partial_restore=True,
-            )
-          ),
-        )
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(f'step {s}: {_first_line(e)}')
-        logging.error('Checkpoint %s/%d could not be restored: %s', ckdir, s, failures[-1])
-        continue
-      return restored['state'], s
-    raise CheckpointError(f'No checkpoint in {ckdir} could be restored ({"; ".join(failures)}).')
-  finally:
-    manager.close()
-
-
-def restore_params(path, abstract=None):
-  """A parameter tree saved whole by Orbax, an export's OUT/ema_params/ or a conversion's
-  params/: the one reader of both. With `abstract` (ShapeDtypeStructs with shardings) the saved
-  shapes are checked first (CheckpointError naming the first difference) and the arrays placed as
-  `abstract` says; without, a nested dict of NumPy arrays (Orbax's own error when unreadable)."""
-  if abstract is None:
-    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
-  try:
-    saved = saved_tree(path)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(
-      f'{path} is not a readable parameter checkpoint ({_first_line(e)}).'
-    ) from e
-  mismatch = first_mismatch(saved, abstract, needed_by='the config')
-  if mismatch:
-    raise CheckpointError(
-      f'The weights in {os.path.dirname(os.path.abspath(path))} do not fit its '
-      f'config ({mismatch}): the checkpoint and the config come from different '
-      'models.'
-    )
-  return ocp.StandardCheckpointer().restore(path, abstract)
-
-
-def export_ema(workdir, out, *, abstract_state, step=None):
-  """Writes the EMA parameters of WORKDIR's newest good checkpoint (or `step`) to OUT.
-
-  Only `step` and `ema_params` are read (`abstract_state` gives their shapes and placement).
-  Returns the step exported."""
-  out = os.path.abspath(out)
-  if os.path.exists(os.path.join(out, 'ema_params')):
-    raise CheckpointError(f'{out} already holds an export: choose another --out or remove it.')
-  target = {'step': abstract_state.step, 'ema_params': abstract_state.ema_params}
-  restored, _ = restore_newest(workdir, target, step=step)
-  os.makedirs(out, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out, 'ema_params'), restored['ema_params'])
-  checkpointer.wait_until_finished()
-  exported_step = int(np.asarray(restored['step']))
-  if jax.process_index() == 0:
-    shutil.copy(os.path.join(workdir, 'config.json'), os.path.join(out, 'config.json'))
-    with open(os.path.join(out, 'step.txt'), 'w', encoding='utf-8') as f:
-      f.write(f'{exported_step}\n')
-  return exported_step
-
-
-def load_exported(directory):
-  """(config, params) written by export: the run's ConfigDict and its EMA parameters (a nested
-  dict of float32 numpy arrays, ready for model.apply({'params': params}, ...)). The training
-  step they come from is in OUT/step.txt."""
-  directory = os.path.abspath(directory)
-  path = os.path.join(directory, 'ema_params')
-  if not os.path.isdir(path):
-    raise CheckpointError(
-      f'{directory} holds no export (no ema_params/): write one with '
-      'python -m dimsum_jax.export --workdir=WORKDIR --out=' + directory + '.'
-    )
-  return load_config(directory), restore_params(path)

@@ -22,8 +22,9 @@ from dimsum_jax import config_utils
 from dimsum_jax import metrics
 from dimsum_jax import sharding
 from dimsum_jax import train
+from dimsum_jax import weights
 
-load_exported = checkpoint.load_exported
+load_exported = weights.load_exported
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string(
@@ -72,7 +73,7 @@ def export(workdir, out, step=None):
   # The state's shapes on one local device: only `step` and `ema_params` are read.
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, devices=jax.local_devices()[:1])
   abstract_state = train.build(config, mesh).abstract_state
-  step = checkpoint.export_ema(workdir, out, abstract_state=abstract_state, step=step)
+  step = weights.export_ema(workdir, out, abstract_state=abstract_state, step=step)
   logging.info('Exported the EMA parameters of step %d from %s to %s.', step, workdir, out)
   return step
 

@@ -6,7 +6,7 @@ Three layouts, told apart by their files (`read_config`):
   converted   model_config.json + params/                      `python -m dimsum_jax.convert`
   workdir     config.json + checkpoints/<step>/                 a training run: its newest good
                                                                 checkpoint, or --step
-The weights are read by checkpoint.restore_params (export, conversion) or checkpoint.restore_newest
+The weights are read by weights.restore_params (export, conversion) or weights.restore_newest
 (workdir), after their shapes were checked against the config's model
 (models.abstract_params), and are replicated over the sampling mesh. `load_model` returns a
 `LoadedModel`: the model takes x [B, input_size, input_size, in_channels] float32, t [B] and labels
@@ -33,6 +33,7 @@ from dimsum_jax import io_utils
 from dimsum_jax import models
 from dimsum_jax import sharding
 from dimsum_jax import warm_start
+from dimsum_jax import weights
 
 
 class SampleError(ValueError):
@@ -136,14 +137,14 @@ def read_config(*, checkpoint_dir=None, workdir=None):
 
 def _restore_export(path, abstract):
   try:
-    return checkpoint.restore_params(path, abstract)
+    return weights.restore_params(path, abstract)
   except checkpoint.CheckpointError as e:
     raise SampleError(str(e)) from e
 
 
 def _restore_workdir(workdir, abstract, step):
   try:
-    state, step = checkpoint.restore_newest(workdir, {'ema_params': abstract}, step=step)
+    state, step = weights.restore_newest(workdir, {'ema_params': abstract}, step=step)
   except checkpoint.CheckpointError as e:
     raise SampleError(str(e)) from e
   return state['ema_params'], step

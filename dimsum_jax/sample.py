@@ -6,7 +6,7 @@
   python -m dimsum_jax.sample --workdir=runs/in256_dim --mode=dpm --cfg_scale=1.4 --out=samples/dim
 
 --mode=dpm is DiM's sampler for DiM's discrete noise-prediction models (transport path
-ScaledLinear): DPM-Solver++ of order 3 ('fast', time-uniform, `sampling.sample_dpm_solver`)
+ScaledLinear): DPM-Solver++ of order 3 ('fast', time-uniform, `dpm_solver.sample_dpm_solver`)
 with --dpm_steps model evaluations (50), and guidance --cfg_scale = 1 + DiM's U-ViT scale.
 
 --checkpoint is a directory written by `python -m dimsum_jax.export` (config.json + ema_params/) or
@@ -49,9 +49,9 @@ token grid (its scan orders and wavelet windows follow it) with the learned posi
 interpolated (dimsum_jax.warm_start; --interpolation: auto = bicubic for DiMSUM, bilinear for
 DiM; DiT's sin-cos table is rebuilt). A size that the patch or DiMSUM's wavelet layout cannot
 take is refused by name. At m times the trained size, --upsample_guidance=THETA (--ug_eta)
-adds Upsample Guidance from the model at its trained size (sampling.make_upsample_guided_model_fn:
-the velocity form for flow matching, upstream's noise form for DiM), one trained-size evaluation
-per guided step on top of the counted NFE.
+adds Upsample Guidance from the model at its trained size
+(upsample_guidance.make_upsample_guided_model_fn: the velocity form for flow matching, upstream's
+noise form for DiM), one trained-size evaluation per guided step on top of the counted NFE.
 """
 
 from __future__ import annotations

@@ -29,9 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dimsum_jax import dpm_solver
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
+from dimsum_jax import upsample_guidance
 from dimsum_jax.model_loading import LoadedModel
 from dimsum_jax.model_loading import SampleError
 
@@ -166,7 +168,7 @@ def check_upsample_guidance(loaded: LoadedModel, opts) -> int:
     )
   transport_config = loaded.config.transport
   try:
-    sampling.make_upsample_guided_model_fn(
+    upsample_guidance.make_upsample_guided_model_fn(
       None,
       None,
       m,
@@ -252,7 +254,7 @@ def sample_batch(
     return model.apply({'params': params}, x, t, y if num_classes else None)
 
   if base_model is not None:
-    model_fn = sampling.make_upsample_guided_model_fn(
+    model_fn = upsample_guidance.make_upsample_guided_model_fn(
       model_fn,
       lambda x, t, y: base_model.apply({'params': base_params}, x, t, y if num_classes else None),
       image_shape[0] // base_model.input_size,
@@ -286,12 +288,12 @@ def sample_batch(
     )
     x1, nfe, status, steps = res.x1, res.nfe, jnp.max(res.status), jnp.max(res.num_steps)
   elif opts.mode == 'dpm':  # DiM's sampler, in DiM's time 1 - t; U-ViT scale cfg_scale - 1
-    noise = sampling.make_noise_fn(
+    noise = dpm_solver.make_noise_fn(
       model_fn,
       cfg_scale=float(opts.cfg_scale) - 1.0,
       null_label=num_classes if num_classes else None,
     )
-    x1, nfe = sampling.sample_dpm_solver(
+    x1, nfe = dpm_solver.sample_dpm_solver(
       noise, x0, steps=opts.dpm_steps, t_end=transport.resolve_eps(config.transport)[1], args=args
     )
     nfe = jnp.asarray(nfe, jnp.int32)

@@ -48,6 +48,7 @@ from dimsum_jax import checkpoint
 from dimsum_jax import io_utils
 from dimsum_jax import models
 from dimsum_jax import sharding
+from dimsum_jax import weights
 from dimsum_jax.models import dim
 
 INTERPOLATIONS = ('auto', 'bicubic', 'bilinear')
@@ -338,7 +339,7 @@ def read_source(path: str, mesh) -> Source:
     abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)), abstract
     )
-    state, step = checkpoint.restore_newest(path, {'params': abstract, 'ema_params': abstract})
+    state, step = weights.restore_newest(path, {'params': abstract, 'ema_params': abstract})
     params, ema = (
       jax.tree.map(np.asarray, jax.device_get(state[k])) for k in ('params', 'ema_params')
     )
@@ -357,7 +358,7 @@ def read_source(path: str, mesh) -> Source:
 def _restore(path, where):
   """An Orbax parameter tree (an export's ema_params/, a conversion's params/) as NumPy."""
   try:
-    return checkpoint.restore_params(path)
+    return weights.restore_params(path)
   except Exception as e:  # pylint: disable=broad-except
     raise WarmStartError(
       f'{where}: {path} cannot be read ({str(e).splitlines()[0][:200]}): '

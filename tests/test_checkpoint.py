@@ -17,6 +17,7 @@ import pytest
 from dimsum_jax import checkpoint
 from dimsum_jax import export
 from dimsum_jax import train
+from dimsum_jax import weights
 from tests import train_util
 
 STEPS, EVERY, KEEP = 6, 2, 2
@@ -228,7 +229,7 @@ def test_export_writes_the_ema_alone_with_its_config(run, tmp_path):
   workdir, final = run
   out = str(tmp_path / 'export')
   assert export.export(workdir, out) == STEPS
-  exported_config, params = checkpoint.load_exported(out)
+  exported_config, params = weights.load_exported(out)
   assert exported_config.model.to_dict() == config().model.to_dict()
   assert exported_config.num_train_steps == STEPS
   train_util.assert_trees_close(params, final.ema_params, rtol=0, atol=0, what='exported EMA')
@@ -240,7 +241,7 @@ def test_export_writes_the_ema_alone_with_its_config(run, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='has no config.json'):
     export.export(str(tmp_path / 'empty'), str(tmp_path / 'export2'))
   with pytest.raises(checkpoint.CheckpointError, match='holds no export'):
-    checkpoint.load_exported(str(tmp_path / 'empty'))
+    weights.load_exported(str(tmp_path / 'empty'))
 
 
 # --- the best checkpoint (config.eval.best_metric) ----------------------------------------------

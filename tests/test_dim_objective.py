@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dimsum_jax import optim, sampling, train, transport
+from dimsum_jax import dpm_solver, optim, sampling, train, transport
 from dimsum_jax.models import create_model, default_model_config, dim_convert
 from tests import seeds
 from tests.golden import golden_file
@@ -393,11 +393,11 @@ def test_dpm_solver_is_upstreams_algorithm(method, predict_x0, steps):
   x_T = np.random.default_rng(0).standard_normal((3, 5))
   ref = UpstreamDPMSolver(_net, predict_x0)
   want = ref.sample(x_T, steps, method)
-  plan = sampling.dpm_solver_plan(steps, 3, method, predict_x0=predict_x0)
+  plan = dpm_solver.dpm_solver_plan(steps, 3, method, predict_x0=predict_x0)
   np.testing.assert_allclose(plan.t, ref.calls, rtol=0, atol=1e-13)
   with jax.enable_x64(True):
     x = jax.jit(
-      lambda x: sampling.sample_dpm_solver(
+      lambda x: dpm_solver.sample_dpm_solver(
         _net, x, steps=steps, method=method, predict_x0=predict_x0
       )[0]
     )(x_T)
@@ -409,11 +409,11 @@ def test_dpm_solver_calls_are_upstreams():
   """DiM's setting (50 steps, order 3, 'fast', time-uniform, 1 -> 1e-3): the model-call times
   of upstream's float32 run (golden upsample_guidance.npz) and its step orders 3 x 16, 2."""
   calls = np.load(golden_file("dim/upsample_guidance.npz"))["dpm_calls_m2"][:, 0]
-  plan = sampling.dpm_solver_plan()
+  plan = dpm_solver.dpm_solver_plan()
   np.testing.assert_allclose(plan.t, calls, rtol=0, atol=1e-6)
   assert plan.reset.sum() == 17 and list(np.flatnonzero(plan.reset)) == list(range(0, 50, 3))
   with pytest.raises(ValueError, match="order"):
-    sampling.dpm_solver_plan(50, order=1, method="fast")
+    dpm_solver.dpm_solver_plan(50, order=1, method="fast")
 
 
 @seeds.each(0)
@@ -426,16 +426,16 @@ def test_dpm_solver_on_gaussian_data(seed):
   exact = _exact_flow(x_T, 1.0, 1e-3)
   err = lambda x: np.abs(np.asarray(x) - exact).max() / np.abs(exact).max()
   with jax.enable_x64(True):
-    fast = err(sampling.sample_dpm_solver(_exact_eps, x_T, steps=200, skip_type="logSNR")[0])
+    fast = err(dpm_solver.sample_dpm_solver(_exact_eps, x_T, steps=200, skip_type="logSNR")[0])
     multi = [
       err(
-        sampling.sample_dpm_solver(
+        dpm_solver.sample_dpm_solver(
           _exact_eps, x_T, steps=n, skip_type="logSNR", method="multistep"
         )[0]
       )
       for n in (150, 300)
     ]
-    dim_default = err(sampling.sample_dpm_solver(_exact_eps, x_T)[0])
+    dim_default = err(dpm_solver.sample_dpm_solver(_exact_eps, x_T)[0])
   assert fast < 5e-6 and multi[1] < 1e-5 and 0.2 < multi[1] / multi[0] < 0.3, (seed, fast, multi)
   assert dim_default < 2e-2, (seed, dim_default)
 
@@ -448,8 +448,8 @@ def test_dpm_solver_against_diffrax(seed):
   x_T = np.random.default_rng(seed).standard_normal((2, 6))
   with jax.enable_x64(True):
     ode = np.asarray(jax.jit(lambda x: _diffrax_solve(_net, x, 1e-12))(x_T))
-    fine, _ = sampling.sample_dpm_solver(_net, x_T, steps=500, skip_type="logSNR")
-    dim_default, _ = sampling.sample_dpm_solver(_net, x_T)
+    fine, _ = dpm_solver.sample_dpm_solver(_net, x_T, steps=500, skip_type="logSNR")
+    dim_default, _ = dpm_solver.sample_dpm_solver(_net, x_T)
   err = lambda x: np.abs(np.asarray(x) - ode).max() / np.abs(ode).max()
   assert err(fine) < 2e-6 and err(dim_default) < 5e-3, (seed, err(fine), err(dim_default))
 
@@ -490,7 +490,7 @@ def test_uvit_guidance_and_dpm_solver_on_a_dim(seed):
   t = jnp.asarray([250.0, 250.0])
   guided, cond, uncond, velocity_form = jax.jit(
     lambda x: (
-      sampling.uvit_guided_noise(net, x, t, y, 0.4, 10),
+      dpm_solver.uvit_guided_noise(net, x, t, y, 0.4, 10),
       net(x, t, y),
       net(x, t, jnp.full_like(y, 10)),
       sampling.guided_velocity(net, x, t, y, 1.4, 10),
@@ -500,8 +500,8 @@ def test_uvit_guidance_and_dpm_solver_on_a_dim(seed):
   np.testing.assert_allclose(guided, cond + 0.4 * (cond - uncond), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(guided, velocity_form, rtol=1e-5, atol=1e-5)
   traces.clear()
-  noise_fn = sampling.make_noise_fn(net, y, cfg_scale=0.4, null_label=10)
+  noise_fn = dpm_solver.make_noise_fn(net, y, cfg_scale=0.4, null_label=10)
   out, nfe = jax.jit(
-    lambda x: sampling.sample_dpm_solver(noise_fn, x), compiler_options=common.FAST
+    lambda x: dpm_solver.sample_dpm_solver(noise_fn, x), compiler_options=common.FAST
   )(x)
   assert nfe == 50 and len(traces) == 1 and np.isfinite(np.asarray(out)).all(), seed

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimsum_jax import checkpoint
 from dimsum_jax import models
 from dimsum_jax import sample
 from dimsum_jax import sampler
 from dimsum_jax import sampling
+from dimsum_jax import weights
 from tests import seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def load_npz(path):
 
 def reference_samples(export_dir, indices, labels, *, seed, num_steps, cfg_scale, latents=False):
   """`euler_samples` of the model and EMA weights of an export."""
-  config, params = checkpoint.load_exported(str(export_dir))
+  config, params = weights.load_exported(str(export_dir))
   return euler_samples(
     models.create_model(config.model),
     params,

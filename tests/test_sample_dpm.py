@@ -5,7 +5,7 @@ are the golden README's formula under the official key set (every parameter non-
 in the layout `python -m dimsum_jax.convert` writes for DiM's released weights. The reference
 (`dpm_reference`) calls the model directly, conditional and null label in separate calls, with
 U-ViT guidance eps_c + s (eps_c - eps_u) at DiM's network time 1000 t_cont, through
-`sampling.sample_dpm_solver` (itself checked against closed forms and diffrax in
+`dpm_solver.sample_dpm_solver` (itself checked against closed forms and diffrax in
 tests/test_sampling.py); it shares no loading, noise or guidance code with the command.
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax import config_utils, convert, models, sample, sampling
+from dimsum_jax import config_utils, convert, dpm_solver, models, sample, sampling
 from dimsum_jax.models import dim_convert
 from dimsum_jax.tools import parity_dim
 from tests import seeds
@@ -73,7 +73,7 @@ def dpm_reference(model, params, indices, labels, *, seed, steps, scale):
     return cond + scale * (cond - model.apply({"params": params}, x, 1000.0 * t_cont, null))
 
   out, nfe = jax.jit(
-    lambda x: sampling.sample_dpm_solver(noise, x, steps=steps), compiler_options=FAST
+    lambda x: dpm_solver.sample_dpm_solver(noise, x, steps=steps), compiler_options=FAST
   )(x)
   assert int(nfe) == steps
   return np.asarray(out, np.float64)

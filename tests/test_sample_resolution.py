@@ -180,7 +180,7 @@ def test_velocity_guidance_sets_the_block_means_to_the_pooled_path_velocity(path
   network's estimate of d/dt AvgPool(x_t) = alpha'_t x1' + sigma'_t x0' / m, its data and noise
   predictions x1', x0' solved from (x_low, v_low) at the time tau of equal SNR (found here by
   bisection, x_low = AvgPool(x) alpha_tau / alpha_t); the detail within the blocks is v's."""
-  from dimsum_jax import sampling  # pylint: disable=g-import-not-at-top
+  from dimsum_jax import upsample_guidance  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(3, 8, 8, 2))
@@ -188,7 +188,7 @@ def test_velocity_guidance_sets_the_block_means_to_the_pooled_path_velocity(path
   w_full, w_low = rng.normal(size=(2, 2)), rng.normal(size=(2, 2))
   model_fn = lambda x, t, y: jnp.tanh(x @ w_full) * (1 + t[:, None, None, None])
   low_fn = lambda x, t, y: jnp.cos(x @ w_low) - t[:, None, None, None]
-  fn = sampling.make_upsample_guided_velocity_fn(
+  fn = upsample_guidance.make_upsample_guided_velocity_fn(
     model_fn, low_fn, 2, path_type=path, theta=1.0, eta=0.3
   )
   guided = np.asarray(fn(np.float32(x), np.float32(t), None), np.float64)
@@ -219,12 +219,12 @@ def test_velocity_guidance_sets_the_block_means_to_the_pooled_path_velocity(path
 @pytest.mark.parametrize('path', ['GVP', 'Linear'])
 def test_velocity_guidance_vanishes_where_the_schedule_says(path):
   """w = theta [t <= 1 - (1 - eta) T]: nothing is added after the first eta of the way."""
-  from dimsum_jax import sampling  # pylint: disable=g-import-not-at-top
+  from dimsum_jax import upsample_guidance  # pylint: disable=g-import-not-at-top
 
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
   model_fn = lambda x, t, y: x * t[:, None, None, None]
   low_fn = lambda x, t, y: 1 - x
-  fn = sampling.make_upsample_guided_velocity_fn(
+  fn = upsample_guidance.make_upsample_guided_velocity_fn(
     model_fn, low_fn, 2, path_type=path, theta=0.7, eta=0.3
   )
   for t, active in ((0.31, False), (0.9, False), (0.29, True), (0.0, True)):

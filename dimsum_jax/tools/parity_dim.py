@@ -16,10 +16,10 @@ by `dim_convert.from_upstream`. A file whose weights are given by the golden REA
   layout tables `scan_perm` [depth, (h+3)(w+3)] and `skip_pairs` [(depth-1)/2, 2] (exactly);
 * Upsample Guidance (upsample_guidance): for each `PREFIX_t_continuous` [B], U-ViT guidance of
   scale UG_CFG_SCALE at 1000 t (`PREFIX_cfg_pred`), the guided output of
-  `sampling.make_upsample_guided_noise_fn` (`PREFIX_g_pred`), the low-resolution time
+  `upsample_guidance.make_upsample_guided_noise_fn` (`PREFIX_g_pred`), the low-resolution time
   (`PREFIX_tau_model`) and input (`PREFIX_x_low`), the low-resolution prediction from the file's
   own x_low and time (`PREFIX_low_pred`); the DPM-Solver call tables `dpm_calls_mM` [steps, 7]
-  (times of `sampling.dpm_solver_plan`, the rest from the file's times) and `preset_snrs_f32`;
+  (times of `dpm_solver.dpm_solver_plan`, the rest from the file's times) and `preset_snrs_f32`;
 * position tables (pos_interp): every `CASE_src` -> `CASE_dst` through
   `dim_convert.resize_position_table` (`transfer_additional_embed_*` through
   `transfer_state_dict`), in the table's stored dtype as upstream computes it, whatever
@@ -411,7 +411,7 @@ def _check_forward(path, model, params, inputs, refs, not_compared, float64):
 
 
 def _check_upsample(path, model, params, cfg, inputs, refs, not_compared, float64):
-  from dimsum_jax import sampling, transport
+  from dimsum_jax import dpm_solver, transport, upsample_guidance
 
   dtype = np.float64 if float64 else np.float32
   m = int(cfg.get("multi_times", 2))
@@ -423,11 +423,13 @@ def _check_upsample(path, model, params, cfg, inputs, refs, not_compared, float6
     )
   null = model.num_classes
   net = lambda p: lambda x, t, y: model.apply({"params": p}, x, t, y)
-  guided = lambda p: lambda x, t, y: sampling.uvit_guided_noise(net(p), x, t, y, UG_CFG_SCALE, null)
+  guided = lambda p: (
+    lambda x, t, y: dpm_solver.uvit_guided_noise(net(p), x, t, y, UG_CFG_SCALE, null)
+  )
   cfg_fn = _jit((model, "cfg"), lambda p, x, t, y: guided(p)(x, t, y))
   ug_fn = _jit(
     (model, "ug", m),
-    lambda p, x, t, y: sampling.make_upsample_guided_noise_fn(guided(p), m)(x, t, y),
+    lambda p, x, t, y: upsample_guidance.make_upsample_guided_noise_fn(guided(p), m)(x, t, y),
   )
   tol = TOLERANCE["float64" if float64 else "float32"]
   alphabar = np.concatenate([[1.0], transport.scaled_linear_alphas_cumprod()])
@@ -440,7 +442,7 @@ def _check_upsample(path, model, params, cfg, inputs, refs, not_compared, float6
       raise ParityError(
         f"{path}: `{key}` is {_shape_str(t.shape)}, not [{x.shape[0]}] (one time per row of x)."
       )
-    index, tau = (np.asarray(a) for a in sampling.upsample_guidance_times(t, m))
+    index, tau = (np.asarray(a) for a in upsample_guidance.upsample_guidance_times(t, m))
     ab = alphabar[index].astype(dtype)[:, None, None, None]
     b, h, w, c = x.shape
     pooled = x.reshape(b, h // m, m, w // m, m, c).mean(axis=(2, 4))
@@ -471,7 +473,7 @@ def _check_upsample(path, model, params, cfg, inputs, refs, not_compared, float6
       for j, (column, exact) in enumerate(DPM_COLUMNS):
         pairs[f"{key}.{column}"] = (ours[:, j], ref[:, j], 0.0 if exact else TABLE_TOL)
     elif key == "preset_snrs_f32":
-      presets = sampling.upsample_tables()[2]
+      presets = upsample_guidance.upsample_tables()[2]
       pairs[key] = (presets, ref, TABLE_TOL)
     elif key == "normed_timesteps_f32":
       not_compared.append(
@@ -485,12 +487,12 @@ def _check_upsample(path, model, params, cfg, inputs, refs, not_compared, float6
 def _dpm_calls(ref, m, alphabar):
   """Our [steps, 7] call table (t, tau, w, trunc(1000 t), alphabar, 1 - alphabar, snr): t from
   DPM-Solver's plan, the rest from the file's float32 times, as upstream computes them."""
-  from dimsum_jax import sampling
+  from dimsum_jax import dpm_solver, upsample_guidance
 
   t = ref[:, 0].astype(np.float32)
-  index, tau = (np.asarray(a) for a in sampling.upsample_guidance_times(t, m))
+  index, tau = (np.asarray(a) for a in upsample_guidance.upsample_guidance_times(t, m))
   ab = alphabar[index]
-  plan = sampling.dpm_solver_plan(steps=len(ref), predict_x0=False)
+  plan = dpm_solver.dpm_solver_plan(steps=len(ref), predict_x0=False)
   return np.stack(
     [plan.t, tau, (t >= 0.7).astype(np.float64), index, ab, 1 - ab, ab / (1 - ab)], axis=1
   )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimsum_jax import sampling
+from dimsum_jax import dpm_solver, upsample_guidance
 from dimsum_jax.models import create_model, default_model_config, dim, dim_convert
 from dimsum_jax.tools import hashfill
 from tests import seeds
@@ -382,13 +382,15 @@ def test_upsample_guidance_matches_golden():
   params = dim_convert.from_upstream(_state_dict("upsample_guidance"), model, dtype=np.float64)
   for m in (2, 3):
     calls = data[f"dpm_calls_m{m}"]
-    index, tau = sampling.upsample_guidance_times(calls[:, 0].astype(np.float32), m)
+    index, tau = upsample_guidance.upsample_guidance_times(calls[:, 0].astype(np.float32), m)
     np.testing.assert_array_equal(index, calls[:, 3])
     np.testing.assert_allclose(tau, calls[:, 1], rtol=0, atol=1e-7)
   with jax.enable_x64(True):
     net = lambda x, t, y: model.apply({"params": params}, x, t, y)
-    guided = lambda x, t, y: sampling.uvit_guided_noise(net, x, t, y, 3.0, 10)
-    fn = jax.jit(sampling.make_upsample_guided_noise_fn(guided, 2), compiler_options=common.FAST)
+    guided = lambda x, t, y: dpm_solver.uvit_guided_noise(net, x, t, y, 3.0, 10)
+    fn = jax.jit(
+      upsample_guidance.make_upsample_guided_noise_fn(guided, 2), compiler_options=common.FAST
+    )
     low = jax.jit(guided, compiler_options=common.FAST)
     x, y = _nhwc(data["x"]).astype(np.float64), data["y"]
     t = data["t090_t_continuous"]
@@ -399,7 +401,8 @@ def test_upsample_guidance_matches_golden():
         data["t090_low_pred_f64"],
       ),
       "t090_tau": _rel(
-        1000 * np.asarray(sampling.upsample_guidance_times(t, 2)[1]), data["t090_tau_model_f64"]
+        1000 * np.asarray(upsample_guidance.upsample_guidance_times(t, 2)[1]),
+        data["t090_tau_model_f64"],
       ),
       "t090_g_pred": _rel(_nchw(fn(x, t, y)), data["t090_g_pred_f64"]),
       "t050_g_pred": _rel(_nchw(fn(x, data["t050_t_continuous"], y)), data["t050_g_pred_f64"]),
