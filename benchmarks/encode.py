@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from dimsum_jax.data import encode  # noqa: E402
+from dimsum_jax.data import encoder  # noqa: E402
 from dimsum_jax.vae import model  # noqa: E402
 
 # sd-vae-ft-ema = AutoencoderKL's defaults; the smoke variant is a 2-level toy.
@@ -58,7 +58,7 @@ def run_setting(
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   batch = jax.sharding.NamedSharding(mesh, jax.P("data"))
   params = jax.device_put(random_params(vae), replicated)
-  fn = encode.make_encode_fn(vae, mesh, mode=mode, seed=0, flip=flip)
+  fn = encoder.make_encode_fn(vae, mesh, mode=mode, seed=0, flip=flip)
   rng = np.random.default_rng(0)
   pixels = jax.device_put(
     rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8), batch
@@ -109,7 +109,7 @@ def main(argv=None):
     default="default",
     help="XLA precision of f32 convolutions (default may use TF32 on GPUs)",
   )
-  p.add_argument("--mode", choices=list(encode.MODES), default="sample")
+  p.add_argument("--mode", choices=list(encoder.MODES), default="sample")
   p.add_argument("--flip", action="store_true", help="encode each image and its mirror")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--devices", type=int, default=1, help="local devices to split the batch over")

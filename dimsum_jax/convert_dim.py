@@ -13,8 +13,8 @@ configs/imagenet512.py:dim). Every key and shape is checked against that model
 parameters are written as a DiMSUM conversion's (params/ + model_config.json,
 `convert.save_params`), which `dimsum_jax.sample --checkpoint` reads.
 
-Name collision: upstream DiMSUM also calls its models `DiM-L/2` (convert.py reads those as
-DiMSUM-L/2). The two are told apart by the weights' keys (DiM: transformer_blocks.*,
+Name collision: upstream DiMSUM also calls its models `DiM-L/2` (models/dimsum_convert.py reads
+those as DiMSUM-L/2). The two are told apart by the weights' keys (DiM: transformer_blocks.*,
 additional_embed, a4m_adapter.*, adaln_single.*; DiMSUM: blocks.*, x_embedder.*, y_embedder.*,
 final_layer.*, pos_embed) and by --config's model name; a mismatch is refused in one sentence.
 """
@@ -63,7 +63,7 @@ def suggest_config(state) -> str:
 def uses_dim(upstream: str, state, model_cfg, spec: str | None) -> bool:
   """Whether the conversion is DiM's; ConvertError (one sentence) when the weights and --config
   are of different model families."""
-  from dimsum_jax.convert import ConvertError
+  from dimsum_jax.models.dimsum_convert import ConvertError
 
   kind, dim_cfg = family(state), is_dim_config(model_cfg)
   if kind == "dim" and model_cfg is None:
@@ -110,7 +110,8 @@ def describe(mc) -> str:
 
 def convert(upstream: str, out: str, state, model_cfg) -> str:
   """Check `state` against the DiM of `model_cfg`, write OUT; returns the one-line summary."""
-  from dimsum_jax.convert import ConvertError, save_params
+  from dimsum_jax.convert import save_params
+  from dimsum_jax.models.dimsum_convert import ConvertError
   from dimsum_jax.models import create_model, dim_convert
 
   try:

@@ -25,6 +25,7 @@ from dimsum_jax import convert
 from dimsum_jax import model_loading
 from dimsum_jax import sample
 from dimsum_jax.models import abstract_params, create_model
+from dimsum_jax.models import dimsum_convert
 from dimsum_jax.tools import parity
 from tests.golden import golden_file
 
@@ -263,10 +264,12 @@ def test_blocks_beyond_the_model_depth_are_named(golden):
     if key.startswith("blocks."):
       _, i, rest = key.split(".", 2)
       deeper[f"blocks.{int(i) + 4}.{rest}"] = value
-  mc = convert.model_config_from_upstream(cfg, state)
+  mc = dimsum_convert.model_config_from_upstream(cfg, state)
   model = create_model(mc)
-  with pytest.raises(convert.ConvertError, match=r"no place for \(\d+\): blocks\.4\.norm\.weight"):
-    convert.from_upstream(deeper, model, abstract_params(model, mc))
+  with pytest.raises(
+    dimsum_convert.ConvertError, match=r"no place for \(\d+\): blocks\.4\.norm\.weight"
+  ):
+    dimsum_convert.from_upstream(deeper, model, abstract_params(model, mc))
 
 
 @pytest.mark.parametrize(
@@ -327,15 +330,15 @@ TRAIN_ARGS = dict(
 
 
 def test_train_script_args_name_a_published_size():
-  mc = convert.model_config_from_upstream(TRAIN_ARGS)
+  mc = dimsum_convert.model_config_from_upstream(TRAIN_ARGS)
   assert (mc.name, mc.depth, mc.hidden_size, mc.input_size) == ("DiMSUM-L/2", -1, -1, 32)
   assert (mc.num_classes, mc.label_dropout, mc.attn_every, mc.scan_type) == (1000, 0.15, 4, "none")
-  assert convert.describe(mc) == (
+  assert dimsum_convert.describe(mc) == (
     "DiMSUM-L/2 (depth 16, hidden 1024, patch 2; 32x32x4 input, 1000 classes)"
   )
   # Upstream's default -1 means no shared attention; a 1-row label table means unconditional.
   table = {"y_embedder.embedding_table.weight": np.zeros((1, 1024), np.float32)}
-  mc = convert.model_config_from_upstream(
+  mc = dimsum_convert.model_config_from_upstream(
     dict(TRAIN_ARGS, use_attn_every_k_layers=-1, model="DiM-XL/2", image_size=512), table
   )
   assert (mc.name, mc.attn_every, mc.num_classes, mc.input_size) == ("DiMSUM-XL/2", 0, 0, 64)
@@ -352,19 +355,19 @@ def test_train_script_args_name_a_published_size():
 )
 def test_golden_style_sizes_are_named_honestly(dims, name, overridden):
   depth, hidden, patch = dims
-  mc = convert.model_config_from_upstream(
+  mc = dimsum_convert.model_config_from_upstream(
     dict(depth=depth, hidden_size=hidden, patch_size=patch, img_resolution=32, num_classes=10)
   )
   assert mc.name == name
   assert (mc.depth, mc.hidden_size) == ((depth, hidden) if overridden else (-1, -1))
-  text = convert.describe(mc)
+  text = dimsum_convert.describe(mc)
   assert f"depth {depth}, hidden {hidden}, patch {patch}" in text
   assert ("not a published size" in text) == overridden
 
 
 def test_unsupported_patch_names_the_registry_patches():
-  with pytest.raises(convert.ConvertError, match=r"patch_size 8 .* patch 2 and 4 only"):
-    convert.model_config_from_upstream(
+  with pytest.raises(dimsum_convert.ConvertError, match=r"patch_size 8 .* patch 2 and 4 only"):
+    dimsum_convert.model_config_from_upstream(
       dict(depth=4, hidden_size=96, patch_size=8, img_resolution=32)
     )
 
@@ -385,8 +388,8 @@ def test_unsupported_patch_names_the_registry_patches():
   ],
 )
 def test_unpublished_flags_are_refused(flag, value, spelled):
-  with pytest.raises(convert.ConvertError) as e:
-    convert.model_config_from_upstream(dict(TRAIN_ARGS, **{flag: value}))
+  with pytest.raises(dimsum_convert.ConvertError) as e:
+    dimsum_convert.model_config_from_upstream(dict(TRAIN_ARGS, **{flag: value}))
   msg = str(e.value)
   assert f"{flag}={value!r}" in msg and spelled in msg and "only the published setting" in msg
 
@@ -403,10 +406,10 @@ def test_flags_without_effect_on_the_forward_are_accepted(golden):
     dict(bimamba_type="v2"),
     dict(bimamba_type="sweep_8"),
   ):
-    mc = convert.model_config_from_upstream(dict(TRAIN_ARGS, **changes))
+    mc = dimsum_convert.model_config_from_upstream(dict(TRAIN_ARGS, **changes))
     assert mc.scan_type == changes.get("bimamba_type", "none")
     assert mc.bidirectional == (mc.scan_type == "v2")
-  assert convert.model_config_from_upstream(cfg).name == "DiMSUM-B/2"
+  assert dimsum_convert.model_config_from_upstream(cfg).name == "DiMSUM-B/2"
 
 
 def test_config_path_still_refuses_unpublished_flags(tmp_path, golden):

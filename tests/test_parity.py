@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from dimsum_jax import command_line
-from dimsum_jax import convert
 from dimsum_jax import models
 from dimsum_jax.models import create_model, default_model_config
+from dimsum_jax.models import dimsum_convert
 from dimsum_jax.tools import hashfill, parity
 from tests import seeds
 from tests.golden import golden_file, manifest
@@ -185,10 +185,10 @@ def test_tool_reads_other_sizes(tmp_path, seed):
   abstract = models.abstract_params(model, mc)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract)
   state = hashfill.fill_state_dict(
-    [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()], seed=3
+    [(k, v.shape) for k, v in dimsum_convert.to_upstream(zeros, model).items()], seed=3
   )
   assert "blocks.3.freq_mamba.mixer.A_log" in state and "y_embedder.embedding_table.weight" in state
-  params = convert.from_upstream(state, model, abstract)
+  params = dimsum_convert.from_upstream(state, model, abstract)
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((2, input_size, input_size, 4))
   t = rng.uniform(size=2)
@@ -237,7 +237,7 @@ def test_mismatched_checkpoint_names_the_keys():
   data = np.load(golden_file("tiny.npz"))
   state, inputs, _ = parity.split_golden(data)
   cfg = json.loads(str(inputs["config_json"]))
-  mc = convert.model_config_from_upstream(cfg, state)
+  mc = dimsum_convert.model_config_from_upstream(cfg, state)
   model = create_model(mc)
   abstract = models.abstract_params(model, mc)
   broken = dict(state)
@@ -245,7 +245,7 @@ def test_mismatched_checkpoint_names_the_keys():
   broken["blocks.0.mlp.w3.weight"] = np.zeros((5, 5), np.float32)
   broken["blocks.0.unknown.weight"] = np.zeros((3,), np.float32)
   with pytest.raises(ValueError) as e:
-    convert.from_upstream(broken, model, abstract)
+    dimsum_convert.from_upstream(broken, model, abstract)
   msg = str(e.value)
   assert (
     "Mis-shaped keys (1): blocks.0.mlp.w3.weight: checkpoint [5, 5] vs expected [96, 384]" in msg
@@ -259,11 +259,11 @@ def test_mismatched_checkpoint_names_the_keys():
 def test_upstream_round_trip_and_cond_proj_dropping():
   data = np.load(golden_file("tiny.npz"))
   state, inputs, _ = parity.split_golden(data)
-  mc = convert.model_config_from_upstream(json.loads(str(inputs["config_json"])), state)
+  mc = dimsum_convert.model_config_from_upstream(json.loads(str(inputs["config_json"])), state)
   assert mc.num_classes == 10 and mc.cond_mamba == "none"
   model = create_model(mc)
-  params = convert.from_upstream(state, model, models.abstract_params(model, mc))
-  back = convert.to_upstream(params, model)
+  params = dimsum_convert.from_upstream(state, model, models.abstract_params(model, mc))
+  back = dimsum_convert.to_upstream(params, model)
   skipped = {k for k in state if "cond_proj" in k or ".dwt." in k or ".idwt." in k}
   assert len(skipped) == 4 * 2 * 2 + 4 * 5
   assert set(back) == set(state) - skipped
@@ -272,12 +272,12 @@ def test_upstream_round_trip_and_cond_proj_dropping():
   # With the working conditional Mamba the release's cond_proj weights have a place.
   mc.cond_mamba = "h0"
   model = create_model(mc)
-  params = convert.from_upstream(state, model, models.abstract_params(model, mc))
+  params = dimsum_convert.from_upstream(state, model, models.abstract_params(model, mc))
   np.testing.assert_array_equal(
     params["groups"]["block_1"]["spatial_mamba"]["mixer"]["cond_proj"]["kernel"][0],
     state["blocks.1.spatial_mamba.mixer.cond_proj.weight"].T,
   )
-  assert set(convert.to_upstream(params, model)) == set(state) - {
+  assert set(dimsum_convert.to_upstream(params, model)) == set(state) - {
     k for k in skipped if "cond_proj" not in k
   }
 

@@ -6,8 +6,8 @@ is harmful (an unsafe load creates the marker), then that the project's reader r
 one sentence naming the file and the offending type, and that the marker does not exist
 afterwards. Readers covered: upstream .pt checkpoints (dimsum_jax.convert), diffusers .bin VAE
 weights (dimsum_jax.vae.convert), golden .npz files (dimsum_jax.tools.parity) and latent shards
-(dimsum_jax.data.encode.finish). A normal upstream checkpoint, with its argparse.Namespace `args`,
-still converts.
+(dimsum_jax.data.latent_parts.finish). A normal upstream checkpoint, with its argparse.Namespace
+`args`, still converts.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import pytest
 
 from dimsum_jax import command_line
 from dimsum_jax import convert
-from dimsum_jax.data import encode
+from dimsum_jax.data import latent_parts
 from dimsum_jax.data import latents as latents_lib
 from dimsum_jax.tools import parity
 from dimsum_jax.vae import convert as vae_convert
@@ -187,14 +187,14 @@ def test_parity_refuses_a_bare_pickle(tmp_path):
   assert not marker.exists()
 
 
-# --- latent shards (dimsum_jax.data.encode) ------------------------------------------------------
+# --- latent shards (dimsum_jax.data.latent_parts) ------------------------------------------------
 
 
 def test_encode_verification_refuses_a_shard_holding_objects(tmp_path):
   """A complete one-part latent set whose latents shard is replaced by an object array: the
   verification pass refuses to read it, naming the shard."""
   out = tmp_path / "latents"
-  part = out / encode.part_name(0, 1)
+  part = out / latent_parts.part_name(0, 1)
   extra = dict(
     num_images=2, total_images=2, skipped=[], mode="mean", seed=0, dtype="float32", crop="adm"
   )
@@ -206,8 +206,8 @@ def test_encode_verification_refuses_a_shard_holding_objects(tmp_path):
   marker = tmp_path / "marker"
   np.save(shard, np.array([RunsShell(marker)] * 2, dtype=object), allow_pickle=True)
   _assert_harmful(lambda: np.load(shard, allow_pickle=True), marker)
-  with pytest.raises(encode.EncodeError) as e:
-    encode.finish(str(out))
+  with pytest.raises(latent_parts.EncodeError) as e:
+    latent_parts.finish(str(out))
   _assert_one_sentence(str(e.value), os.path.relpath(shard, out), "delete its part")
   assert not marker.exists()
   assert not (out / latents_lib.META).exists()

@@ -48,7 +48,7 @@ PROGRESS = "progress.json"
 DTYPES = ("float32", "float16")
 SD_VAE_SCALING = 0.18215
 # Fields that must agree when a partial set is re-opened.
-_IDENTITY = (
+IDENTITY = (
   "latent_shape",
   "dtype",
   "scaled",
@@ -136,7 +136,7 @@ class LatentShardWriter:
     if os.path.exists(progress):
       with open(progress) as f:
         state = json.load(f)
-      for key in _IDENTITY:
+      for key in IDENTITY:
         if state[key] != self.identity[key]:
           raise LatentSetError(
             f"Partial latent set {directory} was started with {key}={state[key]!r}, not "

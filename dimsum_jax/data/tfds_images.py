@@ -30,7 +30,7 @@ TFDS_NAMES = {
   "lsun_church": "lsun/church_outdoor",
 }
 
-_HOW_TO_PREPARE = {
+HOW_TO_PREPARE = {
   "imagenet2012": (
     "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) "
     "in {data_dir}/downloads/manual and run `tfds build imagenet2012 "
@@ -85,7 +85,7 @@ class TfdsSource(DataSource):
     self._tf, self._tfds = tf, tfds
     self.builder = tfds.builder(self.name, data_dir=config.data_dir or None)
     if not self.builder.is_prepared():
-      how = _HOW_TO_PREPARE.get(config.name, "run `tfds build {tfds_name} --data_dir={data_dir}`")
+      how = HOW_TO_PREPARE.get(config.name, "run `tfds build {tfds_name} --data_dir={data_dir}`")
       where = config.data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
       how = how.format(data_dir=config.data_dir or "~/tensorflow_datasets", tfds_name=self.name)
       raise FileNotFoundError(f"tfds dataset {self.name} is not prepared under {where}: {how}.")

@@ -8,7 +8,9 @@
   features.py         FeatureNet, `build_feature_net(config)`, and the Extractor (jitted,
                       batched, split over every device)
   metrics.py          Fréchet distance, IS, k-NN precision/recall, `evaluate_images`
-  reference.py        ADM reference batches: read, and written from our data sources (resumable)
+  reference_batch.py  ADM reference batches: the Reference, read and written, made from images
+  reference.py        python -m dimsum_jax.evaluate.reference: a reference batch written from our
+                      data sources (chunked, resumable)
   sweep.py            FID versus NFE / guidance, one cached set of initial noises for all settings
   training.py         config.eval during training: sample with the EMA, score, keep the best
   command.py          python -m dimsum_jax.evaluate --samples=... --reference=... --inception=...
@@ -40,11 +42,11 @@ _EXPORTS = {
   "frechet_distance": "metrics",
   "inception_score": "metrics",
   "precision_recall": "metrics",
-  "Reference": "reference",
-  "load_reference": "reference",
-  "save_reference": "reference",
-  "reference_from_images": "reference",
-  "reference_for": "reference",
+  "Reference": "reference_batch",
+  "load_reference": "reference_batch",
+  "save_reference": "reference_batch",
+  "reference_from_images": "reference_batch",
+  "reference_for": "reference_batch",
   "digits_feature_net": "digits_features",
   "digits_reference": "digits_features",
 }

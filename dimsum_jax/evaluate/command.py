@@ -156,7 +156,7 @@ def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
   from dimsum_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from dimsum_jax.evaluate import reference as reference_lib  # pylint: disable=g-import-not-at-top
+  from dimsum_jax.evaluate import reference_batch  # pylint: disable=g-import-not-at-top
 
   error = metrics_lib.EvaluationError
   if args.batch_size < 1 or args.split_size < 1:
@@ -167,7 +167,7 @@ def prepare(args, image_shape, num_samples: int, has_labels: bool = True):
       "VIRTUAL_imagenet256_labeled.npz, or one written by `python -m "
       "dimsum_jax.evaluate.reference`)."
     )
-  ref = reference_lib.load_reference(args.reference) if args.reference else None
+  ref = reference_batch.load_reference(args.reference) if args.reference else None
   requested = metrics_lib.parse_metrics(args.metrics) if args.metrics else None
   config = eval_config.default_eval_config()
   config.update(

@@ -21,7 +21,7 @@ the cache and in `net.info`.
 `digits_feature_net(cache_dir)` returns the FeatureNet (classifies_labels=True: its logits index
 the digit classes, so evaluate_images reports the sample accuracy, the fraction of samples
 classified as their label); `digits_reference(net, image_size, channels)` the reference built
-from all 1 797 digits at the samples' size, in dimsum_jax.evaluate.reference's format.
+from all 1 797 digits at the samples' size, in dimsum_jax.evaluate.reference_batch's format.
 """
 
 from __future__ import annotations
@@ -193,10 +193,10 @@ def digits_images(image_size: int = SIZE, channels: int = 1) -> tuple[np.ndarray
 
 
 def digits_reference(net: FeatureNet, image_size: int = SIZE, channels: int = 1, extractor=None):
-  """The reference of all 1 797 digits at the samples' size (see reference.Reference)."""
-  from dimsum_jax.evaluate import reference  # pylint: disable=g-import-not-at-top
+  """The reference of all 1 797 digits at the samples' size (see reference_batch.Reference)."""
+  from dimsum_jax.evaluate import reference_batch  # pylint: disable=g-import-not-at-top
 
   images, _ = digits_images(image_size, channels)
-  return reference.reference_from_images(
+  return reference_batch.reference_from_images(
     images, net, extractor=extractor, source=f"digits:{image_size}x{image_size}x{channels}"
   )

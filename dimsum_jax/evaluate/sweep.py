@@ -420,7 +420,7 @@ def main(argv) -> int:
   from dimsum_jax import sample  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import digits_features  # pylint: disable=g-import-not-at-top
   from dimsum_jax.evaluate import inception  # pylint: disable=g-import-not-at-top
-  from dimsum_jax.evaluate import reference as reference_lib  # pylint: disable=g-import-not-at-top
+  from dimsum_jax.evaluate import reference_batch  # pylint: disable=g-import-not-at-top
 
   args = command_line.values(FLAGS)
   try:
@@ -439,7 +439,7 @@ def main(argv) -> int:
       batch_size=args.feature_batch_size,
       cache_dir=args.cache_dir or config.cache_dir,
     )
-    ref = reference_lib.load_reference(args.reference) if args.reference else None
+    ref = reference_batch.load_reference(args.reference) if args.reference else None
     if ref is None and args.features != "digits":
       raise metrics_lib.EvaluationError(
         "Pass --reference=REF.npz (only the digits features have a built-in reference)."

@@ -255,8 +255,8 @@ def print_report(report: Report, out=print) -> None:
 
 def _model(path, state, inputs, float64):
   """(model config, model, parameters) from the file's config_json and weights."""
-  from dimsum_jax import convert
   from dimsum_jax.models import abstract_params, create_model
+  from dimsum_jax.models import dimsum_convert
 
   if "config_json" not in inputs:
     raise ParityError(
@@ -276,12 +276,12 @@ def _model(path, state, inputs, float64):
       "upstream's hyperparameters (see the format of tiny.npz)."
     )
   try:
-    mc = convert.model_config_from_upstream(cfg, state)
+    mc = dimsum_convert.model_config_from_upstream(cfg, state)
     mc.dtype = "float64" if float64 else "float32"
     mc.scan_impl = "reference"
     model = create_model(mc)
     dtype = np.float64 if float64 else np.float32
-    params = convert.from_upstream(state, model, abstract_params(model, mc), dtype=dtype)
+    params = dimsum_convert.from_upstream(state, model, abstract_params(model, mc), dtype=dtype)
   except ValueError as e:  # ConvertError, or a config that create_model refuses
     raise ParityError(
       f"{path}: the weights and config_json do not make a model this port "

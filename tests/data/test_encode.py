@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from dimsum_jax import command_line
-from dimsum_jax.data import create_dataset, default_data_config, encode
+from dimsum_jax.data import create_dataset, default_data_config, encode, encode_input
+from dimsum_jax.data import latent_parts
 from dimsum_jax.data.image_folder import load_image
 from dimsum_jax.vae import checkpoint, model
 
@@ -206,7 +207,7 @@ def test_sampled_latents_over_two_processes_resume_after_a_crash(tmp, monkeypatc
     process_count=2,
   )
   calls = []
-  real_decode = encode.decode_image
+  real_decode = encode_input.decode_image
 
   def crashing_decode(*args):
     calls.append(args[-1])
@@ -214,7 +215,7 @@ def test_sampled_latents_over_two_processes_resume_after_a_crash(tmp, monkeypatc
       raise RuntimeError("simulated crash")
     return real_decode(*args)
 
-  monkeypatch.setattr(encode, "decode_image", crashing_decode)
+  monkeypatch.setattr(encode_input, "decode_image", crashing_decode)
   with pytest.raises(RuntimeError, match="simulated crash"):
     encode.encode_dataset(c)
   part0 = out / "part-00000-of-00002"
@@ -224,7 +225,7 @@ def test_sampled_latents_over_two_processes_resume_after_a_crash(tmp, monkeypatc
 
   calls.clear()
   monkeypatch.setattr(
-    encode, "decode_image", lambda *args: calls.append(args[-1]) or real_decode(*args)
+    encode_input, "decode_image", lambda *args: calls.append(args[-1]) or real_decode(*args)
   )
   assert encode.encode_dataset(c) is None  # part 1 is still missing
   assert len(calls) == 5 - durable // 2  # only images 2, 3, 4 again
@@ -243,9 +244,9 @@ def test_sampled_latents_over_two_processes_resume_after_a_crash(tmp, monkeypatc
 
 
 def test_resume_position_steps_over_known_bad_images():
-  assert encode._resume_position(3, [0, 2, 7]) == 5
-  assert encode._resume_position(2, [3, 0, 1, 2]) == 6
-  assert encode._resume_position(0, [0]) == 0
+  assert latent_parts.resume_position(3, [0, 2, 7]) == 5
+  assert latent_parts.resume_position(2, [3, 0, 1, 2]) == 6
+  assert latent_parts.resume_position(0, [0]) == 0
   rng = np.random.default_rng(0)
   for _ in range(50):
     bad = set(rng.choice(30, rng.integers(0, 10), replace=False).tolist())
@@ -254,7 +255,7 @@ def test_resume_position_steps_over_known_bad_images():
     while seen < good:
       seen += position not in bad
       position += 1
-    assert encode._resume_position(good, sorted(bad)) == position
+    assert latent_parts.resume_position(good, sorted(bad)) == position
 
 
 def test_bad_images_fail_or_are_skipped_by_name_and_resume_exactly(tmp, monkeypatch, caplog):
@@ -270,11 +271,11 @@ def test_bad_images_fail_or_are_skipped_by_name_and_resume_exactly(tmp, monkeypa
     shard_size=2,
     prefetch=1,
   )
-  with pytest.raises(encode.EncodeError, match=r"b_bad\.png.*--on_bad_image=skip"):
+  with pytest.raises(latent_parts.EncodeError, match=r"b_bad\.png.*--on_bad_image=skip"):
     encode.encode_dataset(c)
 
   c = dict(c, out=str(tmp["root"] / "bad_skip"), on_bad_image="skip")
-  real_decode, calls = encode.decode_image, []
+  real_decode, calls = encode_input.decode_image, []
 
   def crashing_decode(*args):
     calls.append(os.path.basename(args[-1]))
@@ -282,16 +283,16 @@ def test_bad_images_fail_or_are_skipped_by_name_and_resume_exactly(tmp, monkeypa
       raise RuntimeError("simulated crash")
     return real_decode(*args)
 
-  monkeypatch.setattr(encode, "decode_image", crashing_decode)
+  monkeypatch.setattr(encode_input, "decode_image", crashing_decode)
   with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="simulated crash"):
     encode.encode_dataset(c)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any(str(root / "b_bad.png") in w and "--on_bad_image=skip" in w for w in warnings)
-  with pytest.raises(encode.EncodeError, match="was started with flip=True"):
+  with pytest.raises(latent_parts.EncodeError, match="was started with flip=True"):
     encode.encode_dataset(dict(c, flip=False, shard_size=1))
   calls.clear()
   monkeypatch.setattr(
-    encode,
+    encode_input,
     "decode_image",
     lambda *args: calls.append(os.path.basename(args[-1])) or real_decode(*args),
   )
@@ -352,14 +353,16 @@ def test_verification_names_the_bad_shard(tmp, mean_set, tmp_path):
   bad = good.copy()
   bad[3, 1, 2, 0] = np.nan
   np.save(shard, bad)
-  with pytest.raises(encode.EncodeError, match=r"latents-00001-of-00003\.npy row 3 is not finite"):
-    encode.finish(str(out))
+  with pytest.raises(
+    latent_parts.EncodeError, match=r"latents-00001-of-00003\.npy row 3 is not finite"
+  ):
+    latent_parts.finish(str(out))
   np.save(shard, good[:5])
-  with pytest.raises(encode.EncodeError, match=r"not 6 rows of \[8, 8, 4\]"):
-    encode.finish(str(out))
+  with pytest.raises(latent_parts.EncodeError, match=r"not 6 rows of \[8, 8, 4\]"):
+    latent_parts.finish(str(out))
   np.save(shard, good)
   os.remove(out / "part-00000-of-00001" / "meta.json")
-  assert encode.finish(str(out)) is None  # a part is unfinished: not yet
+  assert latent_parts.finish(str(out)) is None  # a part is unfinished: not yet
   assert not (out / "meta.json").exists()
 
 
@@ -492,7 +495,7 @@ def test_tfds_set_over_two_processes(tmp, fake_tfds):
   both = np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, 8, 8, 3)
   mean, _ = jax.jit(model.encode, static_argnums=0)(tmp["module"], tmp["params"], both)
   np.testing.assert_allclose(latents, np.asarray(mean) * 0.18215, rtol=1e-5, atol=1e-6)
-  with pytest.raises(encode.EncodeError, match="has no split 'validation'"):
+  with pytest.raises(latent_parts.EncodeError, match="has no split 'validation'"):
     encode.encode_dataset(dict(c, split="validation", out=str(tmp["root"] / "tfds_val")))
 
 

@@ -18,7 +18,7 @@ from dimsum_jax import command_line
 from dimsum_jax.evaluate import command as cli
 from dimsum_jax.evaluate import digits_features
 from dimsum_jax.evaluate import metrics
-from dimsum_jax.evaluate import reference
+from dimsum_jax.evaluate import reference_batch
 from tests import train_util
 from tests.evaluate import torch_inception
 
@@ -145,7 +145,7 @@ def test_bad_input_is_one_sentence(
   files, digits_cache, digits_net, capsys, tmp_path, case, argv, phrase
 ):
   ref16 = tmp_path / "ref16.npz"
-  reference.save_reference(ref16, digits_features.digits_reference(digits_net))
+  reference_batch.save_reference(ref16, digits_features.digits_reference(digits_net))
   names = {k: str(v) for k, v in files.items()}
   out = tmp_path / "result.json"
   out.write_text('{"fid": 1.0}\n')
@@ -195,10 +195,10 @@ def test_inception_command_line_matches_the_torch_port(tmp_path, capsys, metric_
     for name, x in (("samples", samples), ("ref", ref_images))
   }
   f64 = {n: {k: v.numpy().astype(np.float64) for k, v in f.items()} for n, f in feats.items()}
-  ref = reference.Reference(
+  ref = reference_batch.Reference(
     *metrics.statistics(f64["ref"]["pool"]), *metrics.statistics(f64["ref"]["spatial"])
   )
-  reference.save_reference(tmp_path / "ref.npz", ref)
+  reference_batch.save_reference(tmp_path / "ref.npz", ref)
   np.savez(tmp_path / "samples.npz", arr_0=samples)
   code, stdout, err = _run(
     capsys,

@@ -15,6 +15,7 @@ from dimsum_jax import command_line
 from dimsum_jax.evaluate import digits_features
 from dimsum_jax.evaluate import metrics
 from dimsum_jax.evaluate import reference
+from dimsum_jax.evaluate import reference_batch
 from tests.data.test_encode import make_vae_dir
 
 
@@ -81,13 +82,13 @@ def test_folder_reference_resumes_to_the_same_file(folder, digits_net, tmp_path)
 
 def test_files_load_without_pickle_and_in_adm_layout(tmp_path, digits_net):
   images, _ = digits_features.digits_images(16, 1)
-  ref = reference.reference_from_images(images[:50], digits_net, source="digits:50")
-  reference.save_reference(tmp_path / "r.npz", ref)
+  ref = reference_batch.reference_from_images(images[:50], digits_net, source="digits:50")
+  reference_batch.save_reference(tmp_path / "r.npz", ref)
   with np.load(tmp_path / "r.npz", allow_pickle=False) as z:
     assert set(z.files) == {"mu", "sigma", "arr_0", "feature_net", "num_images", "source"}
     assert z["arr_0"].dtype == np.uint8 and str(z["feature_net"]) == digits_features.NAME
-  back = reference.load_reference(tmp_path / "r.npz")
-  _same(back, reference.load_reference(tmp_path / "r.npz"))
+  back = reference_batch.load_reference(tmp_path / "r.npz")
+  _same(back, reference_batch.load_reference(tmp_path / "r.npz"))
   np.testing.assert_array_equal(back.images.read(), images[:50])
   # ADM's files: mu, sigma, mu_s, sigma_s, arr_0 and nothing else.
   rng = np.random.default_rng(0)
@@ -99,7 +100,7 @@ def test_files_load_without_pickle_and_in_adm_layout(tmp_path, digits_net):
     sigma_s=np.eye(3),
     arr_0=rng.integers(0, 256, (5, 8, 8, 3), np.uint8),
   )
-  adm = reference.load_reference(tmp_path / "adm.npz")
+  adm = reference_batch.load_reference(tmp_path / "adm.npz")
   assert adm.feature_net is None and adm.num_images == 5 and adm.mu_s.shape == (3,)
 
 
@@ -122,7 +123,7 @@ def test_files_load_without_pickle_and_in_adm_layout(tmp_path, digits_net):
 def test_bad_reference_files_are_one_sentence(tmp_path, content, phrase):
   np.savez(tmp_path / "bad.npz", **content)
   with pytest.raises(metrics.EvaluationError) as e:
-    reference.load_reference(tmp_path / "bad.npz")
+    reference_batch.load_reference(tmp_path / "bad.npz")
   assert phrase in str(e.value) and "\n" not in str(e.value)
 
 
@@ -175,7 +176,7 @@ def test_cli_digits_reference_and_refusals(tmp_path, digits_cache, capsys):
     )
     == 0
   )
-  ref = reference.load_reference(out)
+  ref = reference_batch.load_reference(out)
   assert ref.num_stat_images == 200 and ref.num_images == 150
   assert ref.images.shape[1:] == (16, 16, 1)
   assert (

@@ -29,7 +29,7 @@ from dimsum_jax import train
 from dimsum_jax.evaluate import command
 from dimsum_jax.evaluate import config as eval_config
 from dimsum_jax.evaluate import digits_features
-from dimsum_jax.evaluate import reference as reference_lib
+from dimsum_jax.evaluate import reference_batch as reference_lib
 from tests import test_kills
 from tests import train_util
 

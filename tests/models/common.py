@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimsum_jax import convert
 from dimsum_jax import models
 from dimsum_jax.models import create_model, default_model_config
+from dimsum_jax.models import dimsum_convert
 from dimsum_jax.models.dimsum import DiMSUMBlock, SharedTransformerBlock
 from dimsum_jax.models.layers import (
   FinalLayer,
@@ -56,8 +56,8 @@ def filled_params(model, mc, seed=0):
   weight fill (dimsum_jax.tools.hashfill) by upstream key name, float32 NumPy."""
   abstract = models.abstract_params(model, mc)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract)
-  keys = [(k, v.shape) for k, v in convert.to_upstream(zeros, model).items()]
-  return convert.from_upstream(hashfill.fill_state_dict(keys, seed), model, abstract)
+  keys = [(k, v.shape) for k, v in dimsum_convert.to_upstream(zeros, model).items()]
+  return dimsum_convert.from_upstream(hashfill.fill_state_dict(keys, seed), model, abstract)
 
 
 def inputs(mc, batch=3, seed=0, dtype=np.float32):

@@ -276,7 +276,7 @@ def test_direct_has_no_convolution():
 def tiny_golden_models():
   """The tiny golden DiMSUM (upstream weights): its golden inputs and output, its parameters, and
   one jitted function applying it with wavelet_impl 'jaxwt' and 'direct' (compiled once)."""
-  from dimsum_jax.convert import from_upstream, model_config_from_upstream
+  from dimsum_jax.models.dimsum_convert import from_upstream, model_config_from_upstream
   from dimsum_jax.models import abstract_params
   from dimsum_jax.models import create_model
   from dimsum_jax.tools.parity import split_golden
