@@ -22,6 +22,11 @@ from dimsum_jax.data import config as data_config
 from dimsum_jax.evaluate import config as eval_config
 
 
+def image_shape(config):
+  """(H, W, C) of one model input: the image or latent the network sees."""
+  return (config.model.input_size, config.model.input_size, config.model.in_channels)
+
+
 def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0

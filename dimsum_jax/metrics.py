@@ -186,6 +186,17 @@ class ReportProgress:
       self._timings[name] = self._timings.get(name, 0.0) + time.monotonic() - start
 
 
+def flat_config(config):
+  """{'section.key': value} of a (nested) config, values as scalars or strings: hparams."""
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, 'items'):
+      out.update({f'{k}.{kk}': vv for kk, vv in flat_config(v).items()})
+    else:
+      out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
 def image_grid(images, rows):
   """[rows*cols, H, W, C] floats in [-1, 1] -> uint8 [rows*H + pad, cols*W + pad, 3] with 2px gaps."""
   images = np.asarray(images, np.float32)

@@ -20,17 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from dimsum_jax import checkpoint
 from dimsum_jax import config_utils
-from dimsum_jax import io_utils
 from dimsum_jax import memory
 from dimsum_jax import metrics as metrics_lib
 from dimsum_jax import models
 from dimsum_jax import optim as optim_lib
-from dimsum_jax import sampling
 from dimsum_jax import sharding
+from dimsum_jax import training_grids
 from dimsum_jax import transport
 from dimsum_jax import warm_start
 from dimsum_jax import data as data_lib
@@ -130,25 +128,6 @@ def train_step(
   return new_state, metrics
 
 
-def sample(params, x0, labels, *, model, transport_config, sample_config, num_classes):
-  """EMA samples: the probability-flow ODE from noise x0 (t0 ~ 0) to data (t1 ~ 1), with CFG.
-
-  Returns sampling.ODEResult (x1 and the solver's status; check it with
-  sampling.check_ode_result outside jit)."""
-  t0, t1 = transport.time_interval(transport_config, eval=True)
-  velocity = sampling.make_sampling_velocity_fn(
-    lambda x, t, y: model.apply({'params': params}, x, t, y),
-    labels if num_classes else None,
-    path_type=transport_config.path_type,
-    prediction=transport_config.prediction,
-    cfg_scale=sample_config.cfg_scale if num_classes else 1.0,
-    null_label=num_classes,
-  )
-  return sampling.solve_ode(
-    velocity, x0, solver=sample_config.solver, num_steps=sample_config.num_steps, t0=t0, t1=t1
-  )
-
-
 # ---------------------------------------------------------------------------------------------
 # Placement: the state is born sharded; one jitted step with explicit shardings
 
@@ -165,15 +144,13 @@ class Training(NamedTuple):
   plan: Any  # memory.Plan behind a chosen grad_accum_steps (compile_update), or None
 
 
-def _image_shape(config):
-  return (config.model.input_size, config.model.input_size, config.model.in_channels)
-
-
 def abstract_batch(config, mesh):
   """The global batch the step takes: {'image': [B, H, W, C], 'label': [B]}, split over devices."""
   b, batch_sharding = config.data.global_batch_size, sharding.batch_sharding(mesh)
   return {
-    'image': jax.ShapeDtypeStruct((b, *_image_shape(config)), jnp.float32, sharding=batch_sharding),
+    'image': jax.ShapeDtypeStruct(
+      (b, *config_utils.image_shape(config)), jnp.float32, sharding=batch_sharding
+    ),
     'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding),
   }
 
@@ -188,7 +165,11 @@ def build(config, mesh):
   tx = optim_lib.make_optimizer(config.optim, schedule)
   conditional = config.model.num_classes > 0
   init = functools.partial(
-    init_state, model=model, tx=tx, image_shape=_image_shape(config), conditional=conditional
+    init_state,
+    model=model,
+    tx=tx,
+    image_shape=config_utils.image_shape(config),
+    conditional=conditional,
   )
   try:
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -246,7 +227,7 @@ def memory_plan(config, mesh, model, abstract_state):
   """memory.Plan of this model and state: residuals traced for global batches of 1x and 2x the
   device count (so the Pallas scan sees a batch it can split under the mesh)."""
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state.params)
-  image_shape = _image_shape(config)
+  image_shape = config_utils.image_shape(config)
   conditional = config.model.num_classes > 0
   loss = functools.partial(
     batch_loss, rng=jax.random.PRNGKey(0), model=model, transport_config=config.transport
@@ -498,10 +479,15 @@ def _train(config, workdir, mesh, lock):
       dict(mesh.shape),
       config.data.global_batch_size,
     )
-    writer.write_hparams({'num_params': num_params, **_flat(config)})
+    writer.write_hparams({'num_params': num_params, **metrics_lib.flat_config(config)})
 
-  sampler = _make_sampler(config, training.model, mesh, training.state_sharding.ema_params, vae)
-  encode = _make_encoder(config, mesh, vae) if latent_from_vae else None
+  sampler = training_grids.make_sampler(
+    config, training.model, mesh, training.state_sharding.ema_params, vae
+  )
+  encode = None
+  if latent_from_vae:  # a fresh posterior sample per step, as upstream
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    encode = vae[0].batch_encoder(*vae[1:], rng, sharding.batch_sharding(mesh))
 
   replicated = sharding.replicated(mesh)
   progress = metrics_lib.ReportProgress(
@@ -552,9 +538,11 @@ def _train(config, workdir, mesh, lock):
           with progress.timed('checkpoint'):
             _save(manager, step, state, dataset, mesh, metrics=scores)
           last_saved = step
-        if _sample_due(config.sample.every_steps, step, done):
+        if training_grids.sample_due(config.sample.every_steps, step, done):
           with progress.timed('sample'):
-            _write_samples(config, workdir, sampler, state.ema_params, step, writer, is_main)
+            training_grids.write_samples(
+              config, workdir, sampler, state.ema_params, step, writer, is_main
+            )
         if preempted:
           logging.warning(
             'Preempted: saved step %d to %s; run the same command to resume.',
@@ -598,7 +586,7 @@ def _stop_if_not_finite(host_metrics, step, last_saved, manager):
 
 
 # ---------------------------------------------------------------------------------------------
-# Samples and VAE
+# VAE
 
 
 def _load_vae(config, mesh):
@@ -609,108 +597,3 @@ def _load_vae(config, mesh):
   except (FileNotFoundError, ValueError) as e:  # vae.load_vae's one-sentence errors
     raise SetupError(str(e)) from e
   return vae_lib, module, params
-
-
-def _make_encoder(config, mesh, vae):
-  """Pixel batch -> scaled VAE latents (a fresh posterior sample per step, as upstream)."""
-  vae_lib, module, params = vae
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  @functools.partial(jax.jit, out_shardings=batch_sharding)
-  def encode(images, step):
-    return vae_lib.images_to_latents(module, params, images, jax.random.fold_in(rng, step))
-
-  return encode
-
-
-def _sample_labels(config):
-  """Labels of the grid, row by row: one class per row (evenly spread unless listed)."""
-  c = config.sample
-  if config.model.num_classes == 0:
-    return np.zeros([c.rows * c.per_row], np.int32), c.rows
-  classes = list(c.classes) or list(
-    np.linspace(0, config.model.num_classes - 1, min(c.rows, config.model.num_classes)).round()
-  )
-  return np.repeat(np.asarray(classes, np.int32), c.per_row), len(classes)
-
-
-def _make_sampler(config, model, mesh, params_sharding, vae):
-  """ema_params -> (images [rows * per_row, H, W, C] in [-1, 1] on the host, rows, ODEResult).
-
-  Noise and labels are split over the devices like a training batch (padded up to a multiple
-  of the device count); the images come back whole on every process."""
-  labels, rows = _sample_labels(config)
-  image_shape = _image_shape(config)
-  n = len(labels)
-  padded = -(-n // mesh.size) * mesh.size
-  labels = np.concatenate([labels, np.repeat(labels[-1:], padded - n)])
-  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-
-  def fn(params, rng, labels):
-    x0 = jax.random.normal(rng, (n, *image_shape), jnp.float32)  # the same for any padding
-    x0 = jnp.pad(x0, [(0, padded - n)] + [(0, 0)] * len(image_shape))
-    x0 = jax.lax.with_sharding_constraint(x0, batch_sharding)  # the ODE runs split over devices
-    result = sample(
-      params,
-      x0,
-      labels,
-      model=model,
-      transport_config=config.transport,
-      sample_config=config.sample,
-      num_classes=config.model.num_classes,
-    )
-    images = result.x1
-    if vae is not None:
-      vae_lib, module, vae_params = vae
-      images = vae_lib.latents_to_images(module, vae_params, images)
-    return images, result._replace(x1=None)
-
-  jitted = jax.jit(
-    fn, in_shardings=(params_sharding, replicated, batch_sharding), out_shardings=replicated
-  )
-  rng = jax.device_put(jax.random.PRNGKey(config.sample.seed), replicated)
-  labels = jax.make_array_from_callback(labels.shape, batch_sharding, lambda i: labels[i])
-
-  def sampler(ema_params):
-    images, result = jax.device_get(jitted(ema_params, rng, labels))
-    return images[:n], rows, result
-
-  return sampler
-
-
-def _sample_due(every_steps, step, done):
-  """every_steps > 0: every that many steps and at the end; 0: only at the end; -1: never."""
-  return every_steps >= 0 and (done or every_steps > 0 and step % every_steps == 0)
-
-
-def _write_samples(config, workdir, sampler, ema_params, step, writer, is_main):
-  """A grid of EMA samples, one class per row, as WORKDIR/samples/ema_<step>.png + a summary."""
-  images, rows, result = sampler(ema_params)
-  try:
-    sampling.check_ode_result(result)
-  except sampling.ODESolveError as e:
-    logging.error('No sample grid at step %d: %s', step, e)
-    return
-  if not is_main:
-    return
-  grid = metrics_lib.image_grid(images, rows)
-  scale = config.sample.png_scale or max(1, -(-64 // images.shape[1]))
-  if scale > 1:
-    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  path = os.path.join(workdir, 'samples', f'ema_{step:08d}.png')
-  # A kill never leaves a cut-off grid.
-  io_utils.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
-  writer.write_images(step, {'ema_samples': grid[None]})
-  logging.info('Wrote %s.', path)
-
-
-def _flat(config):
-  out = {}
-  for k, v in config.items():
-    if hasattr(v, 'items'):
-      out.update({f'{k}.{kk}': vv for kk, vv in _flat(v).items()})
-    else:
-      out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out

@@ -2,7 +2,7 @@
 the latent set -> sample -> decode to images; and the other way, pixels encoded in each step.
 
 References: the training-time sample grid and the sampling command's samples.npz are compared
-with the EMA samples decoded independently (train.sample from the same noise, then the VAE
+with the EMA samples decoded independently (training_grids.sample from the same noise, then the VAE
 decoder and metrics.image_grid); the latent set's rows are checked against the VAE's posterior
 mean of the images and of their mirrors, and the batches encoded in the step against posterior
 samples drawn by hand.
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimsum_jax import config_utils, metrics, models, sample, train
+from dimsum_jax import config_utils, metrics, models, sample, train, training_grids
 from dimsum_jax.data import encode
 from dimsum_jax.data.image_folder import load_image
+from dimsum_jax import vae as vae_package
 from dimsum_jax.vae import model as vae_model
 from tests import train_util
 from tests.data.test_encode import SIZE, expected_latents, make_image_folder, make_vae_dir, read_set
@@ -102,7 +103,7 @@ def test_encode_train_sample_decode(latent_set):
   x0 = jax.random.normal(jax.random.PRNGKey(config.sample.seed), (4, LATENT, LATENT, 4))
   sample_fn = jax.jit(
     lambda p, x, y: (
-      train.sample(
+      training_grids.sample(
         p,
         x,
         y,
@@ -131,7 +132,7 @@ def test_encode_train_sample_decode(latent_set):
 
   # The sampling command on the workdir (its newest checkpoint: the EMA above). Its sample i
   # starts from normal(fold_in(split(PRNGKey(seed))[0], i)) with label i % 2, so its samples are
-  # train.sample from that noise, decoded (computed as rows 0-1 of a batch of 4, the shape the
+  # training_grids.sample from that noise, decoded (computed as rows 0-1 of a batch of 4, the shape the
   # jitted functions above were compiled for).
   sample.run(
     out=str(root / "sampled"),
@@ -210,7 +211,7 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
   assert not os.path.exists(tmp_path / "work")
 
   seen = []  # (pixels, latents) of each step: the latents are the batch the step is given
-  make_encoder = train._make_encoder  # pylint: disable=protected-access
+  make_encoder = vae_package.batch_encoder
 
   def recording_encoder(*args):
     encode_fn = make_encoder(*args)
@@ -222,7 +223,7 @@ def test_on_the_fly_encoding_trains_on_scaled_posterior_samples(latent_set, tmp_
 
     return encode_and_record
 
-  monkeypatch.setattr(train, "_make_encoder", recording_encoder)
+  monkeypatch.setattr(vae_package, "batch_encoder", recording_encoder)
 
   config.model.input_size = LATENT
   state = train.train_and_evaluate(config, str(tmp_path / "work"))

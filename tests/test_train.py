@@ -31,7 +31,7 @@ from tests import train_util
 SHARDED_STEP = r'''
 import json, os, sys
 import jax, numpy as np
-from dimsum_jax import sharding, train
+from dimsum_jax import sharding, train, training_grids
 from tests import train_util
 
 seeds, out = [int(s) for s in sys.argv[1].split(',')], sys.argv[2]
@@ -51,8 +51,8 @@ def trainer(mesh):
   """seed -> (state, losses, parameter shardings, images): 2 steps from init(PRNGKey(seed)) on
   `mesh`, then EMA samples; the step and the sampler are compiled once for all seeds."""
   training = train.build(config, mesh)
-  sampler = train._make_sampler(config, training.model, mesh,
-                                training.state_sharding.ema_params, None)
+  sampler = training_grids.make_sampler(config, training.model, mesh,
+                                        training.state_sharding.ema_params, None)
 
   def run(seed):
     state = training.init(jax.random.PRNGKey(seed))

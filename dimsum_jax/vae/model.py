@@ -21,6 +21,7 @@ The functions at the bottom take (module, params, ...) and are pure, so they can
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -382,6 +383,17 @@ def images_to_latents(vae: AutoencoderKL, params, images, rng=None):
     return mean * SCALING_FACTOR
   noise = jax.random.normal(rng, mean.shape, mean.dtype)
   return (mean + jnp.exp(0.5 * logvar) * noise) * SCALING_FACTOR
+
+
+def batch_encoder(vae: AutoencoderKL, params, rng, out_sharding=None):
+  """encode(images, step) -> scaled latents, jitted: a posterior sample with key fold_in(rng,
+  step), so each training step draws its own (as upstream's loop does)."""
+
+  @functools.partial(jax.jit, out_shardings=out_sharding)
+  def encode_batch(images, step):
+    return images_to_latents(vae, params, images, jax.random.fold_in(rng, step))
+
+  return encode_batch
 
 
 def latents_to_images(vae: AutoencoderKL, params, latents):
