@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from dimsum_jax import sharding  # noqa: E402
 from dimsum_jax.data import encoder  # noqa: E402
 from dimsum_jax.vae import model  # noqa: E402
 
@@ -122,7 +123,8 @@ def main(argv=None):
   devices = jax.local_devices()[: args.devices]
   if len(devices) < args.devices:
     raise SystemExit(f"--devices {args.devices}: only {len(devices)} local devices.")
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  # The encoding job's own mesh (data x fsdp, as sharding.make_mesh builds it) on these devices.
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=devices)
   precision = None if args.precision == "default" else args.precision
   env = common.environment()
   for batch_size in args.batch_sizes:

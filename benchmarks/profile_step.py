@@ -409,6 +409,9 @@ def main(argv=None):
   p.add_argument("--wavelet-impl", default=None, choices=["jaxwt", "direct"])
   p.add_argument("--remat", default=None, choices=list(layers.REMAT_POLICIES))
   p.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn"])
+  p.add_argument(
+    "--scan-unroll", type=int, default=None, help="DiMSUM block groups per scan iteration (0: all)"
+  )
   p.add_argument("--top", type=int, default=60, help="heaviest instructions listed")
   p.add_argument("--steps", type=int, default=3, help="steps traced")
   p.add_argument("--smoke", action="store_true")
@@ -431,6 +434,7 @@ def main(argv=None):
     wavelet_impl=args.wavelet_impl,
     remat=args.remat,
     attention_impl=args.attention_impl,
+    scan_unroll=args.scan_unroll,
   )
   holder = {"state": setup.make_state()}
 
