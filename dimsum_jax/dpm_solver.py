@@ -38,15 +38,8 @@ DPM_SKIP_TYPES = ("time_uniform", "logSNR")
 def uvit_guided_noise(model_fn, x, t, y, scale, null_label: int):
   """U-ViT's guidance `eps_c + scale (eps_c - eps_u)` (= sampling.guided_velocity with scale + 1),
   with the conditional and null-label halves as ONE call on the interleaved doubled batch."""
-  b = x.shape[0]
-  x2 = jnp.stack([x, x], axis=1).reshape((2 * b,) + x.shape[1:])
-  t = jnp.broadcast_to(jnp.asarray(t), (b,))
-  t2 = jnp.stack([t, t], axis=1).reshape(2 * b)
-  y2 = jnp.stack([y, jnp.full_like(y, null_label)], axis=1).reshape(2 * b)
-  out = model_fn(x2, t2, y2)
-  out = out.reshape((b, 2) + out.shape[1:])
-  cond, uncond = out[:, 0], out[:, 1]
-  return cond + jnp.asarray(scale, out.dtype) * (cond - uncond)
+  cond, uncond = sampling.cond_and_uncond(model_fn, x, t, y, null_label)
+  return cond + jnp.asarray(scale, cond.dtype) * (cond - uncond)
 
 
 def make_noise_fn(model_fn, y=None, *, cfg_scale: float = 0.0, null_label: int | None = None):

@@ -145,6 +145,20 @@ def _is_static_one(scale) -> bool:
   return isinstance(scale, (int, float, np.integer, np.floating)) and float(scale) == 1.0
 
 
+def cond_and_uncond(model_fn, x, t, y, null_label: int):
+  """(conditional, null-label) outputs of `model_fn(x, t, y)` as ONE call on the doubled batch,
+  interleaved [x_0, x_0, x_1, x_1, ...] with labels [y_0, null, y_1, null, ...] so that a
+  batch-sharded x stays local to its device. x [b, ...], t scalar or [b], y [b]."""
+  b = x.shape[0]
+  x2 = jnp.stack([x, x], axis=1).reshape((2 * b,) + x.shape[1:])
+  t = jnp.broadcast_to(jnp.asarray(t), (b,))
+  t2 = jnp.stack([t, t], axis=1).reshape(2 * b)
+  y2 = jnp.stack([y, jnp.full_like(y, null_label)], axis=1).reshape(2 * b)
+  out = model_fn(x2, t2, y2)
+  out = out.reshape((b, 2) + out.shape[1:])
+  return out[:, 0], out[:, 1]
+
+
 def guided_velocity(model_fn, x, t, y, scale, null_label: int):
   """uncond + scale * (cond - uncond) on all channels (upstream `forward_with_cfg`).
 
@@ -159,15 +173,8 @@ def guided_velocity(model_fn, x, t, y, scale, null_label: int):
     return model_fn(x, t, y)
 
   def guided(x, t, y):
-    b = x.shape[0]
-    x2 = jnp.stack([x, x], axis=1).reshape((2 * b,) + x.shape[1:])
-    t = jnp.broadcast_to(jnp.asarray(t), (b,))
-    t2 = jnp.stack([t, t], axis=1).reshape(2 * b)
-    y2 = jnp.stack([y, jnp.full_like(y, null_label)], axis=1).reshape(2 * b)
-    out = model_fn(x2, t2, y2)
-    out = out.reshape((b, 2) + out.shape[1:])
-    cond, uncond = out[:, 0], out[:, 1]
-    return uncond + jnp.asarray(scale, out.dtype) * (cond - uncond)
+    cond, uncond = cond_and_uncond(model_fn, x, t, y, null_label)
+    return uncond + jnp.asarray(scale, cond.dtype) * (cond - uncond)
 
   if _is_static_one(scale):
     return cond_only(x, t, y)

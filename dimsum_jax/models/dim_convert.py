@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,25 +131,6 @@ def _locate(key: str, depth: int):
   return prefix + path, index, fn
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
 def abstract_params(model, grid: tuple[int, int] | None = None):
   """The model's parameter tree as jax.ShapeDtypeStructs (jax.eval_shape: nothing allocated)."""
   h, w = grid or model.table_grid()
@@ -168,7 +150,7 @@ def upstream_shapes(model, abstract=None) -> dict[str, tuple[int, ...]]:
   back = {ours: up for _, (ours, _, up) in _TOP.items()}
   inner = {ours: up for _, (ours, _, up) in _BLOCK.items()}
   out = {}
-  for path, spec in _flatten(abstract).items():
+  for path, spec in traverse_util.flatten_dict(abstract).items():
     stacked = path[0] in ("in_blocks", "out_blocks")
     shape = spec.shape[1:] if stacked else spec.shape
     up = (
@@ -218,7 +200,7 @@ def from_upstream(state_dict, model, abstract=None, dtype=np.float32):
   upstream's layout, `check_state_dict`) before anything is converted."""
   abstract = abstract_params(model) if abstract is None else abstract
   check_state_dict(state_dict, model, abstract)
-  target = _flatten(abstract)
+  target = traverse_util.flatten_dict(abstract)
   filled = {}
   for key, value in state_dict.items():
     path, index, fn = _locate(key, model.depth)
@@ -233,7 +215,7 @@ def from_upstream(state_dict, model, abstract=None, dtype=np.float32):
     if isinstance(v, dict):
       v = np.stack([v[i] for i in range(spec.shape[0])])
     out[path] = np.asarray(v, dtype)
-  return _unflatten(out)
+  return traverse_util.unflatten_dict(out)
 
 
 def _upstream_key(path, index, depth):
@@ -257,7 +239,7 @@ def to_upstream(params, model) -> dict[str, np.ndarray]:
   inner = {ours: (key, up) for key, (ours, _, up) in _BLOCK.items()}
   n_in = (model.depth - 1) // 2
   out = {}
-  for path, value in _flatten(jax.device_get(params)).items():
+  for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
     value = np.asarray(value)
     if path[0] == "block_0":
       key, up = inner[path[1:]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -96,25 +97,6 @@ def _target(key: str):
   raise KeyError(key)
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
 def block_layout(model):
   """Where block i lives: (top-level collection name, blocks per scan step)."""
   if hasattr(model, "attn_every"):
@@ -131,7 +113,7 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
   in the checkpoint (e.g. x_embedder.proj.weight [96, 4, 2, 2]), not our internal layout.
   """
   collection, size = block_layout(model)
-  target = _flatten(jax.tree_util.tree_map(lambda s: s, abstract_params))
+  target = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda s: s, abstract_params))
   filled = {}
   unexpected, bad_shape = [], []
   for key, value in state_dict.items():
@@ -188,7 +170,7 @@ def from_upstream(state_dict, model, abstract_params, dtype=np.float32):
     out[path] = np.asarray(v, dtype=dtype)
   if unexpected or bad_shape or missing:
     raise ConvertError(_mismatch_message(bad_shape, unexpected, missing))
-  return _unflatten(out)
+  return traverse_util.unflatten_dict(out)
 
 
 def _shape_str(shape):
@@ -260,7 +242,7 @@ def to_upstream(params, model) -> dict[str, np.ndarray]:
   """Our parameter tree -> upstream state dict (NumPy, upstream key names and layouts)."""
   collection, size = block_layout(model)
   out = {}
-  for path, value in _flatten(jax.device_get(params)).items():
+  for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
     value = np.asarray(value)
     if path[0] == collection:
       inner = path[2:]
