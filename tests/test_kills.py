@@ -73,6 +73,25 @@ def launch(args, log, env=None):
     )
 
 
+def wait_stopped(pid, timeout=30.0):
+  """Waits until every thread of `pid` is stopped: SIGSTOP reaches the threads asynchronously,
+  and a thread stops only when its system call returns, so a write the run had begun (an async
+  checkpoint's) can still land after kill() returns."""
+  deadline = time.monotonic() + timeout
+  while True:
+    states = []
+    for task in os.listdir(f'/proc/{pid}/task'):
+      try:
+        with open(f'/proc/{pid}/task/{task}/stat') as f:
+          states.append(f.read().rsplit(')', 1)[1].split()[0])
+      except FileNotFoundError:  # the thread ended
+        pass
+    if all(state in 'tT' for state in states):
+      return
+    assert time.monotonic() < deadline, f'process {pid} not stopped in {timeout} s: {states}'
+    time.sleep(0.002)
+
+
 def kill_at(proc, log, marker, delay, before_kill=None):
   """SIGKILL `delay` seconds after `marker` appears in the log; False when the process ended
   first (nothing was killed). `before_kill` runs between a SIGSTOP and the SIGKILL."""
@@ -91,6 +110,7 @@ def kill_at(proc, log, marker, delay, before_kill=None):
     return False
   if before_kill is not None:
     proc.send_signal(signal.SIGSTOP)
+    wait_stopped(proc.pid)
     before_kill()
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
