@@ -87,6 +87,8 @@ COMMON_FIELDS = (
   "hidden_size",
   "remat",
 )
+# Module keywords that differ from the config field's name.
+MODULE_KEYWORDS = {"dim_padding": "padding"}
 FAMILY_FIELDS = {
   "DiMSUM": (
     "drop_path",
@@ -168,45 +170,36 @@ def create_model(config):
   cfg = default_model_config()
   cfg.update(dict(config))
   dtype = DTYPES[cfg.dtype]
-  if cfg.name in DIM_SIZES:
-    return dim.from_config(cfg, *DIM_SIZES[cfg.name], dtype)
-  if cfg.name in DIMSUM_SIZES:
+  fam = family(cfg.name)
+  if fam == "DiMSUM":
     depth, hidden, patch = DIMSUM_SIZES[cfg.name]
-    return DiMSUM(
-      input_size=cfg.input_size,
-      in_channels=cfg.in_channels,
-      patch_size=patch,
-      hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
-      depth=depth if cfg.depth < 0 else cfg.depth,
-      num_classes=cfg.num_classes,
-      label_dropout=cfg.label_dropout,
-      drop_path=cfg.drop_path,
-      attn_every=cfg.attn_every,
-      cond_mamba=cfg.cond_mamba,
-      scan_type=cfg.scan_type,
-      bidirectional=cfg.bidirectional,
-      scan_impl=cfg.scan_impl,
-      wavelet_impl=cfg.wavelet_impl,
-      remat=cfg.remat,
-      attention_impl=cfg.attention_impl,
-      scan_unroll=cfg.scan_unroll,
-      dtype=dtype,
-    )
-  size, patch = cfg.name[len("DiT-") :].split("/")
-  depth, hidden, heads = DIT_SIZES[size]
-  return DiT(
+    module, extra = DiMSUM, {}
+  elif fam == "DiM":
+    depth, hidden, patch = DIM_SIZES[cfg.name]
+    module, extra = dim.DiM, {}
+  else:
+    size, patch = cfg.name[len("DiT-") :].split("/")
+    depth, hidden, heads = DIT_SIZES[size]
+    module, extra = DiT, {"num_heads": heads}
+  # Every field the family reads is the module's keyword of the same name (DiM's `padding` is
+  # model.dim_padding: one option name for all families).
+  family_fields = {MODULE_KEYWORDS.get(f, f): cfg[f] for f in FAMILY_FIELDS[fam]}
+  model = module(
     input_size=cfg.input_size,
     in_channels=cfg.in_channels,
     patch_size=int(patch),
     hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
     depth=depth if cfg.depth < 0 else cfg.depth,
-    num_heads=heads,
     num_classes=cfg.num_classes,
     label_dropout=cfg.label_dropout,
     remat=cfg.remat,
-    attention_impl=cfg.attention_impl,
     dtype=dtype,
+    **extra,
+    **family_fields,
   )
+  if fam == "DiM":
+    model.check()  # a bad size fails at construction, not at the first call
+  return model
 
 
 def abstract_params(model, config):

@@ -443,27 +443,3 @@ class DiM(nn.Module, kw_only=True):
     )(modulate(normed, shift, scale))
     self.sow("intermediates", "final_layer_out", out)
     return unpatchify(out, h, w, p, self.in_channels).astype(stream)
-
-
-# ------------------------------------------------------------------------------------------------
-# Registry hooks (dimsum_jax.models.create_model)
-
-
-def from_config(cfg, depth: int, hidden: int, patch: int, dtype) -> DiM:
-  """The DiM of a registry size (depth/hidden_size overrides of -1 keep the size's own),
-  checked now so that a bad size fails at construction."""
-  model = DiM(
-    input_size=cfg.input_size,
-    in_channels=cfg.in_channels,
-    patch_size=patch,
-    hidden_size=hidden if cfg.hidden_size < 0 else cfg.hidden_size,
-    depth=depth if cfg.depth < 0 else cfg.depth,
-    num_classes=cfg.num_classes,
-    label_dropout=cfg.label_dropout,
-    padding=cfg.dim_padding,
-    scan_impl=cfg.scan_impl,
-    remat=cfg.remat,
-    dtype=dtype,
-  )
-  model.check()
-  return model
