@@ -41,12 +41,7 @@ def random_net(batch_size: int, seed: int = 0) -> features.FeatureNet:
     name=inception.NAME,
     apply=module.apply,
     variables=variables,
-    dims={
-      "pool": inception.POOL_DIM,
-      "spatial": inception.SPATIAL_DIM,
-      "is_logits": inception.NUM_LOGITS,
-      "logits": inception.NUM_LOGITS,
-    },
+    dims=dict(inception.DIMS),
     batch_size=batch_size,
   )
 

@@ -70,12 +70,7 @@ def build_feature_net(config) -> FeatureNet:
       name=name,
       apply=module.apply,
       variables=variables,
-      dims={
-        "pool": inception.POOL_DIM,
-        "spatial": inception.SPATIAL_DIM,
-        "is_logits": inception.NUM_LOGITS,
-        "logits": inception.NUM_LOGITS,
-      },
+      dims=dict(inception.DIMS),
       batch_size=int(config.batch_size),
     )
   if features == "digits":

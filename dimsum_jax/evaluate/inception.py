@@ -85,6 +85,7 @@ POOL_DIM = 2048
 NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
+DIMS = {"pool": POOL_DIM, "spatial": SPATIAL_DIM, "is_logits": NUM_LOGITS, "logits": NUM_LOGITS}
 PREPROCESS = ("pytorch_fid", "tf")
 WEIGHTS_HINT = (
   "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (from its GitHub release fid_weights)"
