@@ -410,7 +410,10 @@ def main(argv=None):
   p.add_argument("--remat", default=None, choices=list(layers.REMAT_POLICIES))
   p.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn"])
   p.add_argument(
-    "--scan-unroll", type=int, default=None, help="DiMSUM block groups per scan iteration (0: all)"
+    "--scan-unroll",
+    type=int,
+    default=None,
+    help="DiMSUM block groups (DiT blocks) per scan iteration (0: all)",
   )
   p.add_argument("--top", type=int, default=60, help="heaviest instructions listed")
   p.add_argument("--steps", type=int, default=3, help="steps traced")

@@ -297,7 +297,7 @@ def main(argv=None):
     "--scan-unroll",
     type=int,
     default=None,
-    help="DiMSUM block groups per iteration of the stack's scan (0: all; default: the config's)",
+    help="DiMSUM block groups (DiT blocks) per training scan iteration (0: all; default: config)",
   )
   p.add_argument(
     "--no-fallback",

@@ -66,9 +66,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       "depth": -1,  # -1: the size's own; set to build smaller test models
       "hidden_size": -1,
       "attn_every": 4,  # shared transformer after every k DiMSUM blocks (0 = never)
-      "scan_unroll": 0,  # DiMSUM, training-mode calls: block groups per iteration of the
-      # stack's scan; 0: all (straight-line code: DiMSUM-L/2 trains 1.32x faster on an H100,
-      # BENCHMARKS.md); 1: a rolled loop, the fastest compile. Inference is always rolled.
+      "scan_unroll": 0,  # DiMSUM block groups, DiT blocks per iteration of the stack's scan in
+      # training-mode calls; 0: all (straight-line code: on an H100 DiMSUM-L/2 trains 1.32x and
+      # DiT-L/2 1.23x faster, BENCHMARKS.md); 1: a rolled loop, the fastest compile. Inference
+      # is always rolled.
       "dim_padding": dim.DEFAULT_PADDING,  # DiM only: lateral (256 px) or rho_pad (512 px)
     }
   )
@@ -101,7 +102,7 @@ FAMILY_FIELDS = {
     "attn_every",
     "scan_unroll",
   ),
-  "DiT": ("attention_impl",),
+  "DiT": ("attention_impl", "scan_unroll"),
   "DiM": ("scan_impl", "dim_padding"),
 }
 

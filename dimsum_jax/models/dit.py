@@ -78,6 +78,7 @@ class DiT(nn.Module, kw_only=True):
   label_dropout: float = 0.1
   remat: str = "none"  # recompute in the backward: none, dots or full
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
+  scan_unroll: int = 1  # training-mode calls: blocks per iteration of the stack's nn.scan; 0: all
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -93,6 +94,11 @@ class DiT(nn.Module, kw_only=True):
         f"{self.num_heads} and of 4 (sin-cos position embedding): use a multiple "
         f"of {np.lcm(self.num_heads, 4)}."
       )
+    if self.scan_unroll < 0:
+      raise ValueError(
+        f"scan_unroll={self.scan_unroll} must be 0 (every block unrolled) or a number of blocks "
+        "per iteration (1: a rolled loop)."
+      )
     g = self.input_size // self.patch_size
     x = x.astype(self.dtype)
     c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
@@ -107,6 +113,7 @@ class DiT(nn.Module, kw_only=True):
       split_rngs={"params": True},
       length=self.depth,
       in_axes=(0, nn.broadcast),
+      unroll=min(self.scan_unroll or self.depth, self.depth) if train else 1,
     )
     h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name="blocks")(
       h, None, c

@@ -169,6 +169,44 @@ def test_parameter_counts(name, total):
     assert total + (D * p * p * 4 + p * p * 4) + tokens * D == 675_129_632
 
 
+def test_unrolled_block_scan_changes_nothing_but_the_program():
+  """scan_unroll unrolls the stack's scan over blocks in training-mode calls (0: all 3 blocks):
+  the parameters, the training-mode value (label dropout through the lifted rng) and every
+  gradient equal the rolled loop's in float64 (a remainder iteration is the DiMSUM test's case);
+  inference calls keep the rolled loop."""
+  with jax.enable_x64(True):
+    base = _dit_config(dtype="float64", depth=3, label_dropout=0.5)
+    x, t, y = common.inputs(base, batch=4, dtype=np.float64)
+    rngs = {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}
+    shift = lambda a: a + 0.05 * np.cos(np.arange(a.size) * 0.7).reshape(a.shape)
+    results, unrolls = {}, {}
+    for unroll in (1, 0):
+      model = create_model(dict(base, scan_unroll=unroll))
+      params = jax.tree_util.tree_map(shift, jax.jit(model.init)(rngs, x, t, y)["params"])
+
+      def out(p, train, model=model):
+        return model.apply({"params": p}, x, t, y, train=train, rngs={"dropout": rngs["dropout"]})
+
+      def loss(p, out=out):
+        o = out(p, True)
+        return jnp.sum(o * jnp.sin(jnp.arange(o.size).reshape(o.shape)))
+
+      results[unroll] = (params, *jax.jit(jax.value_and_grad(loss))(params))
+      jaxprs = [jax.make_jaxpr(out, static_argnums=1)(params, train) for train in (True, False)]
+      unrolls[unroll] = [
+        [e.params["unroll"] for e in j.eqns if e.primitive.name == "scan"] for j in jaxprs
+      ]
+    params, value, grads = results[1]
+    assert abs(float(value)) > 1e-3
+    p, v, g = results[0]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p, params)
+    np.testing.assert_allclose(v, value, rtol=1e-12)
+    jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g, grads
+    )
+  assert unrolls == {1: [[1], [1]], 0: [[3], [1]]}, unrolls
+
+
 @pytest.mark.parametrize(
   "overrides,message",
   [
@@ -176,6 +214,11 @@ def test_parameter_counts(name, total):
       dict(input_size=9),
       "input_size 9 is not divisible by patch_size 2: pick an image/latent "
       "size that is a multiple of it.",
+    ),
+    (
+      dict(scan_unroll=-1),
+      "scan_unroll=-1 must be 0 (every block unrolled) or a number of blocks per iteration "
+      "(1: a rolled loop).",
     ),
     (
       dict(hidden_size=40),
