@@ -2,7 +2,8 @@
 
 Defaults (models.default_model_config): wavelet_impl=direct, remat=dots, attention_impl=auto; the
 scan-order permutations differentiate through the gather of the inverse order (no scatter-add).
-Each is compared here with its reference setting on CPU (cuDNN's side runs under `pytest -m gpu`).
+Each is compared here with its reference setting on CPU (cuDNN's side runs under
+`pytest -m gpu -n 0`).
 """
 
 import jax

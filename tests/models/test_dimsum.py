@@ -670,9 +670,11 @@ def test_cudnn_attention_off_gpu_names_the_fix():
   ],
 )
 def test_cudnn_attention_matches_xla(name, overrides):
-  """On an NVIDIA GPU (pytest -m gpu): cuDNN's fused attention gives the XLA path's output and
+  """On an NVIDIA GPU (pytest -m gpu -n 0): cuDNN's fused attention gives the XLA path's output and
   gradients within bfloat16 rounding."""
-  assert jax.default_backend() == "gpu", "run with `pytest -m gpu` on a host with an NVIDIA GPU"
+  assert jax.default_backend() == "gpu", (
+    "run with `pytest -m gpu -n 0` on a host with an NVIDIA GPU"
+  )
   outs = {}
   for impl in ("xla", "cudnn"):
     mc = common.tiny_config(

@@ -4,8 +4,8 @@ On the CPU the kernel body runs in Pallas' generic interpreter (interpret=True):
 state and the gradients for all nine inputs, with odd lengths (the padded, masked tail), channel
 counts that are not a multiple of 128, each optional input on and off, float32 and bfloat16.
 Shapes are small and the backward sub-chunk short, so the interpreted programs compile quickly.
-Tests marked `gpu` run the compiled Mosaic GPU kernel (pytest -m gpu on a Hopper GPU); the `slow` one
-runs the Mosaic GPU program itself in JAX's GPU interpreter on the CPU.
+Tests marked `gpu` run the compiled Mosaic GPU kernel (pytest -m gpu -n 0 on a Hopper GPU); the
+`slow` one runs the Mosaic GPU program itself in JAX's GPU interpreter on the CPU.
 """
 
 import functools
@@ -178,7 +178,7 @@ def test_mosaic_program_forward_in_gpu_interpreter():
 
 def _require_gpu():
   assert jax.default_backend() == "gpu", (
-    "Tests marked gpu compile the Mosaic GPU kernel: run them with `pytest -m gpu` on a host "
+    "Tests marked gpu compile the Mosaic GPU kernel: run them with `pytest -m gpu -n 0` on a host "
     "with a Hopper GPU."
   )
 
