@@ -35,6 +35,7 @@ from dimsum_jax.models.layers import (
   modulate,
   rematerialised,
   sincos_pos_embed_2d,
+  stack_unroll,
   torch_default_kernel,
   unpatchify,
 )
@@ -298,11 +299,6 @@ class DiMSUM(nn.Module, kw_only=True):
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
-    if self.scan_unroll < 0:
-      raise ValueError(
-        f"scan_unroll={self.scan_unroll} must be 0 (every block group unrolled) or a number of "
-        "groups per iteration (1: a rolled loop)."
-      )
     return g
 
   def _orders(self, g):
@@ -379,7 +375,7 @@ class DiMSUM(nn.Module, kw_only=True):
       split_rngs={"params": True, "dropout": True},
       length=groups,
       in_axes=(0, nn.broadcast, nn.broadcast),
-      unroll=min(self.scan_unroll or groups, groups) if train else 1,
+      unroll=stack_unroll(self.scan_unroll, groups, train, "block group"),
     )
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")
     residual = jnp.zeros(h.shape, jnp.promote_types(self.dtype, jnp.float32))

@@ -25,6 +25,7 @@ from dimsum_jax.models.layers import (
   modulate,
   rematerialised,
   sincos_pos_embed_2d,
+  stack_unroll,
   unpatchify,
 )
 
@@ -94,11 +95,6 @@ class DiT(nn.Module, kw_only=True):
         f"{self.num_heads} and of 4 (sin-cos position embedding): use a multiple "
         f"of {np.lcm(self.num_heads, 4)}."
       )
-    if self.scan_unroll < 0:
-      raise ValueError(
-        f"scan_unroll={self.scan_unroll} must be 0 (every block unrolled) or a number of blocks "
-        "per iteration (1: a rolled loop)."
-      )
     g = self.input_size // self.patch_size
     x = x.astype(self.dtype)
     c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
@@ -113,7 +109,7 @@ class DiT(nn.Module, kw_only=True):
       split_rngs={"params": True},
       length=self.depth,
       in_axes=(0, nn.broadcast),
-      unroll=min(self.scan_unroll or self.depth, self.depth) if train else 1,
+      unroll=stack_unroll(self.scan_unroll, self.depth, train, "block"),
     )
     h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name="blocks")(
       h, None, c

@@ -327,8 +327,21 @@ def rematerialised(module_class, remat: str):
     raise ValueError(f"remat={remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
   if remat == "none":
     return module_class
-  # Inside nn.scan the recomputation cannot be merged away (prevent_cse is for unrolled code).
+  # prevent_cse=False: a rolled scan recomputes anyway; in an unrolled stack XLA may merge the
+  # recomputation with the forward (faster, more memory: BENCHMARKS.md, the unrolled profile).
   return nn.remat(module_class, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def stack_unroll(scan_unroll: int, length: int, train: bool, unit: str) -> int:
+  """nn.scan's `unroll` for a stack of `length` units (`unit` names them in the error): every
+  one for scan_unroll=0, else scan_unroll per iteration, in training-mode calls only; inference
+  keeps the rolled loop (an unrolled sampler compiles several times longer)."""
+  if scan_unroll < 0:
+    raise ValueError(
+      f"scan_unroll={scan_unroll} must be 0 (every {unit} unrolled) or a number of {unit}s per "
+      "iteration (1: a rolled loop)."
+    )
+  return min(scan_unroll or length, length) if train else 1
 
 
 def drop_path(x, rate, deterministic: bool, rng=None):
