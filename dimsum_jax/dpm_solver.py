@@ -266,24 +266,13 @@ def dpm_solver_plan(
   )
 
 
-def sample_dpm_solver(
-  noise_fn: Callable,
-  x_T,
-  *,
-  steps: int = sampling.DPM_STEPS,
-  order: int = 3,
-  method: str = "fast",
-  skip_type: str = "time_uniform",
-  t_start: float = 1.0,
-  t_end: float = 1e-3,
-  predict_x0: bool = True,
-  args=None,
-):
-  """(x at t_end, nfe): DPM-Solver from x_T ~ N(0, I) at t_start (DiM: 50 steps, order 3,
-  'fast', time-uniform, t_end 1e-3, data prediction; `dpm_solver_plan`). `noise_fn(x, t_cont)`
-  (or `noise_fn(x, t_cont, args)`) predicts the noise; it is traced once (a lax.scan over the
-  `steps` evaluations), so compile time does not grow with the steps. NFE = steps."""
-  plan = dpm_solver_plan(steps, order, method, skip_type, t_start, t_end, predict_x0)
+def sample_dpm_solver(noise_fn: Callable, x_T, *, args=None, **plan_options):
+  """(x at t_end, nfe): DPM-Solver from x_T ~ N(0, I) at t_start, as `dpm_solver_plan(**
+  plan_options)` lays it out (steps, order, method, skip_type, t_start, t_end, predict_x0; its
+  defaults are DiM's: 50 steps, order 3, 'fast', time-uniform, t_end 1e-3, data prediction).
+  `noise_fn(x, t_cont)` (or `noise_fn(x, t_cont, args)`) predicts the noise; it is traced once (a
+  lax.scan over the evaluations), so compile time does not grow with the steps. NFE = steps."""
+  plan = dpm_solver_plan(**plan_options)
   dtype = x_T.dtype
   b = x_T.shape[0]
   cast = lambda a: jnp.asarray(a, dtype)
