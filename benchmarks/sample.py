@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import common  # noqa: E402
 from dimsum_jax import dpm_solver  # noqa: E402
 from dimsum_jax import models  # noqa: E402
+from dimsum_jax import precast  # noqa: E402
 from dimsum_jax import sampling  # noqa: E402
 from dimsum_jax import transport  # noqa: E402
 from dimsum_jax import upsample_guidance  # noqa: E402
@@ -68,6 +69,27 @@ def init_params(model, cfg, seed: int, perturb: float):
   return fill(params, jax.random.PRNGKey(seed + 1))
 
 
+def precast_once(args, model_fn, params, *example):
+  """--precast: params cast once (outside the timed calls) to the dtype model_fn reads them in."""
+  if not args.precast:
+    return params
+  return jax.jit(lambda p, *e: precast.precast_params(model_fn, p, *e))(params, *example)
+
+
+def profile_call(args, compiled, call, median_ms: float, calls: int) -> dict | None:
+  """--profile: kernel time by category over `calls` traced calls (benchmarks/profile_step.py)."""
+  if not args.profile:
+    return None
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+
+  summary = profile_step.profile(
+    compiled, call, os.path.join(args.profile, "trace"), steps=calls, step_ms=median_ms, top=40
+  )
+  summary.pop("trace_file", None)
+  print(profile_step.format_table(summary), file=sys.stderr, flush=True)
+  return summary
+
+
 def inputs(cfg, batch: int, seed: int):
   kx, kt, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
   s = cfg.input_size
@@ -85,7 +107,9 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
   x, t, y = inputs(cfg, batch, args.seed + 2)
-  fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+  apply = lambda p, x, t, y: model.apply({"params": p}, x, t, y)
+  params = precast_once(args, apply, params, x, t, y)
+  fwd = jax.jit(apply)
   compiled, compile_s = common.timed_compile(fwd, params, x, t, y, compiler_options=_options(args))
   out = compiled(params, x, t, y)
   finite = bool(jnp.all(jnp.isfinite(out)))
@@ -93,6 +117,7 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     lambda: compiled(params, x, t, y), warmup=args.warmup, repeats=args.repeats
   )
   timing = common.summary(samples)
+  profile = profile_call(args, compiled, lambda: compiled(params, x, t, y), timing["median_ms"], 5)
   images_per_s = batch / (timing["median_ms"] / 1e3)
   flop = 2.0 * common.forward_macs(model)
   return {
@@ -109,6 +134,8 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     "model_tflops_per_s": images_per_s * flop / 1e12,
     "mfu": common.mfu(images_per_s * flop),
     "output_finite": finite,
+    "precast": args.precast,
+    **({"profile": profile} if profile else {}),
     "memory": common.memory_stats(),
     "memory_plan": common.compiled_memory(compiled),
   }
@@ -158,6 +185,8 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
   guided = args.cfg_scale != 1.0 and num_classes
 
   def solve(params, x0, y):
+    if args.precast:  # as dimsum_jax.sampler: once per solve, outside the solver's loop
+      params = precast.precast_params(model_fn, params, x0, jnp.zeros((1,)), y)
     net = lambda x, t, y: model_fn(params, x, t, y)
     if solver == "dpm":
       noise = dpm_solver.make_noise_fn(
@@ -200,6 +229,10 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     lambda: compiled(params, x0, y)[0], warmup=args.warmup, repeats=args.repeats
   )
   timing = common.summary(samples)
+  profile = profile_call(args, compiled, lambda: compiled(params, x0, y)[0], timing["median_ms"], 1)
+  if profile:
+    profile["kernels_per_nfe"] = profile["kernels_per_step"] / nfe
+    profile["kernel_ms_per_nfe"] = profile["kernel_ms_per_step"] / nfe
   return {
     "benchmark": solver,
     "model": name,
@@ -231,6 +264,8 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
       else {}
     ),
     "ms_per_nfe": timing["median_ms"] / nfe,
+    "precast": args.precast,
+    **({"profile": profile} if profile else {}),
     "output_finite": bool(jnp.all(jnp.isfinite(x1))),
     "memory": common.memory_stats(),
   }
@@ -274,6 +309,17 @@ def main(argv=None):
     type=float,
     default=0.02,
     help="std of the noise put into all-zero (zero-initialised) parameters",
+  )
+  p.add_argument(
+    "--no-precast",
+    dest="precast",
+    action="store_false",
+    help="cast the weights in every evaluation (the sampler casts them once per batch)",
+  )
+  p.add_argument(
+    "--profile",
+    default=None,
+    help="trace 5 forward calls and 1 solve into this folder: kernel time by category",
   )
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from dimsum_jax import dpm_solver
+from dimsum_jax import precast
 from dimsum_jax import sampling
 from dimsum_jax import sharding
 from dimsum_jax import transport
@@ -247,8 +248,14 @@ def sample_batch(
     lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), image_shape, jnp.float32)
   )(indices)
 
+  # Weights cast once per batch to the dtype the model reads them in, not once per evaluation.
+  y = labels if num_classes else None
   if base_model is not None:
     params, base_params = params
+    s = base_model.input_size
+    base_x = jax.ShapeDtypeStruct((x0.shape[0], s, s, x0.shape[-1]), x0.dtype)
+    base_params = precast.precast_model_params(base_model, base_params, base_x, y)
+  params = precast.precast_model_params(model, params, x0, y)
 
   def model_fn(x, t, y):
     return model.apply({'params': params}, x, t, y if num_classes else None)

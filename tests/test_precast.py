@@ -1,0 +1,140 @@
+"""dimsum_jax.precast: which leaves are cast (hand-derived programs through every control-flow
+primitive it follows), and that the three models give bit-identical outputs with cast weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimsum_jax import models
+from dimsum_jax import precast
+from tests import seeds
+from tests.models.common import FAST, tiny_config
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+W = jnp.ones((3, 3), F32)
+X = jnp.ones((2, 3), F32)
+
+
+def read_as(fn, leaf=W, *args):
+  """The dtype precast assigns to the one parameter of fn(p, *args)."""
+  return precast.read_dtypes(fn, {"w": leaf}, *args)["w"]
+
+
+def bf(p):
+  return p["w"].astype(BF16)
+
+
+# (name, fn(params, x), expected dtype of the leaf): each case derived by hand.
+CASES = [
+  ("only cast", lambda p, x: x.astype(BF16) @ bf(p), BF16),
+  ("cast twice to one dtype", lambda p, x: x.astype(BF16) @ bf(p) + bf(p).sum(), BF16),
+  ("also read as it is", lambda p, x: x @ p["w"] + bf(p).sum(), None),
+  ("two narrower dtypes", lambda p, x: bf(p).sum() + p["w"].astype(F16).sum(), None),
+  ("returned", lambda p, x: (bf(p), p["w"]), None),
+  ("unread", lambda p, x: x, None),
+  ("inside jit", lambda p, x: jax.jit(lambda w: w.astype(BF16) * 2)(p["w"]), BF16),
+  ("inside checkpoint", lambda p, x: jax.checkpoint(lambda w: w.astype(BF16) * 2)(p["w"]), BF16),
+  (
+    "scan constant",
+    lambda p, x: jax.lax.scan(lambda c, _: (c + bf(p).sum(), None), 0.0, None, length=2)[0],
+    BF16,
+  ),
+  (
+    "scan input, sliced per iteration",
+    lambda p, x: jax.lax.scan(lambda c, w: (c + w.astype(BF16).sum(), None), 0.0, p["w"])[0],
+    BF16,
+  ),
+  (
+    "scan carry",
+    lambda p, x: jax.lax.scan(lambda c, _: (c.astype(BF16).astype(F32), None), p["w"], None, 2)[0],
+    None,
+  ),
+  (
+    "cond branches",
+    lambda p, x: jax.lax.cond(
+      x[0, 0] > 0, lambda w: w.astype(BF16), lambda w: -w.astype(BF16), p["w"]
+    ),
+    BF16,
+  ),
+  (
+    "cond branch reading it as it is",
+    lambda p, x: jax.lax.cond(x[0, 0] > 0, lambda w: w, lambda w: -w, p["w"]),
+    None,
+  ),
+  (
+    "while body constant",
+    lambda p, x: jax.lax.while_loop(
+      lambda c: c < 3, lambda c: c + bf(p)[0, 0], jnp.zeros((), BF16)
+    ),
+    BF16,
+  ),
+  (
+    "while carry",
+    lambda p, x: jax.lax.while_loop(lambda c: c[0, 0] < 3, lambda c: c + 1, p["w"]),
+    None,
+  ),
+  ("unknown primitive (vmap of a sort) reads it", lambda p, x: jnp.sort(p["w"]).astype(BF16), None),
+]
+
+
+@pytest.mark.parametrize("fn,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_the_leaves_cast_are_those_every_read_narrows(fn, expected):
+  got = read_as(fn, W, X)
+  assert (got is None and expected is None) or jnp.dtype(got) == jnp.dtype(expected), got
+
+
+def test_no_float_leaf_is_cast_wider_and_integers_are_untouched():
+  assert read_as(lambda p, x: p["w"].astype(F32).sum(), W.astype(BF16), X) is None
+  assert read_as(lambda p, x: p["w"].astype(F32).sum(), jnp.ones((3,), jnp.int32), X) is None
+
+
+def test_precast_params_casts_in_place_of_the_reads():
+  params = {"w": jnp.arange(9.0, dtype=F32).reshape(3, 3) / 7, "b": jnp.ones((3,), F32)}
+  fn = lambda p, x: x.astype(BF16) @ p["w"].astype(BF16) + p["b"]
+  cast = precast.precast_params(fn, params, X)
+  assert cast["w"].dtype == BF16 and cast["b"].dtype == F32
+  np.testing.assert_array_equal(cast["w"], params["w"].astype(BF16))
+  np.testing.assert_array_equal(fn(cast, X), fn(params, X))
+
+
+MODELS = {
+  "DiMSUM": dict(name="DiMSUM-L/2", dtype="bfloat16"),
+  "DiT": dict(name="DiT-S/2", hidden_size=48, depth=2, dtype="bfloat16"),
+  "DiM": dict(name="DiM-L/2", hidden_size=32, depth=3, dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@seeds.each(default=3)
+def test_models_give_identical_outputs_with_the_weights_cast_once(family, seed):
+  mc = tiny_config(**MODELS[family])
+  model = models.create_model(mc)
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x = jax.random.normal(k[0], (2, mc.input_size, mc.input_size, mc.in_channels), F32)
+  t = jax.random.uniform(k[1], (2,), F32)
+  y = jax.random.randint(k[2], (2,), 0, mc.num_classes)
+  params = jax.jit(model.init)(k[3], x, t, y)["params"]
+  # Zero-initialised layers filled so that every weight reaches the output.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.fold_in(k[3], 1), len(leaves))
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      jnp.where(jnp.any(l != 0), l, 0.05 * jax.random.normal(kk, l.shape, l.dtype))
+      for kk, l in zip(keys, leaves)
+    ],
+  )
+  apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y), compiler_options=FAST)
+  cast = precast.precast_model_params(model, params, x, y)
+  dtypes = {
+    jax.tree_util.keystr(path): leaf.dtype
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cast)
+  }
+  narrowed = [k for k, d in dtypes.items() if d == BF16]
+  assert len(narrowed) >= len(dtypes) // 3, f"seed {seed}: only {narrowed} cast"
+  # Read in float32 by the selective scan: never narrowed.
+  assert all(dtypes[k] == F32 for k in dtypes if k.endswith(("['A_log']", "['D']"))), dtypes
+  want, got = apply(params, x, t, y), apply(cast, x, t, y)
+  assert bool(jnp.any(want != 0)), f"seed {seed}: the output is trivially zero"
+  np.testing.assert_array_equal(np.asarray(got, F32), np.asarray(want, F32), err_msg=f"seed {seed}")
