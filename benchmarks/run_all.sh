@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
 #
-#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample encode evaluate scaling
-#                                               profile profile_dit (default: train sample
+#   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
+#                                               scaling profile profile_dit (default: train sample
 #                                               scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
@@ -70,11 +70,19 @@ for stage in $stages; do
       fi ;;
     evaluate)  # the Inception features of the evaluation (target: >= 2000 images/s at 256 px)
       step evaluate "${EVALUATE_LIMIT:-240}" benchmarks/evaluate_features.py --out "$results" ;;
+    precast)  # change S1: the weights cast once per sampled batch, and cast in every evaluation
+      for cast in on off; do
+        for cfg in 1.0 1.4; do
+          step "sample_precast_${cast}_cfg${cfg}" "${PRECAST_LIMIT:-150}" benchmarks/sample.py \
+            --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 --warmup 1 \
+            $([ $cast = off ] && echo --no-precast) --out "$results"
+        done
+      done ;;
     scaling)
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample encode evaluate scaling profile profile_dit)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit)" >&2
       exit 2 ;;
   esac
 done
