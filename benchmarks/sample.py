@@ -1,13 +1,18 @@
 """Inference: forward throughput at a large batch, and batch-1 dopri5 sampling latency with its NFE.
 
-forward: `model.apply` (bf16 compute, no guidance) jitted on a batch of --forward-batch latents;
-  images/s = batch / median call time, and model FLOP/s from dimsum_jax.tools.flops.
+forward: `model.apply` (bf16 compute, no guidance) jitted on a batch of --forward-batch latents,
+  the weights cast once before the timed calls (--no-precast: in every call); images/s = batch /
+  median call time, and model FLOP/s from dimsum_jax.tools.flops.
 dopri5: one probability-flow ODE solve of batch 1 from noise (t = 0) to data (t = 1) with
   `dimsum_jax.sampling.solve_ode` (diffrax Dopri5, atol 1e-6, rtol 1e-3 as upstream), the velocity
-  from `sampling.make_sampling_velocity_fn`, the whole solve one jitted program. Reported: median
-  latency of a solve, its model evaluations (NFE, counted exactly by solve_ode) and ms per NFE.
+  from `sampling.make_sampling_velocity_fn`, the whole solve one jitted program, the weights cast
+  once per solve to the dtype the model reads them in as `dimsum_jax.sampler` does
+  (`dimsum_jax.precast`; --no-precast: cast in every evaluation). Reported: median latency of a
+  solve, its model evaluations (NFE, counted exactly by solve_ode) and ms per NFE.
 dpm (--solvers dpm): DiM's DPM-Solver (`dpm_solver.sample_dpm_solver`, --dpm-steps evaluations, the
   network read as noise prediction on the discrete schedule, U-ViT guidance at --cfg-scale - 1).
+--profile DIR: also the kernel time by category (benchmarks/profile_step.py) of 5 forward calls
+  and of 1 solve, with kernels and kernel time per NFE.
 --upsample-guidance THETA: at sample sizes m >= 2 times --trained-size, every evaluation also runs
   the network at the trained size (`upsample_guidance.make_upsample_guided_model_fn`), as
   `dimsum_jax.sample --upsample_guidance` does; NFE counts the sampled-size evaluations.

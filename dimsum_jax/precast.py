@@ -107,7 +107,7 @@ def _leaf_dtypes(apply_fn, params, *args):
   out = []
   try:
     for leaf, var in zip(leaves, closed.jaxpr.invars[: len(leaves)]):
-      dtype = jnp.result_type(leaf)
+      dtype = jnp.dtype(leaf.dtype)
       read = _read_as(closed.jaxpr, var) if jnp.issubdtype(dtype, jnp.floating) else None
       narrower = (
         read is not None
