@@ -1,5 +1,6 @@
 """dimsum_jax.precast: which leaves are cast (hand-derived programs through every control-flow
-primitive it follows), and that the three models give bit-identical outputs with cast weights."""
+primitive it follows), and that the three models give bit-identical outputs with cast weights,
+also under an 8-device mesh with the sharded Pallas scan (a subprocess)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 
 from dimsum_jax import models
 from dimsum_jax import precast
-from tests import seeds
+from tests import seeds, train_util
 from tests.models.common import FAST, tiny_config
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
@@ -138,3 +139,42 @@ def test_models_give_identical_outputs_with_the_weights_cast_once(family, seed):
   want, got = apply(params, x, t, y), apply(cast, x, t, y)
   assert bool(jnp.any(want != 0)), f"seed {seed}: the output is trivially zero"
   np.testing.assert_array_equal(np.asarray(got, F32), np.asarray(want, F32), err_msg=f"seed {seed}")
+
+
+_MESH_SCRIPT = r"""
+import jax, jax.numpy as jnp, ml_collections
+from dimsum_jax import models, precast, sharding
+from tests.models.common import tiny_config
+
+assert jax.device_count() == 8
+mc = tiny_config(scan_impl="pallas", dtype="bfloat16")  # the kernel interprets itself on a CPU
+model = models.create_model(mc)
+k = jax.random.split(jax.random.PRNGKey(SEED), 4)
+x = jax.random.normal(k[0], (8, 8, 8, mc.in_channels))
+t = jax.random.uniform(k[1], (8,))
+y = jax.random.randint(k[2], (8,), 0, mc.num_classes)
+params = jax.jit(model.init)(k[3], x, t, y)["params"]
+params = jax.tree.map(lambda l: l + 0.05 * jax.random.normal(k[3], l.shape), params)
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+f = lambda p, x, t, y: model.apply({"params": p}, x, t, y)
+with jax.set_mesh(mesh):  # the Pallas scan runs per batch shard (shard_map), as in the sampler
+  want = jax.jit(f)(params, x, t, y)
+  got = jax.jit(lambda p, x, t, y: f(precast.precast_model_params(model, p, x, y), x, t, y))(
+    params, x, t, y
+  )
+  dtypes = precast.read_dtypes(f, params, x, t, y)
+cast = sum(d is not None for d in jax.tree.leaves(dtypes, is_leaf=lambda d: d is None))
+print("RESULT", cast, bool(jnp.all(want == got)), bool(jnp.any(want != 0)))
+"""
+
+
+@seeds.each(default=0)
+def test_weights_cast_once_under_a_mesh_with_the_sharded_pallas_scan(seed):
+  """8 CPU devices: the precast trace sees the shard_map around the interpreted Pallas scan."""
+  proc = train_util.run_python(
+    ["-c", _MESH_SCRIPT.replace("SEED", str(seed))], devices=8, timeout=600
+  )
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+  cast, identical, nonzero = lines[-1].split()[1:]
+  assert int(cast) > 0 and identical == "True" and nonzero == "True", f"seed {seed}: {lines[-1]}"
