@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,23 @@ from dimsum_jax.sharding import BATCH_AXES
 # "pallas" runs the kernel with its "fast" preset, "pallas_low_memory" with "low_memory"
 # (selective_scan_pallas.PRESETS).
 IMPLS = ("auto", "reference", "sequential", "pallas", "pallas_low_memory")
+# selective_scan_many fuses its scans into one kernel call when that call has at most this many
+# programs: one wave on an H100 or H200 (132 streaming multiprocessors).
+FUSE_MAX_PROGRAMS = 132
+
+
+class ScanInputs(NamedTuple):
+  """One scan's arguments to `selective_scan_many` (shapes as in the module docstring)."""
+
+  u: jax.Array
+  delta: jax.Array
+  A: jax.Array
+  B: jax.Array
+  C: jax.Array
+  D: jax.Array | None = None
+  z: jax.Array | None = None
+  delta_bias: jax.Array | None = None
+  initial_state: jax.Array | None = None
 
 
 def _combine(left, right):
@@ -174,26 +192,15 @@ def batch_shard_axes(batch: int) -> tuple[str, ...]:
   return axes
 
 
-def _pallas(
-  u,
-  delta,
-  A,
-  B,
-  C,
-  D,
-  z,
-  delta_bias,
-  delta_softplus,
-  initial_state,
-  return_last_state,
-  preset="fast",
-):
-  """The Pallas kernel, per batch shard when a mesh in context splits the batch."""
+def _pallas(scans, delta_softplus, return_last_state, preset="fast"):
+  """The Pallas kernel over a list of ScanInputs, per batch shard when a mesh in context splits
+  the batch; one call for all of them where `fuse_pays`, else one call each."""
   from dimsum_jax.ops import selective_scan_pallas
 
   options = selective_scan_pallas.PRESETS[preset]
 
-  def kernel(batched, shared):
+  def run(batched, shared):
+    """batched, shared: dicts of one scan's per-row and per-channel arguments."""
     return selective_scan_pallas.selective_scan_pallas(
       batched["u"],
       batched["delta"],
@@ -209,9 +216,23 @@ def _pallas(
       options,
     )
 
-  batched = dict(u=u, delta=delta, B=B, C=C, z=z, initial_state=initial_state)
-  shared = dict(A=A, D=D, delta_bias=delta_bias)
-  axes = batch_shard_axes(u.shape[0])
+  def kernel(batched, shared):
+    b, _, d = batched[0]["u"].shape
+    kinds = {str(jax.tree.map(lambda v: (v.shape, v.dtype), x)) for x in zip(batched, shared)}
+    if len(batched) == 1 or len(kinds) > 1 or not fuse_pays(len(batched), b, d):
+      return [run(bt, sh) for bt, sh in zip(batched, shared)]
+    # One call: the batches one after another, the parameters stacked into groups.
+    outs = run(
+      jax.tree.map(lambda *v: jnp.concatenate(v), *batched),
+      jax.tree.map(lambda *v: jnp.stack(v), *shared),
+    )
+    return [jax.tree.map(lambda v: v[i * b : (i + 1) * b], outs) for i in range(len(batched))]
+
+  batched = [
+    dict(u=s.u, delta=s.delta, B=s.B, C=s.C, z=s.z, initial_state=s.initial_state) for s in scans
+  ]
+  shared = [dict(A=s.A, D=s.D, delta_bias=s.delta_bias) for s in scans]
+  axes = batch_shard_axes(scans[0].u.shape[0])
   if not axes:
     return kernel(batched, shared)
   spec = P(axes)
@@ -220,10 +241,20 @@ def _pallas(
   return jax.shard_map(
     kernel,
     in_specs=(spec, P()),
-    out_specs=(spec, spec) if return_last_state else spec,
+    out_specs=spec,
     axis_names=frozenset(axes),
     check_vma=False,
   )(batched, shared)
+
+
+def fuse_pays(groups: int, batch: int, dim: int) -> bool:
+  """Whether `groups` scans of batch rows x dim channels should be one kernel call: when each
+  call alone would leave streaming multiprocessors idle (one program per 128 channels of a row),
+  as at batch 1 in sampling. Larger batches keep separate calls, which need no stacked copies."""
+  from dimsum_jax.ops import selective_scan_pallas
+
+  programs = groups * batch * -(-dim // selective_scan_pallas.BLOCK_D)
+  return programs <= FUSE_MAX_PROGRAMS
 
 
 def selective_scan(
@@ -241,27 +272,21 @@ def selective_scan(
   *,
   impl: str = "auto",
 ):
-  """Selective scan; see the module docstring for shapes. `impl`: auto, reference, pallas."""
+  """Selective scan; see the module docstring for shapes. `impl`: one of IMPLS."""
+  scan = ScanInputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  return selective_scan_many([scan], delta_softplus, return_last_state, impl=impl)[0]
+
+
+def selective_scan_many(scans, delta_softplus=False, return_last_state=False, *, impl="auto"):
+  """Independent selective scans (a sequence of ScanInputs), one result each, as `selective_scan`
+  gives them. With the Pallas kernel, scans of one shape run as one kernel call when a call each
+  would leave the GPU idle (`fuse_pays`: DiMSUM's two branches at batch 1 in sampling); the
+  results are the same either way."""
   impl = resolve_impl(impl)
   if impl.startswith("pallas"):
-    return _pallas(
-      u,
-      delta,
-      A,
-      B,
-      C,
-      D,
-      z,
-      delta_bias,
-      delta_softplus,
-      initial_state,
-      return_last_state,
-      "low_memory" if impl == "pallas_low_memory" else "fast",
-    )
-  if impl == "sequential":
-    return selective_scan_sequential(
-      u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state
-    )
-  return selective_scan_reference(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state
-  )
+    preset = "low_memory" if impl == "pallas_low_memory" else "fast"
+    return _pallas(list(scans), delta_softplus, return_last_state, preset)
+  one = selective_scan_sequential if impl == "sequential" else selective_scan_reference
+  return [
+    one(*s[:7], s.delta_bias, delta_softplus, s.initial_state, return_last_state) for s in scans
+  ]

@@ -128,6 +128,11 @@ class _Config:
   save: int  # steps between saved states: chunk or sub_chunk
   interpret: bool | str  # False, True (generic interpreter) or "mosaic" (GPU interpreter)
   bf16_saved_states: bool = True
+  group_batch: int = 0  # batch rows per parameter group (the batch for one group)
+
+  def group(self, bi):
+    """The parameter group of batch row bi."""
+    return lax.div(bi, self.group_batch)
 
   @property
   def num_chunks(self) -> int:
@@ -330,7 +335,7 @@ def _fwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
   dsl = pl.ds(di * BLOCK_D, BLOCK_D)
   tsl = lambda c: pl.ds(c * t_c, t_c)
 
-  env.load_now([(h0_g.at[bi, :, dsl], st_s), (p_g.at[:, dsl], p_s)], pbar)
+  env.load_now([(h0_g.at[bi, :, dsl], st_s), (p_g.at[cfg.group(bi), :, dsl], p_s)], pbar)
   a2 = [p_s[k] for k in range(n)]
   d_skip = p_s[n]
   bias = p_s[n + 1]
@@ -464,7 +469,7 @@ def _bwd_kernel(cfg: _Config, n: int, env: _Env, *refs):
   # stages the parameters, the last-state cotangent and the per-channel results.
   env.load_now(
     [
-      (p_g.at[:, dsl], red_s.at[pl.ds(0, n + 2)]),
+      (p_g.at[cfg.group(bi), :, dsl], red_s.at[pl.ds(0, n + 2)]),
       (dlast_g.at[bi, :, dsl], red_s.at[pl.ds(n + 2, n)]),
     ],
     pbar,
@@ -773,8 +778,14 @@ def _saved_state_dtype(cfg, dtype):
 
 
 def _pack_params(a, d_skip, bias):
+  """a [g, d, n], d_skip and bias [g, d] -> [g, n + 2, d] f32: a * log2(e) transposed, D, bias."""
   return jnp.concatenate(
-    [(a.astype(_F32) * _LOG2E).T, d_skip.astype(_F32)[None], bias.astype(_F32)[None]], axis=0
+    [
+      jnp.swapaxes(a.astype(_F32) * _LOG2E, 1, 2),
+      d_skip.astype(_F32)[:, None],
+      bias.astype(_F32)[:, None],
+    ],
+    axis=1,
   )
 
 
@@ -805,10 +816,11 @@ def _scan_bwd(cfg, res, cts):
   dbc = jnp.sum(dbc, axis=1).reshape(u.shape[0], -1, 2 * n)  # [b, lp, 2n]
   dbm = dbc[..., :n].astype(bm.dtype)
   dcm = dbc[..., n:].astype(cm.dtype)
-  dp = jnp.sum(dp, axis=0)  # [n + 2, d]
-  da = dp[:n].T.astype(a.dtype)
-  dd = dp[n].astype(d_skip.dtype)
-  dbias = dp[n + 1].astype(bias.dtype)
+  groups = a.shape[0]
+  dp = jnp.sum(dp.reshape(groups, -1, *dp.shape[1:]), axis=1)  # [g, n + 2, d]
+  da = jnp.swapaxes(dp[:, :n], 1, 2).astype(a.dtype)
+  dd = dp[:, n].astype(d_skip.dtype)
+  dbias = dp[:, n + 1].astype(bias.dtype)
   return du, ddelta, dz, dbm, dcm, da, dd, dbias, dh0
 
 
@@ -843,6 +855,10 @@ def selective_scan_pallas(
 ):
   """Selective scan through the Pallas kernel; same arguments and results as the reference.
 
+  Parameter groups: A [g, d, n] with D and delta_bias [g, d] (or None) run g independent scans of
+  one shape in one kernel call; the batch is then g blocks of b / g rows, block i read with
+  group i's parameters (what `selective_scan.selective_scan_many` stacks). A [d, n] is one group.
+
   options: a KernelOptions (PRESETS["fast"] by default). interpret, chunk, sub_chunk: shortcuts
   that replace those fields of `options`. Sequences of at most half a chunk run in one shorter
   chunk unless `chunk` is given here.
@@ -858,6 +874,9 @@ def selective_scan_pallas(
     interpret = jax.default_backend() != "gpu"
   b, length, d = u.shape
   n = A.shape[-1]
+  groups = A.shape[0] if A.ndim == 3 else 1
+  if b % groups:
+    raise ValueError(f"The batch ({b}) must be a whole number of the {groups} parameter groups.")
   t_c, t_s = options.chunk, options.sub_chunk
   if t_c % t_s or t_s % 2:
     raise ValueError(f"chunk ({t_c}) must be a multiple of sub_chunk ({t_s}), which must be even.")
@@ -885,6 +904,7 @@ def selective_scan_pallas(
     save=save,
     interpret=interpret,
     bf16_saved_states=bool(options.bf16_saved_states),
+    group_batch=b // groups,
   )
 
   def pad_bld(x):
@@ -895,11 +915,13 @@ def selective_scan_pallas(
   def pad_bln(x):
     return jnp.pad(x, ((0, 0), (0, lp - length), (0, np_ - n)))
 
-  a = jnp.pad(A, ((0, dp_ - d), (0, np_ - n)), constant_values=-1.0)
-  d_skip = jnp.zeros((d,), _F32) if D is None else D
-  bias = jnp.zeros((d,), _F32) if delta_bias is None else delta_bias
-  d_skip = jnp.pad(d_skip, (0, dp_ - d))
-  bias = jnp.pad(bias, (0, dp_ - d))
+  if A.ndim == 2:  # one group
+    A, D, delta_bias = (None if v is None else v[None] for v in (A, D, delta_bias))
+  a = jnp.pad(A, ((0, 0), (0, dp_ - d), (0, np_ - n)), constant_values=-1.0)
+  d_skip = jnp.zeros((groups, d), _F32) if D is None else D
+  bias = jnp.zeros((groups, d), _F32) if delta_bias is None else delta_bias
+  d_skip = jnp.pad(d_skip, ((0, 0), (0, dp_ - d)))
+  bias = jnp.pad(bias, ((0, 0), (0, dp_ - d)))
   if initial_state is None:
     h0 = jnp.zeros((b, np_, dp_), _F32)
   else:

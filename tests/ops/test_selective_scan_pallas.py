@@ -154,6 +154,64 @@ def test_dispatch_and_interpret_option():
   assert _rel(out, ref) < 1e-5
 
 
+def _per_group_reference(groups):
+  """selective_scan_reference run on each of `groups` blocks of the batch with that block's
+  parameters (A [g, d, n], D and delta_bias [g, d]): what one grouped kernel call computes."""
+
+  def fn(u, delta, A, B, C, D, z, delta_bias, softplus, h0, last_state):
+    rows = u.shape[0] // groups
+    outs = []
+    for g in range(groups):
+      sl = lambda v: None if v is None else v[g * rows : (g + 1) * rows]
+      at = lambda v: v[g] if A.ndim == 3 and v is not None else v  # A [d, n]: one group
+      outs.append(
+        selective_scan_reference(
+          sl(u),
+          sl(delta),
+          at(A),
+          sl(B),
+          sl(C),
+          at(D),
+          sl(z),
+          at(delta_bias),
+          softplus,
+          sl(h0),
+          last_state,
+        )
+      )
+    return tuple(jnp.concatenate(parts) for parts in zip(*outs))
+
+  return fn
+
+
+@pytest.mark.parametrize("groups,optional", [(2, True), (3, False)])
+def test_parameter_groups_match_one_scan_per_group(groups, optional):
+  # A [g, d, n], D and delta_bias [g, d]: batch block i (2 rows) is scanned with group i's
+  # parameters. Values, last state and every gradient (the parameters' summed per group only).
+  seed = 10 + groups
+  inputs = _inputs(
+    seed, b=2 * groups, length=13, d=96, n=4, dtype=jnp.float32, z=optional, h0=optional
+  )
+  ks = jax.random.split(jax.random.key(seed + 100), 3)
+  inputs["A"] = -jnp.exp(0.5 * jax.random.normal(ks[0], (groups, 96, 4)))
+  inputs["D"] = jax.random.normal(ks[1], (groups, 96))
+  inputs["delta_bias"] = 0.3 * jax.random.normal(ks[2], (groups, 96))
+  kernel = functools.partial(ssp.selective_scan_pallas, **CPU)
+  y, last, grads = _value_and_grads(kernel, inputs, True)
+  y_ref, last_ref, grads_ref = _value_and_grads(_per_group_reference(groups), inputs, True)
+  errors = {"y": _rel(y, y_ref), "last": _rel(last, last_ref)}
+  errors.update({"d" + k: _rel(grads[k], grads_ref[k]) for k in grads_ref})
+  assert all(v <= 1e-5 for v in errors.values()), f"seed {seed}: {errors}"
+
+
+def test_parameter_groups_must_divide_the_batch():
+  inputs = _inputs(5, b=3, length=8, d=8, n=2, dtype=jnp.float32)
+  args = [inputs[k] for k in NAMES[:5]]
+  args[2] = jnp.stack([args[2]] * 2)
+  with pytest.raises(ValueError, match="whole number of the 2 parameter groups"):
+    ssp.selective_scan_pallas(*args, interpret=True)
+
+
 def test_rejects_bad_chunking():
   inputs = _inputs(5, b=1, length=8, d=8, n=2, dtype=jnp.float32)
   args = [inputs[k] for k in NAMES[:5]]
@@ -164,14 +222,21 @@ def test_rejects_bad_chunking():
 
 
 @pytest.mark.slow
-def test_mosaic_program_forward_in_gpu_interpreter():
-  """The Mosaic GPU program itself (TMA copies, barriers, layouts) run by JAX's GPU interpreter."""
-  inputs = _inputs(6, b=1, length=20, d=128, n=16, dtype=jnp.float32)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mosaic_program_forward_in_gpu_interpreter(groups):
+  """The Mosaic GPU program itself (TMA copies, barriers, layouts) run by JAX's GPU interpreter;
+  with two parameter groups, each program reads its group's parameters."""
+  inputs = _inputs(6, b=groups, length=20, d=128, n=16, dtype=jnp.float32)
+  if groups > 1:
+    ks = jax.random.split(jax.random.key(60), 3)
+    inputs["A"] = -jnp.exp(0.5 * jax.random.normal(ks[0], (groups, 128, 16)))
+    inputs["D"] = jax.random.normal(ks[1], (groups, 128))
+    inputs["delta_bias"] = 0.3 * jax.random.normal(ks[2], (groups, 128))
   args = [inputs[k] for k in NAMES[:8]]
   y, last = ssp.selective_scan_pallas(
     *args, True, inputs["initial_state"], True, interpret="mosaic", chunk=8, sub_chunk=2
   )
-  y_ref, last_ref = selective_scan_reference(*args, True, inputs["initial_state"], True)
+  y_ref, last_ref = _per_group_reference(groups)(*args, True, inputs["initial_state"], True)
   assert _rel(y, y_ref) < 1e-5
   assert _rel(last, last_ref) < 1e-5
 
@@ -197,6 +262,24 @@ def test_compiled_kernel_on_gpu(dtype, length, z, tol):
   inputs = _inputs(7, b=3, length=length, d=384, n=16, dtype=dtype, z=z)
   # ex2.approx and the transposed dB/dC sums: float32 agrees to ~1e-6 relative.
   _compare(inputs, softplus=True, tol=tol, interpret=False)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_parameter_groups_on_gpu():
+  _require_gpu()
+  groups = 2
+  inputs = _inputs(11, b=2 * groups, length=64, d=256, n=16, dtype=jnp.bfloat16)
+  ks = jax.random.split(jax.random.key(111), 3)
+  inputs["A"] = -jnp.exp(0.5 * jax.random.normal(ks[0], (groups, 256, 16)))
+  inputs["D"] = jax.random.normal(ks[1], (groups, 256))
+  inputs["delta_bias"] = 0.3 * jax.random.normal(ks[2], (groups, 256))
+  y, last, grads = _value_and_grads(
+    functools.partial(ssp.selective_scan_pallas, interpret=False), inputs, True
+  )
+  y_ref, last_ref, grads_ref = _value_and_grads(_per_group_reference(groups), inputs, True)
+  errors = {"y": _rel(y, y_ref), "last": _rel(last, last_ref)}
+  errors.update({"d" + k: _rel(grads[k], grads_ref[k]) for k in grads_ref})
+  assert all(v <= 2e-2 for v in errors.values()), errors
 
 
 @pytest.mark.gpu
