@@ -41,6 +41,7 @@ from dimsum_jax.models.layers import (
 )
 from dimsum_jax.models.mamba import COND_MODES, MambaMixer
 from dimsum_jax.ops import haar, scan_orders
+from dimsum_jax.ops.selective_scan import selective_scan_many
 
 Dtype = Any
 
@@ -72,7 +73,9 @@ def permute_tokens(x, perm, inverse):
 class GatedMambaBranch(nn.Module):
   """x + gate * Mamba(modulate(x, shift, scale)), (shift, scale, gate) from the condition.
 
-  x arrives in its scan order. Upstream's DiMBlockRaw / WaveDiMBlock core.
+  x [b, l, d] arrives in its scan order. Upstream's DiMBlockRaw / WaveDiMBlock core. Calling it
+  runs `scan_inputs`, the scan and `output`; DiMSUMBlock calls the halves to scan both branches
+  in one `selective_scan_many`.
   """
 
   d_model: int
@@ -83,20 +86,31 @@ class GatedMambaBranch(nn.Module):
   tag: str
   bidirectional: bool = False
 
-  @nn.compact
-  def __call__(self, x, c):
-    shift, scale, gate = AdaLN(3, self.d_model, dtype=self.dtype, name="adaLN_modulation")(c)
-    mixer_in = modulate(x, shift, scale)
-    mixer_out = MambaMixer(
+  def setup(self):
+    self.adaLN_modulation = AdaLN(3, self.d_model, dtype=self.dtype)
+    self.mixer = MambaMixer(
       self.d_model,
       out_proj_scale=self.depth**-0.5,
       cond_mamba=self.cond_mamba,
       bidirectional=self.bidirectional,
       scan_impl=self.scan_impl,
       dtype=self.dtype,
-      name="mixer",
-    )(mixer_in, c)
+    )
+
+  def __call__(self, x, c):
+    scans, rest = self.scan_inputs(x, c)
+    return self.output(selective_scan_many(scans, True, impl=self.scan_impl), rest)
+
+  def scan_inputs(self, x, c):
+    """-> (the mixer's ScanInputs, what `output` needs besides their results)."""
+    shift, scale, gate = self.adaLN_modulation(c)
+    mixer_in = modulate(x, shift, scale)
     self.sow("intermediates", f"{self.tag}_mixer_in", mixer_in)
+    return self.mixer.scan_inputs(mixer_in, c), (x, gate)
+
+  def output(self, ys, rest):
+    x, gate = rest
+    mixer_out = self.mixer.output(ys)
     self.sow("intermediates", f"{self.tag}_mixer_out", mixer_out)
     return x + gate[:, None, :] * mixer_out
 
@@ -155,15 +169,16 @@ class DiMSUMBlock(nn.Module, kw_only=True):
     self.sow("intermediates", "norm_out", u)
     u1, u2 = u[..., :d], u[..., d:]
 
-    s = permute_tokens(
-      branch("spatial_mamba", "spatial")(permute_tokens(u1, s_perm, s_inv), c), s_inv, s_perm
-    )
-    self.sow("intermediates", "spatial_out", s)
-
+    # The spatial branch scans u1 in the spatial order, the wavelet branch the Haar subbands of
+    # u2 window by window; their selective scans go through one call (one kernel at small batch).
+    spatial, wavelet = branch("spatial_mamba", "spatial"), branch("freq_mamba", "wavelet")
     w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels, self.wavelet_impl)
-    w1 = permute_tokens(
-      branch("freq_mamba", "wavelet")(permute_tokens(w0, w_perm, w_inv), c), w_inv, w_perm
-    )
+    s_scans, s_rest = spatial.scan_inputs(permute_tokens(u1, s_perm, s_inv), c)
+    w_scans, w_rest = wavelet.scan_inputs(permute_tokens(w0, w_perm, w_inv), c)
+    ys = selective_scan_many(s_scans + w_scans, True, impl=self.scan_impl)
+    s = permute_tokens(spatial.output(ys[: len(s_scans)], s_rest), s_inv, s_perm)
+    self.sow("intermediates", "spatial_out", s)
+    w1 = permute_tokens(wavelet.output(ys[len(s_scans) :], w_rest), w_inv, w_perm)
     w = haar.inverse_wavelet_tokens(w1, self.grid, self.wavelet_levels, self.wavelet_impl)
     self.sow("intermediates", "wavelet_out", w)
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dimsum_jax.models.layers import torch_default_bias, torch_default_kernel
-from dimsum_jax.ops.selective_scan import selective_scan
+from dimsum_jax.ops.selective_scan import ScanInputs, selective_scan_many
 
 COND_MODES = ("none", "h0")
 
@@ -50,6 +50,13 @@ def dt_bias_init(dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
 
 
 class MambaMixer(nn.Module):
+  """x [b, l, d_model] (and the condition c [b, d_cond] for cond_mamba="h0") -> [b, l, d_model].
+
+  Calling it runs `scan_inputs`, the selective scan and `output`. A caller with several
+  independent mixers (DiMSUM's two branches) calls those two halves itself so that all their scans
+  go through one `selective_scan_many`.
+  """
+
   d_model: int
   d_state: int = 16
   d_conv: int = 4
@@ -61,60 +68,79 @@ class MambaMixer(nn.Module):
   scan_impl: str = "auto"
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, c=None):
+  def setup(self):
     if self.cond_mamba not in COND_MODES:
       raise ValueError(f"cond_mamba={self.cond_mamba!r}; choose one of {COND_MODES}.")
     d_inner = self.expand * self.d_model
     rank = self.dt_rank or math.ceil(self.d_model / 16)
-    dense = lambda features, name, **kw: nn.Dense(features, dtype=self.dtype, name=name, **kw)
+    dense = lambda features, name, **kw: nn.Dense(
+      features, use_bias=False, dtype=self.dtype, name=name, **kw
+    )
+    self.in_proj = dense(2 * d_inner, "in_proj", kernel_init=torch_default_kernel)
+    if self.cond_mamba == "h0":
+      self.cond_proj = nn.Dense(
+        d_inner, dtype=self.dtype, kernel_init=torch_default_kernel, name="cond_proj"
+      )
+    # One SSM, or two with bidirectional (Vim "v2": the second reads the reversed sequence);
+    # parameter names carry the suffix. Created in the order of the PyTorch module.
+    self.ssm = [
+      self._ssm_params(sfx, d_inner, rank) for sfx in ("", "_b")[: 1 + self.bidirectional]
+    ]
+    self.x_proj = [
+      dense(rank + 2 * self.d_state, f"x_proj{sfx}", kernel_init=torch_default_kernel)
+      for sfx in ("", "_b")[: 1 + self.bidirectional]
+    ]
+    out_init = _scaled(torch_default_kernel, self.out_proj_scale)
+    self.out_proj = dense(self.d_model, "out_proj", kernel_init=out_init)
 
-    xz = dense(2 * d_inner, "in_proj", use_bias=False, kernel_init=torch_default_kernel)(x)
+  def _ssm_params(self, sfx, d_inner, rank):
+    bound = 1.0 / math.sqrt(self.d_conv)
+    n = self.d_state
+    a_init = lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), s))
+    return dict(
+      conv_kernel=self.param(f"conv1d{sfx}_kernel", _uniform(bound), (self.d_conv, d_inner)),
+      conv_bias=self.param(f"conv1d{sfx}_bias", torch_default_bias(self.d_conv), (d_inner,)),
+      dt_kernel=self.param(f"dt_proj{sfx}_kernel", _uniform(rank**-0.5), (rank, d_inner)),
+      dt_bias=self.param(f"dt_proj{sfx}_bias", dt_bias_init(), (d_inner,)),
+      A_log=self.param(f"A{sfx}_log", a_init, (d_inner, n)),
+      D=self.param(f"D{sfx}", nn.initializers.ones, (d_inner,)),
+    )
+
+  def __call__(self, x, c=None):
+    ys = selective_scan_many(self.scan_inputs(x, c), True, impl=self.scan_impl)
+    return self.output(ys)
+
+  def scan_inputs(self, x, c=None) -> list[ScanInputs]:
+    """in_proj -> causal depthwise conv1d + SiLU -> x_proj -> dt_proj: the arguments of the
+    selective scan (delta before its bias and softplus), one per SSM, each [b, l, .]."""
+    xz = self.in_proj(x)
     x, z = jnp.split(xz, 2, axis=-1)
-
     h0 = None
     if self.cond_mamba == "h0":
       if c is None:
         raise ValueError("cond_mamba='h0' needs the condition embedding c.")
-      cond = nn.Dense(
-        d_inner, dtype=self.dtype, kernel_init=torch_default_kernel, name="cond_proj"
-      )(c)
+      cond = self.cond_proj(c)
       h0 = jnp.broadcast_to(
         cond.astype(jnp.promote_types(cond.dtype, jnp.float32))[:, :, None],
-        (cond.shape[0], d_inner, self.d_state),
+        (*cond.shape, self.d_state),
       )
+    scans = []
+    for i, (p, x_proj) in enumerate(zip(self.ssm, self.x_proj)):
+      xs, zs = (x, z) if i == 0 else (x[:, ::-1], z[:, ::-1])
+      xs = nn.silu(causal_depthwise_conv(xs, p["conv_kernel"], p["conv_bias"]))
+      rank = p["dt_kernel"].shape[0]
+      dt, B, C = jnp.split(x_proj(xs), [rank, rank + self.d_state], axis=-1)
+      delta = jnp.einsum("blr,rd->bld", dt, p["dt_kernel"].astype(self.dtype))
+      A = -jnp.exp(p["A_log"].astype(jnp.promote_types(p["A_log"].dtype, jnp.float32)))
+      scans.append(ScanInputs(xs, delta, A, B, C, p["D"], zs, p["dt_bias"], h0))
+    return scans
 
-    y = self._ssm("", x, z, h0, d_inner, rank)
-    if self.bidirectional:  # Vim "v2": a second SSM reads the flipped sequence
-      y = y + self._ssm("_b", x[:, ::-1], z[:, ::-1], h0, d_inner, rank)[:, ::-1]
-    out_init = _scaled(torch_default_kernel, self.out_proj_scale)
-    return dense(self.d_model, "out_proj", use_bias=False, kernel_init=out_init)(y)
-
-  def _ssm(self, suffix, x, z, h0, d_inner, rank):
-    """conv1d + SiLU -> x_proj -> dt_proj -> selective scan; parameter names carry `suffix`."""
-    bound = 1.0 / math.sqrt(self.d_conv)
-    conv_kernel = self.param(f"conv1d{suffix}_kernel", _uniform(bound), (self.d_conv, d_inner))
-    conv_bias = self.param(f"conv1d{suffix}_bias", torch_default_bias(self.d_conv), (d_inner,))
-    x = nn.silu(causal_depthwise_conv(x, conv_kernel, conv_bias))
-    x_dbl = nn.Dense(
-      rank + 2 * self.d_state,
-      use_bias=False,
-      kernel_init=torch_default_kernel,
-      dtype=self.dtype,
-      name=f"x_proj{suffix}",
-    )(x)
-    dt, B, C = jnp.split(x_dbl, [rank, rank + self.d_state], axis=-1)
-    dt_kernel = self.param(f"dt_proj{suffix}_kernel", _uniform(rank**-0.5), (rank, d_inner))
-    dt_bias = self.param(f"dt_proj{suffix}_bias", dt_bias_init(), (d_inner,))
-    delta = jnp.einsum("blr,rd->bld", dt, dt_kernel.astype(self.dtype))
-    A_log = self.param(
-      f"A{suffix}_log",
-      lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, self.d_state + 1, dtype=jnp.float32), s)),
-      (d_inner, self.d_state),
-    )
-    D = self.param(f"D{suffix}", nn.initializers.ones, (d_inner,))
-    A = -jnp.exp(A_log.astype(jnp.promote_types(A_log.dtype, jnp.float32)))
-    return selective_scan(x, delta, A, B, C, D, z, dt_bias, True, h0, impl=self.scan_impl)
+  def output(self, ys):
+    """The scans' outputs (in scan_inputs' order) -> out_proj(sum, the reversed one flipped back)."""
+    y = ys[0]
+    for y_b in ys[1:]:
+      y = y + y_b[:, ::-1]
+    return self.out_proj(y)
 
 
 def _uniform(bound):
