@@ -49,6 +49,7 @@ from dimsum_jax import precast  # noqa: E402
 from dimsum_jax import sampling  # noqa: E402
 from dimsum_jax import transport  # noqa: E402
 from dimsum_jax import upsample_guidance  # noqa: E402
+from dimsum_jax.ops import selective_scan  # noqa: E402
 
 
 def init_params(model, cfg, seed: int, perturb: float):
@@ -140,6 +141,7 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     "mfu": common.mfu(images_per_s * flop),
     "output_finite": finite,
     "precast": args.precast,
+    "fuse_scans": args.fuse_scans,
     **({"profile": profile} if profile else {}),
     "memory": common.memory_stats(),
     "memory_plan": common.compiled_memory(compiled),
@@ -270,6 +272,7 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     ),
     "ms_per_nfe": timing["median_ms"] / nfe,
     "precast": args.precast,
+    "fuse_scans": args.fuse_scans,
     **({"profile": profile} if profile else {}),
     "output_finite": bool(jnp.all(jnp.isfinite(x1))),
     "memory": common.memory_stats(),
@@ -322,6 +325,12 @@ def main(argv=None):
     help="cast the weights in every evaluation (the sampler casts them once per batch)",
   )
   p.add_argument(
+    "--no-fuse-scans",
+    dest="fuse_scans",
+    action="store_false",
+    help="one kernel call per selective scan at every batch (selective_scan.FUSE_MAX_PROGRAMS=0)",
+  )
+  p.add_argument(
     "--profile",
     default=None,
     help="trace 5 forward calls and 1 solve into this folder: kernel time by category",
@@ -339,6 +348,8 @@ def main(argv=None):
     args.repeats, args.warmup = 5, 1
   if args.repeats < 5:
     raise SystemExit("--repeats must be at least 5 (the median of fewer is noise).")
+  if not args.fuse_scans:
+    selective_scan.FUSE_MAX_PROGRAMS = 0
 
   env = common.environment()
   jobs = []
