@@ -4,7 +4,8 @@
 (jax.shard_map). Checked in a subprocess with 8 fake devices: values, last state and all nine
 gradients equal the unsharded kernel and the associative-scan reference, on a (2, 4) and a (1, 8)
 mesh; the compiled program holds no all-gather (the kernel called without shard_map, on the same
-inputs, does gather the [b, l, d] activations: the check can fail); and which mesh axes are used.
+inputs, does gather the [b, l, d] activations: the check can fail); two scans through
+`selective_scan_many` run as one kernel call per shard; and which mesh axes are used.
 """
 
 import json
@@ -80,6 +81,19 @@ def case(name, mesh_shape, seed, optional, last_state, reference_unsharded_kerne
 case("mesh_2x4_all_inputs", {"data": 2, "fsdp": 4}, 1, True, True, True)
 case("mesh_1x8_required_only", {"data": 1, "fsdp": 8}, 2, False, False, False)
 
+# Two scans through selective_scan_many: one row per device, so one kernel call per shard.
+mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+pair = [inputs(3, True), inputs(4, True)]
+placed = [{k: jax.device_put(v, NamedSharding(mesh, P() if k in SHARED else
+                                             P(sharding.BATCH_AXES))) for k, v in inp.items()}
+          for inp in pair]
+many = lambda ps: ss.selective_scan_many([ss.ScanInputs(**p) for p in ps], True, impl="pallas")
+with jax.set_mesh(mesh):
+  calls = str(jax.make_jaxpr(many)(placed)).count("pallas_call[")
+  out = jax.jit(many)(placed)
+ref = [ss.selective_scan_reference(**p, delta_softplus=True) for p in pair]
+results["many"] = {"calls": calls, "vs_reference": rel_errors(out, ref)}
+
 axes = {"no_mesh": list(ss.batch_shard_axes(8))}
 with jax.set_mesh(sharding.make_mesh({"data": 2, "fsdp": 4})):
   axes["mesh_2x4"] = list(ss.batch_shard_axes(8))
@@ -134,6 +148,10 @@ def test_sharded_pallas_scan_on_8_devices():
   assert not bad, bad
   # Without shard_map the batch of the activations (padded to 128 channels) is gathered.
   assert [8, 8, 128] in res["unsharded_gathers"], res["unsharded_gathers"]
+
+  many = results["many"]
+  assert many["calls"] == 1, many
+  assert max(_flat(many["vs_reference"]).values()) <= 5e-6, many
 
   axes = results["axes"]
   assert axes["no_mesh"] == [] and axes["one_device"] == []
