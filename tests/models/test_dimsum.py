@@ -748,13 +748,14 @@ def test_unrolled_group_scan_changes_nothing_but_the_program():
 
 
 @seeds.each(5)
-def test_branch_scans_share_one_kernel_call_at_small_batch(seed, monkeypatch):
-  """At batch 1 the spatial and wavelet branches' selective scans run as one Pallas call (the
-  kernel interpreted on the CPU): half the calls of one per branch, the same output bit for bit,
-  and the sequential scan's output to float32 rounding."""
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_branch_scans_share_one_kernel_call_at_small_batch(seed, bidirectional, monkeypatch):
+  """At batch 1 the spatial and wavelet branches' selective scans (two each when bidirectional)
+  run as one Pallas call (the kernel interpreted on the CPU): 1 / 2 or 1 / 4 of the calls of one per
+  scan, the same output bit for bit, and the sequential scan's output to float32 rounding."""
   from dimsum_jax.ops import selective_scan as ss
 
-  mc = common.tiny_config(scan_impl="pallas")
+  mc = common.tiny_config(scan_impl="pallas", bidirectional=bidirectional)
   model = create_model(mc)
   params = common.filled_params(model, mc, seed=seed)
   x, t, y = common.inputs(mc, batch=1, seed=seed)
@@ -767,7 +768,8 @@ def test_branch_scans_share_one_kernel_call_at_small_batch(seed, monkeypatch):
   fused_calls, fused = run()
   monkeypatch.setattr(ss, "FUSE_MAX_PROGRAMS", 0)
   apart_calls, apart = run()
-  assert fused_calls >= 1 and apart_calls == 2 * fused_calls, (fused_calls, apart_calls)
+  scans = 4 if bidirectional else 2
+  assert fused_calls >= 1 and apart_calls == scans * fused_calls, (fused_calls, apart_calls)
   np.testing.assert_array_equal(fused, apart)
   sequential = create_model(dict(mc, scan_impl="sequential")).apply({"params": params}, x, t, y)
   assert _rel(fused, sequential) < 1e-5, f"seed {seed}"
