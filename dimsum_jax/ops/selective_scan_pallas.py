@@ -683,6 +683,7 @@ def _gpu_interpret_params():
   return params_cls()
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg: _Config, u, delta, z, bm, cm, params, h0):
   b, lp, d = u.shape
   n = bm.shape[-1]
@@ -718,6 +719,7 @@ def _forward(cfg: _Config, u, delta, z, bm, cm, params, h0):
   )
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _backward(cfg: _Config, u, delta, z, dy, bm, cm, params, hs, dlast):
   b, lp, d = u.shape
   n = bm.shape[-1]

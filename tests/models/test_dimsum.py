@@ -754,6 +754,7 @@ def test_branch_scans_share_one_kernel_call_at_small_batch(seed, bidirectional, 
   run as one Pallas call (the kernel interpreted on the CPU): 1 / 2 or 1 / 4 of the calls of one per
   scan, the same output bit for bit, and the sequential scan's output to float32 rounding."""
   from dimsum_jax.ops import selective_scan as ss
+  from tests.ops.test_scan_many import kernel_calls
 
   mc = common.tiny_config(scan_impl="pallas", bidirectional=bidirectional)
   model = create_model(mc)
@@ -762,7 +763,7 @@ def test_branch_scans_share_one_kernel_call_at_small_batch(seed, bidirectional, 
 
   def run():
     fn = lambda p: model.apply({"params": p}, x, t, y)
-    calls = str(jax.make_jaxpr(fn)(params)).count("pallas_call[")
+    calls = kernel_calls(fn, params)
     return calls, jax.jit(fn)(params)
 
   fused_calls, fused = run()
