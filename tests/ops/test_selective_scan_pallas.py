@@ -212,6 +212,20 @@ def test_parameter_groups_must_divide_the_batch():
     ssp.selective_scan_pallas(*args, interpret=True)
 
 
+def test_call_sites_of_one_shape_share_one_lowered_kernel():
+  """Two scans of one shape lower to one Mosaic GPU kernel called twice (the launches are jitted
+  per static configuration), not two copies: the compile of a 24-block model lowers and hands to
+  XLA each kernel once. Lowered for CUDA on the CPU: the compiled kernel, not the interpreter."""
+  options = ssp.KernelOptions(interpret=False)
+  scan = lambda u, delta, a, b, c: ssp.selective_scan_pallas(u, delta, a, b, c, options=options)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (f32(1, 16, 128), f32(1, 16, 128), f32(128, 16), f32(1, 16, 16), f32(1, 16, 16))
+  two = lambda u, delta, a, b, c: scan(u, delta, a, b, c) + scan(2 * u, delta, a, b, c)
+  text = jax.jit(two).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 1
+  assert text.count("call @_forward(") == 2
+
+
 def test_rejects_bad_chunking():
   inputs = _inputs(5, b=1, length=8, d=8, n=2, dtype=jnp.float32)
   args = [inputs[k] for k in NAMES[:5]]
