@@ -2,8 +2,8 @@
 # The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
-#                                               scaling profile profile_dit (default: train sample
-#                                               scaling profile)
+#                                               scaling profile profile_dit lowering
+#                                               (default: train sample scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
 # HLO in dimsum_step_hlo.txt.gz) and OUT_DIR/gpu.txt (nvidia-smi). About 25 minutes on an H200. Run from the repository root with the package importable.
@@ -78,11 +78,13 @@ for stage in $stages; do
             $([ $cast = off ] && echo --no-precast) --out "$results"
         done
       done ;;
+    lowering)  # the Python half of the DiMSUM-L/2 step's compile (runs on a CPU as well)
+      step lowering "${LOWERING_LIMIT:-300}" benchmarks/lowering.py --out "$results" ;;
     scaling)
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering)" >&2
       exit 2 ;;
   esac
 done
