@@ -18,8 +18,10 @@ from dimsum_jax.models import layers
 from dimsum_jax.models.layers import LabelEmbedder, drop_path
 from dimsum_jax.models.mamba import MambaMixer
 from dimsum_jax.ops import scan_orders
+from dimsum_jax.ops import selective_scan as ss
 from tests import seeds
 from tests.golden import manifest
+from tests.jaxprs import kernel_calls
 from tests.models import common
 
 
@@ -753,9 +755,6 @@ def test_branch_scans_share_one_kernel_call_at_small_batch(seed, bidirectional, 
   """At batch 1 the spatial and wavelet branches' selective scans (two each when bidirectional)
   run as one Pallas call (the kernel interpreted on the CPU): 1 / 2 or 1 / 4 of the calls of one per
   scan, the same output bit for bit, and the sequential scan's output to float32 rounding."""
-  from dimsum_jax.ops import selective_scan as ss
-  from tests.ops.test_scan_many import kernel_calls
-
   mc = common.tiny_config(scan_impl="pallas", bidirectional=bidirectional)
   model = create_model(mc)
   params = common.filled_params(model, mc, seed=seed)

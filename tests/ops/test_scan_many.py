@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dimsum_jax.ops import selective_scan as ss
+from tests.jaxprs import kernel_calls
 
 SEED = 21
 
@@ -43,23 +44,6 @@ def _run(scans, impl):
     return total, outs
 
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(scans)
-
-
-def kernel_calls(fn, *args):
-  """Pallas calls the forward program of fn(*args) makes: every call site of every sub-program."""
-
-  def count(jaxpr):
-    total = 0
-    for eqn in jaxpr.eqns:
-      total += eqn.primitive.name == "pallas_call"
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          sub = getattr(sub, "jaxpr", sub)
-          if hasattr(sub, "eqns"):
-            total += count(sub)
-    return total
-
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _kernel_calls(scans):

@@ -18,6 +18,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from dimsum_jax import sharding
 from dimsum_jax.ops import selective_scan as ss, selective_scan_pallas as ssp
+from tests.jaxprs import kernel_calls
 
 assert jax.device_count() == 8  # the kernel interprets itself off a GPU
 B_, L, D, N = 8, 6, 16, 4
@@ -81,17 +82,6 @@ def case(name, mesh_shape, seed, optional, last_state, reference_unsharded_kerne
 case("mesh_2x4_all_inputs", {"data": 2, "fsdp": 4}, 1, True, True, True)
 case("mesh_1x8_required_only", {"data": 1, "fsdp": 8}, 2, False, False, False)
 
-def kernel_calls(jaxpr):  # every call site of every sub-program
-  total = 0
-  for eqn in jaxpr.eqns:
-    total += eqn.primitive.name == "pallas_call"
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)
-        total += kernel_calls(sub) if hasattr(sub, "eqns") else 0
-  return total
-
-
 # Two scans through selective_scan_many: one row per device, so one kernel call per shard.
 mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
 pair = [inputs(3, True), inputs(4, True)]
@@ -100,7 +90,7 @@ placed = [{k: jax.device_put(v, NamedSharding(mesh, P() if k in SHARED else
           for inp in pair]
 many = lambda ps: ss.selective_scan_many([ss.ScanInputs(**p) for p in ps], True, impl="pallas")
 with jax.set_mesh(mesh):
-  calls = kernel_calls(jax.make_jaxpr(many)(placed).jaxpr)
+  calls = kernel_calls(many, placed)
   out = jax.jit(many)(placed)
 ref = [ss.selective_scan_reference(**p, delta_softplus=True) for p in pair]
 results["many"] = {"calls": calls, "vs_reference": rel_errors(out, ref)}
