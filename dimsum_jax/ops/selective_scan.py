@@ -11,7 +11,9 @@ Layout is channels-last, the natural one for JAX:
 
 The state is always carried in float32; inputs may be bfloat16. `selective_scan` picks the
 implementation: the associative-scan reference here (TPU), the same recurrence step by step
-(`sequential`, CPU), or the Pallas GPU kernel.
+(`sequential`, CPU), or the Pallas GPU kernel. `selective_scan_many` takes several independent scans
+(`ScanInputs`) and, with the kernel, runs those of one shape as one call with parameter groups
+when a call each would leave the GPU idle (`fuse_pays`); its results are those of a call each.
 
 Sharding: XLA's SPMD partitioner cannot split the Pallas kernel (a custom call), so under a
 batch-sharded jit it would gather the whole batch onto every device. When the Pallas path is traced

@@ -25,6 +25,12 @@ Design (Hopper, Mosaic GPU, `plgpu.kernel`, Lane semantics):
   channel block writes its partial sums and the wrapper adds the (d / 128) blocks.
 * exp is `ex2.approx` on A pre-scaled by log2(e) (`approx_math`); softplus, sigmoid and SiLU use
   exp/log only.
+* Parameter groups: A [g, d, n] with D and delta_bias [g, d] scan g blocks of the batch, block i
+  with group i's parameters, in one call (the program of batch row b reads group b // (batch / g));
+  `selective_scan.selective_scan_many` uses this to run DiMSUM's two branches as one kernel call at
+  small batch, where a call each leaves most multiprocessors idle.
+* The launches (`_forward`, `_backward`) are jitted with the static configuration, so every call
+  site of one shape in a model shares one traced and lowered kernel.
 * The tuning is a value, `KernelOptions`, with named PRESETS ("fast", the default, chosen by
   measurement on an H200, BENCHMARKS.md "Selective scan"; "low_memory", a quarter of the saved
   states); `model.scan_impl="pallas_low_memory"` selects the second from a config.
