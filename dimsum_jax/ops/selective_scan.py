@@ -220,8 +220,9 @@ def _pallas(scans, delta_softplus, return_last_state, preset="fast"):
 
   def kernel(batched, shared):
     b, _, d = batched[0]["u"].shape
-    kinds = {str(jax.tree.map(lambda v: (v.shape, v.dtype), x)) for x in zip(batched, shared)}
-    if len(batched) == 1 or len(kinds) > 1 or not fuse_pays(len(batched), b, d):
+    signature = lambda *args: jax.tree.map(lambda v: (v.shape, v.dtype), args)
+    alike = all(signature(*x) == signature(batched[0], shared[0]) for x in zip(batched, shared))
+    if len(batched) == 1 or not alike or not fuse_pays(len(batched), b, d):
       return [run(bt, sh) for bt, sh in zip(batched, shared)]
     # One call: the batches one after another, the parameters stacked into groups.
     outs = run(
