@@ -73,9 +73,9 @@ def permute_tokens(x, perm, inverse):
 class GatedMambaBranch(nn.Module):
   """x + gate * Mamba(modulate(x, shift, scale)), (shift, scale, gate) from the condition.
 
-  x [b, l, d] arrives in its scan order. Upstream's DiMBlockRaw / WaveDiMBlock core. Calling it
-  runs `scan_inputs`, the scan and `output`; DiMSUMBlock calls the halves to scan both branches
-  in one `selective_scan_many`.
+  x [b, l, d] arrives in its scan order. Upstream's DiMBlockRaw / WaveDiMBlock core, in two
+  halves around the selective scan (`scan_inputs`, `output`), so that DiMSUMBlock scans both
+  branches in one `selective_scan_many`.
   """
 
   d_model: int
@@ -96,10 +96,6 @@ class GatedMambaBranch(nn.Module):
       scan_impl=self.scan_impl,
       dtype=self.dtype,
     )
-
-  def __call__(self, x, c):
-    scans, rest = self.scan_inputs(x, c)
-    return self.output(selective_scan_many(scans, True, impl=self.scan_impl), rest)
 
   def scan_inputs(self, x, c):
     """-> (the mixer's ScanInputs, what `output` needs besides their results)."""
