@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dimsum_jax import jaxpr_params
+
 # Call-like primitives whose operand i is the sub-jaxpr's input i (their parameter naming it).
 _CALLS = {
   'jit': 'jaxpr',
@@ -49,7 +51,8 @@ def _inner_reads(eqn, i):
     j = _open(p[_CALLS[name]])
     return [(j, j.invars[i])]
   if name == 'scan':  # constants and sliced inputs; a carry changes between iterations
-    if p['num_consts'] <= i < p['num_consts'] + p['num_carry']:
+    counts = jaxpr_params.scan_operand_counts(p)
+    if counts is None or counts[0] <= i < sum(counts):
       return None
     j = _open(p['jaxpr'])
     return [(j, j.invars[i])]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimsum_jax import jaxpr_params
 from dimsum_jax import models
 from dimsum_jax import precast
 from tests import seeds, train_util
@@ -97,6 +98,30 @@ def test_precast_params_casts_in_place_of_the_reads():
   assert cast["w"].dtype == BF16 and cast["b"].dtype == F32
   np.testing.assert_array_equal(cast["w"], params["w"].astype(BF16))
   np.testing.assert_array_equal(fn(cast, X), fn(params, X))
+
+
+def test_scan_operand_counts_read_this_jax_and_the_packed_layout():
+  # Hand-derived: a scan closing over 2 arrays (constants), with 1 carry and 2 scanned inputs.
+  def fn(a, b, c0, xs1, xs2):
+    body = lambda c, x: (c + a.sum() + b.sum() + x[0].sum() + x[1].sum(), None)
+    return jax.lax.scan(body, c0, (xs1, xs2))[0]
+
+  v = jnp.ones((3,), F32)
+  (eqn,) = [e for e in jax.make_jaxpr(fn)(v, v, 0.0, v, v).jaxpr.eqns if e.primitive.name == "scan"]
+  assert jaxpr_params.scan_operand_counts(eqn.params) == (2, 1)
+
+  class Packed:  # JAX 0.11's `ft_in`: the operands grouped as (constants, carries, inputs)
+    def unpack(self):
+      return (("a", "b"), ("c0",), ("xs1", "xs2"))
+
+  assert jaxpr_params.scan_operand_counts({"ft_in": Packed(), "length": 3}) == (2, 1)
+  assert jaxpr_params.scan_operand_counts({"jaxpr": None, "length": 3}) is None
+
+
+def test_a_scan_of_unknown_layout_leaves_its_operands_uncast(monkeypatch):
+  monkeypatch.setattr(jaxpr_params, "scan_operand_counts", lambda params: None)
+  constant = CASES[[c[0] for c in CASES].index("scan constant")][1]
+  assert read_as(constant, W, X) is None
 
 
 MODELS = {

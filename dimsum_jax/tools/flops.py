@@ -57,6 +57,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from dimsum_jax import command_line
+from dimsum_jax import jaxpr_params
 from dimsum_jax import models
 from dimsum_jax.models import dim
 from dimsum_jax.models.dimsum import DiMSUM
@@ -188,7 +189,13 @@ def _eval_unrolled(jaxpr, consts, args):
 
 def _scan_unrolled(params, invals):
   body, length = params['jaxpr'], params['length']
-  n_consts, n_carry = params['num_consts'], params['num_carry']
+  counts = jaxpr_params.scan_operand_counts(params)
+  if counts is None:
+    raise NotImplementedError(
+      f'the scan parameters of this JAX ({sorted(params)}) are unknown; '
+      'add their layout to dimsum_jax.jaxpr_params.'
+    )
+  n_consts, n_carry = counts
   consts, carry = invals[:n_consts], invals[n_consts : n_consts + n_carry]
   xs = invals[n_consts + n_carry :]
   ys = [None] * length
