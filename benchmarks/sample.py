@@ -106,10 +106,25 @@ def inputs(cfg, batch: int, seed: int):
   )
 
 
-def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
+def model_config(args, name: str, image_size: int):
+  """The model section of `name` at image_size pixels with the command's settings."""
   cfg = common.model_config(
     name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
   )
+  if args.inference_scan_unroll is not None and "inference_scan_unroll" in models.fields_read(name):
+    cfg.inference_scan_unroll = args.inference_scan_unroll
+  return cfg
+
+
+def inference_scan_unroll(cfg):
+  """The model's inference_scan_unroll, None for a model that has none (DiM)."""
+  return (
+    cfg.inference_scan_unroll if "inference_scan_unroll" in models.fields_read(cfg.name) else None
+  )
+
+
+def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
+  cfg = model_config(args, name, image_size)
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
   x, t, y = inputs(cfg, batch, args.seed + 2)
@@ -142,6 +157,7 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     "output_finite": finite,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
+    "inference_scan_unroll": inference_scan_unroll(cfg),
     **({"profile": profile} if profile else {}),
     "memory": common.memory_stats(),
     "memory_plan": common.compiled_memory(compiled),
@@ -153,17 +169,13 @@ def model_fn_for(args, name: str, image_size: int, objective):
   image_size above --trained-size, params is (params, trained-size params) and model_fn the
   guided network (upsample_guidance.make_upsample_guided_model_fn), as `dimsum_jax.sample` builds
   it."""
-  cfg = common.model_config(
-    name, image_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
-  )
+  cfg = model_config(args, name, image_size)
   model = models.create_model(cfg)
   params = init_params(model, cfg, args.seed, args.perturb)
   m = image_size // args.trained_size
   if not (args.upsample_guidance and m >= 2):
     return (lambda p, x, t, y: model.apply({"params": p}, x, t, y)), params, cfg
-  base_cfg = common.model_config(
-    name, args.trained_size // 8, dtype=args.dtype, scan_impl=args.scan_impl, smoke=args.smoke
-  )
+  base_cfg = model_config(args, name, args.trained_size)
   base = models.create_model(base_cfg)
   base_params = init_params(base, base_cfg, args.seed, args.perturb)
 
@@ -273,6 +285,7 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     "ms_per_nfe": timing["median_ms"] / nfe,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
+    "inference_scan_unroll": inference_scan_unroll(cfg),
     **({"profile": profile} if profile else {}),
     "output_finite": bool(jnp.all(jnp.isfinite(x1))),
     "memory": common.memory_stats(),
@@ -329,6 +342,14 @@ def main(argv=None):
     dest="fuse_scans",
     action="store_false",
     help="one kernel call per selective scan at every batch (selective_scan.FUSE_MAX_PROGRAMS=0)",
+  )
+  p.add_argument(
+    "--inference-scan-unroll",
+    type=int,
+    default=None,
+    help="model.inference_scan_unroll: block groups (DiT blocks) per iteration of the stack's "
+    "scan in the forward and the solve; 0: all (no dynamic slices of the stacked weights); "
+    "default: the config's (1, a rolled loop)",
   )
   p.add_argument(
     "--profile",

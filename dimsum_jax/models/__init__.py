@@ -68,8 +68,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       "attn_every": 4,  # shared transformer after every k DiMSUM blocks (0 = never)
       "scan_unroll": 0,  # DiMSUM block groups, DiT blocks per iteration of the stack's scan in
       # training-mode calls; 0: all (straight-line code: on an H100 DiMSUM-L/2 trains 1.32x and
-      # DiT-L/2 1.23x faster, BENCHMARKS.md); 1: a rolled loop, the fastest compile. Inference
-      # is always rolled.
+      # DiT-L/2 1.23x faster, BENCHMARKS.md); 1: a rolled loop, the fastest compile.
+      "inference_scan_unroll": 1,  # the same for inference-mode calls (sampling, evaluation):
+      # 0 runs the stack's weights as static slices instead of one dynamic slice (a copy) per
+      # block group and evaluation, for a longer compile; 1: a rolled loop.
       "dim_padding": dim.DEFAULT_PADDING,  # DiM only: lateral (256 px) or rho_pad (512 px)
     }
   )
@@ -101,8 +103,9 @@ FAMILY_FIELDS = {
     "attention_impl",
     "attn_every",
     "scan_unroll",
+    "inference_scan_unroll",
   ),
-  "DiT": ("attention_impl", "scan_unroll"),
+  "DiT": ("attention_impl", "scan_unroll", "inference_scan_unroll"),
   "DiM": ("scan_impl", "dim_padding"),
 }
 

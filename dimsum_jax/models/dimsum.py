@@ -265,7 +265,8 @@ class DiMSUM(nn.Module, kw_only=True):
   remat: str = "none"  # recompute in the backward: none, dots or full (REMAT_POLICIES)
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
   scan_unroll: int = 1  # training-mode calls: block groups per iteration of the stack's nn.scan
-  # (0: all of them, straight-line code; same parameters); inference runs the rolled loop
+  # (0: all of them, straight-line code; same parameters)
+  inference_scan_unroll: int = 1  # the same for inference-mode calls (sampling, evaluation)
   dtype: Dtype = jnp.float32
 
   def check(self):
@@ -386,7 +387,9 @@ class DiMSUM(nn.Module, kw_only=True):
       split_rngs={"params": True, "dropout": True},
       length=groups,
       in_axes=(0, nn.broadcast, nn.broadcast),
-      unroll=stack_unroll(self.scan_unroll, groups, train, "block group"),
+      unroll=stack_unroll(
+        self.scan_unroll, self.inference_scan_unroll, groups, train, "block group"
+      ),
     )
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")
     residual = jnp.zeros(h.shape, jnp.promote_types(self.dtype, jnp.float32))

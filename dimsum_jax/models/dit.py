@@ -80,6 +80,7 @@ class DiT(nn.Module, kw_only=True):
   remat: str = "none"  # recompute in the backward: none, dots or full
   attention_impl: str = "auto"  # auto (cuDNN where it runs, else XLA), xla or cudnn
   scan_unroll: int = 1  # training-mode calls: blocks per iteration of the stack's nn.scan; 0: all
+  inference_scan_unroll: int = 1  # the same for inference-mode calls (sampling, evaluation)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -109,7 +110,7 @@ class DiT(nn.Module, kw_only=True):
       split_rngs={"params": True},
       length=self.depth,
       in_axes=(0, nn.broadcast),
-      unroll=stack_unroll(self.scan_unroll, self.depth, train, "block"),
+      unroll=stack_unroll(self.scan_unroll, self.inference_scan_unroll, self.depth, train, "block"),
     )
     h, _ = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name="blocks")(
       h, None, c

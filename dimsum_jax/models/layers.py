@@ -332,16 +332,23 @@ def rematerialised(module_class, remat: str):
   return nn.remat(module_class, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
-def stack_unroll(scan_unroll: int, length: int, train: bool, unit: str) -> int:
-  """nn.scan's `unroll` for a stack of `length` units (`unit` names them in the error): every
-  one for scan_unroll=0, else scan_unroll per iteration, in training-mode calls only; inference
-  keeps the rolled loop (an unrolled sampler compiles several times longer)."""
-  if scan_unroll < 0:
-    raise ValueError(
-      f"scan_unroll={scan_unroll} must be 0 (every {unit} unrolled) or a number of {unit}s per "
-      "iteration (1: a rolled loop)."
-    )
-  return min(scan_unroll or length, length) if train else 1
+def stack_unroll(
+  scan_unroll: int, inference_scan_unroll: int, length: int, train: bool, unit: str
+) -> int:
+  """nn.scan's `unroll` for a stack of `length` units (`unit` names them in the error):
+  scan_unroll units per iteration in training-mode calls, inference_scan_unroll in inference
+  (sampling, evaluation); 0 unrolls every one (straight-line code), 1 keeps a rolled loop."""
+  for name, value in (
+    ("scan_unroll", scan_unroll),
+    ("inference_scan_unroll", inference_scan_unroll),
+  ):
+    if value < 0:
+      raise ValueError(
+        f"model.{name}={value} must be 0 (every {unit} unrolled) or a number of {unit}s per "
+        "iteration (1: a rolled loop)."
+      )
+  unroll = scan_unroll if train else inference_scan_unroll
+  return min(unroll or length, length)
 
 
 def drop_path(x, rate, deterministic: bool, rng=None):

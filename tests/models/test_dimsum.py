@@ -706,7 +706,8 @@ def test_unrolled_group_scan_changes_nothing_but_the_program():
   calls (3 here: all of them, straight-line code, as 0 asks): the parameter tree, the training-mode
   value (drop path and label dropout through the lifted rngs) and every gradient equal the rolled
   scan's in float64; 2 of 3 groups leaves a remainder iteration. Inference calls run the rolled
-  loop whatever the setting; scan_unroll=-1 is one sentence."""
+  loop whatever scan_unroll says; inference_scan_unroll=0 unrolls them with the rolled loop's
+  value; scan_unroll=-1 is one sentence."""
   with jax.enable_x64(True):
     base = common.tiny_config(dtype="float64", depth=3, drop_path=0.2)  # 3 groups of one block
     x, t, y = common.inputs(base, batch=2, dtype=np.float64)
@@ -744,6 +745,13 @@ def test_unrolled_group_scan_changes_nothing_but_the_program():
       )(params)
       unrolls[train] = [e.params["unroll"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
     assert unrolls == {True: [3], False: [1]}, unrolls
+    inference = lambda m: jax.jit(lambda p: m.apply({"params": p}, x, t, y))
+    unrolled = create_model(dict(base, inference_scan_unroll=0))
+    jaxpr = jax.make_jaxpr(lambda p: unrolled.apply({"params": p}, x, t, y))(params)
+    assert [e.params["unroll"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"] == [3]
+    np.testing.assert_allclose(
+      inference(unrolled)(params), inference(create_model(base))(params), rtol=1e-12, atol=1e-14
+    )
   with pytest.raises(ValueError, match=r"scan_unroll=-1 must be 0 \(every block group"):
     model = create_model(dict(common.tiny_config(), scan_unroll=-1))
     model.init(rngs, *common.inputs(common.tiny_config(), batch=1))

@@ -173,7 +173,7 @@ def test_unrolled_block_scan_changes_nothing_but_the_program():
   """scan_unroll unrolls the stack's scan over blocks in training-mode calls (0: all 3 blocks):
   the parameters, the training-mode value (label dropout through the lifted rng) and every
   gradient equal the rolled loop's in float64 (a remainder iteration is the DiMSUM test's case);
-  inference calls keep the rolled loop."""
+  inference calls keep the rolled loop unless inference_scan_unroll asks (0: the same value)."""
   with jax.enable_x64(True):
     base = _dit_config(dtype="float64", depth=3, label_dropout=0.5)
     x, t, y = common.inputs(base, batch=4, dtype=np.float64)
@@ -204,7 +204,14 @@ def test_unrolled_block_scan_changes_nothing_but_the_program():
     jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g, grads
     )
-  assert unrolls == {1: [[1], [1]], 0: [[3], [1]]}, unrolls
+    inference = lambda m: jax.jit(lambda p: m.apply({"params": p}, x, t, y))
+    unrolled = create_model(dict(base, inference_scan_unroll=0))
+    jaxpr = jax.make_jaxpr(lambda p: unrolled.apply({"params": p}, x, t, y))(params)
+    unrolls["inference 0"] = [e.params["unroll"] for e in jaxpr.eqns if e.primitive.name == "scan"]
+    np.testing.assert_allclose(
+      inference(unrolled)(params), inference(create_model(base))(params), rtol=1e-12, atol=1e-14
+    )
+  assert unrolls == {1: [[1], [1]], 0: [[3], [1]], "inference 0": [3]}, unrolls
 
 
 @pytest.mark.parametrize(
@@ -217,8 +224,13 @@ def test_unrolled_block_scan_changes_nothing_but_the_program():
     ),
     (
       dict(scan_unroll=-1),
-      "scan_unroll=-1 must be 0 (every block unrolled) or a number of blocks per iteration "
-      "(1: a rolled loop).",
+      "model.scan_unroll=-1 must be 0 (every block unrolled) or a number of blocks per "
+      "iteration (1: a rolled loop).",
+    ),
+    (
+      dict(inference_scan_unroll=-1),
+      "model.inference_scan_unroll=-1 must be 0 (every block unrolled) or a number of blocks "
+      "per iteration (1: a rolled loop).",
     ),
     (
       dict(hidden_size=40),
