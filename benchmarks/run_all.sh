@@ -2,7 +2,7 @@
 # The GPU benchmarks behind BENCHMARKS.md, one stage after another, each under its own time limit.
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
-#                                               scaling profile profile_dit lowering
+#                                               scaling profile profile_dit lowering inference_unroll
 #                                               (default: train sample scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
@@ -78,13 +78,21 @@ for stage in $stages; do
             $([ $cast = off ] && echo --no-precast) --out "$results"
         done
       done ;;
+    inference_unroll)  # change S3: the sampler's block groups unrolled (model.inference_scan_unroll=0)
+      for unroll in 1 0; do
+        for cfg in 1.0 1.4; do
+          step "sample_inference_unroll${unroll}_cfg${cfg}" "${UNROLL_LIMIT:-240}" benchmarks/sample.py \
+            --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 --warmup 1 \
+            --inference-scan-unroll "$unroll" --out "$results"
+        done
+      done ;;
     lowering)  # the Python half of the DiMSUM-L/2 step's compile (runs on a CPU as well)
       step lowering "${LOWERING_LIMIT:-300}" benchmarks/lowering.py --out "$results" ;;
     scaling)
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll)" >&2
       exit 2 ;;
   esac
 done
