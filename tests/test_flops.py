@@ -117,6 +117,13 @@ def test_scan_bodies_count_once_unless_unrolled():
   assert body <= flops.xla_flops(loop, *args, unroll=False) < 1.1 * body
 
 
+def test_unrolling_a_scan_of_unknown_layout_is_one_sentence(monkeypatch):
+  monkeypatch.setattr(flops.jaxpr_params, "scan_operand_counts", lambda params: None)
+  loop = lambda h, ws: jax.lax.scan(lambda h, w: (h @ w, None), h, ws)[0]
+  with pytest.raises(RuntimeError, match=r"cannot read: count with unroll=False or use JAX"):
+    flops.unroll_scans(loop)(jnp.ones((3, 5)), jnp.ones((4, 5, 5)))
+
+
 def test_param_count_is_sum_of_leaves(tiny):
   cfg, model, variables, _ = tiny
   leaves = jax.tree_util.tree_leaves(variables["params"])

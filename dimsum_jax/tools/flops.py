@@ -191,9 +191,9 @@ def _scan_unrolled(params, invals):
   body, length = params['jaxpr'], params['length']
   counts = jaxpr_params.scan_operand_counts(params)
   if counts is None:
-    raise NotImplementedError(
-      f'the scan parameters of this JAX ({sorted(params)}) are unknown; '
-      'add their layout to dimsum_jax.jaxpr_params.'
+    raise RuntimeError(
+      f'This JAX ({jax.__version__}) names its scan parameters {sorted(params)}, which the '
+      'unrolled flop count cannot read: count with unroll=False or use JAX 0.10 or 0.11.'
     )
   n_consts, n_carry = counts
   consts, carry = invals[:n_consts], invals[n_consts : n_consts + n_carry]
