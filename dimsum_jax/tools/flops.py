@@ -246,10 +246,18 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 def xla_flops(fn, *args, unroll: bool = True, fast_compile: bool = True) -> float:
-  """XLA's flop count of jit(fn) on abstract args; scans unrolled unless unroll=False."""
+  """XLA's flop count of jit(fn) on abstract args; scans unrolled unless unroll=False.
+
+  Always compiled for the CPU: a GPU compiler fuses and rewrites differently (cuBLAS calls, bias
+  adds folded into epilogues), so its count would depend on the machine that counted."""
   target = unroll_scans(fn) if unroll else fn
   options = FAST_COMPILE if fast_compile else None
-  analysis = jax.jit(target, compiler_options=options).lower(*args).compile().cost_analysis()
+  cpu = jax.devices('cpu')[0]
+  on_cpu = jax.sharding.SingleDeviceSharding(cpu)
+  args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=on_cpu), args)
+  with jax.default_device(cpu):
+    lowered = jax.jit(target, compiler_options=options).lower(*args)
+  analysis = lowered.compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
     analysis = analysis[0]
   return float(analysis['flops'])
