@@ -10,7 +10,7 @@ Without --config the model section is `dimsum_jax.models.default_model_config()`
 Printed:
   * parameters: total and per top-level module (jax.eval_shape, nothing is allocated);
   * XLA: `jax.jit(forward).lower(...).compile().cost_analysis()['flops']` at batch 1, float32,
-    and multiply-accumulates = flops / 2;
+    compiled for the CPU on every machine, and multiply-accumulates = flops / 2;
   * analytic multiply-accumulates by component (matmuls, attention scores, selective scan;
     `dimsum_components`, `dit_components`, `dim_components`);
   * for DiMSUM, the count in the paper's convention (see below).
