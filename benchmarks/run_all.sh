@@ -3,6 +3,7 @@
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
 #                                               scaling profile profile_dit lowering inference_unroll
+#                                               hoist_adaln
 #                                               (default: train sample scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
@@ -86,13 +87,21 @@ for stage in $stages; do
             --inference-scan-unroll "$unroll" --out "$results"
         done
       done ;;
+    hoist_adaln)  # the adaLN Linears of all block groups as one batched matmul per block position
+      for hoist in off on; do
+        for cfg in 1.0 1.4; do
+          step "sample_hoist_adaln_${hoist}_cfg${cfg}" "${HOIST_LIMIT:-150}" benchmarks/sample.py \
+            --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 --warmup 1 \
+            $([ $hoist = on ] && echo --inference-hoist-adaln) --out "$results"
+        done
+      done ;;
     lowering)  # the Python half of the DiMSUM-L/2 step's compile (runs on a CPU as well)
       step lowering "${LOWERING_LIMIT:-300}" benchmarks/lowering.py --out "$results" ;;
     scaling)
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln)" >&2
       exit 2 ;;
   esac
 done

@@ -113,14 +113,14 @@ def model_config(args, name: str, image_size: int):
   )
   if args.inference_scan_unroll is not None and "inference_scan_unroll" in models.fields_read(name):
     cfg.inference_scan_unroll = args.inference_scan_unroll
+  if args.inference_hoist_adaln and "inference_hoist_adaln" in models.fields_read(name):
+    cfg.inference_hoist_adaln = True
   return cfg
 
 
-def inference_scan_unroll(cfg):
-  """The model's inference_scan_unroll, None for a model that has none (DiM)."""
-  return (
-    cfg.inference_scan_unroll if "inference_scan_unroll" in models.fields_read(cfg.name) else None
-  )
+def field_read(cfg, field: str):
+  """The model's setting of `field`, None for a model that does not read it."""
+  return cfg[field] if field in models.fields_read(cfg.name) else None
 
 
 def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
@@ -157,7 +157,8 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     "output_finite": finite,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
-    "inference_scan_unroll": inference_scan_unroll(cfg),
+    "inference_scan_unroll": field_read(cfg, "inference_scan_unroll"),
+    "inference_hoist_adaln": field_read(cfg, "inference_hoist_adaln"),
     **({"profile": profile} if profile else {}),
     "memory": common.memory_stats(),
     "memory_plan": common.compiled_memory(compiled),
@@ -285,7 +286,8 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     "ms_per_nfe": timing["median_ms"] / nfe,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
-    "inference_scan_unroll": inference_scan_unroll(cfg),
+    "inference_scan_unroll": field_read(cfg, "inference_scan_unroll"),
+    "inference_hoist_adaln": field_read(cfg, "inference_hoist_adaln"),
     **({"profile": profile} if profile else {}),
     "output_finite": bool(jnp.all(jnp.isfinite(x1))),
     "memory": common.memory_stats(),
@@ -350,6 +352,12 @@ def main(argv=None):
     help="model.inference_scan_unroll: block groups (DiT blocks) per iteration of the stack's "
     "scan in the forward and the solve; 0: all (no dynamic slices of the stacked weights); "
     "default: the config's (1, a rolled loop)",
+  )
+  p.add_argument(
+    "--inference-hoist-adaln",
+    action="store_true",
+    help="model.inference_hoist_adaln (DiMSUM): every block's adaLN Linear for all block groups "
+    "in one batched matmul before the stack",
   )
   p.add_argument(
     "--profile",

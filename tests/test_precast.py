@@ -126,6 +126,7 @@ def test_a_scan_of_unknown_layout_leaves_its_operands_uncast(monkeypatch):
 
 MODELS = {
   "DiMSUM": dict(name="DiMSUM-L/2", dtype="bfloat16"),
+  "DiMSUM-hoisted-adaLN": dict(name="DiMSUM-L/2", dtype="bfloat16", inference_hoist_adaln=True),
   "DiT": dict(name="DiT-S/2", hidden_size=48, depth=2, dtype="bfloat16"),
   "DiM": dict(name="DiM-L/2", hidden_size=32, depth=3, dtype="bfloat16"),
 }

@@ -72,6 +72,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       "inference_scan_unroll": 1,  # the same for inference-mode calls (sampling, evaluation):
       # 0 runs the stack's weights as static slices instead of one dynamic slice (a copy) per
       # block group and evaluation, for a longer compile; 1: a rolled loop.
+      "inference_hoist_adaln": False,  # DiMSUM, inference-mode calls: every block's adaLN Linear
+      # for all block groups in one batched matmul before the stack (fewer kernels at batch 1)
       "dim_padding": dim.DEFAULT_PADDING,  # DiM only: lateral (256 px) or rho_pad (512 px)
     }
   )
@@ -104,6 +106,7 @@ FAMILY_FIELDS = {
     "attn_every",
     "scan_unroll",
     "inference_scan_unroll",
+    "inference_hoist_adaln",
   ),
   "DiT": ("attention_impl", "scan_unroll", "inference_scan_unroll"),
   "DiM": ("scan_impl", "dim_padding"),

@@ -36,6 +36,7 @@ from dimsum_jax.models.layers import (
   rematerialised,
   sincos_pos_embed_2d,
   stack_unroll,
+  stacked_adaln,
   torch_default_kernel,
   unpatchify,
 )
@@ -97,9 +98,10 @@ class GatedMambaBranch(nn.Module):
       dtype=self.dtype,
     )
 
-  def scan_inputs(self, x, c):
-    """-> (the mixer's ScanInputs, what `output` needs besides their results)."""
-    shift, scale, gate = self.adaLN_modulation(c)
+  def scan_inputs(self, x, c, adaln_out=None):
+    """-> (the mixer's ScanInputs, what `output` needs besides their results). adaln_out: the
+    adaLN Linear's output if computed for the whole stack (`AdaLN`)."""
+    shift, scale, gate = self.adaLN_modulation(c, adaln_out)
     mixer_in = modulate(x, shift, scale)
     self.sow("intermediates", f"{self.tag}_mixer_in", mixer_in)
     return self.mixer.scan_inputs(mixer_in, c), (x, gate)
@@ -153,7 +155,10 @@ class DiMSUMBlock(nn.Module, kw_only=True):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, h, r, c, orders, drop_rate, train: bool):
+  def __call__(self, h, r, c, orders, drop_rate, train: bool, adaln_outs=None):
+    """adaln_outs: None, or this block's adaLN Linear outputs computed for the whole stack,
+    {"block", "spatial", "wavelet"} -> [b, 3 x width] (`DiMSUM.inference_hoist_adaln`)."""
+    adaln = adaln_outs or {}
     s_perm, s_inv, w_perm, w_inv = orders
     d = self.hidden_size // 2
     branch = lambda name, tag: GatedMambaBranch(
@@ -169,8 +174,12 @@ class DiMSUMBlock(nn.Module, kw_only=True):
     # u2 window by window; their selective scans go through one call (one kernel at small batch).
     spatial, wavelet = branch("spatial_mamba", "spatial"), branch("freq_mamba", "wavelet")
     w0 = haar.wavelet_tokens(u2, self.grid, self.wavelet_levels, self.wavelet_impl)
-    s_scans, s_rest = spatial.scan_inputs(permute_tokens(u1, s_perm, s_inv), c)
-    w_scans, w_rest = wavelet.scan_inputs(permute_tokens(w0, w_perm, w_inv), c)
+    s_scans, s_rest = spatial.scan_inputs(
+      permute_tokens(u1, s_perm, s_inv), c, adaln.get("spatial")
+    )
+    w_scans, w_rest = wavelet.scan_inputs(
+      permute_tokens(w0, w_perm, w_inv), c, adaln.get("wavelet")
+    )
     ys = selective_scan_many(s_scans + w_scans, True, impl=self.scan_impl)
     s = permute_tokens(spatial.output(ys[: len(s_scans)], s_rest), s_inv, s_perm)
     self.sow("intermediates", "spatial_out", s)
@@ -183,7 +192,7 @@ class DiMSUMBlock(nn.Module, kw_only=True):
     h = u + f
     shift, scale, gate = AdaLN(
       3, self.hidden_size, zero_init=True, dtype=self.dtype, name="adaLN_modulation"
-    )(c)
+    )(c, adaln.get("block"))
     mlp_in = modulate(RMSNorm(1e-5, self.dtype, name="norm_2")(h), shift, scale)
     h = h + gate[:, None, :] * GatedMLP(self.mlp_ratio * self.hidden_size, self.dtype, name="mlp")(
       mlp_in
@@ -202,9 +211,11 @@ class SharedTransformerBlock(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x, c):
+  def __call__(self, x, c, adaln_out=None):
     dim = x.shape[-1]
-    s1, sc1, g1, s2, sc2, g2 = AdaLN(6, dim, dtype=self.dtype, name="adaLN_modulation")(c)
+    s1, sc1, g1, s2, sc2, g2 = AdaLN(6, dim, dtype=self.dtype, name="adaLN_modulation")(
+      c, adaln_out
+    )
     x = x + g1[:, None] * SelfAttention(
       self.num_heads, self.dtype, attention_impl=self.attention_impl, name="attn"
     )(modulate(layer_norm(self.dtype)(x), s1, sc1))
@@ -227,18 +238,26 @@ class BlockGroup(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, carry, xs, c, shared_params):
+  def __call__(self, carry, xs, c, shared_params, shared_adaln_out):
     h, r = carry
-    drop_rates, dynamic_orders = xs
+    drop_rates, dynamic_orders, adaln_outs = xs
     train = self.train
     for j in range(self.size):
       if self.static_orders is not None:
         orders = tuple(np.asarray(o) for o in self.static_orders[j])
       else:
         orders = tuple(o[j] for o in dynamic_orders)
-      h, r = self.block.clone(name=f"block_{j}", parent=self)(h, r, c, orders, drop_rates[j], train)
+      h, r = self.block.clone(name=f"block_{j}", parent=self)(
+        h,
+        r,
+        c,
+        orders,
+        drop_rates[j],
+        train,
+        None if adaln_outs is None else adaln_outs[f"block_{j}"],
+      )
     if self.shared is not None:
-      h = self.shared.clone(parent=None).apply({"params": shared_params}, h, c)
+      h = self.shared.clone(parent=None).apply({"params": shared_params}, h, c, shared_adaln_out)
       self.sow("intermediates", "attn_block_out", h)
     return (h, r), None
 
@@ -267,6 +286,8 @@ class DiMSUM(nn.Module, kw_only=True):
   scan_unroll: int = 1  # training-mode calls: block groups per iteration of the stack's nn.scan
   # (0: all of them, straight-line code; same parameters)
   inference_scan_unroll: int = 1  # the same for inference-mode calls (sampling, evaluation)
+  inference_hoist_adaln: bool = False  # inference: every block's adaLN Linear for all groups at
+  # once, before the stack (one batched matmul per block position instead of one per block)
   dtype: Dtype = jnp.float32
 
   def check(self):
@@ -318,6 +339,25 @@ class DiMSUM(nn.Module, kw_only=True):
     wavelet = scan_orders.wavelet_orders(self.depth, g, g, self.wavelet_levels, self.scan_type)
     inv = lambda p: np.stack([scan_orders.inverse_permutation(q) for q in p])
     return [np.asarray(a, np.int32) for a in (spatial, inv(spatial), wavelet, inv(wavelet))]
+
+  def _hoisted_adaln(self, c, size, shared_params):
+    """The adaLN Linear outputs of every block for all block groups at once, from the stacked
+    parameters: ({block_j: {"block", "spatial", "wavelet"} -> [groups, b, 3 x width]} for the
+    scan to slice, the shared block's [b, 6D] or None). At batch 1 each Linear is a kernel
+    launch of its own; this issues one per block position and module instead of one per block."""
+    stacked = self.variables["params"]["groups"]
+    outs = {}
+    for j in range(size):
+      block = stacked[f"block_{j}"]
+      modules = {"block": block, "spatial": block["spatial_mamba"], "wavelet": block["freq_mamba"]}
+      outs[f"block_{j}"] = {
+        key: stacked_adaln(module["adaLN_modulation"], c, self.dtype)
+        for key, module in modules.items()
+      }
+    shared = None
+    if shared_params is not None:
+      shared = stacked_adaln(shared_params["adaLN_modulation"], c, self.dtype)
+    return outs, shared
 
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
@@ -381,19 +421,29 @@ class DiMSUM(nn.Module, kw_only=True):
     rates = np.concatenate([[0.0], np.linspace(0.0, self.drop_path, self.depth)])[: self.depth]
     rates = jnp.asarray(rates.reshape(groups, size), jnp.float32)
 
+    adaln_outs, shared_adaln_out = None, None
+    if self.inference_hoist_adaln and not train and not self.is_initializing():
+      adaln_outs, shared_adaln_out = self._hoisted_adaln(c, size, shared_params)
+
     scan = nn.scan(
       rematerialised(BlockGroup, self.remat),
       variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
       length=groups,
-      in_axes=(0, nn.broadcast, nn.broadcast),
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
       unroll=stack_unroll(
         self.scan_unroll, self.inference_scan_unroll, groups, train, "block group"
       ),
     )
     stack = scan(size, block, shared, static if periodic else None, train, name="groups")
     residual = jnp.zeros(h.shape, jnp.promote_types(self.dtype, jnp.float32))
-    (h, _), _ = stack((h, residual), (rates, None if periodic else dynamic), c, shared_params)
+    (h, _), _ = stack(
+      (h, residual),
+      (rates, None if periodic else dynamic, adaln_outs),
+      c,
+      shared_params,
+      shared_adaln_out,
+    )
 
     out = FinalLayer(self.patch_size, self.in_channels, self.dtype, name="final_layer")(h, c)
     self.sow("intermediates", "final_layer_out", out)

@@ -268,12 +268,25 @@ class AdaLN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, c):
-    init = nn.initializers.zeros if self.zero_init else torch_default_kernel
-    out = nn.Dense(self.chunks * self.features, kernel_init=init, dtype=self.dtype, name="linear")(
-      nn.silu(c)
-    )
-    return jnp.split(out, self.chunks, axis=-1)
+  def __call__(self, c, linear_out=None):
+    """c [b, D] -> `chunks` arrays [b, features]. linear_out [b, chunks * features]: the Linear's
+    output computed elsewhere (`stacked_adaln`, for a whole stack at once); the layer's
+    parameters are then not read."""
+    if linear_out is None:
+      init = nn.initializers.zeros if self.zero_init else torch_default_kernel
+      linear_out = nn.Dense(
+        self.chunks * self.features, kernel_init=init, dtype=self.dtype, name="linear"
+      )(nn.silu(c))
+    return jnp.split(linear_out, self.chunks, axis=-1)
+
+
+def stacked_adaln(params, c, dtype: Dtype):
+  """The Linear of AdaLN for a stack of layers at once: params {"linear": {"kernel": [..., D, F],
+  "bias": [..., F]}} (leading stack axes, e.g. nn.scan's), c [b, D] -> [..., b, F], the same
+  arithmetic as nn.Dense(dtype=dtype) per layer, as one batched matmul."""
+  kernel, bias = params["linear"]["kernel"], params["linear"]["bias"]
+  x, kernel, bias = nn.dtypes.promote_dtype(nn.silu(c), kernel, bias, dtype=dtype)
+  return jnp.einsum("bd,...df->...bf", x, kernel) + bias[..., None, :]
 
 
 class FinalLayer(nn.Module):

@@ -21,7 +21,7 @@ from dimsum_jax.ops import scan_orders
 from dimsum_jax.ops import selective_scan as ss
 from tests import seeds
 from tests.golden import manifest
-from tests.jaxprs import kernel_calls
+from tests.jaxprs import count_calls, kernel_calls
 from tests.models import common
 
 
@@ -781,3 +781,37 @@ def test_branch_scans_share_one_kernel_call_at_small_batch(seed, bidirectional, 
   np.testing.assert_array_equal(fused, apart)
   sequential = create_model(dict(mc, scan_impl="sequential")).apply({"params": params}, x, t, y)
   assert _rel(fused, sequential) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("scan_type", ["none", "sweep_8"])
+@seeds.each()
+def test_hoisted_adaln_is_the_same_function(scan_type, seed):
+  """inference_hoist_adaln computes every block's adaLN Linear (block, spatial and wavelet
+  branch, shared transformer) before the stack, one batched matmul per block position: in
+  float64, with every weight random (the zero-initialised adaLN too), the output equals the
+  per-block Linears' (2 groups of 2 blocks; fixed and per-block scan orders), and the scanned
+  body holds 3 x 2 + 1 = 7 matmuls fewer. Training-mode calls keep the per-block Linears."""
+  with jax.enable_x64(True):
+    base = common.tiny_config(dtype="float64", depth=4, attn_every=2, scan_type=scan_type)
+    x, t, y = common.inputs(base, batch=2, dtype=np.float64, seed=seed)
+    model, hoisted = create_model(base), create_model(dict(base, inference_hoist_adaln=True))
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), x, t, y)["params"]
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.unflatten(treedef, [a + 0.1 * rng.standard_normal(a.shape) for a in leaves])
+    apply = lambda m, **kw: jax.jit(lambda p: m.apply({"params": p}, x, t, y, **kw))
+    want, got = apply(model)(params), apply(hoisted)(params)
+    assert float(jnp.abs(want).max()) > 1e-2, f"seed {seed}"
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12, err_msg=f"seed {seed}")
+
+    def body_dots(m, train):
+      jaxpr = jax.make_jaxpr(
+        lambda p: m.apply(
+          {"params": p}, x, t, y, train=train, rngs={"dropout": jax.random.PRNGKey(0)}
+        )
+      )(params)
+      (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+      return count_calls(scan.params["jaxpr"], "dot_general")
+
+    assert body_dots(model, False) - body_dots(hoisted, False) == 7
+    assert body_dots(model, True) == body_dots(hoisted, True)
