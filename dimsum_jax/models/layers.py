@@ -286,7 +286,10 @@ def stacked_adaln(params, c, dtype: Dtype):
   arithmetic as nn.Dense(dtype=dtype) per layer, as one batched matmul."""
   kernel, bias = params["linear"]["kernel"], params["linear"]["bias"]
   x, kernel, bias = nn.dtypes.promote_dtype(nn.silu(c), kernel, bias, dtype=dtype)
-  return jnp.einsum("bd,...df->...bf", x, kernel) + bias[..., None, :]
+  # The stack axes as batch axes of both operands (x broadcast, a few KB): a batched GEMM that
+  # reads the kernel as stored, where contracting its middle axis would transpose (copy) it.
+  x = jnp.broadcast_to(x, kernel.shape[:-2] + x.shape)
+  return jnp.einsum("...bd,...df->...bf", x, kernel) + bias[..., None, :]
 
 
 class FinalLayer(nn.Module):
