@@ -132,7 +132,35 @@ def read_config(*, checkpoint_dir=None, workdir=None):
     if section in config:
       merged.update(config[section].to_dict())
     config[section] = ml_collections.ConfigDict(merged)
+  # How inference runs is the sampling command's choice (load_model's inference_options): a
+  # checkpoint stores the defaults of the code that trained it, and today's defaults apply.
+  for field in models.INFERENCE_FIELDS:
+    config.model[field] = base.model[field]
   return config, layout
+
+
+def set_inference_options(config, options) -> None:
+  """Sets model.inference_* fields (models.INFERENCE_FIELDS) of `config` from `options`, a dict
+  whose None values keep the default; SampleError for a field that is none of them."""
+  for field, value in (options or {}).items():
+    if field not in models.INFERENCE_FIELDS:
+      raise SampleError(
+        f'{field} is not an inference option of the model: use one of '
+        f'{", ".join(models.INFERENCE_FIELDS)}.'
+      )
+    if value is None:
+      continue
+    if field not in models.fields_read(config.model.name):
+      raise SampleError(
+        f'--{field} does not apply to {config.model.name} '
+        f'({models.family(config.model.name)} models do not read it): leave it out.'
+      )
+    if field == 'inference_scan_unroll' and value < 0:
+      raise SampleError(
+        f'--inference_scan_unroll={value} must be 0 (the whole stack unrolled) or the number of '
+        'blocks (DiMSUM: block groups) per loop iteration (1: a rolled loop).'
+      )
+    config.model[field] = value
 
 
 def _restore_export(path, abstract):
@@ -180,12 +208,16 @@ def load_model(
   mesh=None,
   image_size=None,
   interpolation='auto',
+  inference_options=None,
 ) -> LoadedModel:
   """The EMA weights of an export, a conversion or a training workdir, replicated over `mesh`;
   with `image_size` (px) other than the trained one, the model rebuilt for that size
   (warm_start.resize_model: the position table interpolated, `interpolation` 'auto' = the
-  family's own; scan orders and wavelet windows follow the new token grid)."""
+  family's own; scan orders and wavelet windows follow the new token grid).
+  inference_options: {field: value or None} for the fields of models.INFERENCE_FIELDS (default:
+  today's defaults, whatever the checkpoint stored)."""
   config, layout = read_config(checkpoint_dir=checkpoint_dir, workdir=workdir)
+  set_inference_options(config, inference_options)
   vae_path = check_vae(config, vae_dir)
   mesh = sampling_mesh() if mesh is None else mesh
   where = os.path.abspath(checkpoint_dir or workdir)

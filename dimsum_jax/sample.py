@@ -52,6 +52,10 @@ take is refused by name. At m times the trained size, --upsample_guidance=THETA 
 adds Upsample Guidance from the model at its trained size
 (upsample_guidance.make_upsample_guided_model_fn: the velocity form for flow matching, upstream's
 noise form for DiM), one trained-size evaluation per guided step on top of the counted NFE.
+
+--inference_scan_unroll and --inference_hoist_adaln choose how the model runs (the same function,
+other kernels; models.INFERENCE_FIELDS): they default to the package's defaults, not to what the
+checkpoint's config stored, and may change between a run and its resumption.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from dimsum_jax import checkpoint
 from dimsum_jax import command_line
 from dimsum_jax import io_utils
 from dimsum_jax import model_loading
+from dimsum_jax import models
 from dimsum_jax import sample_io
 from dimsum_jax import sampler
 from dimsum_jax import sampling
@@ -158,6 +163,7 @@ def run(
   interpolation='auto',
   evaluate=None,
   eval_options=None,
+  inference_options=None,
   **options,
 ):
   """The CLI without flags (see the module docstring); returns the summary dict (process 0).
@@ -170,6 +176,8 @@ def run(
   options of `python -m dimsum_jax.evaluate` (features, inception, metrics, preprocess,
   batch_size, split_size, cache_dir).
   image_size, interpolation: sample at another size than trained (see load_model).
+  inference_options: {model.inference_* field: value or None (the default)}, how the model runs
+  (model_loading.set_inference_options); never part of what makes the samples.
   """
   opts = sampler.sampling_options(**options)  # flags first: nothing loaded or written on a typo
   if not out:
@@ -191,6 +199,7 @@ def run(
     mesh=model_loading.sampling_mesh(devices),
     image_size=image_size,
     interpolation=interpolation,
+    inference_options=inference_options,
   )
   sampler.check_mode(loaded, opts)
   classes = sampler.check_classes(loaded, classes)
@@ -389,6 +398,20 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_integer(
     'image_size', None, 'Sample at this many px (default: the trained size).', **on
   )
+  flags.DEFINE_integer(
+    'inference_scan_unroll',
+    None,
+    'Blocks (DiMSUM: block groups) per iteration of the model stack\'s loop; 0 unrolls it '
+    '(a longer compile). Default: the package\'s, whatever the checkpoint stored.',
+    **on,
+  )
+  flags.DEFINE_boolean(
+    'inference_hoist_adaln',
+    None,
+    'DiMSUM: every block\'s adaLN Linear for all block groups as one batched matmul before the '
+    'stack (fewer kernels at small batches). Default: the package\'s.',
+    **on,
+  )
   flags.DEFINE_string(
     'interpolation',
     'auto',
@@ -433,6 +456,7 @@ def main(argv):
       classes=classes,
       evaluate=FLAGS.evaluate,
       eval_options=eval_options,
+      inference_options={name: FLAGS[name].value for name in models.INFERENCE_FIELDS},
       **{name: FLAGS[name].value for name in RUN_FLAGS},
     )
   except USER_ERRORS as e:

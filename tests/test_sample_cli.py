@@ -288,6 +288,48 @@ def test_bad_input_is_one_clear_sentence_and_writes_nothing(run_dirs, tmp_path):
     assert not out.exists(), overrides
 
 
+def test_inference_options_come_from_the_command_not_the_checkpoint(run_dirs, tmp_path):
+  """model.inference_* (models.INFERENCE_FIELDS) stored in a checkpoint's config give way to
+  today's defaults and to the command's flags; they change how the model runs, not the samples."""
+  _, export_dir, ref_out = run_dirs
+  stored = tmp_path / 'stored'
+  shutil.copytree(export_dir, stored)
+  config = json.loads((stored / 'config.json').read_text())
+  config['model']['inference_scan_unroll'] = 5  # what an older run might have stored
+  (stored / 'config.json').write_text(json.dumps(config))
+  defaults = models.default_model_config()
+  loaded = sample.load_model(checkpoint_dir=str(stored))
+  assert loaded.config.model.inference_scan_unroll == defaults.inference_scan_unroll
+  assert loaded.model.inference_scan_unroll == defaults.inference_scan_unroll
+  options = {'inference_scan_unroll': 0, 'inference_hoist_adaln': None}
+  loaded = sample.load_model(checkpoint_dir=str(stored), inference_options=options)
+  assert loaded.model.inference_scan_unroll == 0
+  sample.run(
+    checkpoint=str(stored),
+    out=str(tmp_path / 'out'),
+    pngs=False,
+    inference_options=options,
+    **SETTINGS,
+  )
+  images, _ = load_npz(tmp_path / 'out' / 'samples.npz')
+  np.testing.assert_array_equal(images, load_npz(ref_out / 'samples.npz')[0])
+  cases = [
+    (
+      {'inference_hoist_adaln': True},
+      r'^--inference_hoist_adaln does not apply to DiT-S/2 \(DiT models do not read it\): '
+      r'leave it out\.$',
+    ),
+    ({'inference_scan_unroll': -1}, r'^--inference_scan_unroll=-1 must be 0 .*\.$'),
+    ({'scan_unroll': 0}, r'^scan_unroll is not an inference option of the model: use one of '),
+  ]
+  for options, message in cases:
+    with pytest.raises(sample.SampleError, match=message):
+      sample.run(
+        checkpoint=str(stored), out=str(tmp_path / 'bad'), inference_options=options, **SETTINGS
+      )
+    assert not (tmp_path / 'bad').exists(), options
+
+
 def test_failed_batches_are_reported():
   opts = sample.sampling_options(solver='dopri5', max_steps=64)
   images = jnp.zeros((2, 1, 1, 1), jnp.uint8)

@@ -92,6 +92,10 @@ COMMON_FIELDS = (
   "hidden_size",
   "remat",
 )
+# Fields that change only how inference-mode calls run (sampling, evaluation), never the function
+# or the parameters: a sampling command takes them from its own flags and defaults, not from the
+# checkpoint's config (model_loading.read_config).
+INFERENCE_FIELDS = ("inference_scan_unroll", "inference_hoist_adaln")
 # Module keywords that differ from the config field's name.
 MODULE_KEYWORDS = {"dim_padding": "padding"}
 FAMILY_FIELDS = {
