@@ -3,7 +3,7 @@
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
 #                                               scaling profile profile_dit lowering inference_unroll
-#                                               hoist_adaln
+#                                               hoist_adaln command_buffers
 #                                               (default: train sample scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
@@ -95,13 +95,23 @@ for stage in $stages; do
             $([ $hoist = on ] && echo --inference-hoist-adaln) --out "$results"
         done
       done ;;
+    command_buffers)  # the sampler's loops (the solve, the block groups) inside CUDA graphs
+      graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+      for loops in default graphed; do
+        flags=${XLA_FLAGS:-}
+        [ $loops = graphed ] && flags="${flags:+$flags }--xla_gpu_enable_command_buffer=$graphs"
+        for cfg in 1.0 1.4; do
+          XLA_FLAGS="$flags" step "sample_command_buffers_${loops}_cfg${cfg}" "${GRAPHS_LIMIT:-150}" benchmarks/sample.py \
+            --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 --warmup 1 --out "$results"
+        done
+      done ;;
     lowering)  # the Python half of the DiMSUM-L/2 step's compile (runs on a CPU as well)
       step lowering "${LOWERING_LIMIT:-300}" benchmarks/lowering.py --out "$results" ;;
     scaling)
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln command_buffers)" >&2
       exit 2 ;;
   esac
 done

@@ -371,27 +371,37 @@ def test_every_sampling_option_is_a_flag_made_from_its_default():
 def test_command_line_errors_exit_nonzero(run_dirs, tmp_path):
   _, export_dir, _ = run_dirs
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'dimsum_jax.sample',
-      f'--checkpoint={export_dir}',
-      f'--out={tmp_path / "out"}',
-      '--num_samples=2',
-      '--classes=0,11',
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert r.returncode == 1, r.stderr[-2000:]
-  assert r.stderr.strip().splitlines()[-1] == (
-    'error: Class 11 is out of range: this model has 10 classes (0 to 9).'
-  )
-  assert not (tmp_path / 'out').exists()
+  cases = [
+    (
+      ['--classes=0,11', '--inference_scan_unroll=0'],
+      'error: Class 11 is out of range: this model has 10 classes (0 to 9).',
+    ),
+    (
+      ['--inference_hoist_adaln'],
+      'error: --inference_hoist_adaln does not apply to DiT-S/2 (DiT models do not read it): '
+      'leave it out.',
+    ),
+  ]
+  for flags, message in cases:
+    r = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'dimsum_jax.sample',
+        f'--checkpoint={export_dir}',
+        f'--out={tmp_path / "out"}',
+        '--num_samples=2',
+        *flags,
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / 'out').exists()
 
 
 _DEVICES = textwrap.dedent("""
