@@ -368,6 +368,13 @@ def test_every_sampling_option_is_a_flag_made_from_its_default():
   ) == (7, True, 1e-4, 'None')
 
 
+def _python(*args, env, timeout):
+  """This Python on `args` in the repository root, its output captured as text."""
+  return subprocess.run(
+    [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )
+
+
 def test_command_line_errors_exit_nonzero(run_dirs, tmp_path):
   _, export_dir, _ = run_dirs
   env = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -383,22 +390,8 @@ def test_command_line_errors_exit_nonzero(run_dirs, tmp_path):
     ),
   ]
   for flags, message in cases:
-    r = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'dimsum_jax.sample',
-        f'--checkpoint={export_dir}',
-        f'--out={tmp_path / "out"}',
-        '--num_samples=2',
-        *flags,
-      ],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=120,
-    )
+    args = ['-m', 'dimsum_jax.sample', f'--checkpoint={export_dir}', f'--out={tmp_path / "out"}']
+    r = _python(*args, '--num_samples=2', *flags, env=env, timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == message
     assert not (tmp_path / 'out').exists()
@@ -433,14 +426,7 @@ def test_same_seed_same_samples_on_1_and_8_devices(run_dirs, tmp_path):
     XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0',
     JAX_PLATFORMS='cpu',
   )
-  r = subprocess.run(
-    [sys.executable, '-c', _DEVICES, str(export_dir), str(tmp_path), str(SEED)],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  r = _python('-c', _DEVICES, str(export_dir), str(tmp_path), str(SEED), env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(r.stdout.strip().splitlines()[-1])
   assert result['devices'] == [8, 1]
