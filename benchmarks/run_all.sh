@@ -3,7 +3,7 @@
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
 #                                               scaling profile profile_dit lowering inference_unroll
-#                                               hoist_adaln command_buffers
+#                                               hoist_adaln command_buffers time_segments
 #                                               (default: train sample scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
@@ -95,6 +95,14 @@ for stage in $stages; do
             $([ $hoist = on ] && echo --inference-hoist-adaln) --out "$results"
         done
       done ;;
+    time_segments)  # batch-1 scans as up to 8 segments per row in two kernel calls
+      for segments in 1 8; do
+        for cfg in 1.0 1.4; do
+          step "sample_time_segments${segments}_cfg${cfg}" "${SEGMENTS_LIMIT:-150}" benchmarks/sample.py \
+            --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 --warmup 1 \
+            --time-segments "$segments" --out "$results"
+        done
+      done ;;
     command_buffers)  # the sampler's loops (the solve, the block groups) inside CUDA graphs
       graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
       for loops in default graphed; do
@@ -111,7 +119,7 @@ for stage in $stages; do
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln command_buffers)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln command_buffers time_segments)" >&2
       exit 2 ;;
   esac
 done

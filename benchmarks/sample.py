@@ -157,6 +157,7 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     "output_finite": finite,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
+    "time_segments": selective_scan.MAX_TIME_SEGMENTS,
     "inference_scan_unroll": field_read(cfg, "inference_scan_unroll"),
     "inference_hoist_adaln": field_read(cfg, "inference_hoist_adaln"),
     **({"profile": profile} if profile else {}),
@@ -286,6 +287,7 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     "ms_per_nfe": timing["median_ms"] / nfe,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
+    "time_segments": selective_scan.MAX_TIME_SEGMENTS,
     "inference_scan_unroll": field_read(cfg, "inference_scan_unroll"),
     "inference_hoist_adaln": field_read(cfg, "inference_hoist_adaln"),
     **({"profile": profile} if profile else {}),
@@ -346,6 +348,13 @@ def main(argv=None):
     help="one kernel call per selective scan at every batch (selective_scan.FUSE_MAX_PROGRAMS=0)",
   )
   p.add_argument(
+    "--time-segments",
+    type=int,
+    default=None,
+    help="selective_scan.MAX_TIME_SEGMENTS: a kernel call of few programs runs each row as up to "
+    "this many segments in two calls (default: the package's)",
+  )
+  p.add_argument(
     "--inference-scan-unroll",
     type=int,
     default=None,
@@ -379,6 +388,10 @@ def main(argv=None):
     raise SystemExit("--repeats must be at least 5 (the median of fewer is noise).")
   if not args.fuse_scans:
     selective_scan.FUSE_MAX_PROGRAMS = 0
+  if args.time_segments is not None:
+    if args.time_segments < 1:
+      raise SystemExit("--time-segments must be at least 1 (1: whole rows).")
+    selective_scan.MAX_TIME_SEGMENTS = args.time_segments
 
   env = common.environment()
   jobs = []

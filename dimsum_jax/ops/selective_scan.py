@@ -42,6 +42,12 @@ IMPLS = ("auto", "reference", "sequential", "pallas", "pallas_low_memory")
 # selective_scan_many fuses its scans into one kernel call when that call has at most this many
 # programs: one wave on an H100 or H200 (132 streaming multiprocessors).
 FUSE_MAX_PROGRAMS = 132
+# A kernel call with few programs (batch 1 in sampling) may instead run each row's sequence as up to
+# this many segments, each a row of its own: a first call finds every segment's end state from
+# zero, the segments' start states follow from those in a short loop, and a second call runs the
+# segments from them (`time_segments`). 1 keeps whole rows (the default until timed on a GPU).
+MAX_TIME_SEGMENTS = 1
+MIN_SEGMENT = 16  # time steps per segment, at least
 
 
 class ScanInputs(NamedTuple):
@@ -201,8 +207,8 @@ def _pallas(scans, delta_softplus, return_last_state, preset="fast"):
 
   options = selective_scan_pallas.PRESETS[preset]
 
-  def run(batched, shared):
-    """batched, shared: dicts of one scan's per-row and per-channel arguments."""
+  def call(batched, shared, last_state):
+    """One kernel call; batched, shared: dicts of one scan's per-row and per-channel arguments."""
     return selective_scan_pallas.selective_scan_pallas(
       batched["u"],
       batched["delta"],
@@ -214,9 +220,18 @@ def _pallas(scans, delta_softplus, return_last_state, preset="fast"):
       shared["delta_bias"],
       delta_softplus,
       batched["initial_state"],
-      return_last_state,
+      last_state,
       options,
     )
+
+  def run(batched, shared):
+    b, length, d = batched["u"].shape
+    programs = b * -(-d // selective_scan_pallas.BLOCK_D)
+    segments = time_segments(programs, length, options.chunk)
+    if segments == 1:
+      return call(batched, shared, return_last_state)
+    y, last = _in_segments(call, batched, shared, segments, delta_softplus)
+    return (y, last) if return_last_state else y
 
   def kernel(batched, shared):
     b, _, d = batched[0]["u"].shape
@@ -248,6 +263,62 @@ def _pallas(scans, delta_softplus, return_last_state, preset="fast"):
     axis_names=frozenset(axes),
     check_vma=False,
   )(batched, shared)
+
+
+def time_segments(programs: int, length: int, chunk: int) -> int:
+  """Segments per row for a kernel call of `programs` programs over `length` steps: the largest
+  power of two S <= MAX_TIME_SEGMENTS whose programs x S fit one wave (FUSE_MAX_PROGRAMS) and whose
+  segments are whole kernel chunks of at least MIN_SEGMENT steps; 1 when none is."""
+  segments = 1
+  while (
+    2 * segments <= MAX_TIME_SEGMENTS
+    and programs * 2 * segments <= FUSE_MAX_PROGRAMS
+    and length % (2 * segments * chunk) == 0
+    and length // (2 * segments) >= MIN_SEGMENT
+  ):
+    segments *= 2
+  return segments
+
+
+def _in_segments(call, batched, shared, segments, delta_softplus):
+  """(y, last state) of one kernel call's scans, each row's sequence run as `segments` rows.
+
+  A segment that starts from state h ends in P ⊙ h + e, where e is its end from zero (the first
+  call, without the D skip and the gate, which do not touch the state) and P = exp(A ΣΔ) is its
+  decay, Δ summed over its steps. The start states follow one segment after another, and the
+  second call runs every segment from its own start."""
+  u = batched["u"]
+  b, length, d = u.shape
+  seg = length // segments
+  stacked = shared["A"].ndim == 3  # parameter groups: [g, d, n], [g, d]
+  n = shared["A"].shape[-1]
+
+  def rows(x):
+    return None if x is None else x.reshape(b * segments, seg, x.shape[-1])
+
+  def per_row(x):  # a parameter for each of the b rows (group i for the i-th block of rows)
+    x = x if stacked else x[None]
+    return jnp.repeat(x, b // x.shape[0], axis=0)
+
+  steps = dict(u=rows(u), delta=rows(batched["delta"]), B=rows(batched["B"]), C=rows(batched["C"]))
+  _, ends = call(dict(steps, z=None, initial_state=None), dict(shared, D=None), True)
+  delta = batched["delta"].astype(jnp.float32)
+  if shared["delta_bias"] is not None:
+    delta = delta + per_row(shared["delta_bias"]).astype(jnp.float32)[:, None]
+  if delta_softplus:
+    delta = jax.nn.softplus(delta)
+  total = delta.reshape(b, segments, seg, d).sum(2)  # [b, S, d]
+  decay = jnp.exp(total[..., None] * per_row(shared["A"]).astype(jnp.float32)[:, None])
+  ends = ends.reshape(b, segments, d, n)
+  state = batched["initial_state"]
+  state = jnp.zeros((b, d, n), jnp.float32) if state is None else state.astype(jnp.float32)
+  starts = []
+  for s in range(segments):
+    starts.append(state)
+    state = decay[:, s] * state + ends[:, s]
+  start = jnp.stack(starts, 1).reshape(b * segments, d, n)
+  y, last = call(dict(steps, z=rows(batched["z"]), initial_state=start), shared, True)
+  return y.reshape(b, length, d), last.reshape(b, segments, d, n)[:, -1]
 
 
 def fuse_pays(groups: int, batch: int, dim: int) -> bool:

@@ -1,5 +1,6 @@
 """`selective_scan_many`: several independent scans, one Pallas call where a call each would leave
-the GPU idle (DiMSUM's two branches at batch 1), with the results of one call each.
+the GPU idle (DiMSUM's two branches at batch 1), with the results of one call each; and such a call's
+rows run as time segments (`MAX_TIME_SEGMENTS`), with the results of whole rows.
 
 The kernel runs in Pallas' generic interpreter on the CPU. Oracles: the same scans as separate
 kernel calls (fusion off: `FUSE_MAX_PROGRAMS = 0`) and the sequential scan; the number of kernel
@@ -93,3 +94,44 @@ def test_fuse_pays_counts_programs_of_one_wave():
   # DiMSUM-L/2's branches (1024 channels) at batch 1 and 8 fit one wave; training batches do not.
   assert ss.fuse_pays(2, 1, 1024) and ss.fuse_pays(2, 8, 1024)
   assert not ss.fuse_pays(2, 9, 1024) and not ss.fuse_pays(2, 128, 1024)
+
+
+def test_short_calls_run_in_time_segments_with_the_same_results(monkeypatch):
+  """Each row as 4 segments of 8 steps: two kernel calls (ends from zero, then every segment from
+  its start) give the whole rows' outputs, last states and gradients, fused or not, with and
+  without z, D, the bias, softplus and an initial state."""
+  monkeypatch.setattr(ss, "MAX_TIME_SEGMENTS", 4)
+  monkeypatch.setattr(ss, "MIN_SEGMENT", 8)
+  full = [_scan(SEED, length=32), _scan(SEED + 1, length=32)]
+  bare = [_scan(SEED + 2, b=2, length=32, d=160)._replace(z=None, D=None, delta_bias=None)]
+  bare[0] = bare[0]._replace(delta=bare[0].delta ** 2, initial_state=None)
+  assert ss.time_segments(2, 32, 4) == 4 and ss.time_segments(4, 32, 4) == 4
+  for scans, softplus in ((full, True), (bare, False)):
+    assert _kernel_calls(scans) == 2, softplus
+
+    def loss(scans, impl, softplus=softplus):
+      outs = ss.selective_scan_many(scans, softplus, True, impl=impl)
+      total = sum(jnp.sum(jnp.sin(y)) + jnp.sum(last**2) for y, last in outs)
+      return total, outs
+
+    grads = lambda impl: jax.jit(jax.value_and_grad(lambda s: loss(s, impl), has_aux=True))(scans)
+    (_, split), split_grads = grads("pallas")
+    (_, seq), seq_grads = grads("sequential")
+    err = jax.tree.map(
+      lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max()),
+      (split, split_grads),
+      (seq, seq_grads),
+    )
+    assert max(jax.tree.leaves(err)) < 1e-5, f"seed {SEED}, softplus {softplus}: {err}"
+
+
+def test_time_segments_fill_one_wave_with_whole_chunks(monkeypatch):
+  assert ss.MAX_TIME_SEGMENTS == 1 and ss.time_segments(16, 256, 4) == 1  # off by default
+  monkeypatch.setattr(ss, "MAX_TIME_SEGMENTS", 8)
+  # DiMSUM-L/2's fused branches: 16 programs at batch 1, 32 guided (batch 2), 1024 in training.
+  assert ss.time_segments(16, 256, 4) == 8
+  assert ss.time_segments(32, 256, 4) == 4
+  assert ss.time_segments(1024, 256, 4) == 1
+  # Segments are whole chunks of at least MIN_SEGMENT (16) steps.
+  assert ss.time_segments(16, 32, 4) == 2 and ss.time_segments(16, 24, 4) == 1
+  assert ss.time_segments(16, 96, 16) == 2  # 96 = 2 x 48 chunks of 16, not 4 x 24
