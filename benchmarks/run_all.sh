@@ -3,7 +3,7 @@
 #
 #   benchmarks/run_all.sh OUT_DIR [STAGE ...]   stages: train baseline sample precast encode evaluate
 #                                               scaling profile profile_dit lowering inference_unroll
-#                                               hoist_adaln command_buffers time_segments
+#                                               hoist_adaln sampler_flags time_segments
 #                                               (default: train sample scaling profile)
 # Writes OUT_DIR/results.jsonl (one JSON object per setting, every stage), OUT_DIR/log.txt (all
 # output), OUT_DIR/profile.json (the DiMSUM-L/2 step's kernel time by category, with its compiled
@@ -103,14 +103,23 @@ for stage in $stages; do
             --time-segments "$segments" --out "$results"
         done
       done ;;
-    command_buffers)  # the sampler's loops (the solve, the block groups) inside CUDA graphs
+    sampler_flags)  # XLA flags for the batch-1 sampler, against its defaults on one machine:
+      # graphs: the dopri5 loop and the block-group scan captured in command buffers (CUDA graphs);
+      # library: GEMMs through cuBLAS, so that dynamic-slice fusion can read each block group's
+      # weights in place instead of copying a slice of the stacked weights (S4 alone: no gain).
       graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
-      for loops in default graphed; do
+      for variant in default graphs library; do
+        case $variant in
+          default) extra= ;;
+          graphs) extra="--xla_gpu_enable_command_buffer=$graphs" ;;
+          library) extra="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true" ;;
+        esac
         flags=${XLA_FLAGS:-}
-        [ $loops = graphed ] && flags="${flags:+$flags }--xla_gpu_enable_command_buffer=$graphs"
+        [ -n "$extra" ] && flags="${flags:+$flags }$extra"
         for cfg in 1.0 1.4; do
-          XLA_FLAGS="$flags" step "sample_command_buffers_${loops}_cfg${cfg}" "${GRAPHS_LIMIT:-150}" benchmarks/sample.py \
-            --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 --warmup 1 --out "$results"
+          XLA_FLAGS="$flags" step "sample_flags_${variant}_cfg${cfg}" "${FLAGS_LIMIT:-150}" \
+            benchmarks/sample.py --skip-forward --sample-sizes 256 --cfg-scale "$cfg" --repeats 5 \
+            --warmup 1 --out "$results"
         done
       done ;;
     lowering)  # the Python half of the DiMSUM-L/2 step's compile (runs on a CPU as well)
@@ -119,7 +128,7 @@ for stage in $stages; do
       step scaling "${SCALING_LIMIT:-420}" benchmarks/scaling.py ${SCALING_ARGS:-} \
         --out "$results" ;;
     *)
-      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln command_buffers time_segments)" >&2
+      echo "unknown stage $stage (train baseline sample precast encode evaluate scaling profile profile_dit lowering inference_unroll hoist_adaln sampler_flags time_segments)" >&2
       exit 2 ;;
   esac
 done
