@@ -95,7 +95,9 @@ for stage in $stages; do
             $([ $hoist = on ] && echo --inference-hoist-adaln) --out "$results"
         done
       done ;;
-    time_segments)  # batch-1 scans as up to 8 segments per row in two kernel calls
+    time_segments)  # batch-1 scans as up to 8 segments per row in two kernel calls: the call
+      # alone (seconds), then the sampler
+      step scan_segments "${SCAN_SEGMENTS_LIMIT:-90}" benchmarks/scan_segments.py --out "$results"
       for segments in 1 8; do
         for cfg in 1.0 1.4; do
           step "sample_time_segments${segments}_cfg${cfg}" "${SEGMENTS_LIMIT:-150}" benchmarks/sample.py \
