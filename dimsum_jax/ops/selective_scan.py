@@ -14,6 +14,8 @@ implementation: the associative-scan reference here (TPU), the same recurrence s
 (`sequential`, CPU), or the Pallas GPU kernel. `selective_scan_many` takes several independent scans
 (`ScanInputs`) and, with the kernel, runs those of one shape as one call with parameter groups
 when a call each would leave the GPU idle (`fuse_pays`); its results are those of a call each.
+Such a call can also run each row's sequence as time segments in two calls (`MAX_TIME_SEGMENTS`,
+`time_segments`), with the results of whole rows up to float rounding.
 
 Sharding: XLA's SPMD partitioner cannot split the Pallas kernel (a custom call), so under a
 batch-sharded jit it would gather the whole batch onto every device. When the Pallas path is traced
