@@ -298,6 +298,8 @@ def test_inference_options_come_from_the_command_not_the_checkpoint(run_dirs, tm
   config['model']['inference_scan_unroll'] = 5  # what an older run might have stored
   (stored / 'config.json').write_text(json.dumps(config))
   defaults = models.default_model_config()
+  for field in models.INFERENCE_FIELDS:  # each a flag of the command, defaulting to None
+    assert field in defaults and sample.FLAGS[field].default is None, field
   loaded = sample.load_model(checkpoint_dir=str(stored))
   assert loaded.config.model.inference_scan_unroll == defaults.inference_scan_unroll
   assert loaded.model.inference_scan_unroll == defaults.inference_scan_unroll
