@@ -157,7 +157,7 @@ def bench_forward(args, name: str, image_size: int, batch: int) -> dict:
     "output_finite": finite,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
-    "time_segments": selective_scan.MAX_TIME_SEGMENTS,
+    "time_segments": selective_scan.MAX_TIME_SEGMENTS if args.fuse_scans else 1,
     "inference_scan_unroll": field_read(cfg, "inference_scan_unroll"),
     "inference_hoist_adaln": field_read(cfg, "inference_hoist_adaln"),
     **({"profile": profile} if profile else {}),
@@ -287,7 +287,7 @@ def bench_solve(args, solver: str, name: str, image_size: int) -> dict:
     "ms_per_nfe": timing["median_ms"] / nfe,
     "precast": args.precast,
     "fuse_scans": args.fuse_scans,
-    "time_segments": selective_scan.MAX_TIME_SEGMENTS,
+    "time_segments": selective_scan.MAX_TIME_SEGMENTS if args.fuse_scans else 1,
     "inference_scan_unroll": field_read(cfg, "inference_scan_unroll"),
     "inference_hoist_adaln": field_read(cfg, "inference_hoist_adaln"),
     **({"profile": profile} if profile else {}),
@@ -345,7 +345,8 @@ def main(argv=None):
     "--no-fuse-scans",
     dest="fuse_scans",
     action="store_false",
-    help="one kernel call per selective scan at every batch (selective_scan.FUSE_MAX_PROGRAMS=0)",
+    help="one kernel call per selective scan at every batch, over whole rows "
+    "(selective_scan.FUSE_MAX_PROGRAMS=0, which also stops time segments)",
   )
   p.add_argument(
     "--time-segments",

@@ -72,15 +72,19 @@ def _combine(left, right):
   return a_r * a_l, a_r * b_l + b_r
 
 
+def _step_sizes(delta, delta_bias, delta_softplus, dtype):
+  """Δ in `dtype`: delta plus its bias (broadcast against it), through softplus if asked."""
+  delta = delta.astype(dtype)
+  if delta_bias is not None:
+    delta = delta + delta_bias.astype(dtype)
+  return jax.nn.softplus(delta) if delta_softplus else delta
+
+
 def _inputs(u, delta, A, B, C, delta_bias, delta_softplus):
   """u, Δ, A, B, C in the state's precision (float32; float64 stays float64)."""
   f32 = jnp.promote_types(u.dtype, jnp.float32)
-  u, delta, A, B, C = (v.astype(f32) for v in (u, delta, A, B, C))
-  if delta_bias is not None:
-    delta = delta + delta_bias.astype(f32)
-  if delta_softplus:
-    delta = jax.nn.softplus(delta)
-  return u, delta, A, B, C
+  u, A, B, C = (v.astype(f32) for v in (u, A, B, C))
+  return u, _step_sizes(delta, delta_bias, delta_softplus, f32), A, B, C
 
 
 def _output(y, u, D, z, dtype):
@@ -304,11 +308,9 @@ def _in_segments(call, batched, shared, segments, delta_softplus):
 
   steps = dict(u=rows(u), delta=rows(batched["delta"]), B=rows(batched["B"]), C=rows(batched["C"]))
   _, ends = call(dict(steps, z=None, initial_state=None), dict(shared, D=None), True)
-  delta = batched["delta"].astype(jnp.float32)
-  if shared["delta_bias"] is not None:
-    delta = delta + per_row(shared["delta_bias"]).astype(jnp.float32)[:, None]
-  if delta_softplus:
-    delta = jax.nn.softplus(delta)
+  bias = shared["delta_bias"]
+  bias = None if bias is None else per_row(bias)[:, None]
+  delta = _step_sizes(batched["delta"], bias, delta_softplus, jnp.float32)
   total = delta.reshape(b, segments, seg, d).sum(2)  # [b, S, d]
   decay = jnp.exp(total[..., None] * per_row(shared["A"]).astype(jnp.float32)[:, None])
   ends = ends.reshape(b, segments, d, n)
